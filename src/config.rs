@@ -1,0 +1,519 @@
+//! Node configuration: documented defaults, a builder and validation.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use crate::error::ConfigError;
+use crate::peer::{PeerId, Role};
+use crate::wire::discovery::{Announce, DatagramLimits};
+
+/// The UDP port discovery uses unless configured otherwise.
+pub const DEFAULT_DISCOVERY_PORT: u16 = 47474;
+
+/// Which local IPv4 interfaces discovery broadcasts on.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct InterfaceSelection {
+    /// Use only these interfaces, by name. Empty means every usable one.
+    /// A loopback interface named here is used even though loopback is
+    /// otherwise skipped; tests name `lo`.
+    pub include: Vec<String>,
+    /// Never use these interfaces, by name.
+    pub exclude: Vec<String>,
+    /// Use loopback interfaces even when `include` is empty. Off by default:
+    /// discovery over loopback finds only nodes on this host.
+    pub loopback: bool,
+}
+
+/// Everything a [`Node`](crate::Node) needs to start.
+///
+/// Build one with [`Config::builder`]; every field has a default chosen for
+/// Wi-Fi home networks, explained on the field. [`Config::validate`] (run by
+/// [`ConfigBuilder::build`] and again by [`Node::start`](crate::Node::start))
+/// rejects combinations that cannot work.
+///
+/// ```
+/// use std::time::Duration;
+/// let config = lanbeat::Config::builder("lamp-control")
+///     .name("kitchen-hub")
+///     .heartbeat(Duration::from_millis(200), Duration::from_millis(600))
+///     .build()
+///     .unwrap();
+/// assert_eq!(config.heartbeat_timeout, Duration::from_millis(600));
+/// ```
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct Config {
+    /// The service name. Only nodes with the same service see each other.
+    /// 1 to 64 bytes.
+    pub service: String,
+    /// A human-readable name for this node, sent to peers. Up to 64 bytes.
+    /// Default: the host name, or `"lanbeat"`.
+    pub name: String,
+    /// This node's id. Default: `None`, a random id for each start. Store and
+    /// pass back an id to keep it across restarts.
+    pub id: Option<PeerId>,
+    /// Probe/answer/dial/accept behaviour. Default: [`Role::Peer`].
+    pub role: Role,
+    /// Small key/values announced to peers (firmware version, room...).
+    /// The announce datagram that carries them must fit in
+    /// `max_datagram_size`.
+    pub metadata: BTreeMap<String, String>,
+    /// UDP port for probes and announces, the same on every node of a
+    /// service. Default: [`DEFAULT_DISCOVERY_PORT`].
+    pub discovery_port: u16,
+    /// TCP port sessions are accepted on; 0 picks a free one (the announce
+    /// tells peers which). Default: 0.
+    pub tcp_port: u16,
+    /// Which interfaces to broadcast on. Default: every IPv4 interface that is
+    /// up and neither loopback nor point-to-point.
+    pub interfaces: InterfaceSelection,
+    /// How often interfaces are listed again, so that an address that appears
+    /// later (Wi-Fi reconnect, VPN, DHCP) is used without a restart.
+    /// Default: 1 s (one `getifaddrs` call: cheap).
+    pub interface_rescan: Duration,
+    /// Send a heartbeat when nothing else was sent for this long.
+    /// Default: 1 s.
+    pub heartbeat_interval: Duration,
+    /// Close a session with `heartbeat_timeout` when nothing was received for
+    /// this long. Must exceed `heartbeat_interval`; three intervals ride out
+    /// two lost heartbeats. Default: 3 s.
+    pub heartbeat_timeout: Duration,
+    /// A connection that has not completed the handshake by then is closed.
+    /// Default: 2 s.
+    pub handshake_timeout: Duration,
+    /// Give up on a TCP connect after this long. Default: 2 s.
+    pub connect_timeout: Duration,
+    /// Close a session whose peer accepts no bytes for this long (it stopped
+    /// reading and its window is full). Default: 3 s.
+    pub write_timeout: Duration,
+    /// The first gap between probes; it doubles (with ±25 % jitter) up to a
+    /// cap. Default: 100 ms.
+    pub probe_initial: Duration,
+    /// The probe cap while every known peer has a session (or none is
+    /// known). New peers announce themselves, so this can be slow.
+    /// Default: 3 s.
+    pub probe_max: Duration,
+    /// The probe cap while a peer is missing (lost without goodbye), so a
+    /// returning peer is found within about a second. Default: 1 s.
+    pub probe_max_missing: Duration,
+    /// First delay before redialing a peer after a failed connect; doubles up
+    /// to `probe_max_missing`. Default: 100 ms.
+    pub redial_initial: Duration,
+    /// A peer without a session that has not been heard from for this long
+    /// is reported lost and forgotten. Default: 10 s.
+    pub peer_expiry: Duration,
+    /// Largest session frame accepted or sent (type byte plus payload);
+    /// checked on the length prefix before any allocation. Default: 1 MiB.
+    pub max_frame_size: u32,
+    /// Largest discovery datagram accepted or sent; anything larger is
+    /// dropped before parsing. Default: 1200 bytes (fits any LAN MTU).
+    pub max_datagram_size: usize,
+    /// Messages that may wait per session before `send` waits (or
+    /// `try_send` fails). Default: 1024.
+    pub outbox_capacity: usize,
+    /// Messages sent but not yet acknowledged per session; past it the
+    /// session stops taking messages from its outbox. They are kept so that
+    /// a dying session can hand them back. Default: 4096.
+    pub max_unacked: usize,
+    /// Events that may wait for the application. When full, sessions stop
+    /// reading (TCP pushes back on the sender). Default: 4096.
+    pub event_capacity: usize,
+    /// Most sessions at once; more are refused. Default: 1024.
+    pub max_sessions: usize,
+    /// Most connections still in their handshake; more are refused at once.
+    /// Default: 64.
+    pub max_handshakes: usize,
+    /// Most peers tracked by discovery; announces of further peers are
+    /// dropped and counted. Default: 1024.
+    pub max_peers: usize,
+    /// Announce replies per source IP per second; a burst of twice this is
+    /// allowed. Stops a probe flood (or spoofed probes aimed at a victim)
+    /// from turning a node into an amplifier. Default: 20.
+    pub replies_per_source_per_sec: u32,
+}
+
+impl Config {
+    /// A builder with every default, for the given service name.
+    pub fn builder(service: impl Into<String>) -> ConfigBuilder {
+        ConfigBuilder {
+            config: Config::new(service),
+        }
+    }
+
+    /// The defaults, for the given service name (not validated).
+    pub fn new(service: impl Into<String>) -> Self {
+        Config {
+            service: service.into(),
+            name: default_name(),
+            id: None,
+            role: Role::Peer,
+            metadata: BTreeMap::new(),
+            discovery_port: DEFAULT_DISCOVERY_PORT,
+            tcp_port: 0,
+            interfaces: InterfaceSelection::default(),
+            interface_rescan: Duration::from_secs(1),
+            heartbeat_interval: Duration::from_secs(1),
+            heartbeat_timeout: Duration::from_secs(3),
+            handshake_timeout: Duration::from_secs(2),
+            connect_timeout: Duration::from_secs(2),
+            write_timeout: Duration::from_secs(3),
+            probe_initial: Duration::from_millis(100),
+            probe_max: Duration::from_secs(3),
+            probe_max_missing: Duration::from_secs(1),
+            redial_initial: Duration::from_millis(100),
+            peer_expiry: Duration::from_secs(10),
+            max_frame_size: 1 << 20,
+            max_datagram_size: 1200,
+            outbox_capacity: 1024,
+            max_unacked: 4096,
+            event_capacity: 4096,
+            max_sessions: 1024,
+            max_handshakes: 64,
+            max_peers: 1024,
+            replies_per_source_per_sec: 20,
+        }
+    }
+
+    /// Checks that the configuration can work.
+    ///
+    /// # Errors
+    /// The first problem found, as a [`ConfigError`] naming the field.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let limits = self.datagram_limits();
+        if self.service.is_empty() || self.service.len() > limits.max_text_len {
+            return Err(ConfigError::Service(self.service.len()));
+        }
+        if self.name.len() > limits.max_text_len {
+            return Err(ConfigError::Name(self.name.len()));
+        }
+        nonzero("heartbeat_interval", self.heartbeat_interval)?;
+        nonzero("handshake_timeout", self.handshake_timeout)?;
+        nonzero("connect_timeout", self.connect_timeout)?;
+        nonzero("write_timeout", self.write_timeout)?;
+        nonzero("probe_initial", self.probe_initial)?;
+        nonzero("redial_initial", self.redial_initial)?;
+        nonzero("interface_rescan", self.interface_rescan)?;
+        if self.heartbeat_timeout <= self.heartbeat_interval {
+            return Err(ConfigError::HeartbeatTimeoutTooShort {
+                interval: self.heartbeat_interval,
+                timeout: self.heartbeat_timeout,
+            });
+        }
+        if self.heartbeat_timeout > Duration::from_secs(3600) {
+            return Err(ConfigError::TooLong("heartbeat_timeout"));
+        }
+        if self.probe_max_missing < self.probe_initial {
+            return Err(ConfigError::Order {
+                smaller: "probe_initial",
+                larger: "probe_max_missing",
+            });
+        }
+        if self.probe_max < self.probe_max_missing {
+            return Err(ConfigError::Order {
+                smaller: "probe_max_missing",
+                larger: "probe_max",
+            });
+        }
+        if self.peer_expiry <= self.probe_max * 2 {
+            return Err(ConfigError::Order {
+                smaller: "2 × probe_max",
+                larger: "peer_expiry",
+            });
+        }
+        if self.max_frame_size < crate::wire::frame::MIN_MAX_FRAME_SIZE {
+            return Err(ConfigError::MaxFrameSize(self.max_frame_size));
+        }
+        if !(256..=65_507).contains(&self.max_datagram_size) {
+            return Err(ConfigError::MaxDatagramSize(self.max_datagram_size));
+        }
+        for (field, value) in [
+            ("outbox_capacity", self.outbox_capacity),
+            ("max_unacked", self.max_unacked),
+            ("event_capacity", self.event_capacity),
+            ("max_sessions", self.max_sessions),
+            ("max_handshakes", self.max_handshakes),
+            ("max_peers", self.max_peers),
+            (
+                "replies_per_source_per_sec",
+                self.replies_per_source_per_sec as usize,
+            ),
+        ] {
+            if value == 0 {
+                return Err(ConfigError::Zero(field));
+            }
+        }
+        // The announce must fit the datagram limit with the longest values.
+        let probe = Announce {
+            service: self.service.clone(),
+            id: PeerId::from_u64(u64::MAX),
+            instance: u64::MAX,
+            role: self.role,
+            name: self.name.clone(),
+            port: u16::MAX,
+            metadata: self.metadata.clone(),
+        };
+        let size = probe.encoded_len();
+        if size > self.max_datagram_size {
+            return Err(ConfigError::AnnounceTooLarge {
+                size,
+                limit: self.max_datagram_size,
+            });
+        }
+        Ok(())
+    }
+
+    pub(crate) fn datagram_limits(&self) -> DatagramLimits {
+        DatagramLimits {
+            max_size: self.max_datagram_size,
+            ..DatagramLimits::default()
+        }
+    }
+}
+
+fn nonzero(field: &'static str, d: Duration) -> Result<(), ConfigError> {
+    if d.is_zero() {
+        Err(ConfigError::Zero(field))
+    } else {
+        Ok(())
+    }
+}
+
+fn default_name() -> String {
+    std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| {
+            std::fs::read_to_string("/etc/hostname")
+                .ok()
+                .map(|s| s.trim().to_owned())
+        })
+        .filter(|s| !s.is_empty() && s.len() <= 64)
+        .unwrap_or_else(|| "lanbeat".to_owned())
+}
+
+/// Builds a [`Config`]; see the fields of [`Config`] for each default.
+#[derive(Debug, Clone)]
+#[must_use]
+pub struct ConfigBuilder {
+    config: Config,
+}
+
+macro_rules! setter {
+    ($(#[$doc:meta])* $name:ident: $ty:ty) => {
+        $(#[$doc])*
+        pub fn $name(mut self, value: $ty) -> Self {
+            self.config.$name = value;
+            self
+        }
+    };
+}
+
+impl ConfigBuilder {
+    /// Sets [`Config::name`].
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.config.name = name.into();
+        self
+    }
+
+    /// Sets [`Config::id`].
+    pub fn id(mut self, id: PeerId) -> Self {
+        self.config.id = Some(id);
+        self
+    }
+
+    /// Adds one [`Config::metadata`] entry.
+    pub fn metadata(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.config.metadata.insert(key.into(), value.into());
+        self
+    }
+
+    /// Sets [`Config::heartbeat_interval`] and [`Config::heartbeat_timeout`].
+    pub fn heartbeat(mut self, interval: Duration, timeout: Duration) -> Self {
+        self.config.heartbeat_interval = interval;
+        self.config.heartbeat_timeout = timeout;
+        self
+    }
+
+    /// Restricts discovery to one more named interface (see
+    /// [`InterfaceSelection::include`]).
+    pub fn interface(mut self, name: impl Into<String>) -> Self {
+        self.config.interfaces.include.push(name.into());
+        self
+    }
+
+    /// Never uses the named interface.
+    pub fn exclude_interface(mut self, name: impl Into<String>) -> Self {
+        self.config.interfaces.exclude.push(name.into());
+        self
+    }
+
+    /// Discovery on the loopback interface `lo` only: every node on this host,
+    /// nothing beyond it. What tests and the local demo use.
+    pub fn loopback_only(mut self) -> Self {
+        self.config.interfaces = InterfaceSelection {
+            include: vec!["lo".to_owned()],
+            exclude: Vec::new(),
+            loopback: true,
+        };
+        self
+    }
+
+    setter!(
+        /// Sets [`Config::role`].
+        role: Role
+    );
+    setter!(
+        /// Sets [`Config::discovery_port`].
+        discovery_port: u16
+    );
+    setter!(
+        /// Sets [`Config::tcp_port`].
+        tcp_port: u16
+    );
+    setter!(
+        /// Sets [`Config::interfaces`].
+        interfaces: InterfaceSelection
+    );
+    setter!(
+        /// Sets [`Config::interface_rescan`].
+        interface_rescan: Duration
+    );
+    setter!(
+        /// Sets [`Config::handshake_timeout`].
+        handshake_timeout: Duration
+    );
+    setter!(
+        /// Sets [`Config::connect_timeout`].
+        connect_timeout: Duration
+    );
+    setter!(
+        /// Sets [`Config::write_timeout`].
+        write_timeout: Duration
+    );
+    setter!(
+        /// Sets [`Config::probe_initial`].
+        probe_initial: Duration
+    );
+    setter!(
+        /// Sets [`Config::probe_max`].
+        probe_max: Duration
+    );
+    setter!(
+        /// Sets [`Config::probe_max_missing`].
+        probe_max_missing: Duration
+    );
+    setter!(
+        /// Sets [`Config::redial_initial`].
+        redial_initial: Duration
+    );
+    setter!(
+        /// Sets [`Config::peer_expiry`].
+        peer_expiry: Duration
+    );
+    setter!(
+        /// Sets [`Config::max_frame_size`].
+        max_frame_size: u32
+    );
+    setter!(
+        /// Sets [`Config::max_datagram_size`].
+        max_datagram_size: usize
+    );
+    setter!(
+        /// Sets [`Config::outbox_capacity`].
+        outbox_capacity: usize
+    );
+    setter!(
+        /// Sets [`Config::max_unacked`].
+        max_unacked: usize
+    );
+    setter!(
+        /// Sets [`Config::event_capacity`].
+        event_capacity: usize
+    );
+    setter!(
+        /// Sets [`Config::max_sessions`].
+        max_sessions: usize
+    );
+    setter!(
+        /// Sets [`Config::max_handshakes`].
+        max_handshakes: usize
+    );
+    setter!(
+        /// Sets [`Config::max_peers`].
+        max_peers: usize
+    );
+    setter!(
+        /// Sets [`Config::replies_per_source_per_sec`].
+        replies_per_source_per_sec: u32
+    );
+
+    /// Validates and returns the configuration.
+    ///
+    /// # Errors
+    /// See [`Config::validate`].
+    pub fn build(self) -> Result<Config, ConfigError> {
+        self.config.validate()?;
+        Ok(self.config)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid() {
+        Config::new("svc").validate().unwrap();
+    }
+
+    #[test]
+    fn rejects_timeout_not_above_interval() {
+        let err = Config::builder("svc")
+            .heartbeat(Duration::from_millis(300), Duration::from_millis(300))
+            .build()
+            .unwrap_err();
+        assert!(matches!(err, ConfigError::HeartbeatTimeoutTooShort { .. }));
+        Config::builder("svc")
+            .heartbeat(Duration::from_millis(100), Duration::from_millis(300))
+            .build()
+            .unwrap();
+    }
+
+    #[test]
+    fn rejects_bad_fields() {
+        assert!(matches!(
+            Config::builder("").build(),
+            Err(ConfigError::Service(0))
+        ));
+        assert!(matches!(
+            Config::builder("s").name("n".repeat(65)).build(),
+            Err(ConfigError::Name(65))
+        ));
+        assert!(matches!(
+            Config::builder("s").outbox_capacity(0).build(),
+            Err(ConfigError::Zero("outbox_capacity"))
+        ));
+        assert!(matches!(
+            Config::builder("s")
+                .heartbeat(Duration::ZERO, Duration::from_secs(1))
+                .build(),
+            Err(ConfigError::Zero("heartbeat_interval"))
+        ));
+        assert!(matches!(
+            Config::builder("s").max_frame_size(10).build(),
+            Err(ConfigError::MaxFrameSize(10))
+        ));
+        assert!(matches!(
+            Config::builder("s")
+                .peer_expiry(Duration::from_secs(1))
+                .build(),
+            Err(ConfigError::Order { .. })
+        ));
+        assert!(matches!(
+            Config::builder("s")
+                .metadata("blob", "x".repeat(2000))
+                .build(),
+            Err(ConfigError::AnnounceTooLarge { .. })
+        ));
+    }
+}

@@ -1,0 +1,185 @@
+//! Discovery sockets (socket2) and the interface scan (if-addrs).
+
+use std::io;
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio::net::UdpSocket;
+
+use super::machine::Target;
+use crate::config::InterfaceSelection;
+
+/// One IPv4 address of a local interface, as the scan saw it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct IfaceAddr {
+    pub(crate) name: String,
+    pub(crate) ip: Ipv4Addr,
+    pub(crate) prefix_len: u8,
+    pub(crate) broadcast: Option<Ipv4Addr>,
+    pub(crate) loopback: bool,
+    pub(crate) up: bool,
+    pub(crate) p2p: bool,
+}
+
+/// Lists the IPv4 addresses of all local interfaces.
+pub(crate) fn scan() -> io::Result<Vec<IfaceAddr>> {
+    Ok(if_addrs::get_if_addrs()?
+        .into_iter()
+        .filter_map(|i| match &i.addr {
+            if_addrs::IfAddr::V4(v4) => Some(IfaceAddr {
+                name: i.name.clone(),
+                ip: v4.ip,
+                prefix_len: v4.prefixlen,
+                broadcast: v4.broadcast,
+                loopback: i.is_loopback(),
+                // Loopback and some virtual links report "unknown": only a
+                // definite "not up" state excludes an interface.
+                up: !matches!(
+                    i.oper_status,
+                    if_addrs::IfOperStatus::Down
+                        | if_addrs::IfOperStatus::LowerLayerDown
+                        | if_addrs::IfOperStatus::NotPresent
+                        | if_addrs::IfOperStatus::Dormant
+                ),
+                p2p: i.is_p2p(),
+            }),
+            if_addrs::IfAddr::V6(_) => None,
+        })
+        .collect())
+}
+
+/// Picks the broadcast targets among the scanned addresses.
+///
+/// Named interfaces are used whatever their kind (so a test can name `lo`);
+/// without names, every interface that is up, not point-to-point and not
+/// loopback (unless asked for). A subnet with no broadcast address (/31,
+/// /32) is skipped.
+pub(crate) fn select_targets(addrs: &[IfaceAddr], sel: &InterfaceSelection) -> Vec<Target> {
+    let mut out: Vec<Target> = addrs
+        .iter()
+        .filter(|a| {
+            if sel.exclude.contains(&a.name) {
+                return false;
+            }
+            if !sel.include.is_empty() {
+                return sel.include.contains(&a.name);
+            }
+            a.up && !a.p2p && (!a.loopback || sel.loopback)
+        })
+        .filter(|a| a.prefix_len < 31)
+        .map(|a| {
+            let host_mask = u32::MAX >> a.prefix_len;
+            let computed = Ipv4Addr::from(u32::from(a.ip) | host_mask);
+            Target {
+                interface: a.name.clone(),
+                addr: a.ip,
+                prefix_len: a.prefix_len,
+                broadcast: a.broadcast.unwrap_or(computed),
+            }
+        })
+        .collect();
+    out.sort_by(|a, b| (&a.interface, a.addr).cmp(&(&b.interface, b.addr)));
+    out.dedup();
+    out
+}
+
+/// The socket every node of the host shares on the discovery port: it
+/// receives broadcasts (probes, start announces, goodbyes).
+///
+/// `SO_REUSEADDR` and `SO_REUSEPORT` let several nodes share the port; the
+/// kernel hands each broadcast to all of them. A unicast datagram to the port
+/// would reach only one, which is why replies never go there (see
+/// [`bind_unicast`]).
+pub(crate) fn bind_shared(port: u16) -> io::Result<UdpSocket> {
+    let addr = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port));
+    let s = udp_socket()?;
+    s.set_reuse_address(true)?;
+    #[cfg(all(unix, not(any(target_os = "solaris", target_os = "illumos"))))]
+    s.set_reuse_port(true)?;
+    s.bind(&addr.into())?;
+    UdpSocket::from_std(s.into())
+}
+
+/// The node's own socket on an ephemeral port: it sends probes, announces
+/// and goodbyes, and receives the unicast replies to its probes, which
+/// therefore always reach the node that asked.
+pub(crate) fn bind_unicast() -> io::Result<UdpSocket> {
+    let s = udp_socket()?;
+    s.bind(&SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0)).into())?;
+    UdpSocket::from_std(s.into())
+}
+
+fn udp_socket() -> io::Result<Socket> {
+    let s = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))?;
+    s.set_broadcast(true)?;
+    s.set_nonblocking(true)?;
+    Ok(s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn a(name: &str, ip: [u8; 4], prefix: u8) -> IfaceAddr {
+        IfaceAddr {
+            name: name.into(),
+            ip: ip.into(),
+            prefix_len: prefix,
+            broadcast: None,
+            loopback: name == "lo",
+            up: true,
+            p2p: false,
+        }
+    }
+
+    #[test]
+    fn default_selection_skips_loopback_down_and_p2p() {
+        let mut down = a("wlan0", [192, 168, 1, 5], 24);
+        down.up = false;
+        let mut tun = a("tun0", [10, 8, 0, 2], 24);
+        tun.p2p = true;
+        let addrs = vec![
+            a("lo", [127, 0, 0, 1], 8),
+            a("eth0", [10, 0, 0, 5], 24),
+            down,
+            tun,
+            a("eth1", [172, 16, 0, 1], 32),
+        ];
+        let t = select_targets(&addrs, &InterfaceSelection::default());
+        assert_eq!(t.len(), 1);
+        assert_eq!(t[0].interface, "eth0");
+        assert_eq!(t[0].broadcast, Ipv4Addr::new(10, 0, 0, 255));
+    }
+
+    #[test]
+    fn named_interfaces_include_loopback_and_exclude_others() {
+        let addrs = vec![a("lo", [127, 0, 0, 1], 8), a("eth0", [10, 0, 0, 5], 24)];
+        let sel = InterfaceSelection {
+            include: vec!["lo".into()],
+            ..Default::default()
+        };
+        let t = select_targets(&addrs, &sel);
+        assert_eq!(t.len(), 1);
+        assert_eq!(t[0].broadcast, Ipv4Addr::new(127, 255, 255, 255));
+        let sel = InterfaceSelection {
+            exclude: vec!["eth0".into()],
+            loopback: true,
+            ..Default::default()
+        };
+        assert_eq!(select_targets(&addrs, &sel)[0].interface, "lo");
+    }
+
+    #[test]
+    fn the_os_broadcast_address_wins() {
+        let mut x = a("eth0", [10, 0, 0, 5], 24);
+        x.broadcast = Some(Ipv4Addr::new(10, 0, 0, 127));
+        let t = select_targets(&[x], &InterfaceSelection::default());
+        assert_eq!(t[0].broadcast, Ipv4Addr::new(10, 0, 0, 127));
+    }
+
+    #[test]
+    fn scan_sees_loopback() {
+        let addrs = scan().unwrap();
+        assert!(addrs.iter().any(|a| a.loopback && a.ip.is_loopback()));
+    }
+}

@@ -1,0 +1,168 @@
+//! What the application sees: one ordered stream of [`Event`]s.
+
+use std::fmt;
+use std::io;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+
+use crate::error::FrameError;
+use crate::peer::{PeerId, PeerInfo};
+
+/// One thing that happened, in the order it happened.
+///
+/// For one peer the order is always: `Discovered`, then any number of
+/// (`SessionUp`, `Message`/`Rtt`..., `SessionDown`, `Undelivered`?) rounds,
+/// then `PeerLost` once discovery gives up on it (it may be discovered
+/// again later).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Event {
+    /// Discovery found a peer (or it contacted us first).
+    Discovered(PeerInfo),
+    /// A session with a peer completed its handshake; messages can flow.
+    SessionUp {
+        /// The peer.
+        peer: PeerId,
+        /// Its name, from the handshake.
+        name: String,
+        /// Its end of the TCP connection.
+        addr: SocketAddr,
+        /// Whether this node dialed.
+        outbound: bool,
+    },
+    /// A message from a peer, in the order it was sent.
+    Message {
+        /// The sender.
+        peer: PeerId,
+        /// The bytes it sent (JSON if it used `send_json`).
+        data: Bytes,
+    },
+    /// A heartbeat round trip was measured.
+    Rtt {
+        /// The peer.
+        peer: PeerId,
+        /// From ping sent to pong received.
+        rtt: Duration,
+    },
+    /// A session ended.
+    SessionDown {
+        /// The peer.
+        peer: PeerId,
+        /// Why.
+        reason: DownReason,
+    },
+    /// Messages accepted by `send` that the peer did not confirm before its
+    /// session ended, oldest first. Follows the `SessionDown`. The peer
+    /// cannot have processed those still queued; those already written may
+    /// have arrived just before the end.
+    Undelivered {
+        /// The peer.
+        peer: PeerId,
+        /// The messages, in the order they were sent.
+        messages: Vec<Bytes>,
+    },
+    /// Discovery gave up on a peer: it said goodbye, or it has not been
+    /// heard from within `peer_expiry` since its session ended.
+    PeerLost {
+        /// The peer.
+        peer: PeerId,
+    },
+}
+
+/// Why a session ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum DownReason {
+    /// Nothing arrived within the heartbeat timeout.
+    HeartbeatTimeout,
+    /// The peer said goodbye (it is shutting down).
+    Goodbye,
+    /// The peer closed the connection without a goodbye (it crashed, or
+    /// its process was killed and the kernel closed the socket).
+    Closed,
+    /// The peer broke the protocol; the session was closed.
+    ProtocolError(ProtocolViolation),
+    /// A socket error.
+    Io(io::ErrorKind),
+    /// The peer accepted no bytes within the write timeout.
+    WriteTimeout,
+    /// This node is shutting down.
+    Shutdown,
+    /// A newer connection with the same peer replaced this one.
+    Replaced,
+    /// The peer restarted (announced a new instance).
+    PeerRestarted,
+    /// The connection never completed its handshake in time. Such a
+    /// connection was never a session: this reason shows only in logs and
+    /// counters, never in [`Event::SessionDown`].
+    HandshakeTimeout,
+}
+
+impl DownReason {
+    /// A stable snake_case name, as printed by the example peer.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            DownReason::HeartbeatTimeout => "heartbeat_timeout",
+            DownReason::Goodbye => "goodbye",
+            DownReason::Closed => "closed",
+            DownReason::ProtocolError(_) => "protocol_error",
+            DownReason::Io(_) => "io_error",
+            DownReason::WriteTimeout => "write_timeout",
+            DownReason::Shutdown => "shutdown",
+            DownReason::Replaced => "replaced",
+            DownReason::PeerRestarted => "peer_restarted",
+            DownReason::HandshakeTimeout => "handshake_timeout",
+        }
+    }
+}
+
+impl fmt::Display for DownReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DownReason::ProtocolError(v) => write!(f, "protocol_error: {v}"),
+            DownReason::Io(k) => write!(f, "io_error: {k}"),
+            other => f.write_str(other.as_str()),
+        }
+    }
+}
+
+/// How a peer broke the protocol.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ProtocolViolation {
+    /// A frame could not be decoded.
+    #[error("bad frame: {0}")]
+    Frame(#[from] FrameError),
+    /// The peer speaks another protocol version.
+    #[error("unsupported protocol version {0}")]
+    UnsupportedVersion(u8),
+    /// The peer belongs to another service.
+    #[error("peer is of another service")]
+    ServiceMismatch,
+    /// The dialed address answered with another id than discovery promised.
+    #[error("expected peer {expected}, got {got}")]
+    UnexpectedPeer {
+        /// The id discovery announced.
+        expected: PeerId,
+        /// The id in the handshake.
+        got: PeerId,
+    },
+    /// The connection leads back to this node.
+    #[error("connected to itself")]
+    SelfConnection,
+    /// The handshake carried impossible heartbeat settings.
+    #[error("handshake with impossible heartbeat settings")]
+    BadHeartbeat,
+    /// A frame arrived that is not allowed in the current state.
+    #[error("unexpected {0} frame")]
+    UnexpectedFrame(&'static str),
+    /// The peer acknowledged more messages than were sent.
+    #[error("acknowledgement beyond what was sent")]
+    BadAck,
+    /// Refused by this node: too many sessions, or a duplicate that lost
+    /// the tie-break.
+    #[error("refused: {0}")]
+    Refused(&'static str),
+}

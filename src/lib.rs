@@ -1,0 +1,73 @@
+//! # lanbeat
+//!
+//! Local-network peer discovery plus heartbeat-checked TCP sessions.
+//!
+//! Nodes of one *service* find each other with a UDP broadcast probe on every
+//! usable IPv4 interface; each answers with its id, name and TCP port. The
+//! prober dials, a handshake exchanges ids and heartbeat settings, and
+//! ping/pong heartbeats keep the session honest. When nothing arrives within
+//! the heartbeat timeout the session closes with
+//! [`DownReason::HeartbeatTimeout`] and discovery looks for the peer, fast,
+//! until it is back and a new session is up.
+//!
+//! ```text
+//!  node A (id 1)                               node B (id 2)
+//!     |--- probe (UDP broadcast) ---------------->|
+//!     |<-- announce (UDP unicast: id, port) ------|
+//!     |=== TCP connect (smaller id dials) =======>|
+//!     |<-- hello / hello ------------------------>|  SessionUp on both
+//!     |<-- ping / pong, data / ack -------------->|  Rtt, Message
+//!     |          ... silence > timeout ...        |  SessionDown(heartbeat_timeout)
+//!     |--- probe, probe, probe ------------------>|  until B answers again
+//! ```
+//!
+//! Applications see one ordered stream of [`Event`]s and send to peers by
+//! id; they never touch sockets.
+//!
+//! ```no_run
+//! use lanbeat::{Config, Event, Node};
+//!
+//! # async fn run() -> Result<(), lanbeat::Error> {
+//! let config = Config::builder("lamp-control").name("hub").build()?;
+//! let (node, mut events) = Node::start(config).await?;
+//! while let Some(event) = events.recv().await {
+//!     match event {
+//!         Event::SessionUp { peer, name, .. } => {
+//!             println!("{name} is here");
+//!             node.send(peer, "hello").await?;
+//!         }
+//!         Event::Message { peer, data } => println!("{peer}: {data:?}"),
+//!         Event::SessionDown { peer, reason } => println!("{peer} gone: {reason}"),
+//!         _ => {}
+//!     }
+//! }
+//! # Ok(()) }
+//! ```
+//!
+//! The wire protocol is specified in `docs/PROTOCOL.md`, the architecture in
+//! `docs/DESIGN.md`. The protocol logic lives in two sans-IO state machines,
+//! [`discovery::machine::Discovery`] and [`session::machine::Session`], which
+//! take `(now, input)` and return what to send and when to wake; the tokio
+//! tasks around them only move bytes and timers.
+
+#![forbid(unsafe_code)]
+#![deny(missing_docs, unreachable_pub)]
+
+mod clock;
+pub mod config;
+pub mod discovery;
+pub mod error;
+pub mod event;
+mod node;
+pub mod peer;
+pub mod session;
+mod stats;
+pub mod wire;
+
+pub use bytes::Bytes;
+pub use config::{Config, ConfigBuilder, DEFAULT_DISCOVERY_PORT, InterfaceSelection};
+pub use error::{ConfigError, DatagramError, Error, FrameError};
+pub use event::{DownReason, Event, ProtocolViolation};
+pub use node::{Events, LocalInfo, Node};
+pub use peer::{PeerId, PeerInfo, PeerState, PeerStatus, Role};
+pub use stats::Stats;

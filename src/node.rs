@@ -1,0 +1,808 @@
+//! The [`Node`] handle and the supervisor task that ties discovery, dialing,
+//! sessions and rediscovery together.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use bytes::Bytes;
+use serde::Serialize;
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::JoinSet;
+use tracing::{Instrument, debug, debug_span, info, trace, warn};
+
+use crate::clock;
+use crate::config::Config;
+use crate::discovery::machine::{Discovery, DiscoveryConfig, DiscoveryEvent};
+use crate::discovery::socket;
+use crate::error::Error;
+use crate::event::{DownReason, Event, ProtocolViolation};
+use crate::peer::{PeerId, PeerInfo, PeerState, PeerStatus};
+use crate::session::conn::{Approval, Conn, Ctrl, Note, tune};
+use crate::session::machine::SessionConfig;
+use crate::stats::{Counters, Stats};
+use crate::wire::PROTOCOL_VERSION;
+use crate::wire::frame::{DATA_OVERHEAD, Hello, LEN_PREFIX};
+
+/// State shared by the handle, the supervisor and the connection tasks.
+#[derive(Debug, Default)]
+pub(crate) struct Shared {
+    /// Outbox of each session that is up, tagged with its connection.
+    outboxes: Mutex<HashMap<PeerId, (u64, mpsc::Sender<Bytes>)>>,
+    /// What discovery knows, refreshed by the supervisor.
+    peers: Mutex<BTreeMap<PeerId, (PeerInfo, PeerState)>>,
+    rtts: Mutex<HashMap<PeerId, Duration>>,
+    pub(crate) counters: Counters,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A panic elsewhere cannot leave these maps half-updated.
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl Shared {
+    pub(crate) fn record_rtt(&self, peer: PeerId, rtt: Duration) {
+        lock(&self.rtts).insert(peer, rtt);
+    }
+
+    fn outbox(&self, peer: PeerId) -> Option<mpsc::Sender<Bytes>> {
+        lock(&self.outboxes).get(&peer).map(|(_, tx)| tx.clone())
+    }
+}
+
+/// Who this node is, as it tells peers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
+pub struct LocalInfo {
+    /// This node's id.
+    pub id: PeerId,
+    /// This run's instance number.
+    #[serde(serialize_with = "hex")]
+    pub instance: u64,
+    /// This node's name.
+    pub name: String,
+    /// The TCP port sessions are accepted on (0 for a controller).
+    pub tcp_port: u16,
+    /// The UDP discovery port.
+    pub discovery_port: u16,
+}
+
+fn hex<S: serde::Serializer>(v: &u64, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(&format_args!("{v:016x}"))
+}
+
+enum Command {
+    Shutdown,
+}
+
+#[derive(Debug)]
+struct Inner {
+    commands: mpsc::Sender<Command>,
+    done: watch::Receiver<bool>,
+    shared: Arc<Shared>,
+    local: LocalInfo,
+    max_message: usize,
+}
+
+/// A running lanbeat node: a clonable handle.
+///
+/// [`Node::start`] binds the sockets and spawns the node's task on the
+/// current tokio runtime; events arrive on the returned [`Events`]. The node
+/// runs until [`Node::shutdown`] or until the last handle is dropped; both
+/// say goodbye to every peer.
+#[derive(Debug, Clone)]
+pub struct Node {
+    inner: Arc<Inner>,
+}
+
+/// The node's events, in order. See [`Event`].
+#[derive(Debug)]
+pub struct Events {
+    rx: mpsc::Receiver<Event>,
+}
+
+impl Events {
+    /// The next event; `None` once the node has shut down and every event
+    /// was taken.
+    pub async fn recv(&mut self) -> Option<Event> {
+        self.rx.recv().await
+    }
+
+    /// The next event if one is ready.
+    pub fn try_recv(&mut self) -> Option<Event> {
+        self.rx.try_recv().ok()
+    }
+}
+
+impl Node {
+    /// Validates `config`, binds the discovery and TCP sockets and starts
+    /// the node. Must be called within a tokio runtime.
+    ///
+    /// # Errors
+    /// [`Error::Config`] for an invalid configuration, [`Error::Bind`] when
+    /// a socket cannot be set up.
+    pub async fn start(config: Config) -> Result<(Node, Events), Error> {
+        config.validate()?;
+        let bind_err = |what, addr| move |source| Error::Bind { what, addr, source };
+        let any = |port| SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port));
+        let shared_sock = socket::bind_shared(config.discovery_port)
+            .map_err(bind_err("discovery", any(config.discovery_port)))?;
+        let unicast = socket::bind_unicast().map_err(bind_err("probe", any(0)))?;
+        let listener = if config.role.accepts() {
+            let l = TcpListener::bind(any(config.tcp_port))
+                .await
+                .map_err(bind_err("tcp listener", any(config.tcp_port)))?;
+            Some(l)
+        } else {
+            None
+        };
+        let tcp_port = match &listener {
+            Some(l) => l
+                .local_addr()
+                .map_err(bind_err("tcp listener", any(config.tcp_port)))?
+                .port(),
+            None => 0,
+        };
+        let id = config.id.unwrap_or_else(PeerId::random);
+        let instance: u64 = rand::random();
+        let local = LocalInfo {
+            id,
+            instance,
+            name: config.name.clone(),
+            tcp_port,
+            discovery_port: config.discovery_port,
+        };
+        let disc = Discovery::new(
+            DiscoveryConfig {
+                service: config.service.clone(),
+                id,
+                instance,
+                name: config.name.clone(),
+                role: config.role,
+                tcp_port,
+                metadata: config.metadata.clone(),
+                discovery_port: config.discovery_port,
+                probe_initial: config.probe_initial,
+                probe_max: config.probe_max,
+                probe_max_missing: config.probe_max_missing,
+                redial_initial: config.redial_initial,
+                peer_expiry: config.peer_expiry,
+                max_peers: config.max_peers,
+                replies_per_source_per_sec: config.replies_per_source_per_sec,
+                limits: config.datagram_limits(),
+            },
+            rand::random(),
+        );
+        let session = SessionConfig {
+            hello: Hello {
+                protocol: PROTOCOL_VERSION,
+                service: config.service.clone(),
+                id,
+                instance,
+                name: config.name.clone(),
+                role: config.role,
+                port: tcp_port,
+                heartbeat_interval_ms: millis(config.heartbeat_interval),
+                heartbeat_timeout_ms: millis(config.heartbeat_timeout),
+                max_frame_size: config.max_frame_size,
+            },
+            heartbeat_interval: config.heartbeat_interval,
+            heartbeat_timeout: config.heartbeat_timeout,
+            handshake_timeout: config.handshake_timeout,
+            max_unacked: config.max_unacked,
+        };
+        let (commands, command_rx) = mpsc::channel(8);
+        let (events_tx, events_rx) = mpsc::channel(config.event_capacity);
+        let (notes_tx, notes_rx) = mpsc::unbounded_channel();
+        let (done_tx, done) = watch::channel(false);
+        let shared = Arc::new(Shared::default());
+        let max_message = config.max_frame_size as usize - (DATA_OVERHEAD - LEN_PREFIX);
+        let driver = Driver {
+            disc,
+            session,
+            shared: shared.clone(),
+            shared_sock,
+            unicast,
+            listener,
+            commands: command_rx,
+            notes_tx,
+            notes_rx,
+            events: events_tx,
+            conns: HashMap::new(),
+            sessions: HashMap::new(),
+            waiting: HashMap::new(),
+            tasks: JoinSet::new(),
+            next_conn: 0,
+            id,
+            config,
+        };
+        let span = debug_span!("node", %id);
+        tokio::spawn(
+            async move {
+                driver.run().await;
+                let _ = done_tx.send(true);
+            }
+            .instrument(span),
+        );
+        info!(%id, tcp_port, "node started");
+        Ok((
+            Node {
+                inner: Arc::new(Inner {
+                    commands,
+                    done,
+                    shared,
+                    local,
+                    max_message,
+                }),
+            },
+            Events { rx: events_rx },
+        ))
+    }
+
+    /// Who this node is.
+    pub fn local(&self) -> &LocalInfo {
+        &self.inner.local
+    }
+
+    /// This node's id.
+    pub fn id(&self) -> PeerId {
+        self.inner.local.id
+    }
+
+    /// Sends `message` to `peer`, waiting while its outbox is full.
+    ///
+    /// Returning `Ok` means the message is queued: it is then either
+    /// delivered in order, or handed back in [`Event::Undelivered`] if the
+    /// session dies first.
+    ///
+    /// # Errors
+    /// [`Error::NotConnected`] (with the message) when no session with the
+    /// peer is up, [`Error::MessageTooLarge`] when it exceeds the frame
+    /// limit.
+    pub async fn send(&self, peer: PeerId, message: impl Into<Bytes>) -> Result<(), Error> {
+        let message = self.check_size(message.into())?;
+        let Some(tx) = self.inner.shared.outbox(peer) else {
+            return Err(Error::NotConnected { peer, message });
+        };
+        tx.send(message)
+            .await
+            .map_err(|e| Error::NotConnected { peer, message: e.0 })
+    }
+
+    /// Like [`Node::send`], but fails at once when the outbox is full.
+    ///
+    /// # Errors
+    /// As [`Node::send`], plus [`Error::OutboxFull`].
+    pub fn try_send(&self, peer: PeerId, message: impl Into<Bytes>) -> Result<(), Error> {
+        let message = self.check_size(message.into())?;
+        let Some(tx) = self.inner.shared.outbox(peer) else {
+            return Err(Error::NotConnected { peer, message });
+        };
+        tx.try_send(message).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(message) => Error::OutboxFull { peer, message },
+            mpsc::error::TrySendError::Closed(message) => Error::NotConnected { peer, message },
+        })
+    }
+
+    /// Sends `value` as JSON to `peer`; see [`Node::send`].
+    ///
+    /// # Errors
+    /// As [`Node::send`], plus [`Error::Json`].
+    pub async fn send_json<T: Serialize + ?Sized>(
+        &self,
+        peer: PeerId,
+        value: &T,
+    ) -> Result<(), Error> {
+        self.send(peer, serde_json::to_vec(value)?).await
+    }
+
+    /// Sends `message` to every peer with a session, waiting for room in each
+    /// outbox in turn. Returns the peers it was queued for.
+    ///
+    /// # Errors
+    /// [`Error::MessageTooLarge`].
+    pub async fn send_all(&self, message: impl Into<Bytes>) -> Result<Vec<PeerId>, Error> {
+        let message = self.check_size(message.into())?;
+        let targets: Vec<_> = lock(&self.inner.shared.outboxes)
+            .iter()
+            .map(|(p, (_, tx))| (*p, tx.clone()))
+            .collect();
+        let mut sent = Vec::with_capacity(targets.len());
+        for (peer, tx) in targets {
+            if tx.send(message.clone()).await.is_ok() {
+                sent.push(peer);
+            }
+        }
+        sent.sort();
+        Ok(sent)
+    }
+
+    /// Every known peer, its state and last RTT, ordered by id.
+    pub fn peers(&self) -> Vec<PeerStatus> {
+        let rtts = lock(&self.inner.shared.rtts).clone();
+        lock(&self.inner.shared.peers)
+            .values()
+            .map(|(info, state)| PeerStatus {
+                info: info.clone(),
+                state: *state,
+                last_rtt: rtts.get(&info.id).copied(),
+            })
+            .collect()
+    }
+
+    /// The node's counters.
+    pub fn stats(&self) -> Stats {
+        self.inner.shared.counters.snapshot()
+    }
+
+    /// Says goodbye to every peer (TCP and UDP), closes all sessions and
+    /// waits for the node's task to end. Idempotent.
+    pub async fn shutdown(&self) {
+        let _ = self.inner.commands.send(Command::Shutdown).await;
+        let mut done = self.inner.done.clone();
+        let _ = done.wait_for(|d| *d).await;
+    }
+
+    fn check_size(&self, message: Bytes) -> Result<Bytes, Error> {
+        if message.len() > self.inner.max_message {
+            return Err(Error::MessageTooLarge {
+                size: message.len(),
+                limit: self.inner.max_message,
+            });
+        }
+        Ok(message)
+    }
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)
+}
+
+struct ConnEntry {
+    ctrl: mpsc::Sender<Ctrl>,
+    outbound: bool,
+    /// The peer a dial was for.
+    expected: Option<PeerId>,
+    /// Peer and instance once the session is up.
+    up: Option<(PeerId, u64)>,
+}
+
+/// A handshake that waits for the peer's previous session to end.
+struct Waiting {
+    conn: u64,
+    hello: Box<Hello>,
+    addr: SocketAddr,
+    approve: oneshot::Sender<Approval>,
+}
+
+struct Driver {
+    config: Config,
+    id: PeerId,
+    disc: Discovery,
+    session: SessionConfig,
+    shared: Arc<Shared>,
+    shared_sock: UdpSocket,
+    unicast: UdpSocket,
+    listener: Option<TcpListener>,
+    commands: mpsc::Receiver<Command>,
+    notes_tx: mpsc::UnboundedSender<Note>,
+    notes_rx: mpsc::UnboundedReceiver<Note>,
+    events: mpsc::Sender<Event>,
+    conns: HashMap<u64, ConnEntry>,
+    sessions: HashMap<PeerId, u64>,
+    waiting: HashMap<PeerId, Waiting>,
+    tasks: JoinSet<()>,
+    next_conn: u64,
+}
+
+impl Driver {
+    async fn run(mut self) {
+        self.rescan();
+        let mut rescan = tokio::time::interval(self.config.interface_rescan);
+        rescan.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // One byte more than the limit tells an oversized datagram apart.
+        let mut buf_a = vec![0u8; self.config.max_datagram_size + 1];
+        let mut buf_b = vec![0u8; self.config.max_datagram_size + 1];
+        loop {
+            self.flush().await;
+            let deadline = self.disc.poll_timeout();
+            tokio::select! {
+                cmd = self.commands.recv() => match cmd {
+                    Some(Command::Shutdown) | None => break,
+                },
+                r = self.shared_sock.recv_from(&mut buf_a) => self.datagram(r, &buf_a),
+                r = self.unicast.recv_from(&mut buf_b) => self.datagram(r, &buf_b),
+                r = accept(&self.listener) => self.accepted(r),
+                Some(note) = self.notes_rx.recv() => self.note(note),
+                _ = clock::sleep_until(deadline.unwrap_or_else(|| clock::now() + Duration::from_secs(3600))) => {
+                    self.disc.handle_timeout(clock::now());
+                }
+                _ = rescan.tick() => self.rescan(),
+                Some(_) = self.tasks.join_next() => {}
+            }
+        }
+        self.shutdown().await;
+    }
+
+    fn rescan(&mut self) {
+        match socket::scan() {
+            Ok(addrs) => {
+                let targets = socket::select_targets(&addrs, &self.config.interfaces);
+                if self.disc.set_targets(clock::now(), targets) {
+                    let names: Vec<_> = self
+                        .disc
+                        .targets()
+                        .iter()
+                        .map(|t| format!("{}={}", t.interface, t.broadcast))
+                        .collect();
+                    info!(targets = ?names, "discovery interfaces changed");
+                }
+            }
+            Err(e) => warn!(error = %e, "cannot list interfaces"),
+        }
+    }
+
+    fn datagram(&mut self, r: std::io::Result<(usize, SocketAddr)>, buf: &[u8]) {
+        let (n, from) = match r {
+            Ok(x) => x,
+            Err(e) => {
+                // ICMP errors surface here on Linux; they concern one send.
+                trace!(error = %e, "udp receive error");
+                return;
+            }
+        };
+        let c = &self.shared.counters;
+        Counters::bump(&c.datagrams_received);
+        let SocketAddr::V4(from) = from else {
+            return;
+        };
+        if let Err(why) = self.disc.handle_datagram(clock::now(), from, &buf[..n]) {
+            debug!(%from, len = n, reason = ?why, "dropped datagram");
+            c.dropped(why);
+        }
+    }
+
+    /// Sends what discovery queued and acts on its events.
+    async fn flush(&mut self) {
+        while let Some(t) = self.disc.poll_transmit() {
+            match self.unicast.send_to(&t.payload, t.dst).await {
+                Ok(_) => Counters::bump(&self.shared.counters.datagrams_sent),
+                Err(e) => {
+                    debug!(dst = %t.dst, error = %e, "cannot send datagram");
+                    Counters::bump(&self.shared.counters.datagram_send_errors);
+                }
+            }
+        }
+        let mut changed = false;
+        while let Some(ev) = self.disc.poll_event() {
+            changed = true;
+            match ev {
+                DiscoveryEvent::Discovered(info) => {
+                    info!(peer = %info.id, addr = %info.addr, name = %info.name, "discovered");
+                    let _ = self.events.send(Event::Discovered(info)).await;
+                }
+                DiscoveryEvent::Restarted(info) => {
+                    if let Some(conn) = self.sessions.get(&info.id).and_then(|c| self.conns.get(c))
+                    {
+                        let _ = conn.ctrl.try_send(Ctrl::Close(DownReason::PeerRestarted));
+                    }
+                }
+                DiscoveryEvent::Dial(info) => self.dial(info),
+                DiscoveryEvent::Lost(peer) => {
+                    info!(%peer, "peer lost");
+                    lock(&self.shared.rtts).remove(&peer);
+                    let _ = self.events.send(Event::PeerLost { peer }).await;
+                }
+            }
+        }
+        if changed {
+            self.publish_peers();
+        }
+    }
+
+    fn publish_peers(&self) {
+        let snapshot = self
+            .disc
+            .peers()
+            .map(|(info, state)| (info.id, (info.clone(), state)))
+            .collect();
+        *lock(&self.shared.peers) = snapshot;
+    }
+
+    fn accepted(&mut self, r: std::io::Result<(TcpStream, SocketAddr)>) {
+        let (stream, addr) = match r {
+            Ok(x) => x,
+            Err(e) => {
+                warn!(error = %e, "accept failed");
+                return;
+            }
+        };
+        let handshaking = self.conns.values().filter(|c| c.up.is_none()).count();
+        if handshaking >= self.config.max_handshakes
+            || self.sessions.len() >= self.config.max_sessions
+        {
+            debug!(%addr, handshaking, sessions = self.sessions.len(), "refusing connection");
+            Counters::bump(&self.shared.counters.sessions_refused);
+            return;
+        }
+        self.spawn_conn(None, addr, Ok(stream));
+    }
+
+    fn dial(&mut self, info: PeerInfo) {
+        debug!(peer = %info.id, addr = %info.addr, "dialing");
+        let timeout = self.config.connect_timeout;
+        let addr = info.addr;
+        let connect = async move {
+            match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
+                Ok(r) => r,
+                Err(_) => Err(std::io::ErrorKind::TimedOut.into()),
+            }
+        };
+        self.spawn_conn(Some(info.id), addr, Err(Box::pin(connect)));
+    }
+
+    fn spawn_conn(
+        &mut self,
+        expected: Option<PeerId>,
+        addr: SocketAddr,
+        stream: Result<TcpStream, ConnectFuture>,
+    ) {
+        self.next_conn += 1;
+        let id = self.next_conn;
+        let (ctrl_tx, ctrl) = mpsc::channel(4);
+        let outbound = expected.is_some();
+        self.conns.insert(
+            id,
+            ConnEntry {
+                ctrl: ctrl_tx,
+                outbound,
+                expected,
+                up: None,
+            },
+        );
+        let conn = Conn {
+            id,
+            session: self.session.clone(),
+            expected,
+            outbound,
+            max_frame: self.config.max_frame_size,
+            write_timeout: self.config.write_timeout,
+            events: self.events.clone(),
+            notes: self.notes_tx.clone(),
+            ctrl,
+            shared: self.shared.clone(),
+        };
+        let (interval, timeout) = (
+            self.config.heartbeat_interval,
+            self.config.heartbeat_timeout,
+        );
+        let notes = self.notes_tx.clone();
+        let span = match expected {
+            Some(p) => debug_span!("session", peer = %p, %addr, conn = id),
+            None => debug_span!("session", %addr, conn = id),
+        };
+        self.tasks.spawn(
+            async move {
+                let stream = match stream {
+                    Ok(s) => s,
+                    Err(connect) => match connect.await {
+                        Ok(s) => s,
+                        Err(e) => {
+                            debug!(error = %e, "connect failed");
+                            let _ = notes.send(Note::Ended {
+                                conn: id,
+                                peer: None,
+                                reason: DownReason::Io(e.kind()),
+                            });
+                            return;
+                        }
+                    },
+                };
+                tune(&stream, interval, timeout);
+                conn.run(stream, addr).await;
+            }
+            .instrument(span),
+        );
+    }
+
+    fn note(&mut self, note: Note) {
+        match note {
+            Note::Handshaken {
+                conn,
+                hello,
+                addr,
+                approve,
+            } => self.handshaken(conn, hello, addr, approve),
+            Note::Ended { conn, peer, reason } => self.ended(conn, peer, reason),
+        }
+    }
+
+    fn handshaken(
+        &mut self,
+        conn: u64,
+        hello: Box<Hello>,
+        addr: SocketAddr,
+        approve: oneshot::Sender<Approval>,
+    ) {
+        let peer = hello.id;
+        let Some(entry) = self.conns.get(&conn) else {
+            return;
+        };
+        let new_dialer = if entry.outbound { self.id } else { peer };
+        let Some(&old) = self.sessions.get(&peer) else {
+            if self.sessions.len() >= self.config.max_sessions {
+                Counters::bump(&self.shared.counters.sessions_refused);
+                let _ = approve.send(Approval::Reject(ProtocolViolation::Refused(
+                    "too many sessions",
+                )));
+                return;
+            }
+            self.approve(conn, *hello, addr, approve);
+            return;
+        };
+        // A session with this peer exists. Newer beats stale: a restarted
+        // peer, or the same dialer dialing again (it gave up on the old
+        // one). Two dialers at once: the smaller dialer id wins.
+        let old_entry = &self.conns[&old];
+        let (_, old_instance) = old_entry
+            .up
+            .expect("sessions holds only sessions that are up");
+        let old_dialer = if old_entry.outbound { self.id } else { peer };
+        let reason = if hello.instance != old_instance {
+            DownReason::PeerRestarted
+        } else if new_dialer <= old_dialer {
+            // Equal: the same dialer dialed again. Smaller: tie-break win.
+            DownReason::Replaced
+        } else {
+            debug!(%peer, "duplicate session lost the tie-break");
+            let _ = approve.send(Approval::Reject(ProtocolViolation::Refused(
+                "duplicate session",
+            )));
+            return;
+        };
+        debug!(%peer, %reason, "replacing session");
+        let _ = old_entry.ctrl.try_send(Ctrl::Close(reason));
+        if let Some(prev) = self.waiting.insert(
+            peer,
+            Waiting {
+                conn,
+                hello,
+                addr,
+                approve,
+            },
+        ) {
+            let _ = prev
+                .approve
+                .send(Approval::Reject(ProtocolViolation::Refused(
+                    "duplicate session",
+                )));
+        }
+    }
+
+    fn approve(
+        &mut self,
+        conn: u64,
+        hello: Hello,
+        addr: SocketAddr,
+        approve: oneshot::Sender<Approval>,
+    ) {
+        let peer = hello.id;
+        let (tx, rx) = mpsc::channel(self.config.outbox_capacity);
+        let Some(entry) = self.conns.get_mut(&conn) else {
+            return;
+        };
+        if approve.send(Approval::Accept { outbox: rx }).is_err() {
+            return;
+        }
+        entry.up = Some((peer, hello.instance));
+        let info_addr = if entry.outbound {
+            addr
+        } else {
+            SocketAddr::new(addr.ip(), hello.port)
+        };
+        self.sessions.insert(peer, conn);
+        lock(&self.shared.outboxes).insert(peer, (conn, tx));
+        Counters::bump(&self.shared.counters.sessions_up);
+        let interface = match addr.ip() {
+            std::net::IpAddr::V4(ip) => self
+                .disc
+                .targets()
+                .iter()
+                .find(|t| t.contains(ip))
+                .map(|t| t.interface.clone()),
+            std::net::IpAddr::V6(_) => None,
+        };
+        self.disc.session_up(
+            clock::now(),
+            PeerInfo {
+                id: peer,
+                instance: hello.instance,
+                name: hello.name,
+                addr: info_addr,
+                interface,
+                role: hello.role,
+                metadata: BTreeMap::new(),
+            },
+        );
+        self.publish_peers();
+    }
+
+    fn ended(&mut self, conn: u64, peer: Option<PeerId>, reason: DownReason) {
+        let Some(entry) = self.conns.remove(&conn) else {
+            return;
+        };
+        let now = clock::now();
+        match (peer, entry.up) {
+            (Some(peer), Some(_)) => {
+                if self.sessions.get(&peer) == Some(&conn) {
+                    self.sessions.remove(&peer);
+                }
+                {
+                    let mut outboxes = lock(&self.shared.outboxes);
+                    if outboxes.get(&peer).is_some_and(|(c, _)| *c == conn) {
+                        outboxes.remove(&peer);
+                    }
+                }
+                if let Some(w) = self.waiting.remove(&peer) {
+                    self.approve(w.conn, *w.hello, w.addr, w.approve);
+                } else {
+                    self.disc.session_down(now, peer, &reason);
+                }
+            }
+            _ => {
+                if let Some(p) = entry.expected {
+                    debug!(peer = %p, %reason, "dial failed");
+                    Counters::bump(&self.shared.counters.dials_failed);
+                    self.disc.dial_failed(now, p);
+                }
+            }
+        }
+        self.publish_peers();
+    }
+
+    async fn shutdown(mut self) {
+        info!("shutting down");
+        for c in self.conns.values() {
+            let _ = c.ctrl.try_send(Ctrl::Close(DownReason::Shutdown));
+        }
+        self.disc.shutdown();
+        self.flush().await;
+        for (_, w) in self.waiting.drain() {
+            let _ = w.approve.send(Approval::Reject(ProtocolViolation::Refused(
+                "node shutting down",
+            )));
+        }
+        // Connections say goodbye and hand back undelivered messages; give
+        // them a moment, then abort what is left.
+        let drain = async {
+            while !self.conns.is_empty() {
+                match self.notes_rx.recv().await {
+                    Some(Note::Ended { conn, .. }) => {
+                        self.conns.remove(&conn);
+                    }
+                    Some(Note::Handshaken { approve, .. }) => {
+                        let _ = approve.send(Approval::Reject(ProtocolViolation::Refused(
+                            "node shutting down",
+                        )));
+                    }
+                    None => break,
+                }
+            }
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(2), drain).await;
+        lock(&self.shared.outboxes).clear();
+        self.tasks.shutdown().await;
+    }
+}
+
+type ConnectFuture =
+    std::pin::Pin<Box<dyn std::future::Future<Output = std::io::Result<TcpStream>> + Send>>;
+
+async fn accept(listener: &Option<TcpListener>) -> std::io::Result<(TcpStream, SocketAddr)> {
+    match listener {
+        Some(l) => l.accept().await,
+        None => std::future::pending().await,
+    }
+}

@@ -1,0 +1,769 @@
+//! The sans-IO session: handshake, heartbeat, RTT, acknowledgements and the
+//! timeout decision.
+//!
+//! It owns no socket and never reads the clock. The driver calls, in any
+//! order: [`Session::handle_frame`] for each decoded frame,
+//! [`Session::handle_timeout`] when [`Session::poll_timeout`] has passed,
+//! [`Session::record_data_sent`] for each application message it writes; and
+//! after each call drains [`Session::poll_transmit`] (frames to write) and
+//! [`Session::poll_event`].
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+
+use crate::error::FrameError;
+use crate::event::{DownReason, ProtocolViolation};
+use crate::peer::PeerId;
+use crate::wire::frame::{Frame, GoodbyeBody, Hello};
+
+/// Acknowledge at the latest after this many data frames...
+const ACK_EVERY: u64 = 32;
+/// ...or this long after the first unacknowledged one.
+const ACK_DELAY: Duration = Duration::from_millis(10);
+/// Outstanding pings remembered for RTT.
+const MAX_PINGS: usize = 8;
+
+/// Settings of one session.
+#[derive(Debug, Clone)]
+pub struct SessionConfig {
+    /// Our handshake.
+    pub hello: Hello,
+    /// Our heartbeat interval.
+    pub heartbeat_interval: Duration,
+    /// Our heartbeat timeout.
+    pub heartbeat_timeout: Duration,
+    /// Handshake must complete within this.
+    pub handshake_timeout: Duration,
+    /// Unacknowledged messages kept at most.
+    pub max_unacked: usize,
+}
+
+/// What the session tells its driver.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SessionEvent {
+    /// The handshake completed; this is the peer's.
+    Established(Box<Hello>),
+    /// A heartbeat round trip.
+    Rtt(Duration),
+    /// The session is over; write what `poll_transmit` still gives, then
+    /// close the socket.
+    Closed(DownReason),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    Handshake,
+    Established,
+    Closed,
+}
+
+/// One session's protocol state.
+#[derive(Debug)]
+pub struct Session {
+    cfg: SessionConfig,
+    state: State,
+    expected: Option<PeerId>,
+    peer: Option<Box<Hello>>,
+    handshake_deadline: Instant,
+    last_rx: Instant,
+    last_ping_or_data: Instant,
+    send_interval: Duration,
+    paused: bool,
+    ping_seq: u64,
+    pings: VecDeque<(u64, Instant)>,
+    rx_data: u64,
+    rx_acked: u64,
+    ack_deadline: Option<Instant>,
+    /// Sequence (0-based) of `unacked[0]`.
+    tx_base: u64,
+    unacked: VecDeque<Bytes>,
+    transmits: VecDeque<Frame>,
+    events: VecDeque<SessionEvent>,
+}
+
+impl Session {
+    /// Starts a session at `now` and queues our handshake. `expected` is the
+    /// id discovery announced, when we dialed.
+    pub fn new(now: Instant, cfg: SessionConfig, expected: Option<PeerId>) -> Self {
+        let mut s = Session {
+            handshake_deadline: now + cfg.handshake_timeout,
+            send_interval: cfg.heartbeat_interval,
+            cfg,
+            state: State::Handshake,
+            expected,
+            peer: None,
+            last_rx: now,
+            last_ping_or_data: now,
+            paused: false,
+            ping_seq: 0,
+            pings: VecDeque::new(),
+            rx_data: 0,
+            rx_acked: 0,
+            ack_deadline: None,
+            tx_base: 0,
+            unacked: VecDeque::new(),
+            transmits: VecDeque::new(),
+            events: VecDeque::new(),
+        };
+        let hello = Box::new(s.cfg.hello.clone());
+        s.transmits.push_back(Frame::Hello(Ok(hello)));
+        s
+    }
+
+    /// The peer's handshake, once established.
+    pub fn peer(&self) -> Option<&Hello> {
+        self.peer.as_deref()
+    }
+
+    /// Whether the handshake completed and the session is not closed.
+    pub fn is_established(&self) -> bool {
+        self.state == State::Established
+    }
+
+    /// Whether the session is over.
+    pub fn is_closed(&self) -> bool {
+        self.state == State::Closed
+    }
+
+    /// How often we send when idle: ours, or faster if the peer's timeout
+    /// needs it.
+    pub fn send_interval(&self) -> Duration {
+        self.send_interval
+    }
+
+    /// Whether another application message may be written now.
+    pub fn can_send(&self) -> bool {
+        self.state == State::Established && self.unacked.len() < self.cfg.max_unacked
+    }
+
+    /// Feeds one received frame. Returns an application message to deliver.
+    pub fn handle_frame(&mut self, now: Instant, frame: Frame) -> Option<Bytes> {
+        if self.state == State::Closed {
+            return None;
+        }
+        self.last_rx = now;
+        match (self.state, frame) {
+            (State::Handshake, Frame::Hello(hello)) => {
+                self.handle_hello(now, hello);
+                None
+            }
+            (State::Handshake, other) => {
+                self.violation(ProtocolViolation::UnexpectedFrame(other.kind()));
+                None
+            }
+            (_, Frame::Hello(_)) => {
+                self.violation(ProtocolViolation::UnexpectedFrame("second hello"));
+                None
+            }
+            (_, Frame::Ping(seq)) => {
+                self.transmits.push_back(Frame::Pong(seq));
+                None
+            }
+            (_, Frame::Pong(seq)) => {
+                while let Some(&(s, sent)) = self.pings.front() {
+                    if s > seq {
+                        break;
+                    }
+                    self.pings.pop_front();
+                    if s == seq {
+                        self.events
+                            .push_back(SessionEvent::Rtt(now.saturating_duration_since(sent)));
+                        break;
+                    }
+                }
+                None
+            }
+            (_, Frame::Data(data)) => {
+                self.rx_data += 1;
+                if self.rx_data - self.rx_acked >= ACK_EVERY {
+                    self.queue_ack();
+                } else if self.ack_deadline.is_none() {
+                    self.ack_deadline = Some(now + ACK_DELAY);
+                }
+                Some(data)
+            }
+            (_, Frame::Ack(count)) => {
+                let sent = self.tx_base + self.unacked.len() as u64;
+                if count < self.tx_base || count > sent {
+                    if count > sent {
+                        self.violation(ProtocolViolation::BadAck);
+                    }
+                    return None;
+                }
+                let n = (count - self.tx_base) as usize;
+                self.unacked.drain(..n);
+                self.tx_base = count;
+                None
+            }
+            (_, Frame::Goodbye(_)) => {
+                self.close(DownReason::Goodbye, false);
+                None
+            }
+        }
+    }
+
+    fn handle_hello(&mut self, now: Instant, hello: Result<Box<Hello>, u8>) {
+        let hello = match hello {
+            Ok(h) => h,
+            Err(version) => return self.violation(ProtocolViolation::UnsupportedVersion(version)),
+        };
+        let ours = &self.cfg.hello;
+        let violation = if hello.service != ours.service {
+            Some(ProtocolViolation::ServiceMismatch)
+        } else if hello.id == ours.id {
+            Some(ProtocolViolation::SelfConnection)
+        } else if self.expected.is_some_and(|e| e != hello.id) {
+            Some(ProtocolViolation::UnexpectedPeer {
+                expected: self.expected.unwrap_or(hello.id),
+                got: hello.id,
+            })
+        } else if hello.heartbeat_interval_ms == 0
+            || hello.heartbeat_timeout_ms <= hello.heartbeat_interval_ms
+            || hello.heartbeat_timeout_ms > 3_600_000
+        {
+            Some(ProtocolViolation::BadHeartbeat)
+        } else {
+            None
+        };
+        if let Some(v) = violation {
+            return self.violation(v);
+        }
+        // Send often enough for the peer's timeout too: at its own interval
+        // if that is faster, and at least three times per peer timeout.
+        let peer_interval = Duration::from_millis(hello.heartbeat_interval_ms);
+        let peer_timeout = Duration::from_millis(hello.heartbeat_timeout_ms);
+        self.send_interval = self
+            .cfg
+            .heartbeat_interval
+            .min(peer_interval)
+            .min(peer_timeout / 3);
+        self.state = State::Established;
+        self.last_ping_or_data = now;
+        self.peer = Some(hello.clone());
+        self.events.push_back(SessionEvent::Established(hello));
+        // Ping at once: the first RTT sample, and proof of life.
+        self.send_ping(now);
+    }
+
+    /// A frame could not be decoded: the session closes.
+    pub fn handle_decode_error(&mut self, err: FrameError) {
+        self.violation(ProtocolViolation::Frame(err));
+    }
+
+    /// The peer closed its side.
+    pub fn handle_eof(&mut self) {
+        self.close(DownReason::Closed, false);
+    }
+
+    /// Reading or writing failed.
+    pub fn handle_io_error(&mut self, kind: std::io::ErrorKind) {
+        self.close(DownReason::Io(kind), false);
+    }
+
+    /// Timers: handshake deadline, heartbeat timeout, ping, delayed ack.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        match self.state {
+            State::Closed => {}
+            State::Handshake => {
+                if now >= self.handshake_deadline {
+                    self.close(DownReason::HandshakeTimeout, false);
+                }
+            }
+            State::Established => {
+                if !self.paused && now >= self.last_rx + self.cfg.heartbeat_timeout {
+                    self.close(DownReason::HeartbeatTimeout, false);
+                    return;
+                }
+                if now >= self.last_ping_or_data + self.send_interval {
+                    self.send_ping(now);
+                }
+                if self.ack_deadline.is_some_and(|d| now >= d) {
+                    self.queue_ack();
+                }
+            }
+        }
+    }
+
+    /// The earliest instant at which [`Session::handle_timeout`] has work.
+    #[must_use]
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        match self.state {
+            State::Closed => None,
+            State::Handshake => Some(self.handshake_deadline),
+            State::Established => {
+                let mut t = self.last_ping_or_data + self.send_interval;
+                if !self.paused {
+                    t = t.min(self.last_rx + self.cfg.heartbeat_timeout);
+                }
+                if let Some(a) = self.ack_deadline {
+                    t = t.min(a);
+                }
+                Some(t)
+            }
+        }
+    }
+
+    /// The next protocol frame to write.
+    #[must_use]
+    pub fn poll_transmit(&mut self) -> Option<Frame> {
+        self.transmits.pop_front()
+    }
+
+    /// The next event for the driver.
+    #[must_use]
+    pub fn poll_event(&mut self) -> Option<SessionEvent> {
+        self.events.pop_front()
+    }
+
+    /// The driver wrote an application message. It is kept until the peer
+    /// acknowledges it. Call only when [`Session::can_send`].
+    pub fn record_data_sent(&mut self, now: Instant, message: Bytes) {
+        debug_assert!(self.can_send());
+        self.unacked.push_back(message);
+        self.last_ping_or_data = now;
+    }
+
+    /// While the application is not taking messages, the driver stops reading
+    /// and the timeout is suspended: the silence is ours, not the peer's.
+    pub fn set_paused(&mut self, now: Instant, paused: bool) {
+        if self.paused && !paused {
+            self.last_rx = self.last_rx.max(now);
+        }
+        self.paused = paused;
+    }
+
+    /// Closes the session from our side; with `goodbye`, a goodbye frame is
+    /// queued first (for shutdown or replacement).
+    pub fn close(&mut self, reason: DownReason, goodbye: bool) {
+        if self.state == State::Closed {
+            return;
+        }
+        if goodbye {
+            self.transmits.push_back(Frame::Goodbye(GoodbyeBody {
+                reason: reason.as_str().to_owned(),
+            }));
+        }
+        self.state = State::Closed;
+        self.events.push_back(SessionEvent::Closed(reason));
+    }
+
+    /// Messages written but never acknowledged, oldest first.
+    pub fn take_unacked(&mut self) -> Vec<Bytes> {
+        self.tx_base += self.unacked.len() as u64;
+        self.unacked.drain(..).collect()
+    }
+
+    /// Messages received so far.
+    pub fn received(&self) -> u64 {
+        self.rx_data
+    }
+
+    fn violation(&mut self, v: ProtocolViolation) {
+        self.transmits.clear();
+        self.close(DownReason::ProtocolError(v), false);
+    }
+
+    fn send_ping(&mut self, now: Instant) {
+        self.ping_seq += 1;
+        if self.pings.len() == MAX_PINGS {
+            self.pings.pop_front();
+        }
+        self.pings.push_back((self.ping_seq, now));
+        self.transmits.push_back(Frame::Ping(self.ping_seq));
+        self.last_ping_or_data = now;
+        if self.rx_data > self.rx_acked {
+            self.queue_ack();
+        }
+    }
+
+    fn queue_ack(&mut self) {
+        self.rx_acked = self.rx_data;
+        self.ack_deadline = None;
+        self.transmits.push_back(Frame::Ack(self.rx_data));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::peer::Role;
+
+    const MS: Duration = Duration::from_millis(1);
+
+    fn hello(id: u64, interval_ms: u64, timeout_ms: u64) -> Hello {
+        Hello {
+            protocol: 1,
+            service: "svc".into(),
+            id: PeerId::from_u64(id),
+            instance: id * 100,
+            name: format!("n{id}"),
+            role: Role::Peer,
+            port: 1000 + id as u16,
+            heartbeat_interval_ms: interval_ms,
+            heartbeat_timeout_ms: timeout_ms,
+            max_frame_size: 1 << 20,
+        }
+    }
+
+    fn cfg(id: u64, interval_ms: u64, timeout_ms: u64) -> SessionConfig {
+        SessionConfig {
+            hello: hello(id, interval_ms, timeout_ms),
+            heartbeat_interval: Duration::from_millis(interval_ms),
+            heartbeat_timeout: Duration::from_millis(timeout_ms),
+            handshake_timeout: 500 * MS,
+            max_unacked: 4,
+        }
+    }
+
+    fn drain(s: &mut Session) -> (Vec<Frame>, Vec<SessionEvent>) {
+        let mut f = Vec::new();
+        while let Some(x) = s.poll_transmit() {
+            f.push(x);
+        }
+        let mut e = Vec::new();
+        while let Some(x) = s.poll_event() {
+            e.push(x);
+        }
+        (f, e)
+    }
+
+    /// Two sessions joined by an in-memory link with a fixed one-way delay;
+    /// `cut` drops everything in flight and later.
+    struct Pair {
+        now: Instant,
+        a: Session,
+        b: Session,
+        delay: Duration,
+        to_a: VecDeque<(Instant, Frame)>,
+        to_b: VecDeque<(Instant, Frame)>,
+        events_a: Vec<(Instant, SessionEvent)>,
+        events_b: Vec<(Instant, SessionEvent)>,
+        cut: bool,
+        delivered_b: Vec<Bytes>,
+    }
+
+    impl Pair {
+        fn new(a: SessionConfig, b: SessionConfig) -> Pair {
+            let now = Instant::now();
+            let expected = b.hello.id;
+            Pair {
+                now,
+                a: Session::new(now, a, Some(expected)),
+                b: Session::new(now, b, None),
+                delay: MS,
+                to_a: VecDeque::new(),
+                to_b: VecDeque::new(),
+                events_a: Vec::new(),
+                events_b: Vec::new(),
+                cut: false,
+                delivered_b: Vec::new(),
+            }
+        }
+
+        fn pump(&mut self) {
+            let arrive = self.now + self.delay;
+            while let Some(f) = self.a.poll_transmit() {
+                if !self.cut {
+                    self.to_b.push_back((arrive, f));
+                }
+            }
+            while let Some(f) = self.b.poll_transmit() {
+                if !self.cut {
+                    self.to_a.push_back((arrive, f));
+                }
+            }
+            while let Some(e) = self.a.poll_event() {
+                self.events_a.push((self.now, e));
+            }
+            while let Some(e) = self.b.poll_event() {
+                self.events_b.push((self.now, e));
+            }
+        }
+
+        /// Advances virtual time to `until`, one event at a time.
+        fn run_until(&mut self, until: Instant) {
+            loop {
+                self.pump();
+                let next = [
+                    self.a.poll_timeout(),
+                    self.b.poll_timeout(),
+                    self.to_a.front().map(|x| x.0),
+                    self.to_b.front().map(|x| x.0),
+                ]
+                .into_iter()
+                .flatten()
+                .min();
+                let Some(next) = next.filter(|&t| t <= until) else {
+                    self.now = until;
+                    self.pump();
+                    return;
+                };
+                self.now = self.now.max(next);
+                if self.cut {
+                    self.to_a.clear();
+                    self.to_b.clear();
+                }
+                while self.to_a.front().is_some_and(|x| x.0 <= self.now) {
+                    let (_, f) = self.to_a.pop_front().unwrap();
+                    self.a.handle_frame(self.now, f);
+                }
+                while self.to_b.front().is_some_and(|x| x.0 <= self.now) {
+                    let (_, f) = self.to_b.pop_front().unwrap();
+                    if let Some(d) = self.b.handle_frame(self.now, f) {
+                        self.delivered_b.push(d);
+                    }
+                }
+                if self.a.poll_timeout().is_some_and(|t| t <= self.now) {
+                    self.a.handle_timeout(self.now);
+                }
+                if self.b.poll_timeout().is_some_and(|t| t <= self.now) {
+                    self.b.handle_timeout(self.now);
+                }
+            }
+        }
+
+        fn closed_at(events: &[(Instant, SessionEvent)]) -> Option<(Instant, DownReason)> {
+            events.iter().find_map(|(t, e)| match e {
+                SessionEvent::Closed(r) => Some((*t, r.clone())),
+                _ => None,
+            })
+        }
+    }
+
+    #[test]
+    fn handshake_establishes_both_sides_and_measures_rtt() {
+        let mut p = Pair::new(cfg(1, 100, 300), cfg(2, 100, 300));
+        p.run_until(p.now + 50 * MS);
+        assert!(p.a.is_established() && p.b.is_established());
+        assert_eq!(p.a.peer().unwrap().id, PeerId::from_u64(2));
+        let rtts: Vec<_> = p
+            .events_a
+            .iter()
+            .filter_map(|(_, e)| match e {
+                SessionEvent::Rtt(r) => Some(*r),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(rtts, vec![2 * MS]);
+    }
+
+    #[test]
+    fn idle_session_stays_up_for_a_long_time() {
+        let mut p = Pair::new(cfg(1, 100, 300), cfg(2, 100, 300));
+        let start = p.now;
+        p.run_until(start + Duration::from_secs(600));
+        assert!(p.a.is_established() && p.b.is_established());
+        // About one ping per interval each way, not more.
+        let rtts = p
+            .events_a
+            .iter()
+            .filter(|(_, e)| matches!(e, SessionEvent::Rtt(_)))
+            .count();
+        assert!((5900..=6001).contains(&rtts), "{rtts}");
+    }
+
+    #[test]
+    fn silence_is_detected_within_timeout_plus_one_interval() {
+        for (interval, timeout) in [(100, 300), (1000, 3000), (200, 1000)] {
+            let mut p = Pair::new(cfg(1, interval, timeout), cfg(2, interval, timeout));
+            p.run_until(p.now + Duration::from_millis(5 * timeout));
+            let cut_at = p.now;
+            p.cut = true;
+            p.run_until(cut_at + Duration::from_millis(3 * timeout));
+            for events in [&p.events_a, &p.events_b] {
+                let (t, reason) = Pair::closed_at(events).expect("closed");
+                assert_eq!(reason, DownReason::HeartbeatTimeout);
+                let delay = t - cut_at;
+                assert!(
+                    delay <= Duration::from_millis(timeout + interval),
+                    "{delay:?}"
+                );
+                assert!(
+                    delay >= Duration::from_millis(timeout - interval),
+                    "{delay:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn different_settings_never_time_each_other_out() {
+        // A is slow (1 s / 3 s), B is fast (100 ms / 300 ms): A must send
+        // often enough for B.
+        let mut p = Pair::new(cfg(1, 1000, 3000), cfg(2, 100, 300));
+        p.run_until(p.now + Duration::from_secs(60));
+        assert!(p.a.is_established() && p.b.is_established());
+        assert_eq!(p.a.send_interval(), 100 * MS);
+    }
+
+    #[test]
+    fn busy_session_needs_no_pings_but_still_gets_acks() {
+        let mut p = Pair::new(cfg(1, 100, 300), cfg(2, 100, 300));
+        p.run_until(p.now + 10 * MS);
+        let start = p.now;
+        for i in 0..100u32 {
+            if p.a.can_send() {
+                let m = Bytes::from(i.to_be_bytes().to_vec());
+                p.a.record_data_sent(p.now, m.clone());
+                p.to_b.push_back((p.now + p.delay, Frame::Data(m)));
+            }
+            p.run_until(p.now + 20 * MS);
+        }
+        assert!(p.now > start + Duration::from_secs(1));
+        assert_eq!(p.delivered_b.len(), 100);
+        assert!(p.a.take_unacked().is_empty());
+        assert!(p.a.is_established());
+    }
+
+    #[test]
+    fn unacked_messages_are_handed_back_after_a_cut() {
+        let mut p = Pair::new(cfg(1, 100, 300), cfg(2, 100, 300));
+        p.run_until(p.now + 10 * MS);
+        p.cut = true;
+        for i in 0..4u8 {
+            assert!(p.a.can_send());
+            p.a.record_data_sent(p.now, Bytes::from(vec![i]));
+        }
+        assert!(!p.a.can_send(), "max_unacked bounds what is in flight");
+        p.run_until(p.now + Duration::from_secs(1));
+        assert_eq!(
+            Pair::closed_at(&p.events_a).unwrap().1,
+            DownReason::HeartbeatTimeout
+        );
+        let back: Vec<u8> = p.a.take_unacked().iter().map(|b| b[0]).collect();
+        assert_eq!(back, vec![0, 1, 2, 3]);
+    }
+
+    #[test]
+    fn handshake_timeout_closes_silent_connection() {
+        let now = Instant::now();
+        let mut s = Session::new(now, cfg(1, 100, 300), None);
+        let (frames, _) = drain(&mut s);
+        assert!(matches!(frames[..], [Frame::Hello(Ok(_))]));
+        assert_eq!(s.poll_timeout(), Some(now + 500 * MS));
+        s.handle_timeout(now + 499 * MS);
+        assert!(!s.is_closed());
+        s.handle_timeout(now + 500 * MS);
+        assert_eq!(
+            drain(&mut s).1,
+            vec![SessionEvent::Closed(DownReason::HandshakeTimeout)]
+        );
+    }
+
+    #[test]
+    fn handshake_violations_are_precise() {
+        let now = Instant::now();
+        let cases: Vec<(Option<u64>, Frame, ProtocolViolation)> = vec![
+            (
+                None,
+                Frame::Hello(Err(2)),
+                ProtocolViolation::UnsupportedVersion(2),
+            ),
+            (
+                None,
+                Frame::Ping(1),
+                ProtocolViolation::UnexpectedFrame("ping"),
+            ),
+            (
+                None,
+                Frame::Hello(Ok(Box::new(Hello {
+                    service: "other".into(),
+                    ..hello(2, 100, 300)
+                }))),
+                ProtocolViolation::ServiceMismatch,
+            ),
+            (
+                None,
+                Frame::Hello(Ok(Box::new(hello(1, 100, 300)))),
+                ProtocolViolation::SelfConnection,
+            ),
+            (
+                Some(3),
+                Frame::Hello(Ok(Box::new(hello(2, 100, 300)))),
+                ProtocolViolation::UnexpectedPeer {
+                    expected: PeerId::from_u64(3),
+                    got: PeerId::from_u64(2),
+                },
+            ),
+            (
+                None,
+                Frame::Hello(Ok(Box::new(hello(2, 300, 300)))),
+                ProtocolViolation::BadHeartbeat,
+            ),
+        ];
+        for (expected, frame, violation) in cases {
+            let mut s = Session::new(now, cfg(1, 100, 300), expected.map(PeerId::from_u64));
+            drain(&mut s);
+            assert_eq!(s.handle_frame(now, frame), None);
+            assert_eq!(
+                drain(&mut s),
+                (
+                    vec![],
+                    vec![SessionEvent::Closed(DownReason::ProtocolError(violation))]
+                )
+            );
+            assert!(s.is_closed());
+        }
+    }
+
+    #[test]
+    fn established_violations_close() {
+        let now = Instant::now();
+        let mut s = Session::new(now, cfg(1, 100, 300), None);
+        s.handle_frame(now, Frame::Hello(Ok(Box::new(hello(2, 100, 300)))));
+        drain(&mut s);
+        s.handle_frame(now, Frame::Ack(1));
+        assert_eq!(
+            drain(&mut s).1,
+            vec![SessionEvent::Closed(DownReason::ProtocolError(
+                ProtocolViolation::BadAck
+            ))]
+        );
+    }
+
+    #[test]
+    fn goodbye_and_pause() {
+        let now = Instant::now();
+        let mut s = Session::new(now, cfg(1, 100, 300), None);
+        s.handle_frame(now, Frame::Hello(Ok(Box::new(hello(2, 100, 300)))));
+        drain(&mut s);
+        s.set_paused(now, true);
+        s.handle_timeout(now + Duration::from_secs(10));
+        assert!(
+            s.is_established(),
+            "no timeout while we are the ones not reading"
+        );
+        s.set_paused(now + Duration::from_secs(10), false);
+        s.handle_timeout(now + Duration::from_millis(10_200));
+        assert!(s.is_established());
+        s.handle_frame(
+            now,
+            Frame::Goodbye(GoodbyeBody {
+                reason: "shutdown".into(),
+            }),
+        );
+        assert!(
+            drain(&mut s)
+                .1
+                .contains(&SessionEvent::Closed(DownReason::Goodbye))
+        );
+    }
+
+    #[test]
+    fn local_close_sends_goodbye() {
+        let now = Instant::now();
+        let mut s = Session::new(now, cfg(1, 100, 300), None);
+        drain(&mut s);
+        s.close(DownReason::Shutdown, true);
+        let (f, e) = drain(&mut s);
+        assert_eq!(
+            f,
+            vec![Frame::Goodbye(GoodbyeBody {
+                reason: "shutdown".into()
+            })]
+        );
+        assert_eq!(e, vec![SessionEvent::Closed(DownReason::Shutdown)]);
+    }
+}

@@ -1,0 +1,5 @@
+//! TCP sessions: the sans-IO [`machine`] and the tokio task that drives it
+//! ([`conn`]).
+
+pub(crate) mod conn;
+pub mod machine;

@@ -1,0 +1,109 @@
+//! Counters of everything a node dropped, refused or rejected.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::discovery::machine::Dropped;
+use crate::error::DatagramError;
+
+macro_rules! counters {
+    ($($(#[$doc:meta])* $name:ident),* $(,)?) => {
+        /// A snapshot of a node's counters, from [`Node::stats`](crate::Node::stats).
+        /// Every dropped datagram, refused connection and rejected frame is
+        /// counted in exactly one field.
+        #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+        #[non_exhaustive]
+        pub struct Stats {
+            $($(#[$doc])* pub $name: u64,)*
+        }
+
+        #[derive(Debug, Default)]
+        pub(crate) struct Counters {
+            $(pub(crate) $name: AtomicU64,)*
+        }
+
+        impl Counters {
+            pub(crate) fn snapshot(&self) -> Stats {
+                Stats { $($name: self.$name.load(Ordering::Relaxed),)* }
+            }
+        }
+    };
+}
+
+counters! {
+    /// Discovery datagrams received (before any check).
+    datagrams_received,
+    /// Discovery datagrams sent.
+    datagrams_sent,
+    /// Datagrams that could not be sent (no route, interface gone...).
+    datagram_send_errors,
+    /// Dropped: larger than `max_datagram_size`.
+    dropped_too_large,
+    /// Dropped: not a lanbeat datagram (no magic, too short).
+    dropped_not_lanbeat,
+    /// Dropped: another protocol version.
+    dropped_version,
+    /// Dropped: unknown kind byte, malformed JSON, missing field or a limit
+    /// broken.
+    dropped_malformed,
+    /// Dropped: our own datagram, looped back.
+    dropped_own,
+    /// Dropped: another service.
+    dropped_other_service,
+    /// Dropped: from outside the selected interfaces' subnets.
+    dropped_foreign_interface,
+    /// Dropped: a probe from an address no reply may go to.
+    dropped_bad_source,
+    /// Dropped: a probe over its source's reply rate.
+    dropped_rate_limited,
+    /// Dropped: an announce of a new peer while the peer table is full.
+    dropped_table_full,
+    /// Sessions that came up.
+    sessions_up,
+    /// Connections refused at once: too many sessions or handshakes.
+    sessions_refused,
+    /// Connections closed for not completing the handshake in time.
+    handshake_timeouts,
+    /// Connections that failed their handshake (bad hello, duplicate...).
+    handshake_failures,
+    /// Outbound connects that failed.
+    dials_failed,
+    /// Sessions closed for a protocol violation (bad frame, bad ack...).
+    protocol_errors,
+    /// Sessions closed by the heartbeat timeout.
+    heartbeat_timeouts,
+    /// Sessions closed by the write timeout.
+    write_timeouts,
+    /// Application messages written to sessions.
+    messages_sent,
+    /// Application messages received.
+    messages_received,
+    /// Messages handed back in `Undelivered` events.
+    messages_undelivered,
+}
+
+impl Counters {
+    pub(crate) fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub(crate) fn bump(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn dropped(&self, why: Dropped) {
+        Self::bump(match why {
+            Dropped::Invalid(DatagramError::TooLarge(_)) => &self.dropped_too_large,
+            Dropped::Invalid(DatagramError::NotLanbeat) => &self.dropped_not_lanbeat,
+            Dropped::Invalid(DatagramError::Version(_)) => &self.dropped_version,
+            Dropped::Invalid(DatagramError::Kind(_) | DatagramError::Malformed) => {
+                &self.dropped_malformed
+            }
+            Dropped::Own => &self.dropped_own,
+            Dropped::OtherService => &self.dropped_other_service,
+            Dropped::ForeignInterface => &self.dropped_foreign_interface,
+            Dropped::BadSource => &self.dropped_bad_source,
+            Dropped::RateLimited => &self.dropped_rate_limited,
+            Dropped::TableFull => &self.dropped_table_full,
+        });
+    }
+}

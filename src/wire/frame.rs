@@ -1,0 +1,325 @@
+//! Session frames on TCP.
+//!
+//! Every frame is a 4-byte big-endian length `L`, then `L` bytes: one type
+//! byte and `L - 1` bytes of payload. `L` is checked against the limit before
+//! any byte of the frame is buffered for it, so a hostile length prefix
+//! cannot make the receiver allocate.
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use serde::{Deserialize, Serialize};
+
+use crate::error::FrameError;
+use crate::peer::{PeerId, Role};
+
+/// Length of the length prefix.
+pub const LEN_PREFIX: usize = 4;
+/// Bytes a data frame adds to its message: prefix plus type byte.
+pub const DATA_OVERHEAD: usize = LEN_PREFIX + 1;
+/// Smallest `max_frame_size` a node accepts as configuration.
+pub const MIN_MAX_FRAME_SIZE: u32 = 1024;
+/// Largest handshake frame a node accepts, whatever `max_frame_size` says.
+pub const MAX_HELLO_SIZE: usize = 1024;
+
+const T_HELLO: u8 = 1;
+const T_PING: u8 = 2;
+const T_PONG: u8 = 3;
+const T_DATA: u8 = 4;
+const T_ACK: u8 = 5;
+const T_GOODBYE: u8 = 6;
+
+/// The handshake, sent by both sides as their first frame.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hello {
+    /// Protocol version (see [`PROTOCOL_VERSION`](super::PROTOCOL_VERSION)).
+    pub protocol: u8,
+    /// Service name; must equal the receiver's.
+    pub service: String,
+    /// Sender id.
+    pub id: PeerId,
+    /// Sender instance.
+    #[serde(with = "super::hex64")]
+    pub instance: u64,
+    /// Sender name.
+    pub name: String,
+    /// Sender role.
+    pub role: Role,
+    /// TCP port the sender accepts sessions on (0 for a controller).
+    pub port: u16,
+    /// How often the sender sends when idle, in milliseconds.
+    pub heartbeat_interval_ms: u64,
+    /// After how long without a frame the sender gives up, in milliseconds.
+    pub heartbeat_timeout_ms: u64,
+    /// Largest frame the sender accepts.
+    pub max_frame_size: u32,
+}
+
+/// Only the version field of a handshake, read first so that a peer of
+/// another version is refused clearly rather than as malformed.
+#[derive(Deserialize)]
+struct HelloVersion {
+    protocol: u8,
+}
+
+/// The body of a goodbye frame.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GoodbyeBody {
+    /// Why the sender leaves, e.g. `"shutdown"`.
+    pub reason: String,
+}
+
+/// One session frame.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Frame {
+    /// Handshake; `Err(version)` when the peer speaks another protocol
+    /// version (the rest was not parsed).
+    Hello(Result<Box<Hello>, u8>),
+    /// Heartbeat request with a sequence number.
+    Ping(u64),
+    /// Heartbeat reply echoing the ping's sequence number.
+    Pong(u64),
+    /// An application message.
+    Data(Bytes),
+    /// Cumulative count of data frames received on this session so far.
+    Ack(u64),
+    /// The sender is closing the session on purpose.
+    Goodbye(GoodbyeBody),
+}
+
+impl Frame {
+    /// Appends the encoded frame to `dst`.
+    pub fn encode(&self, dst: &mut BytesMut) {
+        match self {
+            Frame::Hello(Ok(h)) => json_frame(dst, T_HELLO, h),
+            Frame::Hello(Err(v)) => json_frame(dst, T_HELLO, &serde_json::json!({"protocol": v})),
+            Frame::Ping(s) => u64_frame(dst, T_PING, *s),
+            Frame::Pong(s) => u64_frame(dst, T_PONG, *s),
+            Frame::Data(d) => encode_data(d, dst),
+            Frame::Ack(n) => u64_frame(dst, T_ACK, *n),
+            Frame::Goodbye(g) => json_frame(dst, T_GOODBYE, g),
+        }
+    }
+
+    /// Takes one complete frame off the front of `buf`.
+    ///
+    /// Returns `Ok(None)` when `buf` does not yet hold a whole frame (and
+    /// reserves room for the rest, at most `max` bytes). `max` is the largest
+    /// frame accepted, type byte included.
+    ///
+    /// # Errors
+    /// A [`FrameError`]; the stream cannot be resynchronised after one, so
+    /// the session must close.
+    pub fn decode(buf: &mut BytesMut, max: u32) -> Result<Option<Frame>, FrameError> {
+        if buf.len() < LEN_PREFIX {
+            return Ok(None);
+        }
+        let len = u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]);
+        if len == 0 {
+            return Err(FrameError::Empty);
+        }
+        if len > max {
+            return Err(FrameError::TooLarge {
+                size: len,
+                limit: max,
+            });
+        }
+        let total = LEN_PREFIX + len as usize;
+        if buf.len() < total {
+            buf.reserve(total - buf.len());
+            return Ok(None);
+        }
+        buf.advance(LEN_PREFIX);
+        let mut body = buf.split_to(len as usize);
+        let ty = body.get_u8();
+        let frame = match ty {
+            T_HELLO => {
+                if body.len() > MAX_HELLO_SIZE {
+                    return Err(FrameError::Malformed("hello"));
+                }
+                let v: HelloVersion =
+                    serde_json::from_slice(&body).map_err(|_| FrameError::Malformed("hello"))?;
+                if v.protocol != super::PROTOCOL_VERSION {
+                    Frame::Hello(Err(v.protocol))
+                } else {
+                    let h: Hello = serde_json::from_slice(&body)
+                        .map_err(|_| FrameError::Malformed("hello"))?;
+                    Frame::Hello(Ok(Box::new(h)))
+                }
+            }
+            T_PING => Frame::Ping(u64_payload(&body, "ping")?),
+            T_PONG => Frame::Pong(u64_payload(&body, "pong")?),
+            T_ACK => Frame::Ack(u64_payload(&body, "ack")?),
+            T_DATA => Frame::Data(body.freeze()),
+            T_GOODBYE => Frame::Goodbye(
+                serde_json::from_slice(&body).map_err(|_| FrameError::Malformed("goodbye"))?,
+            ),
+            other => return Err(FrameError::UnknownType(other)),
+        };
+        Ok(Some(frame))
+    }
+
+    /// Short name for logs.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Frame::Hello(_) => "hello",
+            Frame::Ping(_) => "ping",
+            Frame::Pong(_) => "pong",
+            Frame::Data(_) => "data",
+            Frame::Ack(_) => "ack",
+            Frame::Goodbye(_) => "goodbye",
+        }
+    }
+}
+
+/// Appends a data frame carrying `payload` to `dst`.
+pub fn encode_data(payload: &[u8], dst: &mut BytesMut) {
+    dst.reserve(DATA_OVERHEAD + payload.len());
+    dst.put_u32((payload.len() + 1) as u32);
+    dst.put_u8(T_DATA);
+    dst.put_slice(payload);
+}
+
+fn u64_frame(dst: &mut BytesMut, ty: u8, v: u64) {
+    dst.reserve(LEN_PREFIX + 9);
+    dst.put_u32(9);
+    dst.put_u8(ty);
+    dst.put_u64(v);
+}
+
+fn json_frame<T: Serialize>(dst: &mut BytesMut, ty: u8, v: &T) {
+    let body = serde_json::to_vec(v).expect("serializing strings and numbers cannot fail");
+    dst.reserve(DATA_OVERHEAD + body.len());
+    dst.put_u32((body.len() + 1) as u32);
+    dst.put_u8(ty);
+    dst.put_slice(&body);
+}
+
+fn u64_payload(body: &[u8], what: &'static str) -> Result<u64, FrameError> {
+    let bytes: [u8; 8] = body.try_into().map_err(|_| FrameError::Malformed(what))?;
+    Ok(u64::from_be_bytes(bytes))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    pub(crate) fn hello() -> Hello {
+        Hello {
+            protocol: 1,
+            service: "lamps".into(),
+            id: PeerId::from_u64(0xabc),
+            instance: 7,
+            name: "hub".into(),
+            role: Role::Peer,
+            port: 4000,
+            heartbeat_interval_ms: 1000,
+            heartbeat_timeout_ms: 3000,
+            max_frame_size: 1 << 20,
+        }
+    }
+
+    fn round_trip(f: Frame) {
+        let mut buf = BytesMut::new();
+        f.encode(&mut buf);
+        let len = buf.len();
+        // Every strict prefix is incomplete, never an error.
+        for cut in 0..len {
+            let mut part = BytesMut::from(&buf[..cut]);
+            assert_eq!(
+                Frame::decode(&mut part, 1 << 20),
+                Ok(None),
+                "{f:?} at {cut}"
+            );
+        }
+        assert_eq!(Frame::decode(&mut buf, 1 << 20), Ok(Some(f)));
+        assert!(buf.is_empty());
+    }
+
+    #[test]
+    fn every_frame_round_trips() {
+        round_trip(Frame::Hello(Ok(Box::new(hello()))));
+        round_trip(Frame::Hello(Err(2)));
+        round_trip(Frame::Ping(1));
+        round_trip(Frame::Pong(u64::MAX));
+        round_trip(Frame::Data(Bytes::from_static(b"hello")));
+        round_trip(Frame::Data(Bytes::new()));
+        round_trip(Frame::Ack(42));
+        round_trip(Frame::Goodbye(GoodbyeBody {
+            reason: "shutdown".into(),
+        }));
+    }
+
+    #[test]
+    fn documented_ping_bytes() {
+        let mut buf = BytesMut::new();
+        Frame::Ping(1).encode(&mut buf);
+        assert_eq!(&buf[..], b"\0\0\0\x09\x02\0\0\0\0\0\0\0\x01");
+        assert_eq!(buf.len(), 13);
+    }
+
+    #[test]
+    fn oversized_prefix_is_rejected_before_allocating() {
+        let mut buf = BytesMut::from(&[0xff, 0xff, 0xff, 0xff, 4][..]);
+        let cap = buf.capacity();
+        assert_eq!(
+            Frame::decode(&mut buf, 1 << 20),
+            Err(FrameError::TooLarge {
+                size: u32::MAX,
+                limit: 1 << 20
+            })
+        );
+        assert_eq!(buf.capacity(), cap);
+    }
+
+    #[test]
+    fn bad_frames_have_precise_errors() {
+        let mut b = BytesMut::from(&[0, 0, 0, 0][..]);
+        assert_eq!(Frame::decode(&mut b, 100), Err(FrameError::Empty));
+        let mut b = BytesMut::from(&[0, 0, 0, 1, 99][..]);
+        assert_eq!(Frame::decode(&mut b, 100), Err(FrameError::UnknownType(99)));
+        let mut b = BytesMut::from(&[0, 0, 0, 3, T_PING, 1, 2][..]);
+        assert_eq!(
+            Frame::decode(&mut b, 100),
+            Err(FrameError::Malformed("ping"))
+        );
+        let mut b = BytesMut::new();
+        json_frame(
+            &mut b,
+            T_HELLO,
+            &serde_json::json!({"protocol": 1, "id": "zz"}),
+        );
+        assert_eq!(
+            Frame::decode(&mut b, 1 << 20),
+            Err(FrameError::Malformed("hello"))
+        );
+        let mut b = BytesMut::new();
+        json_frame(
+            &mut b,
+            T_HELLO,
+            &serde_json::json!({"protocol": 9, "anything": true}),
+        );
+        assert_eq!(
+            Frame::decode(&mut b, 1 << 20),
+            Ok(Some(Frame::Hello(Err(9))))
+        );
+    }
+
+    proptest! {
+        #[test]
+        fn data_round_trips(payload in proptest::collection::vec(any::<u8>(), 0..2000)) {
+            round_trip(Frame::Data(Bytes::from(payload)));
+        }
+
+        #[test]
+        fn garbage_never_panics_and_stays_bounded(bytes in proptest::collection::vec(any::<u8>(), 0..4096)) {
+            let mut buf = BytesMut::from(&bytes[..]);
+            loop {
+                match Frame::decode(&mut buf, 2048) {
+                    Ok(Some(_)) => continue,
+                    Ok(None) => { prop_assert!(buf.capacity() <= 4096 + 2048 + 8); break }
+                    Err(_) => break,
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,63 @@
+//! Helpers shared by the loopback tests. Every node here uses `lo` only, its
+//! own service name and its own discovery port, so tests running in
+//! parallel never see each other and nothing leaves the machine.
+#![allow(dead_code)]
+
+use std::net::UdpSocket;
+use std::time::Duration;
+
+use lanbeat::{Config, ConfigBuilder, Event, Events, PeerId};
+use tokio::time::{Instant, timeout};
+
+/// A UDP port nobody uses right now.
+pub fn free_port() -> u16 {
+    UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A loopback-only config with a fast heartbeat for test `name`.
+pub fn config(name: &str, port: u16) -> ConfigBuilder {
+    Config::builder(format!("t-{name}-{}", std::process::id()))
+        .name(name)
+        .loopback_only()
+        .discovery_port(port)
+        .heartbeat(Duration::from_millis(100), Duration::from_millis(300))
+}
+
+/// Waits up to `limit` for an event matching `pred`, skipping others.
+pub async fn wait_for(
+    events: &mut Events,
+    limit: Duration,
+    mut pred: impl FnMut(&Event) -> bool,
+) -> Event {
+    let deadline = Instant::now() + limit;
+    loop {
+        match timeout(deadline - Instant::now(), events.recv()).await {
+            Ok(Some(e)) if pred(&e) => return e,
+            Ok(Some(_)) => {}
+            Ok(None) => panic!("event stream ended"),
+            Err(_) => panic!("no matching event within {limit:?}"),
+        }
+    }
+}
+
+/// Waits for `SessionUp` with `peer`.
+pub async fn wait_up(events: &mut Events, peer: PeerId, limit: Duration) {
+    wait_for(
+        events,
+        limit,
+        |e| matches!(e, Event::SessionUp { peer: p, .. } if *p == peer),
+    )
+    .await;
+}
+
+/// Initialises tracing output once (RUST_LOG=lanbeat=debug to see it).
+pub fn trace() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+}

@@ -1,0 +1,302 @@
+//! Several nodes in one process on loopback: discovery, sessions, messages,
+//! goodbye, roles.
+
+mod common;
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use common::{config, free_port, trace, wait_for, wait_up};
+use lanbeat::{DownReason, Error, Event, Node, PeerState, Role};
+use tokio::time::{Instant, sleep};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn four_nodes_form_exactly_one_session_per_pair() {
+    trace();
+    let port = free_port();
+    let mut nodes = Vec::new();
+    for i in 0..4 {
+        nodes.push(
+            Node::start(config("mesh", port).name(format!("n{i}")).build().unwrap())
+                .await
+                .unwrap(),
+        );
+    }
+    let ids: Vec<_> = nodes.iter().map(|(n, _)| n.id()).collect();
+    // Each node sees a SessionUp for each other node.
+    let mut ups: Vec<HashSet<_>> = vec![HashSet::new(); 4];
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while ups.iter().any(|u| u.len() < 3) {
+        assert!(Instant::now() < deadline, "mesh incomplete: {ups:?}");
+        for (i, (_, events)) in nodes.iter_mut().enumerate() {
+            while let Some(e) = events.try_recv() {
+                match e {
+                    Event::SessionUp { peer, .. } => assert!(ups[i].insert(peer), "second session"),
+                    Event::SessionDown { peer, reason } => panic!("{peer} down: {reason}"),
+                    _ => {}
+                }
+            }
+        }
+        sleep(Duration::from_millis(10)).await;
+    }
+    // Settle: no session churns, one session per pair.
+    sleep(Duration::from_millis(500)).await;
+    for (node, events) in &mut nodes {
+        while let Some(e) = events.try_recv() {
+            assert!(
+                !matches!(e, Event::SessionUp { .. } | Event::SessionDown { .. }),
+                "churn: {e:?}"
+            );
+        }
+        let peers = node.peers();
+        assert_eq!(peers.len(), 3);
+        assert!(peers.iter().all(|p| p.state == PeerState::Connected));
+        assert!(peers.iter().all(|p| p.last_rtt.is_some()));
+        assert!(peers.iter().all(|p| ids.contains(&p.info.id)));
+    }
+    let total: u64 = nodes.iter().map(|(n, _)| n.stats().sessions_up).sum();
+    assert_eq!(total, 12, "6 pairs, each session counted at both ends");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_arrive_in_order_both_ways() {
+    trace();
+    let port = free_port();
+    let (a, mut ea) = Node::start(config("order", port).name("a").build().unwrap())
+        .await
+        .unwrap();
+    let (b, mut eb) = Node::start(config("order", port).name("b").build().unwrap())
+        .await
+        .unwrap();
+    wait_up(&mut ea, b.id(), Duration::from_secs(5)).await;
+    wait_up(&mut eb, a.id(), Duration::from_secs(5)).await;
+    const N: u32 = 5000;
+    let (a2, b2, ia, ib) = (a.clone(), b.clone(), a.id(), b.id());
+    let send_a = tokio::spawn(async move {
+        for i in 0..N {
+            a2.send(ib, i.to_be_bytes().to_vec()).await.unwrap();
+        }
+    });
+    let send_b = tokio::spawn(async move {
+        for i in 0..N {
+            b2.send_json(ia, &serde_json::json!({ "seq": i }))
+                .await
+                .unwrap();
+        }
+    });
+    let mut next_at_b = 0u32;
+    let mut next_at_a = 0u32;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while next_at_a < N || next_at_b < N {
+        assert!(
+            Instant::now() < deadline,
+            "only {next_at_a}/{next_at_b} arrived"
+        );
+        tokio::select! {
+            Some(e) = eb.recv() => if let Event::Message { peer, data } = e {
+                assert_eq!(peer, ia);
+                assert_eq!(u32::from_be_bytes(data[..].try_into().unwrap()), next_at_b);
+                next_at_b += 1;
+            },
+            Some(e) = ea.recv() => if let Event::Message { peer, data } = e {
+                assert_eq!(peer, ib);
+                let v: serde_json::Value = serde_json::from_slice(&data).unwrap();
+                assert_eq!(v["seq"], next_at_a);
+                next_at_a += 1;
+            },
+        }
+    }
+    send_a.await.unwrap();
+    send_b.await.unwrap();
+    assert_eq!(a.stats().messages_received, u64::from(N));
+    assert_eq!(b.stats().messages_sent, u64::from(N));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn graceful_shutdown_is_seen_as_goodbye_long_before_the_timeout() {
+    trace();
+    let port = free_port();
+    // A slow heartbeat: a timeout would take 3 s.
+    let slow = |n| {
+        config("bye", port)
+            .name(n)
+            .heartbeat(Duration::from_secs(1), Duration::from_secs(3))
+            .build()
+            .unwrap()
+    };
+    let (a, mut ea) = Node::start(slow("bye-a")).await.unwrap();
+    let (b, mut eb) = Node::start(slow("bye-b")).await.unwrap();
+    wait_up(&mut ea, b.id(), Duration::from_secs(5)).await;
+    wait_up(&mut eb, a.id(), Duration::from_secs(5)).await;
+    let t0 = Instant::now();
+    b.shutdown().await;
+    let e = wait_for(&mut ea, Duration::from_secs(2), |e| {
+        matches!(e, Event::SessionDown { .. })
+    })
+    .await;
+    let took = t0.elapsed();
+    assert_eq!(
+        e,
+        Event::SessionDown {
+            peer: b.id(),
+            reason: DownReason::Goodbye
+        }
+    );
+    assert!(took < Duration::from_millis(500), "{took:?}");
+    wait_for(
+        &mut ea,
+        Duration::from_secs(1),
+        |e| matches!(e, Event::PeerLost { peer } if *peer == b.id()),
+    )
+    .await;
+    assert!(a.peers().is_empty());
+    // The stopped node's stream ends, after its own SessionDown(shutdown).
+    let mut saw_shutdown = false;
+    while let Some(e) = eb.recv().await {
+        if matches!(
+            e,
+            Event::SessionDown {
+                reason: DownReason::Shutdown,
+                ..
+            }
+        ) {
+            saw_shutdown = true;
+        }
+    }
+    assert!(saw_shutdown);
+    assert!(matches!(
+        b.send(a.id(), "late").await,
+        Err(Error::NotConnected { .. })
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropping_the_last_handle_says_goodbye() {
+    trace();
+    let port = free_port();
+    let (a, mut ea) = Node::start(config("drop", port).name("a").build().unwrap())
+        .await
+        .unwrap();
+    let (b, eb) = Node::start(config("drop", port).name("b").build().unwrap())
+        .await
+        .unwrap();
+    wait_up(&mut ea, b.id(), Duration::from_secs(5)).await;
+    let bid = b.id();
+    drop(b);
+    drop(eb);
+    let e = wait_for(&mut ea, Duration::from_secs(2), |e| {
+        matches!(e, Event::SessionDown { .. })
+    })
+    .await;
+    assert_eq!(
+        e,
+        Event::SessionDown {
+            peer: bid,
+            reason: DownReason::Goodbye
+        }
+    );
+    drop(a);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn roles_pair_only_where_one_side_dials_and_the_other_accepts() {
+    trace();
+    let port = free_port();
+    let start = |name: &'static str, role| async move {
+        Node::start(config("roles", port).name(name).role(role).build().unwrap())
+            .await
+            .unwrap()
+    };
+    let (lamp1, mut e_lamp1) = start("lamp1", Role::Device).await;
+    let (lamp2, mut e_lamp2) = start("lamp2", Role::Device).await;
+    let (phone, mut e_phone) = start("phone", Role::Controller).await;
+    let (tablet, mut e_tablet) = start("tablet", Role::Controller).await;
+    for ev in [&mut e_phone, &mut e_tablet] {
+        let mut up = HashSet::new();
+        while up.len() < 2 {
+            if let Event::SessionUp { peer, outbound, .. } =
+                wait_for(ev, Duration::from_secs(5), |e| {
+                    matches!(e, Event::SessionUp { .. })
+                })
+                .await
+            {
+                assert!(outbound, "a controller dials");
+                up.insert(peer);
+            }
+        }
+        assert_eq!(up, HashSet::from([lamp1.id(), lamp2.id()]));
+    }
+    sleep(Duration::from_millis(500)).await;
+    // Devices never pair with each other, controllers never with each other.
+    for (ev, expect) in [
+        (&mut e_lamp1, vec![phone.id(), tablet.id()]),
+        (&mut e_lamp2, vec![phone.id(), tablet.id()]),
+    ] {
+        let mut up = Vec::new();
+        while let Some(e) = ev.try_recv() {
+            if let Event::SessionUp { peer, outbound, .. } = e {
+                assert!(!outbound);
+                up.push(peer);
+            }
+        }
+        up.sort();
+        let mut expect = expect;
+        expect.sort();
+        assert_eq!(up, expect);
+    }
+    assert!(phone.peers().iter().all(|p| p.info.id != tablet.id()));
+    assert_eq!(lamp1.peers().len(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_of_other_services_never_pair() {
+    trace();
+    let port = free_port();
+    let (a, mut ea) = Node::start(config("svc", port).name("a").build().unwrap())
+        .await
+        .unwrap();
+    let other = lanbeat::Config::builder(format!("other-{}", std::process::id()))
+        .loopback_only()
+        .discovery_port(port)
+        .build()
+        .unwrap();
+    let (b, _eb) = Node::start(other).await.unwrap();
+    let (c, _ec) = Node::start(config("svc", port).name("c").build().unwrap())
+        .await
+        .unwrap();
+    wait_up(&mut ea, c.id(), Duration::from_secs(5)).await;
+    sleep(Duration::from_millis(500)).await;
+    assert!(a.peers().iter().all(|p| p.info.id != b.id()));
+    assert!(b.peers().is_empty());
+    assert!(a.stats().dropped_other_service > 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn send_errors_hand_the_message_back() {
+    let port = free_port();
+    let (a, _ea) = Node::start(
+        config("senderr", port)
+            .max_frame_size(1024)
+            .build()
+            .unwrap(),
+    )
+    .await
+    .unwrap();
+    let nobody = lanbeat::PeerId::from_u64(42);
+    match a.send(nobody, "hi").await {
+        Err(Error::NotConnected { peer, message }) => {
+            assert_eq!(peer, nobody);
+            assert_eq!(&message[..], b"hi");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(matches!(
+        a.try_send(nobody, vec![0u8; 2000]),
+        Err(Error::MessageTooLarge {
+            size: 2000,
+            limit: 1023
+        })
+    ));
+    let counts: HashMap<_, _> = [("sent", a.stats().messages_sent)].into();
+    assert_eq!(counts["sent"], 0);
+}

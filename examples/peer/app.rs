@@ -1,0 +1,229 @@
+//! The example peer as a library module, so that the demo can run it as a
+//! child process of itself.
+
+use std::io::Write;
+use std::time::Duration;
+
+use clap::Parser;
+use lanbeat::{Config, Event, Node, Role};
+use serde_json::json;
+use tokio::io::{AsyncBufReadExt, BufReader};
+
+/// A lanbeat peer: finds others of its service on the LAN, keeps a
+/// heartbeat-checked session with each, and sends every line typed on stdin
+/// to all of them. Lines `/peers` and `/stats` print the peer table and the
+/// counters instead.
+#[derive(Debug, Parser)]
+#[command(name = "peer")]
+pub struct Args {
+    /// Service name; only peers of the same service pair.
+    #[arg(long, default_value = "lanbeat-demo")]
+    pub service: String,
+    /// This peer's name (default: the host name).
+    #[arg(long)]
+    pub name: Option<String>,
+    /// TCP port to accept sessions on (0 = any).
+    #[arg(long, default_value_t = 0)]
+    pub port: u16,
+    /// UDP discovery port, the same on every peer.
+    #[arg(long, default_value_t = lanbeat::DEFAULT_DISCOVERY_PORT)]
+    pub discovery_port: u16,
+    /// Use only this interface (repeatable). Default: every usable one.
+    #[arg(long = "interface")]
+    pub interfaces: Vec<String>,
+    /// peer, controller or device.
+    #[arg(long, default_value = "peer")]
+    pub role: Role,
+    /// Heartbeat interval in milliseconds.
+    #[arg(long, default_value_t = 1000)]
+    pub heartbeat_interval_ms: u64,
+    /// Heartbeat timeout in milliseconds.
+    #[arg(long, default_value_t = 3000)]
+    pub heartbeat_timeout_ms: u64,
+    /// Print one JSON object per line.
+    #[arg(long)]
+    pub json: bool,
+    /// Also print every RTT sample in readable mode.
+    #[arg(long)]
+    pub rtt: bool,
+}
+
+/// Runs the peer on a runtime of its own until SIGTERM or Ctrl-C, then exits
+/// the process (0 on success). Exiting, rather than returning, matters: the
+/// blocking read of stdin cannot be cancelled, so dropping the runtime would
+/// wait for the next line forever.
+pub fn main(args: Args) -> ! {
+    let rt = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("peer: cannot start tokio: {e}");
+            std::process::exit(1)
+        }
+    };
+    let code = match rt.block_on(run(args)) {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("peer: {e}");
+            1
+        }
+    };
+    // `rt` is deliberately never dropped.
+    std::process::exit(code)
+}
+
+/// Runs the peer until SIGTERM or Ctrl-C.
+pub async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
+    let mut b = Config::builder(&args.service)
+        .role(args.role)
+        .tcp_port(args.port)
+        .discovery_port(args.discovery_port)
+        .heartbeat(
+            Duration::from_millis(args.heartbeat_interval_ms),
+            Duration::from_millis(args.heartbeat_timeout_ms),
+        );
+    if let Some(n) = &args.name {
+        b = b.name(n);
+    }
+    for i in &args.interfaces {
+        b = b.interface(i);
+    }
+    let (node, mut events) = Node::start(b.build()?).await?;
+    let out = Printer {
+        json: args.json,
+        rtt: args.rtt,
+    };
+    let me = node.local().clone();
+    out.line(
+        json!({"event": "started", "id": me.id, "name": me.name, "tcp_port": me.tcp_port,
+               "discovery_port": me.discovery_port}),
+        format!(
+            "started {} ({}) tcp port {}, discovery port {}",
+            me.name, me.id, me.tcp_port, me.discovery_port
+        ),
+    );
+    let mut names = std::collections::HashMap::new();
+    let mut stdin = BufReader::new(tokio::io::stdin()).lines();
+    let mut stdin_open = true;
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut stopping = false;
+    loop {
+        tokio::select! {
+            e = events.recv() => match e {
+                Some(e) => out.event(&e, &mut names),
+                None => break,
+            },
+            line = stdin.next_line(), if stdin_open && !stopping => match line {
+                Ok(Some(line)) if line == "/stats" => out.line(
+                    json!({"event": "stats", "stats": node.stats()}),
+                    format!("stats {:?}", node.stats()),
+                ),
+                Ok(Some(line)) if line == "/peers" => {
+                    for p in node.peers() {
+                        out.line(
+                            json!({"event": "peer", "peer": p.info.id, "name": p.info.name,
+                                   "addr": p.info.addr.to_string(), "state": p.state,
+                                   "rtt_us": p.last_rtt.map(|r| r.as_micros() as u64)}),
+                            format!("peer {} ({}) at {}: {:?}, rtt {:?}",
+                                    p.info.name, p.info.id, p.info.addr, p.state, p.last_rtt),
+                        );
+                    }
+                }
+                Ok(Some(line)) => {
+                    let sent = node.send_all(line.clone()).await?;
+                    out.line(
+                        json!({"event": "sent", "data": line, "peers": sent}),
+                        format!("sent to {} peer(s)", sent.len()),
+                    );
+                }
+                Ok(None) | Err(_) => stdin_open = false,
+            },
+            _ = sigterm.recv(), if !stopping => {
+                stopping = true;
+                node.shutdown().await;
+            }
+            _ = tokio::signal::ctrl_c(), if !stopping => {
+                stopping = true;
+                node.shutdown().await;
+            }
+        }
+    }
+    out.line(json!({"event": "stopped"}), "stopped".to_owned());
+    Ok(())
+}
+
+struct Printer {
+    json: bool,
+    rtt: bool,
+}
+
+impl Printer {
+    fn line(&self, j: serde_json::Value, text: String) {
+        let mut o = std::io::stdout().lock();
+        let _ = if self.json {
+            writeln!(o, "{j}")
+        } else {
+            writeln!(o, "{text}")
+        };
+        let _ = o.flush();
+    }
+
+    fn event(&self, e: &Event, names: &mut std::collections::HashMap<lanbeat::PeerId, String>) {
+        let name = |p: &lanbeat::PeerId, names: &std::collections::HashMap<_, String>| {
+            names.get(p).cloned().unwrap_or_else(|| p.to_string())
+        };
+        match e {
+            Event::Discovered(i) => {
+                names.insert(i.id, i.name.clone());
+                self.line(
+                    json!({"event": "discovered", "peer": i.id, "name": i.name,
+                           "addr": i.addr.to_string(), "interface": i.interface}),
+                    format!(
+                        "discovered {} ({}) at {} via {}",
+                        i.name,
+                        i.id,
+                        i.addr,
+                        i.interface.as_deref().unwrap_or("?")
+                    ),
+                );
+            }
+            Event::SessionUp { peer, name: n, addr, outbound } => {
+                names.insert(*peer, n.clone());
+                self.line(
+                    json!({"event": "session_up", "peer": peer, "name": n,
+                           "addr": addr.to_string(), "outbound": outbound}),
+                    format!("session up with {n} ({peer}) at {addr}"),
+                );
+            }
+            Event::Rtt { peer, rtt } => {
+                let j = json!({"event": "rtt", "peer": peer, "rtt_us": rtt.as_micros() as u64});
+                if self.json {
+                    self.line(j, String::new());
+                } else if self.rtt {
+                    self.line(j, format!("rtt to {} {:.2} ms", name(peer, names), rtt.as_secs_f64() * 1e3));
+                }
+            }
+            Event::Message { peer, data } => {
+                let text = String::from_utf8_lossy(data);
+                self.line(
+                    json!({"event": "message", "peer": peer, "data": text}),
+                    format!("{}: {text}", name(peer, names)),
+                );
+            }
+            Event::SessionDown { peer, reason } => self.line(
+                json!({"event": "session_down", "peer": peer, "reason": reason.as_str(),
+                       "detail": reason.to_string()}),
+                format!("session with {} down: {reason}", name(peer, names)),
+            ),
+            Event::Undelivered { peer, messages } => self.line(
+                json!({"event": "undelivered", "peer": peer, "count": messages.len(),
+                       "data": messages.iter().map(|m| String::from_utf8_lossy(m).into_owned()).collect::<Vec<_>>()}),
+                format!("{} message(s) to {} not delivered", messages.len(), name(peer, names)),
+            ),
+            Event::PeerLost { peer } => self.line(
+                json!({"event": "lost", "peer": peer}),
+                format!("lost {}", name(peer, names)),
+            ),
+            _ => {}
+        }
+    }
+}

@@ -1,0 +1,267 @@
+//! Measurements on loopback, each beside a baseline run in the same process.
+//!
+//! ```text
+//! cargo run --release --example bench -- lifecycle [--trials N]
+//! ```
+//!
+//! `lifecycle`: a second peer runs as a child process (this binary, in peer
+//! mode); for each trial a fresh node starts in this process and the bench
+//! records start → discovered and start → session up (baseline: a bare UDP
+//! broadcast probe and unicast reply on loopback), then freezes the child
+//! with SIGSTOP and records the delay to `heartbeat_timeout`, then thaws it
+//! and records the time to the new session. At 100 ms / 300 ms and
+//! 1 s / 3 s. Loopback only.
+
+#[path = "peer/app.rs"]
+mod app;
+
+use std::io::{BufRead, BufReader};
+use std::net::UdpSocket;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use lanbeat::{Config, DownReason, Event, Node};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+
+#[derive(Parser)]
+struct Args {
+    /// Scenario: lifecycle.
+    scenario: String,
+    /// Trials per setting.
+    #[arg(long, default_value_t = 20)]
+    trials: usize,
+}
+
+fn main() {
+    let argv: Vec<String> = std::env::args().collect();
+    if argv.get(1).map(String::as_str) == Some("--peer-child") {
+        app::main(app::Args::parse_from(
+            std::iter::once("peer".to_owned()).chain(argv[2..].iter().cloned()),
+        ));
+    }
+    let args = Args::parse();
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    match args.scenario.as_str() {
+        "lifecycle" => rt.block_on(lifecycle(args.trials)),
+        other => {
+            eprintln!("unknown scenario {other:?}; try: lifecycle");
+            std::process::exit(2);
+        }
+    }
+}
+
+struct Child2(Child);
+impl Drop for Child2 {
+    fn drop(&mut self) {
+        let pid = Pid::from_raw(self.0.id() as i32);
+        let _ = kill(pid, Signal::SIGCONT);
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Percentile of sorted samples.
+fn pct(v: &[Duration], p: f64) -> Duration {
+    let i = ((v.len() as f64 - 1.0) * p).round() as usize;
+    v[i]
+}
+
+fn row(name: &str, mut v: Vec<Duration>, base: Option<Duration>) {
+    v.sort();
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    let ratio = base
+        .map(|b| format!("{:.1}×", ms(pct(&v, 0.5)) / ms(b)))
+        .unwrap_or_else(|| "-".into());
+    println!(
+        "| {name:<46} | {:>4} | {:>8.2} | {:>8.2} | {:>8.2} | {:>8.2} | {ratio:>7} |",
+        v.len(),
+        ms(v[0]),
+        ms(pct(&v, 0.5)),
+        ms(pct(&v, 0.99)),
+        ms(v[v.len() - 1]),
+    );
+}
+
+/// The physical floor: one broadcast probe to a socket that answers unicast.
+fn udp_floor(trials: usize) -> Vec<Duration> {
+    let port = free_port();
+    let responder =
+        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None).unwrap();
+    responder.set_reuse_address(true).unwrap();
+    responder
+        .bind(&std::net::SocketAddr::from(([0, 0, 0, 0], port)).into())
+        .unwrap();
+    let responder: UdpSocket = responder.into();
+    let t = std::thread::spawn(move || {
+        let mut buf = [0u8; 64];
+        for _ in 0..trials {
+            let (n, from) = responder.recv_from(&mut buf).unwrap();
+            responder.send_to(&buf[..n], from).unwrap();
+        }
+    });
+    let mut out = Vec::new();
+    for _ in 0..trials {
+        let t0 = Instant::now();
+        let s = UdpSocket::bind("0.0.0.0:0").unwrap();
+        s.set_broadcast(true).unwrap();
+        s.send_to(b"probe", ("127.255.255.255", port)).unwrap();
+        let mut buf = [0u8; 64];
+        s.recv_from(&mut buf).unwrap();
+        out.push(t0.elapsed());
+    }
+    t.join().unwrap();
+    out
+}
+
+async fn lifecycle(trials: usize) {
+    println!("lanbeat lifecycle bench on loopback, {trials} trials per setting\n");
+    println!("| what | n | min ms | p50 ms | p99 ms | max ms | vs floor |");
+    println!("| --- | --- | --- | --- | --- | --- | --- |");
+    let floor = udp_floor(trials.max(50));
+    let floor_p50 = {
+        let mut f = floor.clone();
+        f.sort();
+        pct(&f, 0.5)
+    };
+    row("baseline: UDP broadcast probe → reply", floor, None);
+    for (interval, timeout) in [(100u64, 300u64), (1000, 3000)] {
+        let mut discovered = Vec::new();
+        let mut up = Vec::new();
+        let mut detect = Vec::new();
+        let mut since_pong = Vec::new();
+        let mut reconnect = Vec::new();
+        for _ in 0..trials {
+            let r = trial(interval, timeout).await;
+            discovered.push(r.0);
+            up.push(r.1);
+            detect.push(r.2);
+            since_pong.push(r.3);
+            reconnect.push(r.4);
+        }
+        let tag = format!("{interval} ms / {timeout} ms");
+        row(
+            &format!("start → discovered ({tag})"),
+            discovered,
+            Some(floor_p50),
+        );
+        row(&format!("start → session up ({tag})"), up, Some(floor_p50));
+        row(
+            &format!("SIGSTOP → heartbeat_timeout ({tag})"),
+            detect,
+            None,
+        );
+        row(
+            &format!("last pong → heartbeat_timeout ({tag})"),
+            since_pong,
+            None,
+        );
+        row(
+            &format!("SIGCONT → session up again ({tag})"),
+            reconnect,
+            None,
+        );
+    }
+    println!("\nSIGSTOP → timeout is below the timeout: the last frame from the frozen");
+    println!("peer arrived up to one send interval before the freeze. 'last pong' is");
+    println!("measured from the last RTT event seen by the bench (the timeout counts");
+    println!("from the last frame of any kind, so it can be a little shorter).");
+}
+
+async fn trial(interval: u64, timeout: u64) -> (Duration, Duration, Duration, Duration, Duration) {
+    let port = free_port();
+    let service = format!("bench-{}-{port}", std::process::id());
+    let exe = std::env::current_exe().unwrap();
+    let mut child = Child2(
+        Command::new(exe)
+            .arg("--peer-child")
+            .args([
+                "--service",
+                &service,
+                "--name",
+                "child",
+                "--interface",
+                "lo",
+            ])
+            .args(["--discovery-port", &port.to_string()])
+            .args(["--heartbeat-interval-ms", &interval.to_string()])
+            .args(["--heartbeat-timeout-ms", &timeout.to_string()])
+            .arg("--json")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    // Wait until the child is listening.
+    let mut lines = BufReader::new(child.0.stdout.take().unwrap()).lines();
+    let started = lines.next().unwrap().unwrap();
+    assert!(started.contains("\"started\""));
+    std::thread::spawn(move || for _ in lines.by_ref() {});
+    let pid = Pid::from_raw(child.0.id() as i32);
+
+    let config = Config::builder(&service)
+        .name("bench")
+        .loopback_only()
+        .discovery_port(port)
+        .heartbeat(
+            Duration::from_millis(interval),
+            Duration::from_millis(timeout),
+        )
+        .build()
+        .unwrap();
+    let t0 = Instant::now();
+    let (node, mut events) = Node::start(config).await.unwrap();
+    let mut t_disc = None;
+    let t_up = loop {
+        match events.recv().await.unwrap() {
+            Event::Discovered(_) => t_disc = Some(t0.elapsed()),
+            Event::SessionUp { .. } => break t0.elapsed(),
+            _ => {}
+        }
+    };
+    // Timestamp events as they arrive.
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Some(e) = events.recv().await {
+            if tx.send((Instant::now(), e)).is_err() {
+                break;
+            }
+        }
+    });
+    // Freeze at a random phase of the heartbeat.
+    let phase = rand::random_range(0..interval);
+    tokio::time::sleep(Duration::from_millis(3 * interval + phase)).await;
+    let stop = Instant::now();
+    kill(pid, Signal::SIGSTOP).unwrap();
+    let mut last_pong = None;
+    let (detect, since_pong) = loop {
+        let (at, e) = rx.recv().await.unwrap();
+        match e {
+            Event::SessionDown { reason, .. } => {
+                assert_eq!(reason, DownReason::HeartbeatTimeout);
+                break (at - stop, at - last_pong.expect("a pong before the freeze"));
+            }
+            Event::Rtt { .. } => last_pong = Some(at),
+            _ => {}
+        }
+    };
+    let cont = Instant::now();
+    kill(pid, Signal::SIGCONT).unwrap();
+    let reconnect = loop {
+        if let (at, Event::SessionUp { .. }) = rx.recv().await.unwrap() {
+            break at - cont;
+        }
+    };
+    node.shutdown().await;
+    drop(child);
+    (t_disc.unwrap_or(t_up), t_up, detect, since_pong, reconnect)
+}

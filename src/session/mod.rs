@@ -1,5 +1,4 @@
-//! TCP sessions: the sans-IO [`machine`] and the tokio task that drives it
-//! ([`conn`]).
+//! TCP sessions: the sans-IO [`machine`] and the tokio task that drives it.
 
 pub(crate) mod conn;
 pub mod machine;

@@ -22,6 +22,9 @@ pub struct Args {
     /// This peer's name (default: the host name).
     #[arg(long)]
     pub name: Option<String>,
+    /// Node id (16 hex digits) to keep across restarts; default: random.
+    #[arg(long)]
+    pub id: Option<lanbeat::PeerId>,
     /// TCP port to accept sessions on (0 = any).
     #[arg(long, default_value_t = 0)]
     pub port: u16,
@@ -84,6 +87,9 @@ pub async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     if let Some(n) = &args.name {
         b = b.name(n);
     }
+    if let Some(id) = args.id {
+        b = b.id(id);
+    }
     for i in &args.interfaces {
         b = b.interface(i);
     }
@@ -94,8 +100,8 @@ pub async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     };
     let me = node.local().clone();
     out.line(
-        json!({"event": "started", "id": me.id, "name": me.name, "tcp_port": me.tcp_port,
-               "discovery_port": me.discovery_port}),
+        json!({"event": "started", "id": me.id, "instance": format!("{:016x}", me.instance),
+               "name": me.name, "tcp_port": me.tcp_port, "discovery_port": me.discovery_port}),
         format!(
             "started {} ({}) tcp port {}, discovery port {}",
             me.name, me.id, me.tcp_port, me.discovery_port

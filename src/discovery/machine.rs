@@ -72,6 +72,10 @@ pub struct Target {
     pub prefix_len: u8,
     /// The directed broadcast address of its subnet.
     pub broadcast: Ipv4Addr,
+    /// Whether the interface is up. Nothing is sent on a down interface, but
+    /// datagrams from its subnet are still accepted; when it comes back up it
+    /// counts as new (announce and probe at once).
+    pub up: bool,
 }
 
 impl Target {
@@ -215,10 +219,10 @@ impl Discovery {
     pub fn set_targets(&mut self, now: Instant, targets: Vec<Target>) -> bool {
         let added: Vec<Target> = targets
             .iter()
-            .filter(|t| !self.targets.contains(t))
+            .filter(|t| t.up && !self.targets.contains(t))
             .cloned()
             .collect();
-        let changed = !added.is_empty() || targets.len() != self.targets.len();
+        let changed = targets != self.targets;
         self.targets = targets;
         for t in &added {
             let dst = SocketAddrV4::new(t.broadcast, self.cfg.discovery_port);
@@ -430,7 +434,7 @@ impl Discovery {
     /// Probes, dials and expiries that are due.
     pub fn handle_timeout(&mut self, now: Instant) {
         if self.next_probe.is_some_and(|t| now >= t) {
-            for t in &self.targets {
+            for t in self.targets.iter().filter(|t| t.up) {
                 self.transmits.push_back(Transmit {
                     dst: SocketAddrV4::new(t.broadcast, self.cfg.discovery_port),
                     payload: self.probe_bytes.clone(),
@@ -587,7 +591,7 @@ impl Discovery {
             instance: self.cfg.instance,
         })
         .encode();
-        for t in &self.targets {
+        for t in self.targets.iter().filter(|t| t.up) {
             self.transmits.push_back(Transmit {
                 dst: SocketAddrV4::new(t.broadcast, self.cfg.discovery_port),
                 payload: payload.clone(),
@@ -647,6 +651,7 @@ mod tests {
             addr: Ipv4Addr::new(10, 0, 0, host),
             prefix_len: 24,
             broadcast: Ipv4Addr::new(10, 0, 0, 255),
+            up: true,
         }
     }
 
@@ -716,6 +721,27 @@ mod tests {
         // Same list again: nothing new.
         assert!(!d.set_targets(now, d.targets().to_vec()));
         assert!(transmits(&mut d).is_empty());
+    }
+
+    #[test]
+    fn a_link_that_comes_back_up_counts_as_new() {
+        let now = Instant::now();
+        let mut d = started(1, Role::Peer, now);
+        transmits(&mut d);
+        let mut down = target(1);
+        down.up = false;
+        assert!(d.set_targets(now, vec![down.clone()]));
+        // Nothing is sent on a down link...
+        let t = now + Duration::from_secs(10);
+        d.handle_timeout(t);
+        assert!(transmits(&mut d).is_empty());
+        // ...but its subnet is still heard.
+        assert!(
+            d.handle_datagram(t, addr(2, 9), &announce_of(2, 2000, Role::Peer))
+                .is_ok()
+        );
+        assert!(d.set_targets(t, vec![target(1)]));
+        assert_eq!(transmits(&mut d).len(), 2, "announce and probe at once");
     }
 
     #[test]

@@ -51,9 +51,10 @@ pub(crate) fn scan() -> io::Result<Vec<IfaceAddr>> {
 /// Picks the broadcast targets among the scanned addresses.
 ///
 /// Named interfaces are used whatever their kind (so a test can name `lo`);
-/// without names, every interface that is up, not point-to-point and not
-/// loopback (unless asked for). A subnet with no broadcast address (/31,
-/// /32) is skipped.
+/// without names, every interface that is not point-to-point and not
+/// loopback (unless asked for). Interfaces that are down are kept, marked
+/// down: nothing is sent on them, but they count as new when they come back.
+/// A subnet with no broadcast address (/31, /32) is skipped.
 pub(crate) fn select_targets(addrs: &[IfaceAddr], sel: &InterfaceSelection) -> Vec<Target> {
     let mut out: Vec<Target> = addrs
         .iter()
@@ -64,7 +65,7 @@ pub(crate) fn select_targets(addrs: &[IfaceAddr], sel: &InterfaceSelection) -> V
             if !sel.include.is_empty() {
                 return sel.include.contains(&a.name);
             }
-            a.up && !a.p2p && (!a.loopback || sel.loopback)
+            !a.p2p && (!a.loopback || sel.loopback)
         })
         .filter(|a| a.prefix_len < 31)
         .map(|a| {
@@ -75,6 +76,7 @@ pub(crate) fn select_targets(addrs: &[IfaceAddr], sel: &InterfaceSelection) -> V
                 addr: a.ip,
                 prefix_len: a.prefix_len,
                 broadcast: a.broadcast.unwrap_or(computed),
+                up: a.up,
             }
         })
         .collect();
@@ -133,7 +135,7 @@ mod tests {
     }
 
     #[test]
-    fn default_selection_skips_loopback_down_and_p2p() {
+    fn default_selection_skips_loopback_and_p2p_and_marks_down() {
         let mut down = a("wlan0", [192, 168, 1, 5], 24);
         down.up = false;
         let mut tun = a("tun0", [10, 8, 0, 2], 24);
@@ -146,9 +148,12 @@ mod tests {
             a("eth1", [172, 16, 0, 1], 32),
         ];
         let t = select_targets(&addrs, &InterfaceSelection::default());
-        assert_eq!(t.len(), 1);
+        assert_eq!(t.len(), 2);
         assert_eq!(t[0].interface, "eth0");
         assert_eq!(t[0].broadcast, Ipv4Addr::new(10, 0, 0, 255));
+        assert!(t[0].up);
+        assert_eq!(t[1].interface, "wlan0");
+        assert!(!t[1].up, "kept, marked down");
     }
 
     #[test]

@@ -79,8 +79,8 @@ pub enum DownReason {
     HeartbeatTimeout,
     /// The peer said goodbye (it is shutting down).
     Goodbye,
-    /// The peer closed the connection without a goodbye (it crashed, or
-    /// its process was killed and the kernel closed the socket).
+    /// The peer closed the connection without a goodbye, or reset it (it
+    /// crashed, or its process was killed and the kernel closed the socket).
     Closed,
     /// The peer broke the protocol; the session was closed.
     ProtocolError(ProtocolViolation),

@@ -1,30 +1,16 @@
 //! The examples are part of the product: the demo must run to its end and
 //! the example peer must keep its JSON contract. Both run on loopback only.
 
+mod common;
+
+use common::example_bin as example;
+
 use std::io::{BufRead, BufReader, Write};
-use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-
-/// The path of a built example, building it if `cargo test` did not.
-fn example(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let dir = exe.parent().unwrap().parent().unwrap().join("examples");
-    let path = dir.join(name);
-    if !path.exists() {
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let ok = Command::new(cargo)
-            .args(["build", "--example", name])
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok, "cannot build example {name}");
-    }
-    path
-}
 
 /// Kills the child on drop, so a failed assertion leaves no process behind.
 struct Guard(Child);

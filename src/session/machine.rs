@@ -257,9 +257,18 @@ impl Session {
         self.close(DownReason::Closed, false);
     }
 
-    /// Reading or writing failed.
+    /// Reading or writing failed. A reset or broken pipe is the peer's
+    /// kernel closing the socket (the process died): reported as
+    /// [`DownReason::Closed`], like an orderly close without goodbye.
     pub fn handle_io_error(&mut self, kind: std::io::ErrorKind) {
-        self.close(DownReason::Io(kind), false);
+        use std::io::ErrorKind as K;
+        let reason = match kind {
+            K::ConnectionReset | K::ConnectionAborted | K::BrokenPipe | K::UnexpectedEof => {
+                DownReason::Closed
+            }
+            other => DownReason::Io(other),
+        };
+        self.close(reason, false);
     }
 
     /// Timers: handshake deadline, heartbeat timeout, ping, delayed ack.
@@ -748,6 +757,25 @@ mod tests {
             drain(&mut s)
                 .1
                 .contains(&SessionEvent::Closed(DownReason::Goodbye))
+        );
+    }
+
+    #[test]
+    fn resets_are_closes_other_errors_are_io() {
+        let now = Instant::now();
+        let mut s = Session::new(now, cfg(1, 100, 300), None);
+        s.handle_io_error(std::io::ErrorKind::ConnectionReset);
+        assert_eq!(
+            drain(&mut s).1,
+            vec![SessionEvent::Closed(DownReason::Closed)]
+        );
+        let mut s = Session::new(now, cfg(1, 100, 300), None);
+        s.handle_io_error(std::io::ErrorKind::TimedOut);
+        assert_eq!(
+            drain(&mut s).1,
+            vec![SessionEvent::Closed(DownReason::Io(
+                std::io::ErrorKind::TimedOut
+            ))]
         );
     }
 

@@ -4,6 +4,8 @@
 #![allow(dead_code)]
 
 use std::net::UdpSocket;
+use std::path::PathBuf;
+use std::process::Command;
 use std::time::Duration;
 
 use lanbeat::{Config, ConfigBuilder, Event, Events, PeerId};
@@ -60,4 +62,31 @@ pub fn trace() {
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
         .with_test_writer()
         .try_init();
+}
+
+/// The path of an example binary, built (or found fresh) first: running
+/// one test file alone does not build the examples, and a stale binary would
+/// test old code.
+pub fn example_bin(name: &str) -> PathBuf {
+    static BUILT: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+    let exe = std::env::current_exe().unwrap();
+    let path = exe
+        .parent()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .join("examples")
+        .join(name);
+    let mut built = BUILT.lock().unwrap_or_else(|e| e.into_inner());
+    if !built.iter().any(|b| b == name) {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let ok = Command::new(cargo)
+            .args(["build", "--quiet", "--example", name])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "cannot build example {name}");
+        built.push(name.to_owned());
+    }
+    path
 }

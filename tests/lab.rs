@@ -1,0 +1,420 @@
+//! Scenarios on the real network stack, in a lab of network namespaces (see
+//! `tests/netlab`). Peers are example-peer processes started with
+//! `ip netns exec`, heartbeat 200 ms / timeout 1 s, default interface
+//! selection (so `eth0` only, no loopback). Needs root; skips (or fails
+//! under `LANBEAT_REQUIRE_NETNS=1`) otherwise. Figures are printed with
+//! `LAB:` so `cargo test --test lab -- --nocapture | grep LAB:` collects them.
+
+mod common;
+mod netlab;
+
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+
+use netlab::{Lab, Peer, about};
+use nix::sys::signal::Signal;
+
+/// The bound of the issue: timeout + one interval + 200 ms.
+const DETECT_BOUND: Duration = Duration::from_millis(1000 + 200 + 200);
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+/// Waits until `a` and `b` report a session with each other; returns when
+/// the later of the two did.
+fn both_up(a: &mut Peer, am: usize, b: &mut Peer, bm: usize, limit: Duration) -> Instant {
+    let (ta, _) = a.wait(am, limit, about("session_up", &b.id.clone()));
+    let (tb, _) = b.wait(bm, limit, about("session_up", &a.id.clone()));
+    ta.max(tb)
+}
+
+fn pair(lab: &Lab) -> (Peer, Peer) {
+    let mut a = lab.peer(0, "a", &[]);
+    let mut b = lab.peer(1, "b", &[]);
+    both_up(&mut a, 0, &mut b, 0, Duration::from_secs(5));
+    (a, b)
+}
+
+#[test]
+fn s01_default_interfaces_directed_broadcast_one_session() {
+    let Some(lab) = Lab::new("s01", 2) else {
+        return;
+    };
+    let t0 = Instant::now();
+    let mut a = lab.peer(0, "a", &[]);
+    let mut b = lab.peer(1, "b", &[]);
+    let up = both_up(&mut a, 0, &mut b, 0, Duration::from_secs(3));
+    println!(
+        "LAB: s01 two hosts: session up {:.1} ms after the first start",
+        ms(up - t0)
+    );
+    let (_, d) = a.wait(0, Duration::ZERO, about("discovered", &b.id.clone()));
+    assert_eq!(d["interface"], "eth0");
+    assert_eq!(d["addr"], format!("{}:{}", lab.ip(1), b.tcp_port));
+    std::thread::sleep(Duration::from_secs(1));
+    for p in [&mut a, &mut b] {
+        assert_eq!(
+            p.matching(0, |v| v["event"] == "session_up").len(),
+            1,
+            "{}",
+            p.name
+        );
+        assert!(p.matching(0, |v| v["event"] == "session_down").is_empty());
+    }
+}
+
+#[test]
+fn s02_cable_cut_is_a_heartbeat_timeout_on_both_ends() {
+    let Some(lab) = Lab::new("s02", 2) else {
+        return;
+    };
+    let (mut a, mut b) = pair(&lab);
+    std::thread::sleep(Duration::from_millis(500));
+    let (am, bm) = (a.mark(), b.mark());
+    let cut = Instant::now();
+    lab.cut(1);
+    let (aid, bid) = (a.id.clone(), b.id.clone());
+    for (p, m, other) in [(&mut a, am, bid), (&mut b, bm, aid)] {
+        let (t, v) = p.wait(
+            m,
+            DETECT_BOUND + Duration::from_millis(500),
+            about("session_down", &other),
+        );
+        assert_eq!(v["reason"], "heartbeat_timeout", "{}", p.name);
+        let delay = t - cut;
+        println!(
+            "LAB: s02 cut: {} detected after {:.0} ms",
+            p.name,
+            ms(delay)
+        );
+        assert!(delay <= DETECT_BOUND, "{}: {delay:?}", p.name);
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    for (p, m) in [(&mut a, am), (&mut b, bm)] {
+        let downs = p.matching(m, |v| v["event"] == "session_down");
+        assert_eq!(downs.len(), 1, "{}: {downs:?}", p.name);
+    }
+}
+
+#[test]
+fn s03_heal_brings_a_new_session_within_two_seconds() {
+    let Some(lab) = Lab::new("s03", 2) else {
+        return;
+    };
+    let (mut a, mut b) = pair(&lab);
+    let (am, bm) = (a.mark(), b.mark());
+    lab.cut(1);
+    a.wait(am, DETECT_BOUND, about("session_down", &b.id.clone()));
+    b.wait(bm, DETECT_BOUND, about("session_down", &a.id.clone()));
+    std::thread::sleep(Duration::from_secs(1));
+    let (am, bm) = (a.mark(), b.mark());
+    let healed = Instant::now();
+    lab.heal(1);
+    let up = both_up(&mut a, am, &mut b, bm, Duration::from_secs(2));
+    println!(
+        "LAB: s03 heal: new session {:.0} ms after the link returned",
+        ms(up - healed)
+    );
+    assert!(up - healed <= Duration::from_secs(2));
+}
+
+#[test]
+fn s04_frozen_peer_times_out_and_recovers_to_one_session() {
+    let Some(lab) = Lab::new("s04", 2) else {
+        return;
+    };
+    let (mut a, mut b) = pair(&lab);
+    std::thread::sleep(Duration::from_millis(300));
+    let am = a.mark();
+    let frozen = Instant::now();
+    b.signal(Signal::SIGSTOP);
+    let (t, v) = a.wait(
+        am,
+        DETECT_BOUND + Duration::from_millis(500),
+        about("session_down", &b.id.clone()),
+    );
+    assert_eq!(v["reason"], "heartbeat_timeout");
+    println!("LAB: s04 freeze: detected after {:.0} ms", ms(t - frozen));
+    assert!(t - frozen <= DETECT_BOUND);
+    std::thread::sleep(Duration::from_millis(500));
+    let (am, bm) = (a.mark(), b.mark());
+    let thawed = Instant::now();
+    b.signal(Signal::SIGCONT);
+    let up = both_up(&mut a, am, &mut b, bm, Duration::from_secs(3));
+    println!(
+        "LAB: s04 thaw: session up again {:.0} ms after SIGCONT",
+        ms(up - thawed)
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(a.matching(am, |v| v["event"] == "session_up").len(), 1);
+    assert!(a.matching(am, |v| v["event"] == "session_down").is_empty());
+    assert_eq!(b.matching(bm, |v| v["event"] == "session_up").len(), 1);
+}
+
+#[test]
+fn s05_sigterm_is_a_goodbye_within_300_ms() {
+    let Some(lab) = Lab::new("s05", 2) else {
+        return;
+    };
+    let (mut a, mut b) = pair(&lab);
+    let am = a.mark();
+    let t0 = Instant::now();
+    b.signal(Signal::SIGTERM);
+    let (t, v) = a.wait(
+        am,
+        Duration::from_secs(2),
+        about("session_down", &b.id.clone()),
+    );
+    assert_eq!(v["reason"], "goodbye");
+    println!("LAB: s05 goodbye seen after {:.1} ms", ms(t - t0));
+    assert!(t - t0 <= Duration::from_millis(300));
+    a.wait(am, Duration::from_secs(1), about("lost", &b.id.clone()));
+    assert!(b.wait_exit(Duration::from_secs(3)).success());
+}
+
+#[test]
+fn s06_sigkill_is_seen_at_once_and_the_restart_is_rediscovered() {
+    let Some(lab) = Lab::new("s06", 2) else {
+        return;
+    };
+    let mut a = lab.peer(0, "a", &[]);
+    let id = "00000000000b0b06";
+    let mut b = lab.peer(1, "b", &["--id", id]);
+    both_up(&mut a, 0, &mut b, 0, Duration::from_secs(5));
+    let old_port = b.tcp_port;
+    let am = a.mark();
+    let t0 = Instant::now();
+    b.signal(Signal::SIGKILL);
+    let (t, v) = a.wait(am, Duration::from_secs(2), about("session_down", id));
+    println!(
+        "LAB: s06 crash: loss seen after {:.1} ms ({})",
+        ms(t - t0),
+        v["reason"]
+    );
+    assert_eq!(v["reason"], "closed");
+    assert!(t - t0 <= Duration::from_millis(300));
+    drop(b);
+    let restart = Instant::now();
+    let mut b2 = lab.peer(1, "b", &["--id", id]);
+    assert_ne!(b2.tcp_port, old_port);
+    let (_, d) = a.wait(am, Duration::from_secs(3), |v| {
+        v["event"] == "discovered"
+            && v["peer"] == id
+            && v["addr"] != format!("{}:{old_port}", lab.ip(1))
+    });
+    assert_eq!(d["addr"], format!("{}:{}", lab.ip(1), b2.tcp_port));
+    let up = both_up(&mut a, am, &mut b2, 0, Duration::from_secs(3));
+    println!(
+        "LAB: s06 restart: session up {:.1} ms after the restart began",
+        ms(up - restart)
+    );
+}
+
+#[test]
+fn s07_five_hosts_full_mesh_cut_one_heal_it() {
+    let Some(lab) = Lab::new("s07", 5) else {
+        return;
+    };
+    let t0 = Instant::now();
+    let mut peers: Vec<Peer> = (0..5).map(|i| lab.peer(i, &format!("p{i}"), &[])).collect();
+    let started = Instant::now();
+    let ids: Vec<String> = peers.iter().map(|p| p.id.clone()).collect();
+    let mut done = started;
+    for (i, p) in peers.iter_mut().enumerate() {
+        for (j, id) in ids.iter().enumerate() {
+            if i != j {
+                let (t, _) = p.wait(0, Duration::from_secs(3), about("session_up", id));
+                done = done.max(t);
+            }
+        }
+    }
+    println!(
+        "LAB: s07 mesh of 10 sessions: {:.0} ms after the last start ({:.0} ms after the first)",
+        ms(done - started),
+        ms(done - t0)
+    );
+    assert!(done - started <= Duration::from_secs(3));
+    std::thread::sleep(Duration::from_millis(500));
+    for p in peers.iter_mut() {
+        assert_eq!(
+            p.matching(0, |v| v["event"] == "session_up").len(),
+            4,
+            "{}",
+            p.name
+        );
+    }
+    // Cut host 4: only its sessions drop.
+    let marks: Vec<usize> = peers.iter_mut().map(|p| p.mark()).collect();
+    let cut = Instant::now();
+    lab.cut(4);
+    for i in 0..4 {
+        let (t, v) = peers[i].wait(
+            marks[i],
+            DETECT_BOUND + Duration::from_millis(500),
+            about("session_down", &ids[4]),
+        );
+        assert_eq!(v["reason"], "heartbeat_timeout");
+        assert!(t - cut <= DETECT_BOUND, "{:?}", t - cut);
+    }
+    for id in &ids[..4] {
+        peers[4].wait(
+            marks[4],
+            DETECT_BOUND + Duration::from_millis(500),
+            about("session_down", id),
+        );
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    for i in 0..4 {
+        let downs = peers[i].matching(marks[i], |v| v["event"] == "session_down");
+        assert_eq!(
+            downs.len(),
+            1,
+            "{}: only the cut host's session drops: {downs:?}",
+            peers[i].name
+        );
+    }
+    // Heal: it rejoins everyone.
+    let marks: Vec<usize> = peers.iter_mut().map(|p| p.mark()).collect();
+    let healed = Instant::now();
+    lab.heal(4);
+    let mut back = healed;
+    for j in 0..4 {
+        let (t, _) = peers[4].wait(
+            marks[4],
+            Duration::from_secs(3),
+            about("session_up", &ids[j]),
+        );
+        let (t2, _) = peers[j].wait(
+            marks[j],
+            Duration::from_secs(3),
+            about("session_up", &ids[4]),
+        );
+        back = back.max(t).max(t2);
+    }
+    println!(
+        "LAB: s07 heal: host 4 rejoined all 4 peers {:.0} ms after the link returned",
+        ms(back - healed)
+    );
+}
+
+#[test]
+fn s08_late_interface_is_used_without_a_restart() {
+    let Some(lab) = Lab::with_addresses("s08", 2, &[true, false]) else {
+        return;
+    };
+    let mut a = lab.peer(0, "a", &[]);
+    let mut b = lab.peer(1, "b", &[]);
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(b.matching(0, |v| v["event"] == "session_up").is_empty());
+    let added = Instant::now();
+    lab.add_addr(1);
+    let up = both_up(&mut a, 0, &mut b, 0, Duration::from_secs(3));
+    println!(
+        "LAB: s08 late address: session up {:.0} ms after the address was added",
+        ms(up - added)
+    );
+    let (_, d) = a.wait(0, Duration::ZERO, about("discovered", &b.id.clone()));
+    assert_eq!(d["addr"], format!("{}:{}", lab.ip(1), b.tcp_port));
+}
+
+#[test]
+fn s09_services_on_one_host() {
+    let Some(lab) = Lab::new("s09", 2) else {
+        return;
+    };
+    let mut x1 = lab.peer(0, "x1", &["--service", "svc-x"]);
+    let mut y = lab.peer(0, "y", &["--service", "svc-y"]);
+    let mut x2 = lab.peer(0, "x2", &["--service", "svc-x"]);
+    let mut far = lab.peer(1, "far", &["--service", "svc-x"]);
+    let (x1id, x2id, farid) = (x1.id.clone(), x2.id.clone(), far.id.clone());
+    for (p, others) in [
+        (&mut x1, vec![&x2id, &farid]),
+        (&mut x2, vec![&x1id, &farid]),
+        (&mut far, vec![&x1id, &x2id]),
+    ] {
+        for o in others {
+            p.wait(0, Duration::from_secs(3), about("session_up", o));
+        }
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(
+        y.matching(0, |v| v["event"] == "discovered"
+            || v["event"] == "session_up")
+            .is_empty()
+    );
+    let seen: HashSet<String> = far
+        .matching(0, |v| v["event"] == "session_up")
+        .iter()
+        .map(|(_, v)| v["peer"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(seen, HashSet::from([x1id, x2id]));
+    assert!(!seen.contains(&y.id));
+}
+
+#[test]
+fn s10_messages_sent_during_a_cut_are_handed_back_none_lost() {
+    let Some(lab) = Lab::new("s10", 2) else {
+        return;
+    };
+    let (mut a, mut b) = pair(&lab);
+    let bid = b.id.clone();
+    let bm = b.mark();
+    for i in 0..10 {
+        a.say(&format!("before {i}"));
+    }
+    b.wait(bm, Duration::from_secs(2), |v| {
+        v["event"] == "message" && v["data"] == "before 9"
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let am = a.mark();
+    lab.cut(1);
+    for i in 0..10 {
+        a.say(&format!("during {i}"));
+    }
+    a.wait(
+        am,
+        DETECT_BOUND + Duration::from_millis(500),
+        about("session_down", &bid),
+    );
+    let (_, und) = a.wait(am, Duration::from_secs(1), about("undelivered", &bid));
+    lab.heal(1);
+    let (am2, bm2) = (a.mark(), b.mark());
+    both_up(&mut a, am2, &mut b, bm2, Duration::from_secs(3));
+    for i in 0..10 {
+        a.say(&format!("after {i}"));
+    }
+    b.wait(bm2, Duration::from_secs(2), |v| {
+        v["event"] == "message" && v["data"] == "after 9"
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    // Every line that was accepted for b: delivered or handed back.
+    let sent = a
+        .matching(0, |v| {
+            v["event"] == "sent"
+                && v["peers"]
+                    .as_array()
+                    .is_some_and(|p| p.iter().any(|x| x == bid.as_str()))
+        })
+        .len();
+    let delivered = b.matching(0, |v| v["event"] == "message").len();
+    let handed_back: u64 = a
+        .matching(0, about("undelivered", &bid))
+        .iter()
+        .map(|(_, v)| v["count"].as_u64().unwrap())
+        .sum();
+    println!("LAB: s10 sent {sent} = delivered {delivered} + handed back {handed_back}");
+    assert_eq!(sent, 30);
+    assert_eq!(sent as u64, delivered as u64 + handed_back);
+    assert_eq!(und["count"], 10);
+    let back: Vec<_> = und["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d.as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(
+        back,
+        (0..10).map(|i| format!("during {i}")).collect::<Vec<_>>()
+    );
+}

@@ -1,0 +1,390 @@
+//! A lab of hosts made of Linux network namespaces, for tests that need the
+//! real network stack: veth links, directed broadcast without a default
+//! route, cables that can be cut, addresses that come and go.
+//!
+//! Layout of one lab: a bridge `br0` inside a namespace of its own
+//! (`<prefix>-br`), and N host namespaces (`<prefix>-h<i>`), each with one
+//! veth `eth0` (10.77.0.<i+1>/24) whose other end is a port of the bridge.
+//! Nothing is created in the machine's own namespace and no host has a
+//! route anywhere else. Names carry the test process id and the test name,
+//! so concurrent tests never collide. Everything is deleted on drop, also
+//! when the test panics; namespaces left by a test process that died are
+//! removed by the next lab.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::Ipv4Addr;
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+const PREFIX: &str = "lbt";
+
+/// Runs `ip` with `args`; panics with its stderr on failure.
+fn ip(args: &[&str]) {
+    let out = Command::new("ip").args(args).output().expect("run ip");
+    assert!(
+        out.status.success(),
+        "ip {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn ip_quiet(args: &[&str]) -> bool {
+    Command::new("ip")
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false)
+}
+
+/// Kills every process in a namespace, then deletes it.
+fn delete_ns(ns: &str) {
+    if let Ok(out) = Command::new("ip").args(["netns", "pids", ns]).output() {
+        for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+            if let Ok(pid) = pid.parse::<i32>() {
+                let pid = nix::unistd::Pid::from_raw(pid);
+                let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT);
+                let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+            }
+        }
+    }
+    ip_quiet(&["netns", "del", ns]);
+}
+
+/// Why the lab cannot run here, if it cannot.
+fn unavailable() -> Option<String> {
+    if !nix::unistd::geteuid().is_root() {
+        return Some("not root".into());
+    }
+    if !ip_quiet(&["-V"]) {
+        return Some("no `ip` command (iproute2)".into());
+    }
+    let probe = format!("{PREFIX}-{}-probe", std::process::id());
+    if !ip_quiet(&["netns", "add", &probe]) {
+        return Some("`ip netns add` failed (no CAP_SYS_ADMIN?)".into());
+    }
+    ip_quiet(&["netns", "del", &probe]);
+    None
+}
+
+/// Removes namespaces left behind by test processes that no longer exist.
+fn remove_stale() {
+    let Ok(out) = Command::new("ip").args(["netns", "list"]).output() else {
+        return;
+    };
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let name = line.split_whitespace().next().unwrap_or("");
+        let mut parts = name.split('-');
+        if parts.next() != Some(PREFIX) {
+            continue;
+        }
+        if let Some(pid) = parts.next().and_then(|p| p.parse::<u32>().ok())
+            && !std::path::Path::new(&format!("/proc/{pid}")).exists()
+        {
+            delete_ns(name);
+        }
+    }
+}
+
+/// A lab of `n` hosts on one bridge.
+pub struct Lab {
+    prefix: String,
+    hosts: Vec<String>,
+}
+
+impl Lab {
+    /// Builds the lab, or returns `None` (after printing why) where network
+    /// namespaces cannot be made. With `LANBEAT_REQUIRE_NETNS=1` that is a
+    /// failure instead.
+    pub fn new(test: &str, n: usize) -> Option<Lab> {
+        Self::with_addresses(test, n, &vec![true; n])
+    }
+
+    /// Like [`Lab::new`]; host `i` gets its address only if `addr[i]`.
+    pub fn with_addresses(test: &str, n: usize, addr: &[bool]) -> Option<Lab> {
+        if let Some(why) = unavailable() {
+            if std::env::var("LANBEAT_REQUIRE_NETNS").as_deref() == Ok("1") {
+                panic!("namespace lab required (LANBEAT_REQUIRE_NETNS=1) but unavailable: {why}");
+            }
+            eprintln!("SKIPPED {test}: namespace lab unavailable: {why}");
+            return None;
+        }
+        remove_stale();
+        let prefix = format!("{PREFIX}-{}-{test}", std::process::id());
+        let mut lab = Lab {
+            hosts: Vec::new(),
+            prefix: prefix.clone(),
+        };
+        let br = lab.bridge_ns();
+        ip(&["netns", "add", &br]);
+        ip(&["-n", &br, "link", "set", "lo", "up"]);
+        ip(&["-n", &br, "link", "add", "br0", "type", "bridge"]);
+        // Forward at once: no STP listening delay on new ports.
+        ip(&[
+            "-n",
+            &br,
+            "link",
+            "set",
+            "br0",
+            "type",
+            "bridge",
+            "forward_delay",
+            "0",
+        ]);
+        ip(&["-n", &br, "link", "set", "br0", "up"]);
+        for (i, &with_addr) in addr.iter().enumerate().take(n) {
+            let ns = format!("{prefix}-h{i}");
+            ip(&["netns", "add", &ns]);
+            lab.hosts.push(ns.clone());
+            let port = format!("h{i}");
+            ip(&[
+                "-n", &br, "link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns",
+                &ns,
+            ]);
+            ip(&["-n", &br, "link", "set", &port, "master", "br0"]);
+            ip(&["-n", &br, "link", "set", &port, "up"]);
+            ip(&["-n", &ns, "link", "set", "lo", "up"]);
+            ip(&["-n", &ns, "link", "set", "eth0", "up"]);
+            if with_addr {
+                lab.add_addr(i);
+            }
+        }
+        Some(lab)
+    }
+
+    fn bridge_ns(&self) -> String {
+        format!("{}-br", self.prefix)
+    }
+
+    /// The namespace of host `i`.
+    pub fn ns(&self, i: usize) -> &str {
+        &self.hosts[i]
+    }
+
+    /// The address of host `i`.
+    pub fn ip(&self, i: usize) -> Ipv4Addr {
+        Ipv4Addr::new(10, 77, 0, i as u8 + 1)
+    }
+
+    /// Cuts host `i`'s cable: its bridge port goes down (the host sees no
+    /// carrier).
+    pub fn cut(&self, i: usize) {
+        ip(&[
+            "-n",
+            &self.bridge_ns(),
+            "link",
+            "set",
+            &format!("h{i}"),
+            "down",
+        ]);
+    }
+
+    /// Plugs host `i`'s cable back in.
+    pub fn heal(&self, i: usize) {
+        ip(&[
+            "-n",
+            &self.bridge_ns(),
+            "link",
+            "set",
+            &format!("h{i}"),
+            "up",
+        ]);
+    }
+
+    /// Gives host `i` its address.
+    pub fn add_addr(&self, i: usize) {
+        let a = format!("{}/24", self.ip(i));
+        ip(&[
+            "-n",
+            self.ns(i),
+            "addr",
+            "add",
+            &a,
+            "brd",
+            "+",
+            "dev",
+            "eth0",
+        ]);
+    }
+
+    /// Takes host `i`'s address away.
+    pub fn del_addr(&self, i: usize) {
+        let a = format!("{}/24", self.ip(i));
+        ip(&["-n", self.ns(i), "addr", "del", &a, "dev", "eth0"]);
+    }
+
+    /// Starts the example peer in host `i` with `--json` and the lab's
+    /// default heartbeat (200 ms / 1 s), plus `args`.
+    pub fn peer(&self, i: usize, name: &str, args: &[&str]) -> Peer {
+        let bin = crate::common::example_bin("peer");
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", self.ns(i)])
+            .arg(bin)
+            .args(["--name", name, "--json"])
+            .args([
+                "--heartbeat-interval-ms",
+                "200",
+                "--heartbeat-timeout-ms",
+                "1000",
+            ])
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("start peer");
+        let stdout = child.stdout.take().expect("piped");
+        let stdin = child.stdin.take();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Ok(v) = serde_json::from_str::<Value>(&line)
+                    && tx.send((Instant::now(), v)).is_err()
+                {
+                    break;
+                }
+            }
+        });
+        let mut p = Peer {
+            name: name.to_owned(),
+            child,
+            stdin,
+            rx,
+            lines: Vec::new(),
+            id: String::new(),
+            tcp_port: 0,
+        };
+        let (_, started) = p.wait(0, Duration::from_secs(10), |v| v["event"] == "started");
+        p.id = started["id"].as_str().unwrap().to_owned();
+        p.tcp_port = started["tcp_port"].as_u64().unwrap() as u16;
+        p
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        for ns in &self.hosts {
+            delete_ns(ns);
+        }
+        delete_ns(&self.bridge_ns());
+    }
+}
+
+/// An example-peer process in a lab host, with every JSON line it printed
+/// and when it arrived.
+pub struct Peer {
+    pub name: String,
+    pub id: String,
+    pub tcp_port: u16,
+    child: Child,
+    stdin: Option<ChildStdin>,
+    rx: mpsc::Receiver<(Instant, Value)>,
+    /// Every line so far.
+    pub lines: Vec<(Instant, Value)>,
+}
+
+impl Peer {
+    /// The index the next line will get: a mark for [`Peer::wait`].
+    pub fn mark(&mut self) -> usize {
+        self.drain();
+        self.lines.len()
+    }
+
+    fn drain(&mut self) {
+        while let Ok(l) = self.rx.try_recv() {
+            self.lines.push(l);
+        }
+    }
+
+    /// The first line at or after `from` matching `pred`, waiting up to
+    /// `limit`; panics otherwise.
+    pub fn wait(
+        &mut self,
+        from: usize,
+        limit: Duration,
+        pred: impl Fn(&Value) -> bool,
+    ) -> (Instant, Value) {
+        let deadline = Instant::now() + limit;
+        let mut i = from;
+        loop {
+            while i < self.lines.len() {
+                if pred(&self.lines[i].1) {
+                    return self.lines[i].clone();
+                }
+                i += 1;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.rx.recv_timeout(left) {
+                Ok(l) => self.lines.push(l),
+                Err(_) => panic!(
+                    "{}: no matching line within {limit:?}; saw {:?}",
+                    self.name,
+                    self.lines[from.min(self.lines.len())..]
+                        .iter()
+                        .map(|(_, v)| v.to_string())
+                        .filter(|s| !s.contains("\"rtt\""))
+                        .collect::<Vec<_>>()
+                ),
+            }
+        }
+    }
+
+    /// Lines at or after `from` (after taking what has arrived) matching
+    /// `pred`.
+    pub fn matching(
+        &mut self,
+        from: usize,
+        pred: impl Fn(&Value) -> bool,
+    ) -> Vec<(Instant, Value)> {
+        self.drain();
+        self.lines[from.min(self.lines.len())..]
+            .iter()
+            .filter(|(_, v)| pred(v))
+            .cloned()
+            .collect()
+    }
+
+    /// Types a line on the peer's stdin (sent to every connected peer).
+    pub fn say(&mut self, line: &str) {
+        let s = self.stdin.as_mut().expect("stdin");
+        writeln!(s, "{line}").unwrap();
+        s.flush().unwrap();
+    }
+
+    /// Sends a signal to the peer process.
+    pub fn signal(&self, sig: nix::sys::signal::Signal) {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        nix::sys::signal::kill(pid, sig).unwrap();
+    }
+
+    /// Waits for the process to exit.
+    pub fn wait_exit(&mut self, limit: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return s;
+            }
+            assert!(Instant::now() < deadline, "{} did not exit", self.name);
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for Peer {
+    fn drop(&mut self) {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT);
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `pred` for an event about a given peer.
+pub fn about<'a>(event: &'a str, peer: &'a str) -> impl Fn(&Value) -> bool + 'a {
+    move |v| v["event"] == event && v["peer"] == peer
+}

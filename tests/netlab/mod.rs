@@ -112,7 +112,11 @@ impl Lab {
             if std::env::var("LANBEAT_REQUIRE_NETNS").as_deref() == Ok("1") {
                 panic!("namespace lab required (LANBEAT_REQUIRE_NETNS=1) but unavailable: {why}");
             }
-            eprintln!("SKIPPED {test}: namespace lab unavailable: {why}");
+            // Written past the test harness's capture, so the skip shows.
+            let _ = writeln!(
+                std::io::stderr(),
+                "SKIPPED {test}: namespace lab unavailable: {why} (set LANBEAT_REQUIRE_NETNS=1 to fail instead)"
+            );
             return None;
         }
         remove_stale();

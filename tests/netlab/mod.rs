@@ -58,14 +58,14 @@ fn delete_ns(ns: &str) {
 }
 
 /// Why the lab cannot run here, if it cannot.
-fn unavailable() -> Option<String> {
+fn unavailable(test: &str) -> Option<String> {
     if !nix::unistd::geteuid().is_root() {
         return Some("not root".into());
     }
     if !ip_quiet(&["-V"]) {
         return Some("no `ip` command (iproute2)".into());
     }
-    let probe = format!("{PREFIX}-{}-probe", std::process::id());
+    let probe = format!("{PREFIX}-{}-{test}-probe", std::process::id());
     if !ip_quiet(&["netns", "add", &probe]) {
         return Some("`ip netns add` failed (no CAP_SYS_ADMIN?)".into());
     }
@@ -108,7 +108,7 @@ impl Lab {
 
     /// Like [`Lab::new`]; host `i` gets its address only if `addr[i]`.
     pub fn with_addresses(test: &str, n: usize, addr: &[bool]) -> Option<Lab> {
-        if let Some(why) = unavailable() {
+        if let Some(why) = unavailable(test) {
             if std::env::var("LANBEAT_REQUIRE_NETNS").as_deref() == Ok("1") {
                 panic!("namespace lab required (LANBEAT_REQUIRE_NETNS=1) but unavailable: {why}");
             }

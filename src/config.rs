@@ -84,8 +84,9 @@ pub struct Config {
     pub handshake_timeout: Duration,
     /// Give up on a TCP connect after this long. Default: 2 s.
     pub connect_timeout: Duration,
-    /// Close a session whose peer accepts no bytes for this long (it stopped
-    /// reading and its window is full). Default: 3 s.
+    /// Close a session whose peer stops taking data for this long: its TCP
+    /// window stays full, or it acknowledges none of the messages in flight.
+    /// Default: 3 s.
     pub write_timeout: Duration,
     /// The first gap between probes; it doubles (with ±25 % jitter) up to a
     /// cap. Default: 100 ms.
@@ -116,6 +117,9 @@ pub struct Config {
     /// session stops taking messages from its outbox. They are kept so that
     /// a dying session can hand them back. Default: 4096.
     pub max_unacked: usize,
+    /// Bytes of messages sent but not yet acknowledged per session (checked
+    /// before each message; one message may go past it). Default: 8 MiB.
+    pub max_unacked_bytes: usize,
     /// Events that may wait for the application. When full, sessions stop
     /// reading (TCP pushes back on the sender). Default: 4096.
     pub event_capacity: usize,
@@ -167,6 +171,7 @@ impl Config {
             max_datagram_size: 1200,
             outbox_capacity: 1024,
             max_unacked: 4096,
+            max_unacked_bytes: 8 << 20,
             event_capacity: 4096,
             max_sessions: 1024,
             max_handshakes: 64,
@@ -230,6 +235,7 @@ impl Config {
         for (field, value) in [
             ("outbox_capacity", self.outbox_capacity),
             ("max_unacked", self.max_unacked),
+            ("max_unacked_bytes", self.max_unacked_bytes),
             ("event_capacity", self.event_capacity),
             ("max_sessions", self.max_sessions),
             ("max_handshakes", self.max_handshakes),
@@ -425,6 +431,10 @@ impl ConfigBuilder {
     setter!(
         /// Sets [`Config::max_unacked`].
         max_unacked: usize
+    );
+    setter!(
+        /// Sets [`Config::max_unacked_bytes`].
+        max_unacked_bytes: usize
     );
     setter!(
         /// Sets [`Config::event_capacity`].

@@ -58,6 +58,8 @@ pub mod config;
 pub mod discovery;
 pub mod error;
 pub mod event;
+#[doc(hidden)]
+pub mod fuzzing;
 mod node;
 pub mod peer;
 pub mod session;

@@ -192,6 +192,8 @@ impl Node {
             heartbeat_timeout: config.heartbeat_timeout,
             handshake_timeout: config.handshake_timeout,
             max_unacked: config.max_unacked,
+            max_unacked_bytes: config.max_unacked_bytes,
+            write_timeout: config.write_timeout,
         };
         let (commands, command_rx) = mpsc::channel(8);
         let (events_tx, events_rx) = mpsc::channel(config.event_capacity);

@@ -38,6 +38,11 @@ pub struct SessionConfig {
     pub handshake_timeout: Duration,
     /// Unacknowledged messages kept at most.
     pub max_unacked: usize,
+    /// Unacknowledged bytes kept at most (one message may pass it).
+    pub max_unacked_bytes: usize,
+    /// Close with `write_timeout` when messages are in flight and none was
+    /// acknowledged for this long: the peer stopped consuming.
+    pub write_timeout: Duration,
 }
 
 /// What the session tells its driver.
@@ -79,6 +84,10 @@ pub struct Session {
     /// Sequence (0-based) of `unacked[0]`.
     tx_base: u64,
     unacked: VecDeque<Bytes>,
+    unacked_bytes: usize,
+    /// When the oldest message in flight was sent, or the last ack advanced
+    /// (whichever is later).
+    ack_progress: Instant,
     transmits: VecDeque<Frame>,
     events: VecDeque<SessionEvent>,
 }
@@ -104,6 +113,8 @@ impl Session {
             ack_deadline: None,
             tx_base: 0,
             unacked: VecDeque::new(),
+            unacked_bytes: 0,
+            ack_progress: now,
             transmits: VecDeque::new(),
             events: VecDeque::new(),
         };
@@ -135,7 +146,9 @@ impl Session {
 
     /// Whether another application message may be written now.
     pub fn can_send(&self) -> bool {
-        self.state == State::Established && self.unacked.len() < self.cfg.max_unacked
+        self.state == State::Established
+            && self.unacked.len() < self.cfg.max_unacked
+            && self.unacked_bytes < self.cfg.max_unacked_bytes
     }
 
     /// Feeds one received frame. Returns an application message to deliver.
@@ -193,8 +206,12 @@ impl Session {
                     return None;
                 }
                 let n = (count - self.tx_base) as usize;
-                self.unacked.drain(..n);
-                self.tx_base = count;
+                if n > 0 {
+                    let freed: usize = self.unacked.drain(..n).map(|m| m.len()).sum();
+                    self.unacked_bytes -= freed;
+                    self.tx_base = count;
+                    self.ack_progress = now;
+                }
                 None
             }
             (_, Frame::Goodbye(_)) => {
@@ -285,6 +302,10 @@ impl Session {
                     self.close(DownReason::HeartbeatTimeout, false);
                     return;
                 }
+                if !self.unacked.is_empty() && now >= self.ack_progress + self.cfg.write_timeout {
+                    self.close(DownReason::WriteTimeout, false);
+                    return;
+                }
                 if now >= self.last_ping_or_data + self.send_interval {
                     self.send_ping(now);
                 }
@@ -309,6 +330,9 @@ impl Session {
                 if let Some(a) = self.ack_deadline {
                     t = t.min(a);
                 }
+                if !self.unacked.is_empty() {
+                    t = t.min(self.ack_progress + self.cfg.write_timeout);
+                }
                 Some(t)
             }
         }
@@ -330,6 +354,10 @@ impl Session {
     /// acknowledges it. Call only when [`Session::can_send`].
     pub fn record_data_sent(&mut self, now: Instant, message: Bytes) {
         debug_assert!(self.can_send());
+        if self.unacked.is_empty() {
+            self.ack_progress = now;
+        }
+        self.unacked_bytes += message.len();
         self.unacked.push_back(message);
         self.last_ping_or_data = now;
     }
@@ -361,7 +389,13 @@ impl Session {
     /// Messages written but never acknowledged, oldest first.
     pub fn take_unacked(&mut self) -> Vec<Bytes> {
         self.tx_base += self.unacked.len() as u64;
+        self.unacked_bytes = 0;
         self.unacked.drain(..).collect()
+    }
+
+    /// Messages sent and not yet acknowledged.
+    pub fn unacked_len(&self) -> usize {
+        self.unacked.len()
     }
 
     /// Messages received so far.
@@ -423,6 +457,8 @@ mod tests {
             heartbeat_timeout: Duration::from_millis(timeout_ms),
             handshake_timeout: 500 * MS,
             max_unacked: 4,
+            max_unacked_bytes: 1 << 20,
+            write_timeout: Duration::from_millis(timeout_ms * 10),
         }
     }
 
@@ -758,6 +794,47 @@ mod tests {
                 .1
                 .contains(&SessionEvent::Closed(DownReason::Goodbye))
         );
+    }
+
+    #[test]
+    fn a_peer_that_acknowledges_nothing_is_closed_after_the_write_timeout() {
+        // It keeps pinging (so it is alive) but never consumes our messages.
+        let now = Instant::now();
+        let mut c = cfg(1, 100, 300);
+        c.write_timeout = Duration::from_millis(1000);
+        let mut s = Session::new(now, c, None);
+        s.handle_frame(now, Frame::Hello(Ok(Box::new(hello(2, 100, 300)))));
+        drain(&mut s);
+        s.record_data_sent(now, Bytes::from_static(b"x"));
+        let mut t = now;
+        while t < now + Duration::from_millis(1500) && !s.is_closed() {
+            t += Duration::from_millis(50);
+            s.handle_frame(t, Frame::Ping(1));
+            if s.poll_timeout().is_some_and(|d| d <= t) {
+                s.handle_timeout(t);
+            }
+        }
+        assert!(s.is_closed());
+        assert!(t >= now + Duration::from_millis(1000) && t <= now + Duration::from_millis(1050));
+        let (_, e) = drain(&mut s);
+        assert!(e.contains(&SessionEvent::Closed(DownReason::WriteTimeout)));
+        assert_eq!(s.take_unacked(), vec![Bytes::from_static(b"x")]);
+    }
+
+    #[test]
+    fn unacked_bytes_bound_what_is_in_flight() {
+        let now = Instant::now();
+        let mut c = cfg(1, 100, 300);
+        c.max_unacked = 100;
+        c.max_unacked_bytes = 1000;
+        let mut s = Session::new(now, c, None);
+        s.handle_frame(now, Frame::Hello(Ok(Box::new(hello(2, 100, 300)))));
+        s.record_data_sent(now, Bytes::from(vec![0; 600]));
+        assert!(s.can_send());
+        s.record_data_sent(now, Bytes::from(vec![0; 600]));
+        assert!(!s.can_send());
+        s.handle_frame(now, Frame::Ack(1));
+        assert!(s.can_send());
     }
 
     #[test]

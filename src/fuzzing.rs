@@ -1,0 +1,260 @@
+//! Drivers shared by the fuzz targets (`fuzz/`) and the property tests: each
+//! feeds arbitrary bytes to one piece of the protocol and checks its
+//! invariants with assertions, so a violation is a crash the fuzzer keeps.
+//! Not part of the public API.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+
+use crate::discovery::machine::{Discovery, DiscoveryConfig, Target};
+use crate::peer::{PeerId, Role};
+use crate::session::machine::{Session, SessionConfig, SessionEvent};
+use crate::wire::discovery::{Datagram, DatagramLimits};
+use crate::wire::frame::{Frame, Hello};
+
+const MAX_FRAME: u32 = 4096;
+const MAX_UNACKED: usize = 8;
+
+/// Arbitrary bytes into the datagram decoder: no panic; what decodes
+/// re-encodes to something that decodes to the same message.
+pub fn datagram(data: &[u8]) {
+    let limits = DatagramLimits::default();
+    if let Ok(d) = Datagram::decode(data, &limits) {
+        let again = Datagram::decode(
+            &d.encode(),
+            &DatagramLimits {
+                max_size: usize::MAX,
+                ..limits
+            },
+        );
+        assert_eq!(again, Ok(d));
+    }
+}
+
+/// Arbitrary bytes, in arbitrary chunks, into the frame decoder: no panic,
+/// the buffer never grows past what was fed plus one frame, and what decodes
+/// round-trips.
+pub fn frames(data: &[u8]) {
+    let mut buf = BytesMut::new();
+    let mut fed = 0usize;
+    for chunk in data.chunks(7) {
+        buf.extend_from_slice(chunk);
+        fed += chunk.len();
+        loop {
+            match Frame::decode(&mut buf, MAX_FRAME) {
+                Ok(Some(f)) => {
+                    let mut enc = BytesMut::new();
+                    f.encode(&mut enc);
+                    assert_eq!(Frame::decode(&mut enc, u32::MAX), Ok(Some(f)));
+                }
+                Ok(None) => break,
+                Err(_) => return,
+            }
+        }
+        assert!(
+            buf.capacity() <= fed + MAX_FRAME as usize + 64,
+            "buffer grew past the limit"
+        );
+    }
+}
+
+fn hello(id: u64, interval_ms: u64, timeout_ms: u64) -> Hello {
+    Hello {
+        protocol: 1,
+        service: "fuzz".into(),
+        id: PeerId::from_u64(id),
+        instance: id,
+        name: "f".into(),
+        role: Role::Peer,
+        port: 1,
+        heartbeat_interval_ms: interval_ms,
+        heartbeat_timeout_ms: timeout_ms,
+        max_frame_size: MAX_FRAME,
+    }
+}
+
+/// Arbitrary operations on a session: raw bytes from the peer, time passing,
+/// sends, acks, errors. Checks: no panic; in-flight messages never exceed the
+/// limit; the session reports `Closed` exactly once and nothing after it;
+/// every timer it asks for lies in the future; what it transmits encodes.
+pub fn session(data: &[u8]) {
+    let start = Instant::now();
+    let mut now = start;
+    let cfg = SessionConfig {
+        hello: hello(1, 100, 300),
+        heartbeat_interval: Duration::from_millis(100),
+        heartbeat_timeout: Duration::from_millis(300),
+        handshake_timeout: Duration::from_millis(500),
+        max_unacked: MAX_UNACKED,
+        max_unacked_bytes: 1 << 20,
+        write_timeout: Duration::from_millis(400),
+    };
+    let expected = data.first().map(|b| b & 1 == 1).unwrap_or(false);
+    let mut s = Session::new(now, cfg, expected.then(|| PeerId::from_u64(2)));
+    let mut rbuf = BytesMut::new();
+    let mut closed = 0;
+    let mut sent = 0u64;
+    let mut it = data.iter().copied().skip(1);
+    while let Some(op) = it.next() {
+        let arg = it.next().unwrap_or(0);
+        match op % 8 {
+            0 => now += Duration::from_millis(u64::from(arg) * 7),
+            1 => {
+                let n = usize::from(arg) % 64;
+                let bytes: Vec<u8> = it.by_ref().take(n).collect();
+                rbuf.extend_from_slice(&bytes);
+                loop {
+                    match Frame::decode(&mut rbuf, MAX_FRAME) {
+                        Ok(Some(f)) => {
+                            s.handle_frame(now, f);
+                        }
+                        Ok(None) => break,
+                        Err(e) => {
+                            s.handle_decode_error(e);
+                            rbuf.clear();
+                            break;
+                        }
+                    }
+                }
+            }
+            2 => {
+                let h = hello(
+                    u64::from(arg % 4),
+                    u64::from(arg) + 1,
+                    u64::from(arg) * 3 + 2,
+                );
+                s.handle_frame(now, Frame::Hello(Ok(Box::new(h))));
+            }
+            3 if s.can_send() => {
+                s.record_data_sent(now, vec![arg].into());
+                sent += 1;
+            }
+            4 => {
+                s.handle_frame(now, Frame::Ack(u64::from(arg) % (sent + 2)));
+            }
+            5 => {
+                s.handle_frame(now, Frame::Ping(u64::from(arg)));
+            }
+            6 => match arg % 4 {
+                0 => s.handle_eof(),
+                1 => s.handle_io_error(std::io::ErrorKind::ConnectionReset),
+                2 => s.set_paused(now, arg & 4 != 0),
+                _ => s.close(crate::DownReason::Shutdown, true),
+            },
+            _ => {}
+        }
+        if s.poll_timeout().is_some_and(|t| t <= now) {
+            s.handle_timeout(now);
+        }
+        if let Some(t) = s.poll_timeout() {
+            assert!(
+                t > now || s.is_closed(),
+                "timer in the past after handle_timeout"
+            );
+        }
+        while let Some(f) = s.poll_transmit() {
+            let mut enc = BytesMut::new();
+            f.encode(&mut enc);
+        }
+        while let Some(e) = s.poll_event() {
+            assert_eq!(closed, 0, "event after Closed: {e:?}");
+            if matches!(e, SessionEvent::Closed(_)) {
+                closed += 1;
+            }
+        }
+        assert!(!s.can_send() || s.is_established());
+        let unacked = s.unacked_len();
+        assert!(unacked <= MAX_UNACKED);
+    }
+}
+
+/// Arbitrary datagrams into a discovery machine, from arbitrary sources on
+/// its subnet, with time passing: no panic, table and rate-limit state stay
+/// within their limits, every reply goes to a unicast address.
+pub fn discovery(data: &[u8]) {
+    let mut now = Instant::now();
+    let cfg = DiscoveryConfig {
+        service: "fuzz".into(),
+        id: PeerId::from_u64(1),
+        instance: 1,
+        name: "f".into(),
+        role: Role::Peer,
+        tcp_port: 1,
+        metadata: BTreeMap::new(),
+        discovery_port: 9,
+        probe_initial: Duration::from_millis(100),
+        probe_max: Duration::from_secs(3),
+        probe_max_missing: Duration::from_secs(1),
+        redial_initial: Duration::from_millis(100),
+        peer_expiry: Duration::from_secs(10),
+        max_peers: 4,
+        replies_per_source_per_sec: 2,
+        limits: DatagramLimits::default(),
+    };
+    let mut d = Discovery::new(cfg, 0);
+    d.set_targets(
+        now,
+        vec![Target {
+            interface: "f0".into(),
+            addr: [10, 0, 0, 1].into(),
+            prefix_len: 24,
+            broadcast: [10, 0, 0, 255].into(),
+            up: true,
+        }],
+    );
+    for chunk in data.split(|b| *b == 0xff) {
+        let Some((&head, body)) = chunk.split_first() else {
+            continue;
+        };
+        now += Duration::from_millis(u64::from(head) * 13);
+        let src = std::net::SocketAddrV4::new([10, 0, 0, head].into(), u16::from(head) * 3);
+        let _ = d.handle_datagram(now, src, body);
+        if d.poll_timeout().is_some_and(|t| t <= now) {
+            d.handle_timeout(now);
+        }
+        while let Some(t) = d.poll_transmit() {
+            assert!(!t.dst.ip().is_unspecified() && t.dst.port() != 0);
+        }
+        while d.poll_event().is_some() {}
+        assert!(d.peers().count() <= 4);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+
+        #[test]
+        fn datagram_decoder_survives_anything(data in proptest::collection::vec(any::<u8>(), 0..1500)) {
+            datagram(&data);
+        }
+
+        #[test]
+        fn frame_decoder_survives_anything(data in proptest::collection::vec(any::<u8>(), 0..6000)) {
+            frames(&data);
+        }
+
+        #[test]
+        fn session_machine_survives_anything(data in proptest::collection::vec(any::<u8>(), 0..600)) {
+            session(&data);
+        }
+
+        #[test]
+        fn discovery_machine_survives_anything(data in proptest::collection::vec(any::<u8>(), 0..2000)) {
+            discovery(&data);
+        }
+    }
+
+    /// Inputs the fuzzers found; each must stay fixed.
+    #[test]
+    fn regressions() {
+        // A hello-shaped frame with an ack before any data.
+        session(&[0, 2, 9, 4, 3]);
+    }
+}

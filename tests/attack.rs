@@ -1,0 +1,383 @@
+//! A live node on loopback is attacked while it holds a real session: a
+//! datagram flood of every kind of garbage, spoofed probes, a 4 GiB length
+//! prefix, 64 KiB of random bytes, hundreds of connections that never speak,
+//! and a peer that never reads. The node must stay up, keep its session and
+//! its messages flowing, shed what it must within its deadlines, keep memory
+//! bounded, and count every rejection.
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use common::{config, free_port, trace, wait_up};
+use lanbeat::{DownReason, Error, Event, Node, PeerId};
+use rand::{Rng, RngExt, SeedableRng};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpStream, UdpSocket};
+use tokio::time::{Instant, sleep, timeout};
+
+fn rss_kib() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap()
+}
+
+/// Reads until EOF or error; returns how long after `t0` that was.
+async fn until_closed(mut s: TcpStream, t0: Instant, limit: Duration) -> Option<Duration> {
+    let mut buf = [0u8; 4096];
+    timeout(limit, async {
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await
+    .ok()
+    .map(|_| t0.elapsed())
+}
+
+fn frame(ty: u8, payload: &[u8]) -> Vec<u8> {
+    let mut f = ((payload.len() + 1) as u32).to_be_bytes().to_vec();
+    f.push(ty);
+    f.extend_from_slice(payload);
+    f
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_survives_an_attack_while_holding_a_real_session() {
+    trace();
+    let port = free_port();
+    let handshake_timeout = Duration::from_millis(500);
+    let write_timeout = Duration::from_millis(1000);
+    let cfg_a = config("attack", port)
+        .name("a")
+        .heartbeat(Duration::from_millis(200), Duration::from_millis(1000))
+        .handshake_timeout(handshake_timeout)
+        .write_timeout(write_timeout)
+        .outbox_capacity(16)
+        .build()
+        .unwrap();
+    let service = cfg_a.service.clone();
+    let (a, mut ea) = Node::start(cfg_a).await.unwrap();
+    let (b, mut eb) = Node::start(
+        config("attack", port)
+            .name("b")
+            .heartbeat(Duration::from_millis(200), Duration::from_millis(1000))
+            .build()
+            .unwrap(),
+    )
+    .await
+    .unwrap();
+    wait_up(&mut ea, b.id(), Duration::from_secs(5)).await;
+    wait_up(&mut eb, a.id(), Duration::from_secs(5)).await;
+    let (aid, bid) = (a.id(), b.id());
+    let fake_id = PeerId::from_u64(0xdead);
+
+    // The real session carries messages both ways all along.
+    let stop = Arc::new(AtomicBool::new(false));
+    let sent_ab = Arc::new(AtomicU64::new(0));
+    let traffic = {
+        let (a, b, stop, sent_ab) = (a.clone(), b.clone(), stop.clone(), sent_ab.clone());
+        tokio::spawn(async move {
+            let mut i = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                a.send(bid, i.to_be_bytes().to_vec()).await.unwrap();
+                b.send(aid, i.to_be_bytes().to_vec()).await.unwrap();
+                sent_ab.store(i + 1, Ordering::Relaxed);
+                i += 1;
+                sleep(Duration::from_millis(5)).await;
+            }
+        })
+    };
+    // B checks order and that its session with A never drops.
+    let b_watch = tokio::spawn(async move {
+        let mut next = 0u64;
+        while let Some(e) = eb.recv().await {
+            match e {
+                Event::Message { data, .. } => {
+                    assert_eq!(u64::from_be_bytes(data[..].try_into().unwrap()), next);
+                    next += 1;
+                }
+                Event::SessionDown { peer, reason }
+                    if peer == aid
+                        && reason != DownReason::Goodbye
+                        && reason != DownReason::Shutdown =>
+                {
+                    panic!("B lost its session with A: {reason}")
+                }
+                _ => {}
+            }
+        }
+        next
+    });
+    // A's events: check B stays up and in order; forward what concerns the
+    // fake peer.
+    let (fake_tx, mut fake_rx) = tokio::sync::mpsc::unbounded_channel();
+    let a_watch = tokio::spawn(async move {
+        let mut next = 0u64;
+        while let Some(e) = ea.recv().await {
+            match &e {
+                Event::Message { peer, data } if *peer == bid => {
+                    assert_eq!(u64::from_be_bytes(data[..].try_into().unwrap()), next);
+                    next += 1;
+                }
+                Event::SessionDown { peer, reason }
+                    if *peer == bid
+                        && *reason != DownReason::Goodbye
+                        && *reason != DownReason::Shutdown =>
+                {
+                    panic!("A lost its session with B: {reason}")
+                }
+                Event::SessionUp { peer, .. }
+                | Event::SessionDown { peer, .. }
+                | Event::Undelivered { peer, .. }
+                    if *peer == fake_id =>
+                {
+                    let _ = fake_tx.send(e.clone());
+                }
+                _ => {}
+            }
+        }
+        next
+    });
+    sleep(Duration::from_millis(300)).await;
+    let rss_before = rss_kib();
+    let before = a.stats();
+
+    // 1. Datagram flood, broadcast on loopback so A surely gets every one.
+    let udp = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    udp.set_broadcast(true).unwrap();
+    let dst = ("127.255.255.255", port);
+    let mut rng = rand::rngs::SmallRng::seed_from_u64(7);
+    const EACH: usize = 1000;
+    let t_flood = Instant::now();
+    for i in 0..EACH {
+        let mut random = vec![0u8; rng.random_range(1..1200)];
+        rng.fill_bytes(&mut random);
+        random[0] = 0; // never the magic by chance
+        let oversized = vec![b'L'; 1500];
+        let mut version = b"LNBT\x07\x01".to_vec();
+        version.extend_from_slice(br#"{"service":"x","id":"1","instance":"1"}"#);
+        let mut malformed = b"LNBT\x01\x02".to_vec();
+        malformed.extend_from_slice(&random[..random.len().min(40)]);
+        let mut probe = b"LNBT\x01\x01".to_vec();
+        probe.extend_from_slice(
+            format!(
+                r#"{{"service":"{service}","id":"{:x}","instance":"1"}}"#,
+                0x1000 + i
+            )
+            .as_bytes(),
+        );
+        for d in [&random, &oversized, &version, &malformed, &probe] {
+            udp.send_to(d, dst).await.unwrap();
+        }
+        if i % 10 == 9 {
+            sleep(Duration::from_millis(1)).await;
+        }
+    }
+    let flood_time = t_flood.elapsed();
+    // Replies to the spoofed probes come back here: count them.
+    let mut replies = 0u64;
+    let mut buf = [0u8; 2048];
+    while let Ok(Ok(_)) = timeout(Duration::from_millis(200), udp.recv_from(&mut buf)).await {
+        replies += 1;
+    }
+    sleep(Duration::from_millis(100)).await;
+    let after_flood = a.stats();
+    let d = |f: fn(&lanbeat::Stats) -> u64| f(&after_flood) - f(&before);
+    assert_eq!(d(|s| s.dropped_not_lanbeat), EACH as u64);
+    assert_eq!(d(|s| s.dropped_too_large), EACH as u64);
+    assert_eq!(d(|s| s.dropped_version), EACH as u64);
+    assert_eq!(d(|s| s.dropped_malformed), EACH as u64);
+    // Two nodes answer, each at most its burst plus its rate.
+    let allowance = 40.0 + 20.0 * (flood_time.as_secs_f64() + 0.3);
+    assert!(
+        replies as f64 <= 2.0 * allowance,
+        "{replies} replies in {flood_time:?}"
+    );
+    let limited = d(|s| s.dropped_rate_limited);
+    assert!(
+        limited as f64 >= EACH as f64 - allowance,
+        "{limited} rate-limited"
+    );
+    println!(
+        "flood: {} datagrams in {flood_time:?}; {replies} replies to 1000 spoofed probes (both nodes); A rate-limited {limited}",
+        5 * EACH
+    );
+
+    // 2. A 4 GiB length prefix, then 3. 64 KiB of random bytes.
+    let tcp = std::net::SocketAddr::from(([127, 0, 0, 1], a.local().tcp_port));
+    let mut s = TcpStream::connect(tcp).await.unwrap();
+    s.write_all(&[0xff, 0xff, 0xff, 0xff, 1]).await.unwrap();
+    let shed_huge = until_closed(s, Instant::now(), Duration::from_secs(2))
+        .await
+        .expect("closed");
+    let mut s = TcpStream::connect(tcp).await.unwrap();
+    let mut junk = vec![0u8; 64 * 1024];
+    rng.fill_bytes(&mut junk);
+    junk[0] = 0x7f;
+    let _ = s.write_all(&junk).await;
+    let shed_junk = until_closed(s, Instant::now(), Duration::from_secs(2))
+        .await
+        .expect("closed");
+    println!("4 GiB prefix shed after {shed_huge:?}, 64 KiB junk after {shed_junk:?}");
+    assert!(shed_huge < Duration::from_millis(200) && shed_junk < Duration::from_millis(200));
+
+    // 4. Connections that never speak.
+    const SILENT: usize = 300;
+    let t_silent = Instant::now();
+    let mut conns = Vec::new();
+    for _ in 0..SILENT {
+        let t0 = Instant::now();
+        conns.push((TcpStream::connect(tcp).await.unwrap(), t0));
+    }
+    let waits: Vec<_> = conns
+        .into_iter()
+        .map(|(s, t0)| tokio::spawn(until_closed(s, t0, Duration::from_secs(3))))
+        .collect();
+    let mut shed = Vec::new();
+    for w in waits {
+        shed.push(
+            w.await
+                .unwrap()
+                .expect("a silent connection was never closed"),
+        );
+    }
+    let slowest = shed.iter().max().unwrap();
+    let at_once = shed
+        .iter()
+        .filter(|d| **d < Duration::from_millis(100))
+        .count();
+    println!(
+        "{SILENT} silent connections: {at_once} refused at once, all shed within {slowest:?} \
+         (handshake timeout {handshake_timeout:?}); total {:?}",
+        t_silent.elapsed()
+    );
+    assert!(*slowest <= handshake_timeout + Duration::from_millis(300));
+
+    // 5. A peer that completes the handshake, keeps pinging, never reads.
+    let mut s = TcpStream::connect(tcp).await.unwrap();
+    let hello = serde_json::json!({
+        "protocol": 1, "service": service, "id": format!("{:016x}", 0xdead), "instance": "1",
+        "name": "sloth", "role": "peer", "port": 0,
+        "heartbeat_interval_ms": 100, "heartbeat_timeout_ms": 1000, "max_frame_size": 1048576,
+    });
+    s.write_all(&frame(1, &serde_json::to_vec(&hello).unwrap()))
+        .await
+        .unwrap();
+    let mut len = [0u8; 4];
+    s.read_exact(&mut len).await.unwrap();
+    let mut theirs = vec![0u8; u32::from_be_bytes(len) as usize];
+    s.read_exact(&mut theirs).await.unwrap();
+    assert_eq!(theirs[0], 1, "hello");
+    let (_rd, mut wr) = s.into_split();
+    let pinger = tokio::spawn(async move {
+        for i in 0u64.. {
+            if wr.write_all(&frame(2, &i.to_be_bytes())).await.is_err() {
+                break;
+            }
+            sleep(Duration::from_millis(100)).await;
+        }
+    });
+    assert!(matches!(
+        timeout(Duration::from_secs(2), fake_rx.recv()).await,
+        Ok(Some(Event::SessionUp { .. }))
+    ));
+    let big = vec![0u8; 64 * 1024];
+    let mut accepted = 0u64;
+    let t_sloth = Instant::now();
+    let full = loop {
+        match a.try_send(fake_id, big.clone()) {
+            Ok(()) => accepted += 1,
+            Err(Error::OutboxFull { .. }) => break true,
+            Err(e) => panic!("{e}"),
+        }
+        if accepted.is_multiple_of(16) {
+            sleep(Duration::from_millis(5)).await;
+        }
+        if t_sloth.elapsed() > write_timeout / 2 {
+            break false;
+        }
+    };
+    assert!(full, "the outbox pushed back");
+    let down = timeout(write_timeout * 3, fake_rx.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    let sloth_closed = t_sloth.elapsed();
+    assert_eq!(
+        down,
+        Event::SessionDown {
+            peer: fake_id,
+            reason: DownReason::WriteTimeout
+        }
+    );
+    match timeout(Duration::from_secs(1), fake_rx.recv()).await {
+        Ok(Some(Event::Undelivered { messages, .. })) => {
+            assert_eq!(
+                messages.len() as u64,
+                accepted,
+                "every accepted message handed back"
+            )
+        }
+        other => panic!("{other:?}"),
+    }
+    pinger.abort();
+    println!(
+        "non-reading peer: {accepted} messages accepted, closed by write timeout after {sloth_closed:?}"
+    );
+
+    // The real session is still up and carries messages.
+    sleep(Duration::from_millis(300)).await;
+    stop.store(true, Ordering::Relaxed);
+    traffic.await.unwrap();
+    sleep(Duration::from_millis(300)).await;
+    let rss_after = rss_kib();
+    let after = a.stats();
+    let d = |f: fn(&lanbeat::Stats) -> u64| f(&after) - f(&before);
+    println!(
+        "RSS {rss_before} KiB before, {rss_after} KiB after; counters: refused {}, handshake timeouts {}, \
+         handshake failures {}, write timeouts {}",
+        d(|s| s.sessions_refused),
+        d(|s| s.handshake_timeouts),
+        d(|s| s.handshake_failures),
+        d(|s| s.write_timeouts)
+    );
+    assert_eq!(
+        d(|s| s.sessions_refused) + d(|s| s.handshake_timeouts),
+        SILENT as u64,
+        "every silent connection is counted once"
+    );
+    assert_eq!(d(|s| s.handshake_failures), 2, "4 GiB prefix and junk");
+    assert_eq!(d(|s| s.write_timeouts), 1);
+    assert_eq!(d(|s| s.messages_undelivered), accepted);
+    assert!(
+        rss_after < rss_before + 64 * 1024,
+        "RSS grew from {rss_before} to {rss_after} KiB"
+    );
+    let peers = a.peers();
+    assert!(
+        peers
+            .iter()
+            .any(|p| p.info.id == bid && p.state == lanbeat::PeerState::Connected)
+    );
+    let sent = sent_ab.load(Ordering::Relaxed);
+    a.shutdown().await;
+    b.shutdown().await;
+    let got_at_b = b_watch.await.unwrap();
+    let got_at_a = a_watch.await.unwrap();
+    assert_eq!(
+        got_at_b, sent,
+        "every message A sent to B arrived, in order"
+    );
+    assert_eq!(got_at_a, sent);
+    println!("real session carried {sent} messages each way through the attack");
+}

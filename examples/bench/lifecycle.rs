@@ -1,56 +1,15 @@
-//! Measurements on loopback, each beside a baseline run in the same process.
-//!
-//! ```text
-//! cargo run --release --example bench -- lifecycle [--trials N]
-//! ```
-//!
-//! `lifecycle`: a second peer runs as a child process (this binary, in peer
-//! mode); for each trial a fresh node starts in this process and the bench
-//! records start → discovered and start → session up (baseline: a bare UDP
-//! broadcast probe and unicast reply on loopback), then freezes the child
-//! with SIGSTOP and records the delay to `heartbeat_timeout`, then thaws it
-//! and records the time to the new session. At 100 ms / 300 ms and
-//! 1 s / 3 s. Loopback only.
-
-#[path = "peer/app.rs"]
-mod app;
+//! `lifecycle`: start → discovered / session up, SIGSTOP → heartbeat_timeout,
+//! SIGCONT → session up again, on loopback.
 
 use std::io::{BufRead, BufReader};
-use std::net::UdpSocket;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use clap::Parser;
 use lanbeat::{Config, DownReason, Event, Node};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
-#[derive(Parser)]
-struct Args {
-    /// Scenario: lifecycle.
-    scenario: String,
-    /// Trials per setting.
-    #[arg(long, default_value_t = 20)]
-    trials: usize,
-}
-
-fn main() {
-    let argv: Vec<String> = std::env::args().collect();
-    if argv.get(1).map(String::as_str) == Some("--peer-child") {
-        app::main(app::Args::parse_from(
-            std::iter::once("peer".to_owned()).chain(argv[2..].iter().cloned()),
-        ));
-    }
-    let args = Args::parse();
-    let rt = tokio::runtime::Runtime::new().expect("runtime");
-    match args.scenario.as_str() {
-        "lifecycle" => rt.block_on(lifecycle(args.trials)),
-        other => {
-            eprintln!("unknown scenario {other:?}; try: lifecycle");
-            std::process::exit(2);
-        }
-    }
-}
+use crate::util::{free_port, pct, row, row_header, udp_floor};
 
 struct Child2(Child);
 impl Drop for Child2 {
@@ -62,71 +21,9 @@ impl Drop for Child2 {
     }
 }
 
-fn free_port() -> u16 {
-    UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// Percentile of sorted samples.
-fn pct(v: &[Duration], p: f64) -> Duration {
-    let i = ((v.len() as f64 - 1.0) * p).round() as usize;
-    v[i]
-}
-
-fn row(name: &str, mut v: Vec<Duration>, base: Option<Duration>) {
-    v.sort();
-    let ms = |d: Duration| d.as_secs_f64() * 1e3;
-    let ratio = base
-        .map(|b| format!("{:.1}×", ms(pct(&v, 0.5)) / ms(b)))
-        .unwrap_or_else(|| "-".into());
-    println!(
-        "| {name:<46} | {:>4} | {:>8.2} | {:>8.2} | {:>8.2} | {:>8.2} | {ratio:>7} |",
-        v.len(),
-        ms(v[0]),
-        ms(pct(&v, 0.5)),
-        ms(pct(&v, 0.99)),
-        ms(v[v.len() - 1]),
-    );
-}
-
-/// The physical floor: one broadcast probe to a socket that answers unicast.
-fn udp_floor(trials: usize) -> Vec<Duration> {
-    let port = free_port();
-    let responder =
-        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None).unwrap();
-    responder.set_reuse_address(true).unwrap();
-    responder
-        .bind(&std::net::SocketAddr::from(([0, 0, 0, 0], port)).into())
-        .unwrap();
-    let responder: UdpSocket = responder.into();
-    let t = std::thread::spawn(move || {
-        let mut buf = [0u8; 64];
-        for _ in 0..trials {
-            let (n, from) = responder.recv_from(&mut buf).unwrap();
-            responder.send_to(&buf[..n], from).unwrap();
-        }
-    });
-    let mut out = Vec::new();
-    for _ in 0..trials {
-        let t0 = Instant::now();
-        let s = UdpSocket::bind("0.0.0.0:0").unwrap();
-        s.set_broadcast(true).unwrap();
-        s.send_to(b"probe", ("127.255.255.255", port)).unwrap();
-        let mut buf = [0u8; 64];
-        s.recv_from(&mut buf).unwrap();
-        out.push(t0.elapsed());
-    }
-    t.join().unwrap();
-    out
-}
-
-async fn lifecycle(trials: usize) {
+pub(crate) async fn lifecycle(trials: usize) {
     println!("lanbeat lifecycle bench on loopback, {trials} trials per setting\n");
-    println!("| what | n | min ms | p50 ms | p99 ms | max ms | vs floor |");
-    println!("| --- | --- | --- | --- | --- | --- | --- |");
+    row_header();
     let floor = udp_floor(trials.max(50));
     let floor_p50 = {
         let mut f = floor.clone();

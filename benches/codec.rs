@@ -1,0 +1,74 @@
+//! Codec micro-benchmarks: `cargo bench --bench codec`.
+
+use std::collections::BTreeMap;
+use std::hint::black_box;
+
+use bytes::{Bytes, BytesMut};
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use lanbeat::wire::discovery::{Announce, Datagram, DatagramLimits};
+use lanbeat::wire::frame::{self, Frame};
+use lanbeat::{PeerId, Role};
+
+fn datagrams(c: &mut Criterion) {
+    let announce = Datagram::Announce(Announce {
+        service: "lamp-control".into(),
+        id: PeerId::from_u64(0x1234_5678_9abc_def0),
+        instance: 42,
+        role: Role::Peer,
+        name: "kitchen-hub".into(),
+        port: 40123,
+        metadata: BTreeMap::from([("fw".into(), "1.2.3".into())]),
+    });
+    let bytes = announce.encode();
+    let limits = DatagramLimits::default();
+    c.bench_function("datagram/encode announce", |b| {
+        b.iter(|| black_box(&announce).encode())
+    });
+    c.bench_function("datagram/decode announce", |b| {
+        b.iter(|| Datagram::decode(black_box(&bytes), &limits).unwrap())
+    });
+    let garbage = vec![0u8; 1000];
+    c.bench_function("datagram/reject garbage", |b| {
+        b.iter(|| Datagram::decode(black_box(&garbage), &limits).unwrap_err())
+    });
+}
+
+fn frames(c: &mut Criterion) {
+    let mut g = c.benchmark_group("frame");
+    for size in [16usize, 64, 1024, 65536] {
+        let payload = Bytes::from(vec![7u8; size]);
+        g.throughput(Throughput::Bytes(size as u64));
+        g.bench_function(format!("encode data {size} B"), |b| {
+            let mut buf = BytesMut::with_capacity(size + 16);
+            b.iter(|| {
+                buf.clear();
+                frame::encode_data(black_box(&payload), &mut buf);
+            })
+        });
+        let mut one = BytesMut::new();
+        frame::encode_data(&payload, &mut one);
+        g.bench_function(format!("decode data {size} B"), |b| {
+            b.iter(|| {
+                let mut buf = one.clone();
+                Frame::decode(black_box(&mut buf), 1 << 20)
+                    .unwrap()
+                    .unwrap()
+            })
+        });
+    }
+    g.throughput(Throughput::Elements(1));
+    let mut ping = BytesMut::new();
+    Frame::Ping(1).encode(&mut ping);
+    g.bench_function("decode ping", |b| {
+        b.iter(|| {
+            let mut buf = ping.clone();
+            Frame::decode(black_box(&mut buf), 1 << 20)
+                .unwrap()
+                .unwrap()
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, datagrams, frames);
+criterion_main!(benches);

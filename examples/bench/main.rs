@@ -1,0 +1,75 @@
+//! lanbeat benchmarks: each figure beside a baseline measured in the same
+//! run, printed as a markdown table. Loopback and namespaces of its own only.
+//!
+//! ```text
+//! cargo run --release --example bench -- lifecycle [--trials N]
+//! cargo run --release --example bench -- rtt [--n N]
+//! cargo run --release --example bench -- throughput [--scale F]
+//! cargo run --release --example bench -- scale [--sessions 1000,10000] [--secs 30]
+//! ```
+//!
+//! See docs/BENCHMARKS.md for what each scenario measures and the results.
+
+#[path = "../peer/app.rs"]
+mod app;
+mod lifecycle;
+mod msg;
+mod scale;
+mod util;
+
+use clap::Parser;
+
+#[derive(Parser)]
+struct Args {
+    /// Scenario: lifecycle, rtt, throughput.
+    scenario: String,
+    /// Trials per setting (lifecycle).
+    #[arg(long, default_value_t = 20)]
+    trials: usize,
+    /// Round trips (rtt).
+    #[arg(long, default_value_t = 100_000)]
+    n: usize,
+    /// Scale of the message counts (throughput).
+    #[arg(long, default_value_t = 1.0)]
+    scale: f64,
+    /// Session counts (scale), comma-separated.
+    #[arg(long, default_value = "1000,10000", value_delimiter = ',')]
+    sessions: Vec<usize>,
+    /// Seconds of CPU sampling (scale).
+    #[arg(long, default_value_t = 30)]
+    secs: u64,
+}
+
+fn main() {
+    let argv: Vec<String> = std::env::args().collect();
+    match argv.get(1).map(String::as_str) {
+        Some("--peer-child") => app::main(app::Args::parse_from(
+            std::iter::once("peer".to_owned()).chain(argv[2..].iter().cloned()),
+        )),
+        Some("__child") => {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            let known = rt.block_on(async {
+                msg::child(&argv[2], &argv[3..]).await || scale::child(&argv[2], &argv[3..]).await
+            });
+            assert!(known, "unknown helper role {}", argv[2]);
+            std::process::exit(0);
+        }
+        _ => {}
+    }
+    let args = Args::parse();
+    match args.scenario.as_str() {
+        "lifecycle" => tokio::runtime::Runtime::new()
+            .unwrap()
+            .block_on(lifecycle::lifecycle(args.trials)),
+        "rtt" => msg::rtt(args.n),
+        "throughput" => msg::throughput(args.scale),
+        "scale" => scale::scale(&args.sessions, args.secs),
+        other => {
+            eprintln!("unknown scenario {other:?}; try lifecycle, rtt, throughput");
+            std::process::exit(2);
+        }
+    }
+}

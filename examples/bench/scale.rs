@@ -1,0 +1,202 @@
+//! `scale`: the cost of idle sessions. A server process holds N sessions at
+//! a 1 Hz heartbeat; a client process opens them. The bench samples the
+//! server's CPU time (`/proc/PID/stat`) and resident memory. Baseline: a
+//! minimal hand-written tokio heartbeat server, one task per connection,
+//! answering 13-byte pings with 13-byte pongs.
+
+use std::time::{Duration, Instant};
+
+use lanbeat::{Config, Node};
+use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::util::{Helper, cpu_time, rss_kib};
+
+fn arg<T: std::str::FromStr>(args: &[String], name: &str) -> T {
+    let i = args
+        .iter()
+        .position(|a| a == name)
+        .unwrap_or_else(|| panic!("missing {name}"));
+    args[i + 1]
+        .parse()
+        .ok()
+        .unwrap_or_else(|| panic!("bad {name}"))
+}
+
+fn frame(ty: u8, payload: &[u8]) -> Vec<u8> {
+    let mut f = ((payload.len() + 1) as u32).to_be_bytes().to_vec();
+    f.push(ty);
+    f.extend_from_slice(payload);
+    f
+}
+
+/// Runs a child role; returns false if `role` is not one of ours.
+pub(crate) async fn child(role: &str, args: &[String]) -> bool {
+    match role {
+        "raw-hb-server" => raw_server().await,
+        "lb-hb-server" => lb_server(arg(args, "--sessions")).await,
+        "hb-client" => {
+            client(
+                arg(args, "--port"),
+                arg(args, "--sessions"),
+                arg(args, "--lanbeat"),
+            )
+            .await
+        }
+        _ => return false,
+    }
+    true
+}
+
+async fn raw_server() {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    println!("{}", l.local_addr().unwrap().port());
+    loop {
+        let (mut s, _) = l.accept().await.unwrap();
+        tokio::spawn(async move {
+            let mut buf = [0u8; 13];
+            while s.read_exact(&mut buf).await.is_ok() {
+                buf[4] = 3;
+                if s.write_all(&buf).await.is_err() {
+                    break;
+                }
+            }
+        });
+    }
+}
+
+async fn lb_server(sessions: usize) {
+    let config = Config::builder("scale")
+        .loopback_only()
+        .discovery_port(crate::util::free_port())
+        .max_sessions(sessions + 16)
+        .max_handshakes(4096)
+        .build()
+        .unwrap();
+    let (node, mut events) = Node::start(config).await.unwrap();
+    println!("{}", node.local().tcp_port);
+    while events.recv().await.is_some() {}
+}
+
+/// Opens `n` connections; on each, pings once a second (13 bytes) and
+/// answers pings. Speaks the lanbeat handshake when `lanbeat`.
+async fn client(port: u16, n: usize, lanbeat: bool) {
+    let mut tasks = Vec::new();
+    for i in 0..n {
+        let mut s = loop {
+            match TcpStream::connect(("127.0.0.1", port)).await {
+                Ok(s) => break s,
+                Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+            }
+        };
+        if lanbeat {
+            let hello = json!({
+                "protocol": 1, "service": "scale", "id": format!("{:016x}", 0x5ca1_e000_0000_0000_u64 + i as u64),
+                "instance": "1", "name": "c", "role": "controller", "port": 0,
+                "heartbeat_interval_ms": 1000, "heartbeat_timeout_ms": 3000, "max_frame_size": 65536,
+            });
+            s.write_all(&frame(1, &serde_json::to_vec(&hello).unwrap()))
+                .await
+                .unwrap();
+        }
+        // Spread the pings over the second.
+        let phase = Duration::from_micros((i as u64 * 1_000_000 / n as u64) % 1_000_000);
+        tasks.push(tokio::spawn(async move {
+            let (mut rd, mut wr) = s.into_split();
+            let writer = tokio::spawn(async move {
+                tokio::time::sleep(phase).await;
+                let mut tick = tokio::time::interval(Duration::from_secs(1));
+                for seq in 1u64.. {
+                    tick.tick().await;
+                    if wr.write_all(&frame(2, &seq.to_be_bytes())).await.is_err() {
+                        break;
+                    }
+                }
+            });
+            // Read frames; answer pings (lanbeat) — the pong goes through a
+            // second connection handle-free path: we only count here.
+            let mut len = [0u8; 4];
+            let mut body = vec![0u8; 65536];
+            loop {
+                if rd.read_exact(&mut len).await.is_err() {
+                    break;
+                }
+                let l = u32::from_be_bytes(len) as usize;
+                if l > body.len() || rd.read_exact(&mut body[..l]).await.is_err() {
+                    break;
+                }
+            }
+            writer.abort();
+        }));
+        if i % 256 == 255 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+    println!("connected");
+    futures_pending().await;
+}
+
+async fn futures_pending() {
+    std::future::pending::<()>().await;
+}
+
+pub(crate) fn scale(sessions: &[usize], secs: u64) {
+    println!("idle sessions at 1 Hz heartbeat; server CPU over {secs} s and RSS per session\n");
+    println!("| sessions | server | CPU % of a core | RSS KiB/session | CPU vs raw |");
+    println!("| --- | --- | --- | --- | --- |");
+    for &n in sessions {
+        let mut raw_cpu = 0.0;
+        for lanbeat in [false, true] {
+            let role = if lanbeat {
+                "lb-hb-server"
+            } else {
+                "raw-hb-server"
+            };
+            let mut server = Helper::start(
+                &[role.into(), "--sessions".into(), n.to_string()],
+                false,
+                None,
+            );
+            let port = server.line();
+            std::thread::sleep(Duration::from_millis(300));
+            let rss0 = rss_kib(server.pid());
+            let mut client = Helper::start(
+                &[
+                    "hb-client".into(),
+                    "--port".into(),
+                    port,
+                    "--sessions".into(),
+                    n.to_string(),
+                    "--lanbeat".into(),
+                    lanbeat.to_string(),
+                ],
+                false,
+                None,
+            );
+            assert_eq!(client.line(), "connected");
+            std::thread::sleep(Duration::from_secs(5));
+            let rss1 = rss_kib(server.pid());
+            let c0 = cpu_time(server.pid());
+            let t0 = Instant::now();
+            std::thread::sleep(Duration::from_secs(secs));
+            let cpu =
+                (cpu_time(server.pid()) - c0).as_secs_f64() / t0.elapsed().as_secs_f64() * 100.0;
+            let per = (rss1.saturating_sub(rss0)) as f64 / n as f64;
+            if !lanbeat {
+                raw_cpu = cpu;
+            }
+            println!(
+                "| {n} | {} | {cpu:.1} % | {per:.2} | {} |",
+                if lanbeat { "lanbeat" } else { "raw tokio" },
+                if lanbeat {
+                    format!("{:.2}×", cpu / raw_cpu.max(0.01))
+                } else {
+                    "1.00×".into()
+                }
+            );
+            drop(client);
+            drop(server);
+        }
+    }
+}

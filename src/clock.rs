@@ -8,7 +8,7 @@ pub(crate) fn now() -> Instant {
     tokio::time::Instant::now().into_std()
 }
 
-/// Sleeps until a machine deadline.
-pub(crate) async fn sleep_until(deadline: Instant) {
-    tokio::time::sleep_until(tokio::time::Instant::from_std(deadline)).await;
+/// A sleep until a machine deadline (can be `reset`).
+pub(crate) fn sleep_until(deadline: Instant) -> tokio::time::Sleep {
+    tokio::time::sleep_until(tokio::time::Instant::from_std(deadline))
 }

@@ -20,8 +20,9 @@ use crate::discovery::socket;
 use crate::error::Error;
 use crate::event::{DownReason, Event, ProtocolViolation};
 use crate::peer::{PeerId, PeerInfo, PeerState, PeerStatus};
-use crate::session::conn::{Approval, Conn, Ctrl, Note, tune};
+use crate::session::conn::{Approval, Conn, Note, tune};
 use crate::session::machine::SessionConfig;
+use crate::session::outbox::{Outbox, PushError};
 use crate::stats::{Counters, Stats};
 use crate::wire::PROTOCOL_VERSION;
 use crate::wire::frame::{DATA_OVERHEAD, Hello, LEN_PREFIX};
@@ -30,7 +31,7 @@ use crate::wire::frame::{DATA_OVERHEAD, Hello, LEN_PREFIX};
 #[derive(Debug, Default)]
 pub(crate) struct Shared {
     /// Outbox of each session that is up, tagged with its connection.
-    outboxes: Mutex<HashMap<PeerId, (u64, mpsc::Sender<Bytes>)>>,
+    outboxes: Mutex<HashMap<PeerId, (u64, Arc<Outbox>)>>,
     /// What discovery knows, refreshed by the supervisor.
     peers: Mutex<BTreeMap<PeerId, (PeerInfo, PeerState)>>,
     rtts: Mutex<HashMap<PeerId, Duration>>,
@@ -47,8 +48,8 @@ impl Shared {
         lock(&self.rtts).insert(peer, rtt);
     }
 
-    fn outbox(&self, peer: PeerId) -> Option<mpsc::Sender<Bytes>> {
-        lock(&self.outboxes).get(&peer).map(|(_, tx)| tx.clone())
+    fn outbox(&self, peer: PeerId) -> Option<Arc<Outbox>> {
+        lock(&self.outboxes).get(&peer).map(|(_, o)| o.clone())
     }
 }
 
@@ -203,7 +204,7 @@ impl Node {
         let max_message = config.max_frame_size as usize - (DATA_OVERHEAD - LEN_PREFIX);
         let driver = Driver {
             disc,
-            session,
+            session: Arc::new(session),
             shared: shared.clone(),
             shared_sock,
             unicast,
@@ -265,12 +266,12 @@ impl Node {
     /// limit.
     pub async fn send(&self, peer: PeerId, message: impl Into<Bytes>) -> Result<(), Error> {
         let message = self.check_size(message.into())?;
-        let Some(tx) = self.inner.shared.outbox(peer) else {
+        let Some(o) = self.inner.shared.outbox(peer) else {
             return Err(Error::NotConnected { peer, message });
         };
-        tx.send(message)
+        o.push(message)
             .await
-            .map_err(|e| Error::NotConnected { peer, message: e.0 })
+            .map_err(|message| Error::NotConnected { peer, message })
     }
 
     /// Like [`Node::send`], but fails at once when the outbox is full.
@@ -279,12 +280,12 @@ impl Node {
     /// As [`Node::send`], plus [`Error::OutboxFull`].
     pub fn try_send(&self, peer: PeerId, message: impl Into<Bytes>) -> Result<(), Error> {
         let message = self.check_size(message.into())?;
-        let Some(tx) = self.inner.shared.outbox(peer) else {
+        let Some(o) = self.inner.shared.outbox(peer) else {
             return Err(Error::NotConnected { peer, message });
         };
-        tx.try_send(message).map_err(|e| match e {
-            mpsc::error::TrySendError::Full(message) => Error::OutboxFull { peer, message },
-            mpsc::error::TrySendError::Closed(message) => Error::NotConnected { peer, message },
+        o.try_push(message).map_err(|e| match e {
+            PushError::Full(message) => Error::OutboxFull { peer, message },
+            PushError::Closed(message) => Error::NotConnected { peer, message },
         })
     }
 
@@ -309,11 +310,11 @@ impl Node {
         let message = self.check_size(message.into())?;
         let targets: Vec<_> = lock(&self.inner.shared.outboxes)
             .iter()
-            .map(|(p, (_, tx))| (*p, tx.clone()))
+            .map(|(p, (_, o))| (*p, o.clone()))
             .collect();
         let mut sent = Vec::with_capacity(targets.len());
-        for (peer, tx) in targets {
-            if tx.send(message.clone()).await.is_ok() {
+        for (peer, o) in targets {
+            if o.push(message.clone()).await.is_ok() {
                 sent.push(peer);
             }
         }
@@ -363,7 +364,8 @@ fn millis(d: Duration) -> u64 {
 }
 
 struct ConnEntry {
-    ctrl: mpsc::Sender<Ctrl>,
+    /// Closes the connection (with a goodbye); used once.
+    ctrl: Option<oneshot::Sender<DownReason>>,
     outbound: bool,
     /// The peer a dial was for.
     expected: Option<PeerId>,
@@ -383,7 +385,7 @@ struct Driver {
     config: Config,
     id: PeerId,
     disc: Discovery,
-    session: SessionConfig,
+    session: Arc<SessionConfig>,
     shared: Arc<Shared>,
     shared_sock: UdpSocket,
     unicast: UdpSocket,
@@ -486,9 +488,8 @@ impl Driver {
                     let _ = self.events.send(Event::Discovered(info)).await;
                 }
                 DiscoveryEvent::Restarted(info) => {
-                    if let Some(conn) = self.sessions.get(&info.id).and_then(|c| self.conns.get(c))
-                    {
-                        let _ = conn.ctrl.try_send(Ctrl::Close(DownReason::PeerRestarted));
+                    if let Some(&c) = self.sessions.get(&info.id) {
+                        self.close_conn(c, DownReason::PeerRestarted);
                     }
                 }
                 DiscoveryEvent::Dial(info) => self.dial(info),
@@ -553,12 +554,12 @@ impl Driver {
     ) {
         self.next_conn += 1;
         let id = self.next_conn;
-        let (ctrl_tx, ctrl) = mpsc::channel(4);
+        let (ctrl_tx, ctrl) = oneshot::channel();
         let outbound = expected.is_some();
         self.conns.insert(
             id,
             ConnEntry {
-                ctrl: ctrl_tx,
+                ctrl: Some(ctrl_tx),
                 outbound,
                 expected,
                 up: None,
@@ -607,6 +608,13 @@ impl Driver {
             }
             .instrument(span),
         );
+    }
+
+    /// Asks a connection to close (with a goodbye when it is a session).
+    fn close_conn(&mut self, conn: u64, reason: DownReason) {
+        if let Some(tx) = self.conns.get_mut(&conn).and_then(|c| c.ctrl.take()) {
+            let _ = tx.send(reason);
+        }
     }
 
     fn note(&mut self, note: Note) {
@@ -665,7 +673,7 @@ impl Driver {
             return;
         };
         debug!(%peer, %reason, "replacing session");
-        let _ = old_entry.ctrl.try_send(Ctrl::Close(reason));
+        self.close_conn(old, reason);
         if let Some(prev) = self.waiting.insert(
             peer,
             Waiting {
@@ -691,11 +699,16 @@ impl Driver {
         approve: oneshot::Sender<Approval>,
     ) {
         let peer = hello.id;
-        let (tx, rx) = mpsc::channel(self.config.outbox_capacity);
+        let outbox = Arc::new(Outbox::new(self.config.outbox_capacity));
         let Some(entry) = self.conns.get_mut(&conn) else {
             return;
         };
-        if approve.send(Approval::Accept { outbox: rx }).is_err() {
+        if approve
+            .send(Approval::Accept {
+                outbox: outbox.clone(),
+            })
+            .is_err()
+        {
             return;
         }
         entry.up = Some((peer, hello.instance));
@@ -705,7 +718,7 @@ impl Driver {
             SocketAddr::new(addr.ip(), hello.port)
         };
         self.sessions.insert(peer, conn);
-        lock(&self.shared.outboxes).insert(peer, (conn, tx));
+        lock(&self.shared.outboxes).insert(peer, (conn, outbox));
         Counters::bump(&self.shared.counters.sessions_up);
         let interface = match addr.ip() {
             std::net::IpAddr::V4(ip) => self
@@ -766,8 +779,9 @@ impl Driver {
 
     async fn shutdown(mut self) {
         info!("shutting down");
-        for c in self.conns.values() {
-            let _ = c.ctrl.try_send(Ctrl::Close(DownReason::Shutdown));
+        let ids: Vec<u64> = self.conns.keys().copied().collect();
+        for c in ids {
+            self.close_conn(c, DownReason::Shutdown);
         }
         self.disc.shutdown();
         self.flush().await;

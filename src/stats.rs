@@ -79,6 +79,8 @@ counters! {
     messages_received,
     /// Messages handed back in `Undelivered` events.
     messages_undelivered,
+    /// RTT samples not reported because the event queue was full.
+    rtt_events_skipped,
 }
 
 impl Counters {

@@ -15,6 +15,7 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, trace, warn};
 
 use super::machine::{Session, SessionConfig, SessionEvent};
+use super::outbox::Outbox;
 use crate::clock;
 use crate::event::{DownReason, Event, ProtocolViolation};
 use crate::node::Shared;
@@ -26,18 +27,15 @@ use crate::wire::frame::{self, Frame, Hello};
 const WRITE_HIGH_WATER: usize = 256 * 1024;
 /// How long a closing session may spend flushing its goodbye.
 const GOODBYE_FLUSH: Duration = Duration::from_millis(500);
-
-/// From the supervisor to a connection.
-#[derive(Debug)]
-pub(crate) enum Ctrl {
-    /// Close the session, saying goodbye.
-    Close(DownReason),
-}
+/// Read buffer sizes: an idle session reads into a small buffer (a ping is
+/// 13 bytes); one whose reads fill the buffer gets a bigger one next time.
+const READ_MIN: usize = 256;
+const READ_MAX: usize = 256 * 1024;
 
 /// The supervisor's answer to a completed handshake.
 #[derive(Debug)]
 pub(crate) enum Approval {
-    Accept { outbox: mpsc::Receiver<Bytes> },
+    Accept { outbox: Arc<Outbox> },
     Reject(ProtocolViolation),
 }
 
@@ -61,14 +59,15 @@ pub(crate) enum Note {
 /// Everything a connection task needs.
 pub(crate) struct Conn {
     pub(crate) id: u64,
-    pub(crate) session: SessionConfig,
+    pub(crate) session: Arc<SessionConfig>,
     pub(crate) expected: Option<PeerId>,
     pub(crate) outbound: bool,
     pub(crate) max_frame: u32,
     pub(crate) write_timeout: Duration,
     pub(crate) events: mpsc::Sender<Event>,
     pub(crate) notes: mpsc::UnboundedSender<Note>,
-    pub(crate) ctrl: mpsc::Receiver<Ctrl>,
+    /// The supervisor closes the session through this (say goodbye).
+    pub(crate) ctrl: oneshot::Receiver<DownReason>,
     pub(crate) shared: Arc<Shared>,
 }
 
@@ -111,14 +110,19 @@ impl Conn {
     async fn drive(&mut self, stream: TcpStream, addr: SocketAddr) -> (Option<PeerId>, DownReason) {
         let mut session = Session::new(clock::now(), self.session.clone(), self.expected);
         let (mut rd, mut wr) = stream.into_split();
-        let mut rbuf = BytesMut::with_capacity(4096);
-        let mut wbuf = BytesMut::with_capacity(4096);
-        let mut outbox: Option<mpsc::Receiver<Bytes>> = None;
+        let mut rbuf = BytesMut::new();
+        let mut read_size = READ_MIN;
+        let mut wbuf = BytesMut::new();
+        let mut outbox: Option<Arc<Outbox>> = None;
         let mut peer: Option<PeerId> = None;
         // A received message the application has no room for yet.
         let mut held: Option<Bytes> = None;
         let mut last_write = clock::now();
         let mut ctrl_open = true;
+        // One timer for the whole life of the connection, moved as needed.
+        let mut armed = clock::now() + Duration::from_secs(3600);
+        let sleep = clock::sleep_until(armed);
+        tokio::pin!(sleep);
         let reason = loop {
             // Frames already buffered are processed before reading more.
             if held.is_none() && !session.is_closed() {
@@ -130,17 +134,23 @@ impl Conn {
             let mut closed = None;
             while let Some(ev) = session.poll_event() {
                 match ev {
-                    SessionEvent::Established(hello) => match self.approve(hello, addr).await {
-                        Ok((p, rx)) => {
-                            peer = Some(p);
-                            outbox = Some(rx);
+                    SessionEvent::Established(hello) => {
+                        match Box::pin(self.approve(hello, addr)).await {
+                            Ok((p, o)) => {
+                                peer = Some(p);
+                                outbox = Some(o);
+                            }
+                            Err(v) => session.close(DownReason::ProtocolError(v), false),
                         }
-                        Err(v) => session.close(DownReason::ProtocolError(v), false),
-                    },
+                    }
                     SessionEvent::Rtt(rtt) => {
                         if let Some(p) = peer {
                             self.shared.record_rtt(p, rtt);
-                            let _ = self.events.send(Event::Rtt { peer: p, rtt }).await;
+                            // A sample is skipped (and counted), never
+                            // waited for: the session must keep going.
+                            if self.events.try_send(Event::Rtt { peer: p, rtt }).is_err() {
+                                Counters::bump(&self.shared.counters.rtt_events_skipped);
+                            }
                         }
                     }
                     SessionEvent::Closed(r) => closed = Some(r),
@@ -150,24 +160,64 @@ impl Conn {
                 break r;
             }
             // Take messages from the outbox while the peer keeps up.
-            if let Some(rx) = outbox.as_mut() {
+            if let Some(o) = outbox.as_ref() {
+                let counters = &self.shared.counters;
                 while session.can_send() && wbuf.len() < WRITE_HIGH_WATER {
-                    let Ok(m) = rx.try_recv() else { break };
-                    self.write_message(&mut session, &mut wbuf, m);
+                    let now = clock::now();
+                    let mut sent = 0;
+                    let n = o.pop_batch(64, |m| {
+                        frame::encode_data(&m, &mut wbuf);
+                        session.record_data_sent(now, m);
+                        sent += 1;
+                    });
+                    Counters::add(&counters.messages_sent, sent);
+                    if n == 0 {
+                        break;
+                    }
+                }
+                // Frames the session queued while taking messages (none
+                // today) go out with them.
+                while let Some(f) = session.poll_transmit() {
+                    f.encode(&mut wbuf);
                 }
             }
-            let now = clock::now();
             let stall = (!wbuf.is_empty()).then(|| last_write + self.write_timeout);
-            let deadline = [session.poll_timeout(), stall].into_iter().flatten().min();
+            let deadline = [session.poll_timeout(), stall]
+                .into_iter()
+                .flatten()
+                .min()
+                .unwrap_or(armed);
+            if deadline != armed {
+                armed = deadline;
+                sleep
+                    .as_mut()
+                    .reset(tokio::time::Instant::from_std(deadline));
+            }
             let can_take = outbox.is_some() && session.can_send() && wbuf.len() < WRITE_HIGH_WATER;
+            if rbuf.capacity() - rbuf.len() < read_size / 2 {
+                rbuf.reserve(read_size);
+            }
             tokio::select! {
-                c = self.ctrl.recv(), if ctrl_open => match c {
-                    Some(Ctrl::Close(r)) => session.close(r, true),
-                    None => ctrl_open = false,
-                },
+                r = &mut self.ctrl, if ctrl_open => {
+                    ctrl_open = false;
+                    if let Ok(r) = r {
+                        session.close(r, true);
+                    }
+                }
                 r = rd.read_buf(&mut rbuf), if held.is_none() => match r {
                     Ok(0) => session.handle_eof(),
-                    Ok(_) => {}
+                    Ok(n) => {
+                        // Grow the buffer for a busy peer, shrink it back
+                        // for an idle one.
+                        if n >= read_size && read_size < READ_MAX {
+                            read_size *= 2;
+                        } else if n < READ_MIN && read_size > READ_MIN {
+                            read_size = READ_MIN;
+                            if rbuf.is_empty() {
+                                rbuf = BytesMut::new();
+                            }
+                        }
+                    }
                     Err(e) => session.handle_io_error(e.kind()),
                 },
                 permit = self.events.reserve(), if held.is_some() => {
@@ -177,16 +227,18 @@ impl Conn {
                     session.set_paused(clock::now(), false);
                 }
                 w = wr.write_buf(&mut wbuf), if !wbuf.is_empty() => match w {
-                    Ok(_) => last_write = clock::now(),
+                    Ok(_) => {
+                        last_write = clock::now();
+                        if wbuf.is_empty() && wbuf.capacity() > 64 * 1024 {
+                            wbuf = BytesMut::new();
+                        }
+                    }
                     Err(e) => session.handle_io_error(e.kind()),
                 },
-                m = async { outbox.as_mut().expect("guarded").recv().await }, if can_take => {
-                    if let Some(m) = m {
-                        self.write_message(&mut session, &mut wbuf, m);
-                    }
-                }
-                _ = clock::sleep_until(deadline.unwrap_or(now + Duration::from_secs(3600))) => {
+                () = async { outbox.as_ref().expect("guarded").filled().await }, if can_take => {}
+                () = &mut sleep => {
                     let now = clock::now();
+                    armed = now + Duration::from_secs(3600);
                     if stall.is_some_and(|s| now >= s) && !wbuf.is_empty() {
                         session.close(DownReason::WriteTimeout, false);
                     } else {
@@ -195,8 +247,7 @@ impl Conn {
                 }
             }
         };
-        self.finish(session, reason, peer, held, outbox, wr, wbuf)
-            .await
+        Box::pin(self.finish(session, reason, peer, held, outbox, wr, wbuf)).await
     }
 
     /// Decodes complete frames from `rbuf` into the machine; stops at the
@@ -242,17 +293,11 @@ impl Conn {
         }
     }
 
-    fn write_message(&self, session: &mut Session, wbuf: &mut BytesMut, m: Bytes) {
-        frame::encode_data(&m, wbuf);
-        session.record_data_sent(clock::now(), m);
-        Counters::bump(&self.shared.counters.messages_sent);
-    }
-
     async fn approve(
         &self,
         hello: Box<Hello>,
         addr: SocketAddr,
-    ) -> Result<(PeerId, mpsc::Receiver<Bytes>), ProtocolViolation> {
+    ) -> Result<(PeerId, Arc<Outbox>), ProtocolViolation> {
         let (tx, rx) = oneshot::channel();
         let peer = hello.id;
         let name = hello.name.clone();
@@ -291,7 +336,7 @@ impl Conn {
         reason: DownReason,
         peer: Option<PeerId>,
         held: Option<Bytes>,
-        outbox: Option<mpsc::Receiver<Bytes>>,
+        outbox: Option<Arc<Outbox>>,
         mut wr: OwnedWriteHalf,
         mut wbuf: BytesMut,
     ) -> (Option<PeerId>, DownReason) {
@@ -330,11 +375,8 @@ impl Conn {
             let _ = self.events.send(Event::Message { peer: p, data }).await;
         }
         let mut undelivered = session.take_unacked();
-        if let Some(mut rx) = outbox {
-            rx.close();
-            while let Ok(m) = rx.try_recv() {
-                undelivered.push(m);
-            }
+        if let Some(o) = outbox {
+            undelivered.extend(o.close());
         }
         info!(peer = %p, %reason, undelivered = undelivered.len(), "session down");
         let _ = self
@@ -355,5 +397,44 @@ impl Conn {
                 .await;
         }
         (Some(p), reason)
+    }
+}
+
+#[cfg(test)]
+mod size_tests {
+    use std::sync::Arc;
+
+    #[test]
+    fn print_sizes() {
+        let (tx, _rx) = tokio::sync::mpsc::channel(1);
+        let (ntx, _nrx) = tokio::sync::mpsc::unbounded_channel();
+        let (_ctx, crx) = tokio::sync::oneshot::channel();
+        let conn = super::Conn {
+            id: 0,
+            session: Arc::new(crate::fuzzing_session_config()),
+            expected: None,
+            outbound: false,
+            max_frame: 1024,
+            write_timeout: std::time::Duration::from_secs(1),
+            events: tx,
+            notes: ntx,
+            ctrl: crx,
+            shared: Default::default(),
+        };
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let s = tokio::net::TcpStream::connect(l.local_addr().unwrap())
+                .await
+                .unwrap();
+            let addr = s.peer_addr().unwrap();
+            let fut = conn.run(s, addr);
+            eprintln!("conn future: {} bytes", std::mem::size_of_val(&fut));
+            eprintln!("event: {} bytes", std::mem::size_of::<crate::Event>());
+            eprintln!("session: {} bytes", std::mem::size_of::<super::Session>());
+        });
     }
 }

@@ -67,7 +67,7 @@ enum State {
 /// One session's protocol state.
 #[derive(Debug)]
 pub struct Session {
-    cfg: SessionConfig,
+    cfg: std::sync::Arc<SessionConfig>,
     state: State,
     expected: Option<PeerId>,
     peer: Option<Box<Hello>>,
@@ -95,7 +95,12 @@ pub struct Session {
 impl Session {
     /// Starts a session at `now` and queues our handshake. `expected` is the
     /// id discovery announced, when we dialed.
-    pub fn new(now: Instant, cfg: SessionConfig, expected: Option<PeerId>) -> Self {
+    pub fn new(
+        now: Instant,
+        cfg: impl Into<std::sync::Arc<SessionConfig>>,
+        expected: Option<PeerId>,
+    ) -> Self {
+        let cfg = cfg.into();
         let mut s = Session {
             handshake_deadline: now + cfg.handshake_timeout,
             send_interval: cfg.heartbeat_interval,

@@ -151,6 +151,17 @@ struct Entry {
     redial_backoff: Duration,
 }
 
+impl Entry {
+    fn state(&self) -> PeerState {
+        match self.link {
+            Link::Connected => PeerState::Connected,
+            Link::Dialing => PeerState::Connecting,
+            Link::Idle if self.missing => PeerState::Missing,
+            Link::Idle => PeerState::Discovered,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy)]
 struct Bucket {
     tokens: f64,
@@ -169,6 +180,8 @@ pub struct Discovery {
     buckets: HashMap<Ipv4Addr, Bucket>,
     transmits: VecDeque<Transmit>,
     events: VecDeque<DiscoveryEvent>,
+    /// Peers whose entry changed (or went) since the last `poll_changed`.
+    changed: Vec<PeerId>,
     probe_bytes: Vec<u8>,
     announce_bytes: Vec<u8>,
 }
@@ -203,6 +216,7 @@ impl Discovery {
             buckets: HashMap::new(),
             transmits: VecDeque::new(),
             events: VecDeque::new(),
+            changed: Vec::new(),
             probe_bytes,
             announce_bytes,
         }
@@ -365,6 +379,7 @@ impl Discovery {
             metadata: a.metadata,
         };
         let we_dial = self.we_dial(&info);
+        self.changed.push(a.id);
         match self.peers.get_mut(&a.id) {
             Some(e) if e.info.instance != info.instance => {
                 // Restarted: whatever session we have is with a ghost.
@@ -427,6 +442,7 @@ impl Discovery {
             && e.link == Link::Idle
         {
             self.peers.remove(&g.id);
+            self.changed.push(g.id);
             self.events.push_back(DiscoveryEvent::Lost(g.id));
         }
     }
@@ -460,12 +476,14 @@ impl Discovery {
             } else if e.next_dial.is_some_and(|t| now >= t) {
                 e.next_dial = None;
                 e.link = Link::Dialing;
+                self.changed.push(*id);
                 self.events.push_back(DiscoveryEvent::Dial(e.info.clone()));
             }
         }
         lost.sort();
         for id in lost {
             self.peers.remove(&id);
+            self.changed.push(id);
             self.events.push_back(DiscoveryEvent::Lost(id));
         }
     }
@@ -506,6 +524,7 @@ impl Discovery {
             return;
         }
         e.link = Link::Idle;
+        self.changed.push(id);
         let delay = e.redial_backoff;
         e.redial_backoff = (delay * 2).min(cap);
         let at = now + self.jitter(delay);
@@ -517,6 +536,7 @@ impl Discovery {
     /// A session with `info.id` came up (either direction). An unknown peer
     /// (it dialed us first) is added and reported as discovered.
     pub fn session_up(&mut self, now: Instant, info: PeerInfo) {
+        self.changed.push(info.id);
         match self.peers.get_mut(&info.id) {
             Some(e) => {
                 if e.info.instance != info.instance {
@@ -555,6 +575,7 @@ impl Discovery {
             return;
         };
         e.link = Link::Idle;
+        self.changed.push(id);
         match reason {
             DownReason::Goodbye | DownReason::Shutdown => {
                 self.peers.remove(&id);
@@ -601,15 +622,18 @@ impl Discovery {
 
     /// Every known peer and where it stands.
     pub fn peers(&self) -> impl Iterator<Item = (&PeerInfo, PeerState)> {
-        self.peers.values().map(|e| {
-            let state = match e.link {
-                Link::Connected => PeerState::Connected,
-                Link::Dialing => PeerState::Connecting,
-                Link::Idle if e.missing => PeerState::Missing,
-                Link::Idle => PeerState::Discovered,
-            };
-            (&e.info, state)
-        })
+        self.peers.values().map(|e| (&e.info, e.state()))
+    }
+
+    /// One peer and where it stands.
+    pub fn peer(&self, id: PeerId) -> Option<(&PeerInfo, PeerState)> {
+        self.peers.get(&id).map(|e| (&e.info, e.state()))
+    }
+
+    /// The peers whose entry changed or went since the last call (for a
+    /// driver that mirrors the table); may repeat an id.
+    pub fn poll_changed(&mut self) -> Vec<PeerId> {
+        std::mem::take(&mut self.changed)
     }
 
     fn jitter(&mut self, d: Duration) -> Duration {

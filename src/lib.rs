@@ -62,6 +62,7 @@ pub mod event;
 pub mod fuzzing;
 mod node;
 pub mod peer;
+mod queue;
 pub mod session;
 mod stats;
 pub mod wire;

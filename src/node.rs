@@ -20,9 +20,9 @@ use crate::discovery::socket;
 use crate::error::Error;
 use crate::event::{DownReason, Event, ProtocolViolation};
 use crate::peer::{PeerId, PeerInfo, PeerState, PeerStatus};
-use crate::session::conn::{Approval, Conn, Note, tune};
+use crate::queue::{PushError, Queue};
+use crate::session::conn::{Approval, Conn, Note, Outbox, tune};
 use crate::session::machine::SessionConfig;
-use crate::session::outbox::{Outbox, PushError};
 use crate::stats::{Counters, Stats};
 use crate::wire::PROTOCOL_VERSION;
 use crate::wire::frame::{DATA_OVERHEAD, Hello, LEN_PREFIX};
@@ -99,21 +99,56 @@ pub struct Node {
 }
 
 /// The node's events, in order. See [`Event`].
+///
+/// Dropping it tells the node nobody listens: events are then discarded
+/// (sessions keep running).
 #[derive(Debug)]
 pub struct Events {
-    rx: mpsc::Receiver<Event>,
+    queue: Arc<Queue<Event>>,
+    /// Taken from the queue in one batch, not yet handed out.
+    local: std::collections::VecDeque<Event>,
+    closed: bool,
 }
 
 impl Events {
     /// The next event; `None` once the node has shut down and every event
     /// was taken.
     pub async fn recv(&mut self) -> Option<Event> {
-        self.rx.recv().await
+        loop {
+            if let Some(e) = self.try_recv() {
+                return Some(e);
+            }
+            if self.closed {
+                return None;
+            }
+            self.queue.filled().await;
+        }
     }
 
     /// The next event if one is ready.
     pub fn try_recv(&mut self) -> Option<Event> {
-        self.rx.try_recv().ok()
+        if self.local.is_empty() && !self.closed {
+            let local = &mut self.local;
+            let (_, closed) = self.queue.pop_batch(usize::MAX, |e| local.push_back(e));
+            self.closed = closed;
+        }
+        self.local.pop_front()
+    }
+}
+
+impl Drop for Events {
+    fn drop(&mut self) {
+        self.queue.discard();
+    }
+}
+
+/// Closes the event queue when the node's task ends, however it ends, so
+/// that [`Events::recv`] returns `None` instead of waiting for ever.
+struct CloseOnDrop(Arc<Queue<Event>>);
+
+impl Drop for CloseOnDrop {
+    fn drop(&mut self) {
+        self.0.close();
     }
 }
 
@@ -197,7 +232,7 @@ impl Node {
             write_timeout: config.write_timeout,
         };
         let (commands, command_rx) = mpsc::channel(8);
-        let (events_tx, events_rx) = mpsc::channel(config.event_capacity);
+        let events = Arc::new(Queue::new(config.event_capacity));
         let (notes_tx, notes_rx) = mpsc::unbounded_channel();
         let (done_tx, done) = watch::channel(false);
         let shared = Arc::new(Shared::default());
@@ -212,7 +247,7 @@ impl Node {
             commands: command_rx,
             notes_tx,
             notes_rx,
-            events: events_tx,
+            events: events.clone(),
             conns: HashMap::new(),
             sessions: HashMap::new(),
             waiting: HashMap::new(),
@@ -225,6 +260,7 @@ impl Node {
         let span = debug_span!("node", %id);
         tokio::spawn(
             async move {
+                let _close = CloseOnDrop(driver.events.clone());
                 driver.run().await;
                 let _ = done_tx.send(true);
             }
@@ -241,7 +277,11 @@ impl Node {
                     max_message,
                 }),
             },
-            Events { rx: events_rx },
+            Events {
+                queue: events.clone(),
+                local: Default::default(),
+                closed: false,
+            },
         ))
     }
 
@@ -394,7 +434,7 @@ struct Driver {
     commands: mpsc::Receiver<Command>,
     notes_tx: mpsc::UnboundedSender<Note>,
     notes_rx: mpsc::UnboundedReceiver<Note>,
-    events: mpsc::Sender<Event>,
+    events: Arc<Queue<Event>>,
     conns: HashMap<u64, ConnEntry>,
     sessions: HashMap<PeerId, u64>,
     waiting: HashMap<PeerId, Waiting>,
@@ -486,7 +526,7 @@ impl Driver {
             match ev {
                 DiscoveryEvent::Discovered(info) => {
                     info!(peer = %info.id, addr = %info.addr, name = %info.name, "discovered");
-                    let _ = self.events.send(Event::Discovered(info)).await;
+                    let _ = self.events.push(Event::Discovered(info)).await;
                 }
                 DiscoveryEvent::Restarted(info) => {
                     if let Some(&c) = self.sessions.get(&info.id) {
@@ -497,7 +537,7 @@ impl Driver {
                 DiscoveryEvent::Lost(peer) => {
                     info!(%peer, "peer lost");
                     lock(&self.shared.rtts).remove(&peer);
-                    let _ = self.events.send(Event::PeerLost { peer }).await;
+                    let _ = self.events.push(Event::PeerLost { peer }).await;
                 }
             }
         }

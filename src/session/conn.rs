@@ -2,6 +2,7 @@
 //! and the [`Session`] machine, between the outbox and the socket, and
 //! between the machine and the application's event stream.
 
+use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,13 +16,16 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, trace, warn};
 
 use super::machine::{Session, SessionConfig, SessionEvent};
-use super::outbox::Outbox;
 use crate::clock;
 use crate::event::{DownReason, Event, ProtocolViolation};
 use crate::node::Shared;
 use crate::peer::PeerId;
+use crate::queue::Queue;
 use crate::stats::Counters;
 use crate::wire::frame::{self, Frame, Hello};
+
+/// A session's outbox.
+pub(crate) type Outbox = Queue<Bytes>;
 
 /// Stop taking messages from the outbox while this much waits to be written.
 const WRITE_HIGH_WATER: usize = 256 * 1024;
@@ -31,6 +35,8 @@ const GOODBYE_FLUSH: Duration = Duration::from_millis(500);
 /// 13 bytes); one whose reads fill the buffer gets a bigger one next time.
 const READ_MIN: usize = 256;
 const READ_MAX: usize = 256 * 1024;
+/// Messages decoded per batch before they are handed to the event queue.
+const DELIVER_BATCH: usize = 1024;
 
 /// The supervisor's answer to a completed handshake.
 #[derive(Debug)]
@@ -64,7 +70,7 @@ pub(crate) struct Conn {
     pub(crate) outbound: bool,
     pub(crate) max_frame: u32,
     pub(crate) write_timeout: Duration,
-    pub(crate) events: mpsc::Sender<Event>,
+    pub(crate) events: Arc<Queue<Event>>,
     pub(crate) notes: mpsc::UnboundedSender<Note>,
     /// The supervisor closes the session through this (say goodbye).
     pub(crate) ctrl: oneshot::Receiver<DownReason>,
@@ -115,8 +121,10 @@ impl Conn {
         let mut wbuf = BytesMut::new();
         let mut outbox: Option<Arc<Outbox>> = None;
         let mut peer: Option<PeerId> = None;
-        // A received message the application has no room for yet.
-        let mut held: Option<Bytes> = None;
+        // Received messages the event queue has no room for yet. While any
+        // wait, the task reads nothing more and the heartbeat timeout is
+        // suspended (the silence is ours).
+        let mut pending: VecDeque<Event> = VecDeque::new();
         let mut last_write = clock::now();
         let mut ctrl_open = true;
         // One timer for the whole life of the connection, moved as needed.
@@ -125,8 +133,12 @@ impl Conn {
         tokio::pin!(sleep);
         let reason = loop {
             // Frames already buffered are processed before reading more.
-            if held.is_none() && !session.is_closed() {
-                held = self.decode_buffered(&mut session, &mut rbuf, peer);
+            if pending.is_empty() && !session.is_closed() {
+                self.decode_buffered(&mut session, &mut rbuf, peer, &mut pending);
+            }
+            if !pending.is_empty() {
+                let blocked = self.events.push_many(&mut pending);
+                session.set_paused(clock::now(), blocked);
             }
             while let Some(f) = session.poll_transmit() {
                 f.encode(&mut wbuf);
@@ -148,7 +160,7 @@ impl Conn {
                             self.shared.record_rtt(p, rtt);
                             // A sample is skipped (and counted), never
                             // waited for: the session must keep going.
-                            if self.events.try_send(Event::Rtt { peer: p, rtt }).is_err() {
+                            if self.events.try_push(Event::Rtt { peer: p, rtt }).is_err() {
                                 Counters::bump(&self.shared.counters.rtt_events_skipped);
                             }
                         }
@@ -161,25 +173,19 @@ impl Conn {
             }
             // Take messages from the outbox while the peer keeps up.
             if let Some(o) = outbox.as_ref() {
-                let counters = &self.shared.counters;
+                let now = clock::now();
+                let mut sent = 0;
                 while session.can_send() && wbuf.len() < WRITE_HIGH_WATER {
-                    let now = clock::now();
-                    let mut sent = 0;
-                    let n = o.pop_batch(64, |m| {
+                    let (n, _) = o.pop_batch(64, |m| {
                         frame::encode_data(&m, &mut wbuf);
                         session.record_data_sent(now, m);
-                        sent += 1;
                     });
-                    Counters::add(&counters.messages_sent, sent);
+                    sent += n as u64;
                     if n == 0 {
                         break;
                     }
                 }
-                // Frames the session queued while taking messages (none
-                // today) go out with them.
-                while let Some(f) = session.poll_transmit() {
-                    f.encode(&mut wbuf);
-                }
+                Counters::add(&self.shared.counters.messages_sent, sent);
             }
             let stall = (!wbuf.is_empty()).then(|| last_write + self.write_timeout);
             let deadline = [session.poll_timeout(), stall]
@@ -189,9 +195,7 @@ impl Conn {
                 .unwrap_or(armed);
             if deadline != armed {
                 armed = deadline;
-                sleep
-                    .as_mut()
-                    .reset(tokio::time::Instant::from_std(deadline));
+                sleep.as_mut().reset(tokio::time::Instant::from_std(deadline));
             }
             let can_take = outbox.is_some() && session.can_send() && wbuf.len() < WRITE_HIGH_WATER;
             if rbuf.capacity() - rbuf.len() < read_size / 2 {
@@ -204,7 +208,7 @@ impl Conn {
                         session.close(r, true);
                     }
                 }
-                r = rd.read_buf(&mut rbuf), if held.is_none() => match r {
+                r = rd.read_buf(&mut rbuf), if pending.is_empty() => match r {
                     Ok(0) => session.handle_eof(),
                     Ok(n) => {
                         // Grow the buffer for a busy peer, shrink it back
@@ -220,12 +224,7 @@ impl Conn {
                     }
                     Err(e) => session.handle_io_error(e.kind()),
                 },
-                permit = self.events.reserve(), if held.is_some() => {
-                    if let (Ok(permit), Some(p), Some(data)) = (permit, peer, held.take()) {
-                        permit.send(Event::Message { peer: p, data });
-                    }
-                    session.set_paused(clock::now(), false);
-                }
+                () = self.events.room(), if !pending.is_empty() => {}
                 w = wr.write_buf(&mut wbuf), if !wbuf.is_empty() => match w {
                     Ok(_) => {
                         last_write = clock::now();
@@ -247,50 +246,42 @@ impl Conn {
                 }
             }
         };
-        Box::pin(self.finish(session, reason, peer, held, outbox, wr, wbuf)).await
+        Box::pin(self.finish(session, reason, peer, pending, outbox, wr, wbuf)).await
     }
 
-    /// Decodes complete frames from `rbuf` into the machine; stops at the
-    /// first message the application has no room for and returns it.
+    /// Decodes complete frames from `rbuf` into the machine, collecting the
+    /// messages they carry (up to a batch).
     fn decode_buffered(
         &self,
         session: &mut Session,
         rbuf: &mut BytesMut,
         peer: Option<PeerId>,
-    ) -> Option<Bytes> {
-        let counters = &self.shared.counters;
-        loop {
+        pending: &mut VecDeque<Event>,
+    ) {
+        let now = clock::now();
+        let mut received = 0;
+        while pending.len() < DELIVER_BATCH {
             match Frame::decode(rbuf, self.max_frame) {
                 Ok(Some(f)) => {
                     trace!(kind = f.kind(), "frame in");
-                    let now = clock::now();
                     if let Some(data) = session.handle_frame(now, f) {
-                        Counters::bump(&counters.messages_received);
+                        received += 1;
                         let p = peer.expect("data frames only after the handshake");
-                        match self.events.try_send(Event::Message { peer: p, data }) {
-                            Ok(()) => {}
-                            Err(mpsc::error::TrySendError::Full(Event::Message {
-                                data, ..
-                            })) => {
-                                session.set_paused(now, true);
-                                return Some(data);
-                            }
-                            // The application dropped its event receiver.
-                            Err(_) => {}
-                        }
+                        pending.push_back(Event::Message { peer: p, data });
                     }
                     if session.is_closed() {
-                        return None;
+                        break;
                     }
                 }
-                Ok(None) => return None,
+                Ok(None) => break,
                 Err(e) => {
                     warn!(error = %e, "rejected frame; closing session");
                     session.handle_decode_error(e);
-                    return None;
+                    break;
                 }
             }
         }
+        Counters::add(&self.shared.counters.messages_received, received);
     }
 
     async fn approve(
@@ -315,7 +306,7 @@ impl Conn {
                 info!(%peer, %addr, "session up");
                 let _ = self
                     .events
-                    .send(Event::SessionUp {
+                    .push(Event::SessionUp {
                         peer,
                         name,
                         addr,
@@ -335,7 +326,7 @@ impl Conn {
         mut session: Session,
         reason: DownReason,
         peer: Option<PeerId>,
-        held: Option<Bytes>,
+        pending: VecDeque<Event>,
         outbox: Option<Arc<Outbox>>,
         mut wr: OwnedWriteHalf,
         mut wbuf: BytesMut,
@@ -370,18 +361,18 @@ impl Conn {
             debug!(%reason, "connection ended before its session was up");
             return (None, reason);
         };
-        // A message already received (and maybe acknowledged) is delivered.
-        if let Some(data) = held {
-            let _ = self.events.send(Event::Message { peer: p, data }).await;
+        // Messages already received (and maybe acknowledged) are delivered.
+        for e in pending {
+            let _ = self.events.push(e).await;
         }
         let mut undelivered = session.take_unacked();
         if let Some(o) = outbox {
-            undelivered.extend(o.close());
+            undelivered.extend(o.close_and_take());
         }
         info!(peer = %p, %reason, undelivered = undelivered.len(), "session down");
         let _ = self
             .events
-            .send(Event::SessionDown {
+            .push(Event::SessionDown {
                 peer: p,
                 reason: reason.clone(),
             })
@@ -390,51 +381,12 @@ impl Conn {
             Counters::add(&counters.messages_undelivered, undelivered.len() as u64);
             let _ = self
                 .events
-                .send(Event::Undelivered {
+                .push(Event::Undelivered {
                     peer: p,
                     messages: undelivered,
                 })
                 .await;
         }
         (Some(p), reason)
-    }
-}
-
-#[cfg(test)]
-mod size_tests {
-    use std::sync::Arc;
-
-    #[test]
-    fn print_sizes() {
-        let (tx, _rx) = tokio::sync::mpsc::channel(1);
-        let (ntx, _nrx) = tokio::sync::mpsc::unbounded_channel();
-        let (_ctx, crx) = tokio::sync::oneshot::channel();
-        let conn = super::Conn {
-            id: 0,
-            session: Arc::new(crate::fuzzing_session_config()),
-            expected: None,
-            outbound: false,
-            max_frame: 1024,
-            write_timeout: std::time::Duration::from_secs(1),
-            events: tx,
-            notes: ntx,
-            ctrl: crx,
-            shared: Default::default(),
-        };
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async {
-            let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-            let s = tokio::net::TcpStream::connect(l.local_addr().unwrap())
-                .await
-                .unwrap();
-            let addr = s.peer_addr().unwrap();
-            let fut = conn.run(s, addr);
-            eprintln!("conn future: {} bytes", std::mem::size_of_val(&fut));
-            eprintln!("event: {} bytes", std::mem::size_of::<crate::Event>());
-            eprintln!("session: {} bytes", std::mem::size_of::<super::Session>());
-        });
     }
 }

@@ -429,7 +429,13 @@ impl Session {
     fn queue_ack(&mut self) {
         self.rx_acked = self.rx_data;
         self.ack_deadline = None;
-        self.transmits.push_back(Frame::Ack(self.rx_data));
+        // An ack still waiting to be written is cumulative: update it
+        // rather than queue another.
+        if let Some(Frame::Ack(n)) = self.transmits.back_mut() {
+            *n = self.rx_data;
+        } else {
+            self.transmits.push_back(Frame::Ack(self.rx_data));
+        }
     }
 }
 

@@ -2,4 +2,3 @@
 
 pub(crate) mod conn;
 pub mod machine;
-pub(crate) mod outbox;

@@ -193,9 +193,15 @@ impl Conn {
                 .flatten()
                 .min()
                 .unwrap_or(armed);
-            if deadline != armed {
+            // Move the timer only when it must fire earlier: a timer that
+            // fires early finds nothing due and is re-armed, which is cheaper
+            // than moving it on every frame (each frame pushes the heartbeat
+            // deadline later).
+            if deadline < armed {
                 armed = deadline;
-                sleep.as_mut().reset(tokio::time::Instant::from_std(deadline));
+                sleep
+                    .as_mut()
+                    .reset(tokio::time::Instant::from_std(deadline));
             }
             let can_take = outbox.is_some() && session.can_send() && wbuf.len() < WRITE_HIGH_WATER;
             if rbuf.capacity() - rbuf.len() < read_size / 2 {
@@ -237,12 +243,14 @@ impl Conn {
                 () = async { outbox.as_ref().expect("guarded").filled().await }, if can_take => {}
                 () = &mut sleep => {
                     let now = clock::now();
-                    armed = now + Duration::from_secs(3600);
                     if stall.is_some_and(|s| now >= s) && !wbuf.is_empty() {
                         session.close(DownReason::WriteTimeout, false);
-                    } else {
+                    } else if session.poll_timeout().is_some_and(|t| t <= now) {
                         session.handle_timeout(now);
                     }
+                    // Re-armed at the top of the loop.
+                    armed = now + Duration::from_secs(3600);
+                    sleep.as_mut().reset(tokio::time::Instant::from_std(armed));
                 }
             }
         };
@@ -388,5 +396,44 @@ impl Conn {
                 .await;
         }
         (Some(p), reason)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+
+    /// Every idle session holds its task's future: keep it small (the
+    /// 10 000-session memory budget is 4 KiB per session, all included).
+    #[test]
+    fn the_session_task_stays_small() {
+        let (_ctx, ctrl) = oneshot::channel();
+        let (notes, _nrx) = mpsc::unbounded_channel();
+        let conn = Conn {
+            id: 0,
+            session: Arc::new(crate::fuzzing_session_config()),
+            expected: None,
+            outbound: false,
+            max_frame: 1024,
+            write_timeout: Duration::from_secs(1),
+            events: Arc::new(Queue::new(1)),
+            notes,
+            ctrl,
+            shared: Default::default(),
+        };
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let s = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+            let addr = s.peer_addr().unwrap();
+            let fut = conn.run(s, addr);
+            let size = std::mem::size_of_val(&fut);
+            assert!(size <= 1536, "session task future is {size} bytes");
+        });
     }
 }

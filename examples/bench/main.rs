@@ -6,14 +6,22 @@
 //! cargo run --release --example bench -- rtt [--n N]
 //! cargo run --release --example bench -- throughput [--scale F]
 //! cargo run --release --example bench -- scale [--sessions 1000,10000] [--secs 30]
+//! cargo run --release --example bench -- discovery [--trials 50]   (namespaces need root)
+//! cargo run --release --example bench -- detect [--trials 20]      (root)
+//! cargo run --release --example bench -- soak [--minutes 10]
 //! ```
 //!
 //! See docs/BENCHMARKS.md for what each scenario measures and the results.
 
 #[path = "../peer/app.rs"]
 mod app;
+#[path = "../../tests/common/mod.rs"]
+mod common;
 mod lifecycle;
 mod msg;
+mod net;
+#[path = "../../tests/netlab/mod.rs"]
+mod netlab;
 mod scale;
 mod util;
 
@@ -35,6 +43,9 @@ struct Args {
     /// Session counts (scale), comma-separated.
     #[arg(long, default_value = "1000,10000", value_delimiter = ',')]
     sessions: Vec<usize>,
+    /// Minutes (soak).
+    #[arg(long, default_value_t = 10)]
+    minutes: u64,
     /// Seconds of CPU sampling (scale).
     #[arg(long, default_value_t = 30)]
     secs: u64,
@@ -52,7 +63,9 @@ fn main() {
                 .build()
                 .unwrap();
             let known = rt.block_on(async {
-                msg::child(&argv[2], &argv[3..]).await || scale::child(&argv[2], &argv[3..]).await
+                msg::child(&argv[2], &argv[3..]).await
+                    || scale::child(&argv[2], &argv[3..]).await
+                    || net::child(&argv[2], &argv[3..]).await
             });
             assert!(known, "unknown helper role {}", argv[2]);
             std::process::exit(0);
@@ -67,8 +80,13 @@ fn main() {
         "rtt" => msg::rtt(args.n),
         "throughput" => msg::throughput(args.scale),
         "scale" => scale::scale(&args.sessions, args.secs),
+        "discovery" => net::discovery(args.trials.max(50)),
+        "detect" => net::detect(args.trials),
+        "soak" => net::soak(args.minutes),
         other => {
-            eprintln!("unknown scenario {other:?}; try lifecycle, rtt, throughput");
+            eprintln!(
+                "unknown scenario {other:?}; try lifecycle, rtt, throughput, scale, discovery, detect, soak"
+            );
             std::process::exit(2);
         }
     }

@@ -78,7 +78,7 @@ pub(crate) fn udp_floor(trials: usize) -> Vec<Duration> {
 /// A child process of this binary in a helper role; killed on drop.
 pub(crate) struct Helper {
     child: Child,
-    pub(crate) lines: Lines<BufReader<ChildStdout>>,
+    lines: Option<Lines<BufReader<ChildStdout>>>,
 }
 
 impl Helper {
@@ -103,12 +103,39 @@ impl Helper {
             .spawn()
             .expect("start helper");
         let lines = BufReader::new(child.stdout.take().unwrap()).lines();
-        Helper { child, lines }
+        Helper {
+            child,
+            lines: Some(lines),
+        }
+    }
+
+    /// Starts the example peer (this binary in peer mode) with `args`.
+    pub(crate) fn start_peer(args: &[String]) -> Helper {
+        let exe = std::env::current_exe().unwrap();
+        let mut child = Command::new(exe)
+            .arg("--peer-child")
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("start peer");
+        let lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        Helper {
+            child,
+            lines: Some(lines),
+        }
+    }
+
+    /// Hands the output over (to a reader thread).
+    pub(crate) fn take_lines(&mut self) -> Lines<BufReader<ChildStdout>> {
+        self.lines.take().expect("lines already taken")
     }
 
     /// The next line the helper printed.
     pub(crate) fn line(&mut self) -> String {
         self.lines
+            .as_mut()
+            .expect("lines taken")
             .next()
             .expect("helper ended")
             .expect("helper output")

@@ -235,10 +235,14 @@ pub(crate) fn discovery(trials: usize) {
 /// Link cut in namespaces → `heartbeat_timeout`, over `trials` cuts per
 /// setting, with example peers in two hosts.
 pub(crate) fn detect(trials: usize) {
-    let Some(lab) = Lab::new("bench-det", 2) else {
+    let Some(mut lab) = Lab::new("bench-det", 2) else {
         println!("detect needs root (network namespaces)");
         return;
     };
+    lab.peer_cmd = Some(vec![
+        std::env::current_exe().unwrap().into_os_string(),
+        "--peer-child".into(),
+    ]);
     println!("link cut → heartbeat_timeout between two namespaces, {trials} cuts per setting\n");
     row_header();
     for (interval, timeout) in [(100u64, 300u64), (1000, 3000)] {
@@ -255,7 +259,6 @@ pub(crate) fn detect(trials: usize) {
         let aid = a.id.clone();
         let mut delays = Vec::new();
         let mut reconnects = Vec::new();
-        let mut from = 0;
         a.wait(
             0,
             Duration::from_secs(5),
@@ -290,9 +293,7 @@ pub(crate) fn detect(trials: usize) {
                 crate::netlab::about("session_up", &bid),
             );
             reconnects.push(at - healed);
-            from = m;
         }
-        let _ = from;
         row(
             &format!("cut → heartbeat_timeout ({interval} ms / {timeout} ms)"),
             delays,

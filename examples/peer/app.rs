@@ -14,7 +14,7 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 /// to all of them. Lines `/peers` and `/stats` print the peer table and the
 /// counters instead.
 #[derive(Debug, Parser)]
-#[command(name = "peer")]
+#[command(name = "peer", args_override_self = true)]
 pub struct Args {
     /// Service name; only peers of the same service pair.
     #[arg(long, default_value = "lanbeat-demo")]

@@ -96,6 +96,9 @@ fn remove_stale() {
 pub struct Lab {
     prefix: String,
     hosts: Vec<String>,
+    /// How to start the example peer: the built example by default; a
+    /// program that embeds the peer (the bench) sets its own.
+    pub peer_cmd: Option<Vec<std::ffi::OsString>>,
 }
 
 impl Lab {
@@ -124,6 +127,7 @@ impl Lab {
         let mut lab = Lab {
             hosts: Vec::new(),
             prefix: prefix.clone(),
+            peer_cmd: None,
         };
         let br = lab.bridge_ns();
         ip(&["netns", "add", &br]);
@@ -226,10 +230,13 @@ impl Lab {
     /// Starts the example peer in host `i` with `--json` and the lab's
     /// default heartbeat (200 ms / 1 s), plus `args`.
     pub fn peer(&self, i: usize, name: &str, args: &[&str]) -> Peer {
-        let bin = crate::common::example_bin("peer");
+        let cmd = match &self.peer_cmd {
+            Some(c) => c.clone(),
+            None => vec![crate::common::example_bin("peer").into_os_string()],
+        };
         let mut child = Command::new("ip")
             .args(["netns", "exec", self.ns(i)])
-            .arg(bin)
+            .args(cmd)
             .args(["--name", name, "--json"])
             .args([
                 "--heartbeat-interval-ms",

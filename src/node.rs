@@ -252,6 +252,7 @@ impl Node {
             sessions: HashMap::new(),
             waiting: HashMap::new(),
             tasks: JoinSet::new(),
+            task_conn: HashMap::new(),
             next_conn: 0,
             handshaking: 0,
             id,
@@ -439,6 +440,8 @@ struct Driver {
     sessions: HashMap<PeerId, u64>,
     waiting: HashMap<PeerId, Waiting>,
     tasks: JoinSet<()>,
+    /// Which connection each task runs.
+    task_conn: HashMap<tokio::task::Id, u64>,
     next_conn: u64,
     /// Connections not yet approved as sessions (dialing or in handshake).
     handshaking: usize,
@@ -467,7 +470,7 @@ impl Driver {
                     self.disc.handle_timeout(clock::now());
                 }
                 _ = rescan.tick() => self.rescan(),
-                Some(_) = self.tasks.join_next() => {}
+                Some(done) = self.tasks.join_next_with_id() => self.task_done(done),
             }
         }
         self.shutdown().await;
@@ -638,7 +641,7 @@ impl Driver {
             Some(p) => debug_span!("session", peer = %p, %addr, conn = id),
             None => debug_span!("session", %addr, conn = id),
         };
-        self.tasks.spawn(
+        let handle = self.tasks.spawn(
             async move {
                 let stream = match stream {
                     Ok(s) => s,
@@ -660,6 +663,36 @@ impl Driver {
             }
             .instrument(span),
         );
+        self.task_conn.insert(handle.id(), id);
+    }
+
+    /// A connection task ended. Normally it reported its end already; if it
+    /// panicked (a bug), report the end for it so that the peer is looked
+    /// for again instead of being taken for connected for ever.
+    fn task_done(&mut self, done: Result<(tokio::task::Id, ()), tokio::task::JoinError>) {
+        let id = match &done {
+            Ok((id, ())) => *id,
+            Err(e) => e.id(),
+        };
+        let Some(conn) = self.task_conn.remove(&id) else {
+            return;
+        };
+        if let Err(e) = done
+            && self.conns.contains_key(&conn)
+        {
+            warn!(conn, error = %e, "session task failed");
+            let peer = self.conns[&conn].up.map(|(p, _)| p);
+            let reason = DownReason::Io(std::io::ErrorKind::Other);
+            if let Some(p) = peer {
+                let events = self.events.clone();
+                let r = reason.clone();
+                // Keep the application's view whole: the session is down.
+                self.tasks.spawn(async move {
+                    let _ = events.push(Event::SessionDown { peer: p, reason: r }).await;
+                });
+            }
+            self.ended(conn, peer, reason);
+        }
     }
 
     /// Asks a connection to close (with a goodbye when it is a session).

@@ -161,6 +161,11 @@ impl<T> Queue<T> {
         (n, closed)
     }
 
+    /// Whether nothing is queued.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.lock().items.is_empty()
+    }
+
     /// Waits until an item may have arrived (or the queue closed).
     pub(crate) async fn filled(&self) {
         self.filled.notified().await;

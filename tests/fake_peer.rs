@@ -384,3 +384,51 @@ async fn malformed_datagrams_are_dropped_and_counted() {
     assert!(delta(|s| s.dropped_own) >= 1);
     assert!(node.peers().is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hello_and_data_in_one_segment_are_both_taken() {
+    // A peer may send its hello and its first messages in one write: the
+    // node must approve the session before it delivers the messages.
+    trace();
+    let port = free_port();
+    let cfg = config("fake-burst", port).build().unwrap();
+    let service = cfg.service.clone();
+    let (node, mut events) = Node::start(cfg).await.unwrap();
+    let addr = SocketAddrV4::new(Ipv4Addr::LOCALHOST, node.local().tcp_port);
+    let hello = json!({
+        "protocol": 1, "service": service, "id": FAKE_ID, "instance": "2", "name": "burst",
+        "role": "peer", "port": 0, "heartbeat_interval_ms": 100, "heartbeat_timeout_ms": 300,
+        "max_frame_size": 65536,
+    });
+    let mut bytes = Vec::new();
+    for (ty, payload) in [
+        (1u8, serde_json::to_vec(&hello).unwrap()),
+        (4, b"one".to_vec()),
+        (4, b"two".to_vec()),
+    ] {
+        bytes.extend(((payload.len() + 1) as u32).to_be_bytes());
+        bytes.push(ty);
+        bytes.extend(payload);
+    }
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(&bytes).await.unwrap();
+    wait_for(
+        &mut events,
+        Duration::from_secs(2),
+        |e| matches!(e, Event::SessionUp { peer, .. } if *peer == fake_id()),
+    )
+    .await;
+    for want in [&b"one"[..], b"two"] {
+        match wait_for(&mut events, Duration::from_secs(2), |e| {
+            matches!(e, Event::Message { .. })
+        })
+        .await
+        {
+            Event::Message { peer, data } => {
+                assert_eq!(peer, fake_id());
+                assert_eq!(&data[..], want);
+            }
+            _ => unreachable!(),
+        }
+    }
+}

@@ -58,6 +58,12 @@ fn main() {
             std::iter::once("peer".to_owned()).chain(argv[2..].iter().cloned()),
         )),
         Some("__child") => {
+            if std::env::var_os("RUST_LOG").is_some() {
+                tracing_subscriber::fmt()
+                    .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+                    .with_writer(std::io::stderr)
+                    .init();
+            }
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()

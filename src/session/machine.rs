@@ -24,6 +24,9 @@ const ACK_EVERY: u64 = 32;
 const ACK_DELAY: Duration = Duration::from_millis(10);
 /// Outstanding pings remembered for RTT.
 const MAX_PINGS: usize = 8;
+/// A passive side (see [`Session`]) still pings this often, in send
+/// intervals, to measure RTT itself.
+const RTT_REFRESH: u32 = 8;
 
 /// Settings of one session.
 #[derive(Debug, Clone)]
@@ -74,6 +77,15 @@ pub struct Session {
     handshake_deadline: Instant,
     last_rx: Instant,
     last_ping_or_data: Instant,
+    /// When the peer's last ping arrived.
+    last_ping_rx: Option<Instant>,
+    /// When we last pinged.
+    last_own_ping: Instant,
+    /// The dialer pings every send interval; the acceptor is passive: the
+    /// dialer's pings, answered by its pongs, keep both sides alive, so it
+    /// pings only when they stop coming or to refresh its own RTT. One ping
+    /// and one pong per interval instead of two of each.
+    active: bool,
     send_interval: Duration,
     paused: bool,
     ping_seq: u64,
@@ -110,6 +122,9 @@ impl Session {
             peer: None,
             last_rx: now,
             last_ping_or_data: now,
+            last_ping_rx: None,
+            last_own_ping: now,
+            active: expected.is_some(),
             paused: false,
             ping_seq: 0,
             pings: VecDeque::new(),
@@ -176,6 +191,7 @@ impl Session {
                 None
             }
             (_, Frame::Ping(seq)) => {
+                self.last_ping_rx = Some(now);
                 self.transmits.push_back(Frame::Pong(seq));
                 None
             }
@@ -311,7 +327,7 @@ impl Session {
                     self.close(DownReason::WriteTimeout, false);
                     return;
                 }
-                if now >= self.last_ping_or_data + self.send_interval {
+                if now >= self.next_ping() {
                     self.send_ping(now);
                 }
                 if self.ack_deadline.is_some_and(|d| now >= d) {
@@ -328,7 +344,7 @@ impl Session {
             State::Closed => None,
             State::Handshake => Some(self.handshake_deadline),
             State::Established => {
-                let mut t = self.last_ping_or_data + self.send_interval;
+                let mut t = self.next_ping();
                 if !self.paused {
                     t = t.min(self.last_rx + self.cfg.heartbeat_timeout);
                 }
@@ -413,7 +429,20 @@ impl Session {
         self.close(DownReason::ProtocolError(v), false);
     }
 
+    /// When the next ping is due.
+    fn next_ping(&self) -> Instant {
+        let due = self.last_ping_or_data + self.send_interval;
+        match self.last_ping_rx {
+            Some(rx) if !self.active => due.max(
+                (rx + self.send_interval.mul_f32(1.5))
+                    .min(self.last_own_ping + self.send_interval * RTT_REFRESH),
+            ),
+            _ => due,
+        }
+    }
+
     fn send_ping(&mut self, now: Instant) {
+        self.last_own_ping = now;
         self.ping_seq += 1;
         if self.pings.len() == MAX_PINGS {
             self.pings.pop_front();
@@ -618,6 +647,36 @@ mod tests {
             .filter(|(_, e)| matches!(e, SessionEvent::Rtt(_)))
             .count();
         assert!((5900..=6001).contains(&rtts), "{rtts}");
+    }
+
+    #[test]
+    fn the_acceptor_pings_rarely_while_the_dialer_pings() {
+        let mut p = Pair::new(cfg(1, 100, 300), cfg(2, 100, 300));
+        p.run_until(p.now + Duration::from_secs(60));
+        let rtts = |e: &[(Instant, SessionEvent)]| {
+            e.iter()
+                .filter(|(_, e)| matches!(e, SessionEvent::Rtt(_)))
+                .count()
+        };
+        // The dialer measures every interval, the acceptor every eighth.
+        assert!(
+            (590..=601).contains(&rtts(&p.events_a)),
+            "{}",
+            rtts(&p.events_a)
+        );
+        assert!(
+            (70..=80).contains(&rtts(&p.events_b)),
+            "{}",
+            rtts(&p.events_b)
+        );
+        // If the dialer stops pinging (here: it is cut off), the acceptor
+        // still detects the silence in time.
+        let cut_at = p.now;
+        p.cut = true;
+        p.run_until(cut_at + Duration::from_secs(1));
+        let (t, r) = Pair::closed_at(&p.events_b).unwrap();
+        assert_eq!(r, DownReason::HeartbeatTimeout);
+        assert!(t - cut_at <= Duration::from_millis(400));
     }
 
     #[test]

@@ -73,7 +73,9 @@ pub struct Session {
     cfg: std::sync::Arc<SessionConfig>,
     state: State,
     expected: Option<PeerId>,
-    peer: Option<Box<Hello>>,
+    /// The peer's id, once established (its whole handshake goes to the
+    /// driver in `Established`; keeping a copy would cost every session).
+    peer: Option<PeerId>,
     handshake_deadline: Instant,
     last_rx: Instant,
     last_ping_or_data: Instant,
@@ -143,9 +145,9 @@ impl Session {
         s
     }
 
-    /// The peer's handshake, once established.
-    pub fn peer(&self) -> Option<&Hello> {
-        self.peer.as_deref()
+    /// The peer's id, once established.
+    pub fn peer(&self) -> Option<PeerId> {
+        self.peer
     }
 
     /// Whether the handshake completed and the session is not closed.
@@ -279,7 +281,7 @@ impl Session {
             .min(peer_timeout / 3);
         self.state = State::Established;
         self.last_ping_or_data = now;
-        self.peer = Some(hello.clone());
+        self.peer = Some(hello.id);
         self.events.push_back(SessionEvent::Established(hello));
         // Ping at once: the first RTT sample, and proof of life.
         self.send_ping(now);
@@ -622,7 +624,7 @@ mod tests {
         let mut p = Pair::new(cfg(1, 100, 300), cfg(2, 100, 300));
         p.run_until(p.now + 50 * MS);
         assert!(p.a.is_established() && p.b.is_established());
-        assert_eq!(p.a.peer().unwrap().id, PeerId::from_u64(2));
+        assert_eq!(p.a.peer(), Some(PeerId::from_u64(2)));
         let rtts: Vec<_> = p
             .events_a
             .iter()

@@ -10,18 +10,7 @@ use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::{TcpListener, TcpStream};
 
-use crate::util::{Helper, free_port};
-
-fn arg<T: std::str::FromStr>(args: &[String], name: &str) -> T {
-    let i = args
-        .iter()
-        .position(|a| a == name)
-        .unwrap_or_else(|| panic!("missing {name}"));
-    args[i + 1]
-        .parse()
-        .ok()
-        .unwrap_or_else(|| panic!("bad {name}"))
-}
+use crate::util::{Helper, arg, free_port};
 
 fn config(args: &[String]) -> Config {
     Config::builder(arg::<String>(args, "--service"))

@@ -10,18 +10,7 @@ use lanbeat::{Config, Event, Node};
 use serde_json::{Value, json};
 
 use crate::netlab::Lab;
-use crate::util::{Helper, free_port, pct, row, row_header};
-
-fn arg<T: std::str::FromStr>(args: &[String], name: &str) -> T {
-    let i = args
-        .iter()
-        .position(|a| a == name)
-        .unwrap_or_else(|| panic!("missing {name}"));
-    args[i + 1]
-        .parse()
-        .ok()
-        .unwrap_or_else(|| panic!("bad {name}"))
-}
+use crate::util::{Helper, arg, free_port, pct, row, row_header};
 
 fn durations(v: &Value) -> Vec<Duration> {
     v.as_array()

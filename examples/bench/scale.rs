@@ -11,18 +11,7 @@ use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-use crate::util::{Helper, cpu_time, rss_kib};
-
-fn arg<T: std::str::FromStr>(args: &[String], name: &str) -> T {
-    let i = args
-        .iter()
-        .position(|a| a == name)
-        .unwrap_or_else(|| panic!("missing {name}"));
-    args[i + 1]
-        .parse()
-        .ok()
-        .unwrap_or_else(|| panic!("bad {name}"))
-}
+use crate::util::{Helper, arg, cpu_time, rss_kib};
 
 fn frame(ty: u8, payload: &[u8]) -> Vec<u8> {
     let mut f = ((payload.len() + 1) as u32).to_be_bytes().to_vec();

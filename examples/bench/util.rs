@@ -5,6 +5,18 @@ use std::net::UdpSocket;
 use std::process::{Child, ChildStdout, Command, Stdio};
 use std::time::{Duration, Instant};
 
+/// The value after `--name` in a helper's arguments.
+pub(crate) fn arg<T: std::str::FromStr>(args: &[String], name: &str) -> T {
+    let i = args
+        .iter()
+        .position(|a| a == name)
+        .unwrap_or_else(|| panic!("missing {name}"));
+    args[i + 1]
+        .parse()
+        .ok()
+        .unwrap_or_else(|| panic!("bad {name}"))
+}
+
 /// A UDP port nobody uses right now.
 pub(crate) fn free_port() -> u16 {
     UdpSocket::bind("127.0.0.1:0")
@@ -22,6 +34,10 @@ pub(crate) fn pct(v: &[Duration], p: f64) -> Duration {
 
 /// Prints one table row of latency samples, with the p50 ratio to `base`.
 pub(crate) fn row(name: &str, mut v: Vec<Duration>, base: Option<Duration>) {
+    if v.is_empty() {
+        println!("| {name:<46} |    0 | - | - | - | - | - |");
+        return;
+    }
     v.sort();
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
     let ratio = base

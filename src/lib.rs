@@ -98,3 +98,8 @@ pub(crate) fn fuzzing_session_config() -> session::machine::SessionConfig {
         write_timeout: std::time::Duration::from_secs(3),
     }
 }
+
+/// The README's code must compile.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;

@@ -19,8 +19,9 @@ use crate::peer::{PeerId, PeerInfo};
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum Event {
-    /// Discovery found a peer (or it contacted us first).
-    Discovered(PeerInfo),
+    /// Discovery found a peer (or it contacted us first). Boxed: the other
+    /// events, messages above all, stay small.
+    Discovered(Box<PeerInfo>),
     /// A session with a peer completed its handshake; messages can flow.
     SessionUp {
         /// The peer.
@@ -165,4 +166,14 @@ pub enum ProtocolViolation {
     /// the tie-break.
     #[error("refused: {0}")]
     Refused(&'static str),
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn events_stay_small() {
+        // Every message is moved several times on its way to the
+        // application: a large variant would make them all large.
+        assert!(std::mem::size_of::<super::Event>() <= 80);
+    }
 }

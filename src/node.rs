@@ -19,7 +19,7 @@ use crate::discovery::machine::{Discovery, DiscoveryConfig, DiscoveryEvent};
 use crate::discovery::socket;
 use crate::error::Error;
 use crate::event::{DownReason, Event, ProtocolViolation};
-use crate::peer::{PeerId, PeerInfo, PeerState, PeerStatus};
+use crate::peer::{PeerId, PeerInfo, PeerMap, PeerState, PeerStatus};
 use crate::queue::{PushError, Queue};
 use crate::session::conn::{Approval, Conn, Note, Outbox, tune};
 use crate::session::machine::SessionConfig;
@@ -31,10 +31,10 @@ use crate::wire::frame::{DATA_OVERHEAD, Hello, LEN_PREFIX};
 #[derive(Debug, Default)]
 pub(crate) struct Shared {
     /// Outbox of each session that is up, tagged with its connection.
-    outboxes: Mutex<HashMap<PeerId, (u64, Arc<Outbox>)>>,
+    outboxes: Mutex<PeerMap<(u64, Arc<Outbox>)>>,
     /// What discovery knows, refreshed by the supervisor.
     peers: Mutex<BTreeMap<PeerId, (PeerInfo, PeerState)>>,
-    rtts: Mutex<HashMap<PeerId, Duration>>,
+    rtts: Mutex<PeerMap<Duration>>,
     pub(crate) counters: Counters,
 }
 
@@ -249,8 +249,8 @@ impl Node {
             notes_rx,
             events: events.clone(),
             conns: HashMap::new(),
-            sessions: HashMap::new(),
-            waiting: HashMap::new(),
+            sessions: PeerMap::default(),
+            waiting: PeerMap::default(),
             tasks: JoinSet::new(),
             task_conn: HashMap::new(),
             next_conn: 0,
@@ -437,8 +437,8 @@ struct Driver {
     notes_rx: mpsc::UnboundedReceiver<Note>,
     events: Arc<Queue<Event>>,
     conns: HashMap<u64, ConnEntry>,
-    sessions: HashMap<PeerId, u64>,
-    waiting: HashMap<PeerId, Waiting>,
+    sessions: PeerMap<u64>,
+    waiting: PeerMap<Waiting>,
     tasks: JoinSet<()>,
     /// Which connection each task runs.
     task_conn: HashMap<tokio::task::Id, u64>,
@@ -529,7 +529,7 @@ impl Driver {
             match ev {
                 DiscoveryEvent::Discovered(info) => {
                     info!(peer = %info.id, addr = %info.addr, name = %info.name, "discovered");
-                    let _ = self.events.push(Event::Discovered(info)).await;
+                    let _ = self.events.push(Event::Discovered(Box::new(info))).await;
                 }
                 DiscoveryEvent::Restarted(info) => {
                     if let Some(&c) = self.sessions.get(&info.id) {

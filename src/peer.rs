@@ -60,6 +60,11 @@ impl FromStr for PeerId {
     }
 }
 
+/// Maps keyed by peer id. Ids are looked up on every `send`; foldhash is
+/// several times faster than the default SipHash and still seeded per
+/// process.
+pub(crate) type PeerMap<V> = std::collections::HashMap<PeerId, V, foldhash::fast::RandomState>;
+
 /// Parses 1 to 16 hex digits (no sign, no prefix) into a `u64`.
 pub(crate) fn parse_hex_u64(s: &str) -> Option<u64> {
     if s.is_empty() || s.len() > 16 || !s.bytes().all(|b| b.is_ascii_hexdigit()) {

@@ -18,7 +18,7 @@ use rand::{RngExt, SeedableRng};
 
 use crate::error::DatagramError;
 use crate::event::DownReason;
-use crate::peer::{PeerId, PeerInfo, PeerState, Role, should_dial};
+use crate::peer::{PeerId, PeerInfo, PeerMap, PeerState, Role, should_dial};
 use crate::wire::discovery::{Announce, Datagram, DatagramLimits, Goodbye, Probe};
 
 /// Rate-limit buckets remembered at most (one per source IP).
@@ -174,7 +174,7 @@ pub struct Discovery {
     cfg: DiscoveryConfig,
     rng: SmallRng,
     targets: Vec<Target>,
-    peers: HashMap<PeerId, Entry>,
+    peers: PeerMap<Entry>,
     probe_interval: Duration,
     next_probe: Option<Instant>,
     buckets: HashMap<Ipv4Addr, Bucket>,
@@ -211,7 +211,7 @@ impl Discovery {
             cfg,
             rng: SmallRng::seed_from_u64(seed),
             targets: Vec::new(),
-            peers: HashMap::new(),
+            peers: PeerMap::default(),
             next_probe: None,
             buckets: HashMap::new(),
             transmits: VecDeque::new(),

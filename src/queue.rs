@@ -143,11 +143,26 @@ impl<T> Queue<T> {
     /// Moves up to `max` items to `f`, oldest first. Returns how many, and
     /// whether the queue is closed (then nothing more will come).
     pub(crate) fn pop_batch(&self, max: usize, mut f: impl FnMut(T)) -> (usize, bool) {
+        self.pop_while(max, |item| {
+            f(item);
+            true
+        })
+    }
+
+    /// Like [`Queue::pop_batch`], but stops after an item for which `f`
+    /// returns false (that item is taken).
+    pub(crate) fn pop_while(&self, max: usize, mut f: impl FnMut(T) -> bool) -> (usize, bool) {
         let mut q = self.lock();
         let was_full = q.items.len() >= self.capacity;
-        let n = max.min(q.items.len());
-        for item in q.items.drain(..n) {
-            f(item);
+        let mut n = 0;
+        while n < max {
+            let Some(item) = q.items.pop_front() else {
+                break;
+            };
+            n += 1;
+            if !f(item) {
+                break;
+            }
         }
         if q.items.is_empty() && q.items.capacity() > 64 {
             // A burst is over: give the memory back.

@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use socket2::{SockRef, TcpKeepalive};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -179,9 +179,11 @@ impl Conn {
                 let now = clock::now();
                 let mut sent = 0;
                 while session.can_send() && wbuf.len() < WRITE_HIGH_WATER {
-                    let (n, _) = o.pop_batch(64, |m| {
+                    // Stop as soon as the in-flight limits are reached.
+                    let (n, _) = o.pop_while(64, |m| {
                         frame::encode_data(&m, &mut wbuf);
                         session.record_data_sent(now, m);
+                        session.can_send()
                     });
                     sent += n as u64;
                     if n == 0 {
@@ -189,6 +191,22 @@ impl Conn {
                     }
                 }
                 Counters::add(&self.shared.counters.messages_sent, sent);
+            }
+            // Write at once what fits in the socket buffer (almost always
+            // all of it): a turn of the loop through `select!` per frame
+            // would cost more than the write.
+            if !wbuf.is_empty() {
+                match wr.try_write(&wbuf) {
+                    Ok(n) => {
+                        wbuf.advance(n);
+                        last_write = clock::now();
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                    Err(e) => {
+                        session.handle_io_error(e.kind());
+                        continue;
+                    }
+                }
             }
             let stall = (!wbuf.is_empty()).then(|| last_write + self.write_timeout);
             let deadline = [session.poll_timeout(), stall]

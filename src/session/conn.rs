@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
 use socket2::{SockRef, TcpKeepalive};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -191,22 +191,6 @@ impl Conn {
                     }
                 }
                 Counters::add(&self.shared.counters.messages_sent, sent);
-            }
-            // Write at once what fits in the socket buffer (almost always
-            // all of it): a turn of the loop through `select!` per frame
-            // would cost more than the write.
-            if !wbuf.is_empty() {
-                match wr.try_write(&wbuf) {
-                    Ok(n) => {
-                        wbuf.advance(n);
-                        last_write = clock::now();
-                    }
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                    Err(e) => {
-                        session.handle_io_error(e.kind());
-                        continue;
-                    }
-                }
             }
             let stall = (!wbuf.is_empty()).then(|| last_write + self.write_timeout);
             let deadline = [session.poll_timeout(), stall]

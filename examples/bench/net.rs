@@ -146,17 +146,7 @@ pub(crate) fn discovery(trials: usize) {
     let mut f = floor.clone();
     f.sort();
     let base = pct(&f, 0.5);
-    row("loopback: UDP probe → reply (floor)", floor, None);
-    row(
-        "loopback: start → discovered",
-        durations(&v["discovered_us"]),
-        Some(base),
-    );
-    row(
-        "loopback: start → session up",
-        durations(&v["up_us"]),
-        Some(base),
-    );
+    report("loopback", floor, base, &v);
     drop(p);
     // Namespaces.
     let Some(lab) = Lab::new("bench-disc", 2) else {
@@ -207,18 +197,21 @@ pub(crate) fn discovery(trials: usize) {
         Some(lab.ns(0)),
     );
     let v: Value = serde_json::from_str(&c.line()).unwrap();
-    row("namespaces: UDP probe → reply (floor)", floor, None);
-    row(
-        "namespaces: start → discovered",
-        durations(&v["discovered_us"]),
-        Some(base),
-    );
-    row(
-        "namespaces: start → session up",
-        durations(&v["up_us"]),
-        Some(base),
-    );
+    report("namespaces", floor, base, &v);
     drop(p);
+}
+
+/// The three rows of one discovery setting.
+fn report(place: &str, floor: Vec<Duration>, base: Duration, v: &Value) {
+    row(&format!("{place}: UDP probe → reply (floor)"), floor, None);
+    let starts = [("discovered", "discovered_us"), ("session up", "up_us")];
+    for (what, key) in starts {
+        row(
+            &format!("{place}: start → {what}"),
+            durations(&v[key]),
+            Some(base),
+        );
+    }
 }
 
 /// Link cut in namespaces → `heartbeat_timeout`, over `trials` cuts per

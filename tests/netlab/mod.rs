@@ -183,26 +183,17 @@ impl Lab {
     /// Cuts host `i`'s cable: its bridge port goes down (the host sees no
     /// carrier).
     pub fn cut(&self, i: usize) {
-        ip(&[
-            "-n",
-            &self.bridge_ns(),
-            "link",
-            "set",
-            &format!("h{i}"),
-            "down",
-        ]);
+        self.set_port(i, "down");
     }
 
     /// Plugs host `i`'s cable back in.
     pub fn heal(&self, i: usize) {
-        ip(&[
-            "-n",
-            &self.bridge_ns(),
-            "link",
-            "set",
-            &format!("h{i}"),
-            "up",
-        ]);
+        self.set_port(i, "up");
+    }
+
+    fn set_port(&self, i: usize, state: &str) {
+        let port = format!("h{i}");
+        ip(&["-n", &self.bridge_ns(), "link", "set", &port, state]);
     }
 
     /// Gives host `i` its address.

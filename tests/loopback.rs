@@ -300,3 +300,59 @@ async fn send_errors_hand_the_message_back() {
     let counts: HashMap<_, _> = [("sent", a.stats().messages_sent)].into();
     assert_eq!(counts["sent"], 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_application_pushes_back_without_loss_or_timeout() {
+    trace();
+    let port = free_port();
+    // A tiny event queue: it fills at once while the application sleeps.
+    let (a, mut ea) = Node::start(
+        config("slowapp", port)
+            .name("a")
+            .event_capacity(16)
+            .build()
+            .unwrap(),
+    )
+    .await
+    .unwrap();
+    let (b, mut eb) = Node::start(config("slowapp", port).name("b").build().unwrap())
+        .await
+        .unwrap();
+    wait_up(&mut ea, b.id(), Duration::from_secs(5)).await;
+    wait_up(&mut eb, a.id(), Duration::from_secs(5)).await;
+    const N: u32 = 2000;
+    let (b2, aid) = (b.clone(), a.id());
+    let sender = tokio::spawn(async move {
+        for i in 0..N {
+            b2.send(aid, i.to_be_bytes().to_vec()).await.unwrap();
+        }
+    });
+    // The application does not look at its events for a second (three
+    // heartbeat timeouts).
+    sleep(Duration::from_secs(1)).await;
+    let mut next = 0u32;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while next < N {
+        assert!(Instant::now() < deadline, "only {next} arrived");
+        match tokio::time::timeout(Duration::from_secs(5), ea.recv())
+            .await
+            .unwrap()
+            .unwrap()
+        {
+            Event::Message { data, .. } => {
+                assert_eq!(u32::from_be_bytes(data[..].try_into().unwrap()), next);
+                next += 1;
+            }
+            Event::SessionDown { reason, .. } => panic!("session down: {reason}"),
+            _ => {}
+        }
+    }
+    sender.await.unwrap();
+    assert_eq!(
+        a.stats().heartbeat_timeouts + b.stats().heartbeat_timeouts,
+        0
+    );
+    while let Some(e) = eb.try_recv() {
+        assert!(!matches!(e, Event::SessionDown { .. }), "{e:?}");
+    }
+}

@@ -1,25 +1,13 @@
 //! `lifecycle`: start → discovered / session up, SIGSTOP → heartbeat_timeout,
 //! SIGCONT → session up again, on loopback.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use lanbeat::{Config, DownReason, Event, Node};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
-use crate::util::{free_port, pct, row, row_header, udp_floor};
-
-struct Child2(Child);
-impl Drop for Child2 {
-    fn drop(&mut self) {
-        let pid = Pid::from_raw(self.0.id() as i32);
-        let _ = kill(pid, Signal::SIGCONT);
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+use crate::util::{Helper, free_port, pct, row, row_header, udp_floor};
 
 pub(crate) async fn lifecycle(trials: usize) {
     println!("lanbeat lifecycle bench on loopback, {trials} trials per setting\n");
@@ -78,33 +66,30 @@ pub(crate) async fn lifecycle(trials: usize) {
 async fn trial(interval: u64, timeout: u64) -> Trial {
     let port = free_port();
     let service = format!("bench-{}-{port}", std::process::id());
-    let exe = std::env::current_exe().unwrap();
-    let mut child = Child2(
-        Command::new(exe)
-            .arg("--peer-child")
-            .args([
-                "--service",
-                &service,
-                "--name",
-                "child",
-                "--interface",
-                "lo",
-            ])
-            .args(["--discovery-port", &port.to_string()])
-            .args(["--heartbeat-interval-ms", &interval.to_string()])
-            .args(["--heartbeat-timeout-ms", &timeout.to_string()])
-            .arg("--json")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap(),
-    );
-    // Wait until the child is listening.
-    let mut lines = BufReader::new(child.0.stdout.take().unwrap()).lines();
-    let started = lines.next().unwrap().unwrap();
-    assert!(started.contains("\"started\""));
-    std::thread::spawn(move || for _ in lines.by_ref() {});
-    let pid = Pid::from_raw(child.0.id() as i32);
+    let (port_s, i, t) = (port.to_string(), interval.to_string(), timeout.to_string());
+    let args: Vec<String> = [
+        "--service",
+        &service,
+        "--name",
+        "child",
+        "--interface",
+        "lo",
+        "--discovery-port",
+        &port_s,
+        "--heartbeat-interval-ms",
+        &i,
+        "--heartbeat-timeout-ms",
+        &t,
+        "--json",
+    ]
+    .map(String::from)
+    .into();
+    let mut child = Helper::start_peer(&args);
+    // Wait until the child is listening, then keep its pipe drained.
+    assert!(child.line().contains("\"started\""));
+    let lines = child.take_lines();
+    std::thread::spawn(move || lines.for_each(drop));
+    let pid = Pid::from_raw(child.pid() as i32);
 
     let config = Config::builder(&service)
         .name("bench")

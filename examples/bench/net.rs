@@ -126,28 +126,8 @@ pub(crate) fn discovery(trials: usize) {
         dport.as_str(),
         "--lo",
     ];
-    let mut p = Helper::start(
-        &[to_args(&["partner"]), to_args(&common)].concat(),
-        false,
-        None,
-    );
-    assert_eq!(p.line(), "ready");
-    let mut c = Helper::start(
-        &[
-            to_args(&["cold-starts", "--trials", &trials.to_string()]),
-            to_args(&common),
-        ]
-        .concat(),
-        false,
-        None,
-    );
-    let v: Value = serde_json::from_str(&c.line()).unwrap();
     let floor = crate::util::udp_floor(trials.max(50));
-    let mut f = floor.clone();
-    f.sort();
-    let base = pct(&f, 0.5);
-    report("loopback", floor, base, &v);
-    drop(p);
+    cold_start_rows("loopback", trials, &common, None, floor);
     // Namespaces.
     let Some(lab) = Lab::new("bench-disc", 2) else {
         println!("\n(namespaces skipped: not root)");
@@ -177,27 +157,41 @@ pub(crate) fn discovery(trials: usize) {
     );
     let fv: Value = serde_json::from_str(&fl.line()).unwrap();
     drop(r);
-    let floor = durations(&fv["floor_us"]);
+    let hosts = Some((lab.ns(0), lab.ns(1)));
+    cold_start_rows(
+        "namespaces",
+        trials,
+        &common,
+        hosts,
+        durations(&fv["floor_us"]),
+    );
+}
+
+/// Runs a partner and `trials` cold starts beside it (in two lab hosts,
+/// `(measured, partner)`, when given), and prints their rows beside the UDP
+/// floor.
+fn cold_start_rows(
+    place: &str,
+    trials: usize,
+    common: &[&str],
+    hosts: Option<(&str, &str)>,
+    floor: Vec<Duration>,
+) {
     let mut f = floor.clone();
     f.sort();
     let base = pct(&f, 0.5);
-    let mut p = Helper::start(
-        &[to_args(&["partner"]), to_args(&common)].concat(),
-        false,
-        Some(lab.ns(1)),
-    );
+    let partner_args = [to_args(&["partner"]), to_args(common)].concat();
+    let mut p = Helper::start(&partner_args, false, hosts.map(|h| h.1));
     assert_eq!(p.line(), "ready");
-    let mut c = Helper::start(
-        &[
-            to_args(&["cold-starts", "--trials", &trials.to_string()]),
-            to_args(&common),
-        ]
-        .concat(),
-        false,
-        Some(lab.ns(0)),
-    );
+    let trials = trials.to_string();
+    let starts_args = [
+        to_args(&["cold-starts", "--trials", &trials]),
+        to_args(common),
+    ]
+    .concat();
+    let mut c = Helper::start(&starts_args, false, hosts.map(|h| h.0));
     let v: Value = serde_json::from_str(&c.line()).unwrap();
-    report("namespaces", floor, base, &v);
+    report(place, floor, base, &v);
     drop(p);
 }
 

@@ -112,29 +112,24 @@ impl Helper {
         cmd.push(exe.to_string_lossy().into_owned());
         cmd.push("__child".into());
         cmd.extend(args.iter().cloned());
-        let mut child = Command::new(&cmd[0])
-            .args(&cmd[1..])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("start helper");
-        let lines = BufReader::new(child.stdout.take().unwrap()).lines();
-        Helper {
-            child,
-            lines: Some(lines),
-        }
+        Self::spawn(&cmd)
     }
 
     /// Starts the example peer (this binary in peer mode) with `args`.
     pub(crate) fn start_peer(args: &[String]) -> Helper {
         let exe = std::env::current_exe().unwrap();
-        let mut child = Command::new(exe)
-            .arg("--peer-child")
-            .args(args)
+        let mut cmd = vec![exe.to_string_lossy().into_owned(), "--peer-child".into()];
+        cmd.extend(args.iter().cloned());
+        Self::spawn(&cmd)
+    }
+
+    fn spawn(cmd: &[String]) -> Helper {
+        let mut child = Command::new(&cmd[0])
+            .args(&cmd[1..])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()
-            .expect("start peer");
+            .expect("start helper");
         let lines = BufReader::new(child.stdout.take().unwrap()).lines();
         Helper {
             child,

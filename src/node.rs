@@ -4,6 +4,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -114,25 +115,63 @@ impl Events {
     /// The next event; `None` once the node has shut down and every event
     /// was taken.
     pub async fn recv(&mut self) -> Option<Event> {
-        loop {
-            if let Some(e) = self.try_recv() {
-                return Some(e);
-            }
-            if self.closed {
-                return None;
-            }
-            self.queue.filled().await;
+        std::future::poll_fn(|cx| self.poll_recv(cx)).await
+    }
+
+    /// Moves up to `limit` ready events into `buf` (waiting for the first
+    /// one), and returns how many; 0 once the node has shut down and every
+    /// event was taken (or when `limit` is 0). One call per burst instead of
+    /// one per event, like tokio's `mpsc::Receiver::recv_many`.
+    pub async fn recv_many(&mut self, buf: &mut Vec<Event>, limit: usize) -> usize {
+        if limit == 0 {
+            return 0;
         }
+        let Some(first) = self.recv().await else {
+            return 0;
+        };
+        buf.push(first);
+        let mut n = 1;
+        while n < limit {
+            match self.try_recv() {
+                Some(e) => buf.push(e),
+                None => break,
+            }
+            n += 1;
+        }
+        n
     }
 
     /// The next event if one is ready.
     pub fn try_recv(&mut self) -> Option<Event> {
         if self.local.is_empty() && !self.closed {
-            let local = &mut self.local;
-            let (_, closed) = self.queue.pop_batch(usize::MAX, |e| local.push_back(e));
-            self.closed = closed;
+            self.refill(None);
         }
         self.local.pop_front()
+    }
+
+    /// Polls for the next event: `Ready(None)` once the node has shut down
+    /// and every event was taken. For use in hand-written futures and
+    /// streams; [`Events::recv`] is this as an `async fn`.
+    pub fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Option<Event>> {
+        if self.local.is_empty() && !self.closed {
+            self.refill(Some(cx.waker()));
+        }
+        match self.local.pop_front() {
+            Some(e) => Poll::Ready(Some(e)),
+            None if self.closed => Poll::Ready(None),
+            None => Poll::Pending,
+        }
+    }
+
+    /// Takes everything queued in one batch; with a waker, registers it
+    /// when nothing was there.
+    fn refill(&mut self, waker: Option<&Waker>) {
+        let local = &mut self.local;
+        let (_, closed) = self.queue.pop_while(waker, usize::MAX, |e| {
+            local.push_back(e);
+            true
+        });
+        self.closed = closed;
     }
 }
 

@@ -8,10 +8,14 @@
 //! idle queue must cost no heap memory (10 000 idle sessions). tokio's mpsc
 //! allocates a block of 32 slots per channel up front and takes a semaphore
 //! operation per item; flume cannot close and drain atomically. This is a
-//! `VecDeque` behind a mutex plus two `Notify`s.
+//! `VecDeque` behind a mutex, the single consumer's `Waker` kept under the
+//! same lock (registered only when it finds the queue empty, so a busy
+//! consumer pays nothing for it), and a `Notify` for producers waiting for
+//! room.
 
 use std::collections::VecDeque;
 use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::task::Waker;
 
 use tokio::sync::Notify;
 
@@ -29,6 +33,8 @@ struct Inner<T> {
     closed: bool,
     /// The consumer is gone: pushes are accepted and dropped.
     discard: bool,
+    /// The consumer, waiting for an item (or for the close).
+    consumer: Option<Waker>,
 }
 
 /// A bounded multi-producer, single-consumer queue.
@@ -38,8 +44,6 @@ pub(crate) struct Queue<T> {
     capacity: usize,
     /// Producers waiting for room.
     room: Notify,
-    /// The consumer waiting for an item.
-    filled: Notify,
 }
 
 impl<T> Queue<T> {
@@ -49,10 +53,10 @@ impl<T> Queue<T> {
                 items: VecDeque::new(),
                 closed: false,
                 discard: false,
+                consumer: None,
             }),
             capacity,
             room: Notify::new(),
-            filled: Notify::new(),
         }
     }
 
@@ -72,11 +76,11 @@ impl<T> Queue<T> {
         if q.items.len() >= self.capacity {
             return Err(PushError::Full(item));
         }
-        let was_empty = q.items.is_empty();
         q.items.push_back(item);
+        let consumer = q.consumer.take();
         drop(q);
-        if was_empty {
-            self.filled.notify_one();
+        if let Some(w) = consumer {
+            w.wake();
         }
         Ok(())
     }
@@ -116,12 +120,12 @@ impl<T> Queue<T> {
         if q.closed {
             return !items.is_empty();
         }
-        let was_empty = q.items.is_empty();
         let n = items.len().min(self.capacity.saturating_sub(q.items.len()));
         q.items.extend(items.drain(..n));
+        let consumer = if n > 0 { q.consumer.take() } else { None };
         drop(q);
-        if was_empty && n > 0 {
-            self.filled.notify_one();
+        if let Some(w) = consumer {
+            w.wake();
         }
         !items.is_empty()
     }
@@ -142,16 +146,25 @@ impl<T> Queue<T> {
 
     /// Moves up to `max` items to `f`, oldest first. Returns how many, and
     /// whether the queue is closed (then nothing more will come).
+    #[cfg(test)]
     pub(crate) fn pop_batch(&self, max: usize, mut f: impl FnMut(T)) -> (usize, bool) {
-        self.pop_while(max, |item| {
+        self.pop_while(None, max, |item| {
             f(item);
             true
         })
     }
 
-    /// Like [`Queue::pop_batch`], but stops after an item for which `f`
-    /// returns false (that item is taken).
-    pub(crate) fn pop_while(&self, max: usize, mut f: impl FnMut(T) -> bool) -> (usize, bool) {
+    /// Moves up to `max` items to `f`, oldest first, stopping after an item
+    /// for which `f` returns false (that item is taken). Returns how many,
+    /// and whether the queue is closed (then nothing more will come). When
+    /// it leaves the queue empty and open, `waker` is woken by the next push
+    /// (or the close).
+    pub(crate) fn pop_while(
+        &self,
+        waker: Option<&Waker>,
+        max: usize,
+        mut f: impl FnMut(T) -> bool,
+    ) -> (usize, bool) {
         let mut q = self.lock();
         let was_full = q.items.len() >= self.capacity;
         let mut n = 0;
@@ -169,6 +182,15 @@ impl<T> Queue<T> {
             q.items = VecDeque::new();
         }
         let closed = q.closed && q.items.is_empty();
+        if let Some(w) = waker
+            && q.items.is_empty()
+            && !q.closed
+        {
+            match &mut q.consumer {
+                Some(old) => old.clone_from(w),
+                none => *none = Some(w.clone()),
+            }
+        }
         drop(q);
         if was_full && n > 0 {
             self.room.notify_waiters();
@@ -181,17 +203,13 @@ impl<T> Queue<T> {
         self.lock().items.is_empty()
     }
 
-    /// Waits until an item may have arrived (or the queue closed).
-    pub(crate) async fn filled(&self) {
-        self.filled.notified().await;
-    }
-
     /// Closes the queue and returns what was left in it. Later pushes fail
     /// and hand their item back.
     pub(crate) fn close_and_take(&self) -> Vec<T> {
         let mut q = self.lock();
         q.closed = true;
         let left = std::mem::take(&mut q.items).into();
+        q.consumer = None;
         drop(q);
         self.room.notify_waiters();
         left
@@ -199,9 +217,14 @@ impl<T> Queue<T> {
 
     /// Closes the queue for producers; the consumer still gets what is in it.
     pub(crate) fn close(&self) {
-        self.lock().closed = true;
+        let mut q = self.lock();
+        q.closed = true;
+        let consumer = q.consumer.take();
+        drop(q);
         self.room.notify_waiters();
-        self.filled.notify_one();
+        if let Some(w) = consumer {
+            w.wake();
+        }
     }
 
     /// The consumer is gone: drop what is queued and everything pushed
@@ -210,6 +233,7 @@ impl<T> Queue<T> {
         let mut q = self.lock();
         q.discard = true;
         q.items = VecDeque::new();
+        q.consumer = None;
         drop(q);
         self.room.notify_waiters();
     }
@@ -292,8 +316,11 @@ mod tests {
         let o = Arc::new(Queue::new(4));
         let o2 = o.clone();
         let consumer = tokio::spawn(async move {
-            o2.filled().await;
-            o2.pop_batch(10, drop).0
+            std::future::poll_fn(|cx| match o2.pop_while(Some(cx.waker()), 10, |_| true) {
+                (0, _) => std::task::Poll::Pending,
+                (n, _) => std::task::Poll::Ready(n),
+            })
+            .await
         });
         tokio::task::yield_now().await;
         o.try_push(1).unwrap();

@@ -3,16 +3,19 @@
 //! between the machine and the application's event stream.
 
 use std::collections::VecDeque;
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Duration;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
-use bytes::{Bytes, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use socket2::{SockRef, TcpKeepalive};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::net::tcp::OwnedWriteHalf;
 use tokio::sync::{mpsc, oneshot};
+use tokio::time::Sleep;
 use tracing::{debug, info, trace, warn};
 
 use super::machine::{Session, SessionConfig, SessionEvent};
@@ -40,6 +43,12 @@ const DELIVER_BATCH: usize = 1024;
 /// The timer is moved later only when the deadline moved by more than this
 /// (moving it on every frame costs more than one early wake-up).
 const TIMER_SLACK: Duration = Duration::from_millis(20);
+/// Where the timer waits when nothing is due.
+const FAR: Duration = Duration::from_secs(3600);
+/// Passes of one poll before the task yields to the others.
+const MAX_PASSES: usize = 16;
+/// Reads per pass (each read is followed by decoding what it brought).
+const MAX_READS: usize = 2;
 
 /// The supervisor's answer to a completed handshake.
 #[derive(Debug)]
@@ -103,6 +112,57 @@ pub(crate) fn tune(stream: &TcpStream, interval: Duration, timeout: Duration) {
     }
 }
 
+/// What the poll loop hands to the async part of the task.
+enum Step {
+    /// The handshake completed: ask the supervisor.
+    Approve(Box<Hello>),
+    /// The session is over.
+    Closed(DownReason),
+}
+
+/// A running connection: everything the poll loop works on, kept across
+/// the awaits for approval and for the goodbye.
+struct Link {
+    stream: TcpStream,
+    session: Session,
+    rbuf: BytesMut,
+    read_size: usize,
+    wbuf: BytesMut,
+    last_write: Instant,
+    outbox: Option<Arc<Outbox>>,
+    peer: Option<PeerId>,
+    /// Received messages the event queue has no room for yet. While any
+    /// wait, the task reads nothing more and the heartbeat timeout is
+    /// suspended (the silence is ours).
+    pending: VecDeque<Event>,
+    /// Waits for room in the event queue (only while `pending` waits).
+    room: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
+    ctrl_open: bool,
+    /// When the timer is set to fire.
+    armed: Instant,
+}
+
+impl Link {
+    /// An idle session holds no buffers: 10 000 of them must fit in a few
+    /// KiB each.
+    fn release_idle_buffers(&mut self) {
+        if self.rbuf.is_empty() && self.read_size == READ_MIN && self.rbuf.capacity() > 0 {
+            self.rbuf = BytesMut::new();
+        }
+        if self.wbuf.is_empty()
+            && self.wbuf.capacity() > 0
+            && (self.wbuf.capacity() <= 4096 || self.outbox.as_ref().is_none_or(|o| o.is_empty()))
+        {
+            self.wbuf = BytesMut::new();
+        }
+    }
+
+    /// Whether the handshake completed and the supervisor has not answered.
+    fn awaiting_approval(&self) -> bool {
+        self.peer.is_none() && self.session.is_established()
+    }
+}
+
 impl Conn {
     /// Runs the connection to its end and reports the end to the supervisor.
     pub(crate) async fn run(mut self, stream: TcpStream, addr: SocketAddr) {
@@ -117,198 +177,303 @@ impl Conn {
     }
 
     async fn drive(&mut self, stream: TcpStream, addr: SocketAddr) -> (Option<PeerId>, DownReason) {
-        let mut session = Session::new(clock::now(), self.session.clone(), self.expected);
-        let (mut rd, mut wr) = stream.into_split();
-        let mut rbuf = BytesMut::new();
-        let mut read_size = READ_MIN;
-        let mut wbuf = BytesMut::new();
-        let mut outbox: Option<Arc<Outbox>> = None;
-        let mut peer: Option<PeerId> = None;
-        // Received messages the event queue has no room for yet. While any
-        // wait, the task reads nothing more and the heartbeat timeout is
-        // suspended (the silence is ours).
-        let mut pending: VecDeque<Event> = VecDeque::new();
-        let mut last_write = clock::now();
-        let mut ctrl_open = true;
+        let now = clock::now();
+        let mut link = Link {
+            stream,
+            session: Session::new(now, self.session.clone(), self.expected),
+            rbuf: BytesMut::new(),
+            read_size: READ_MIN,
+            wbuf: BytesMut::new(),
+            last_write: now,
+            outbox: None,
+            peer: None,
+            pending: VecDeque::new(),
+            room: None,
+            ctrl_open: true,
+            armed: now + FAR,
+        };
         // One timer for the whole life of the connection, moved as needed.
-        let mut armed = clock::now() + Duration::from_secs(3600);
-        let sleep = clock::sleep_until(armed);
+        let sleep = clock::sleep_until(link.armed);
         tokio::pin!(sleep);
         let reason = loop {
-            // Frames already buffered are processed before reading more.
-            if pending.is_empty() && !session.is_closed() {
-                self.decode_buffered(&mut session, &mut rbuf, peer, &mut pending);
+            match std::future::poll_fn(|cx| self.poll_link(cx, &mut link, sleep.as_mut())).await {
+                Step::Approve(hello) => match Box::pin(self.approve(hello, addr)).await {
+                    Ok((p, o)) => {
+                        link.peer = Some(p);
+                        link.outbox = Some(o);
+                    }
+                    Err(v) => link.session.close(DownReason::ProtocolError(v), false),
+                },
+                Step::Closed(r) => break r,
             }
-            if !pending.is_empty() {
-                let blocked = self.events.push_many(&mut pending);
-                session.set_paused(clock::now(), blocked);
+        };
+        Box::pin(self.finish(link, reason)).await
+    }
+
+    /// One poll of the connection: goes round (control, receive, machine,
+    /// outbox, write, timer) until nothing moves, then waits for whichever
+    /// registered waker fires first. Written by hand rather than as a
+    /// `select!` loop: an idle session answering a ping is one pass, with no
+    /// futures built and dropped per wake-up.
+    fn poll_link(
+        &mut self,
+        cx: &mut Context<'_>,
+        l: &mut Link,
+        mut sleep: Pin<&mut Sleep>,
+    ) -> Poll<Step> {
+        for _ in 0..MAX_PASSES {
+            if l.ctrl_open
+                && let Poll::Ready(r) = Pin::new(&mut self.ctrl).poll(cx)
+            {
+                l.ctrl_open = false;
+                if let Ok(r) = r {
+                    l.session.close(r, true);
+                }
             }
-            while let Some(f) = session.poll_transmit() {
-                f.encode(&mut wbuf);
-            }
-            let mut closed = None;
-            while let Some(ev) = session.poll_event() {
+            let mut again = self.receive(cx, l);
+            while let Some(ev) = l.session.poll_event() {
                 match ev {
-                    SessionEvent::Established(hello) => {
-                        match Box::pin(self.approve(hello, addr)).await {
-                            Ok((p, o)) => {
-                                peer = Some(p);
-                                outbox = Some(o);
-                            }
-                            Err(v) => session.close(DownReason::ProtocolError(v), false),
-                        }
-                    }
-                    SessionEvent::Rtt(rtt) => {
-                        if let Some(p) = peer {
-                            self.shared.record_rtt(p, rtt);
-                            // A sample is skipped (and counted), never
-                            // waited for: the session must keep going.
-                            if self.events.try_push(Event::Rtt { peer: p, rtt }).is_err() {
-                                Counters::bump(&self.shared.counters.rtt_events_skipped);
-                            }
-                        }
-                    }
-                    SessionEvent::Closed(r) => closed = Some(r),
+                    SessionEvent::Established(hello) => return Poll::Ready(Step::Approve(hello)),
+                    SessionEvent::Rtt(rtt) => self.rtt(l.peer, rtt),
+                    SessionEvent::Closed(r) => return Poll::Ready(Step::Closed(r)),
                 }
             }
-            if let Some(r) = closed {
-                break r;
+            while let Some(f) = l.session.poll_transmit() {
+                f.encode(&mut l.wbuf);
             }
-            // Take messages from the outbox while the peer keeps up.
-            if let Some(o) = outbox.as_ref() {
-                let now = clock::now();
-                let mut sent = 0;
-                while session.can_send() && wbuf.len() < WRITE_HIGH_WATER {
-                    // Stop as soon as the in-flight limits are reached.
-                    let (n, _) = o.pop_while(64, |m| {
-                        frame::encode_data(&m, &mut wbuf);
-                        session.record_data_sent(now, m);
-                        session.can_send()
-                    });
-                    sent += n as u64;
-                    if n == 0 {
-                        break;
-                    }
+            let limited = self.take_outbox(cx, l);
+            again |= self.write(cx, l) && limited;
+            again |= self.poll_timer(cx, l, sleep.as_mut());
+            if !again {
+                l.release_idle_buffers();
+                return Poll::Pending;
+            }
+        }
+        // Busy: let the other tasks run, then carry on.
+        cx.waker().wake_by_ref();
+        Poll::Pending
+    }
+
+    /// Delivers waiting messages, decodes buffered frames, reads. Returns
+    /// whether there is more to do without waiting (a full batch decoded);
+    /// otherwise a waker is registered (socket or event-queue room), or the
+    /// session is closed or waits for approval.
+    fn receive(&self, cx: &mut Context<'_>, l: &mut Link) -> bool {
+        let mut reads = 0;
+        loop {
+            if !self.deliver(cx, l) || l.session.is_closed() || l.awaiting_approval() {
+                return false;
+            }
+            let exhausted = self.decode_buffered(l);
+            if !self.deliver(cx, l) || l.session.is_closed() || l.awaiting_approval() {
+                return false;
+            }
+            if !exhausted || reads == MAX_READS {
+                return true;
+            }
+            reads += 1;
+            if self.poll_read(cx, l).is_pending() {
+                return false;
+            }
+        }
+    }
+
+    /// Hands waiting messages to the event queue. Returns false when some
+    /// must still wait (then the task is woken when there is room).
+    fn deliver(&self, cx: &mut Context<'_>, l: &mut Link) -> bool {
+        if l.pending.is_empty() {
+            return true;
+        }
+        for _ in 0..4 {
+            let blocked = self.events.push_many(&mut l.pending);
+            l.session.set_paused(clock::now(), blocked);
+            if !blocked {
+                l.room = None;
+                return true;
+            }
+            let room = l.room.get_or_insert_with(|| {
+                let events = self.events.clone();
+                Box::pin(async move { events.room().await })
+            });
+            if room.as_mut().poll(cx).is_pending() {
+                return false;
+            }
+            l.room = None;
+        }
+        cx.waker().wake_by_ref();
+        false
+    }
+
+    /// Reads what the socket has. `Pending` (waker registered) when it has
+    /// nothing; an end of stream or error goes to the machine.
+    fn poll_read(&self, cx: &mut Context<'_>, l: &mut Link) -> Poll<()> {
+        match l.stream.poll_read_ready(cx) {
+            Poll::Pending => return Poll::Pending,
+            Poll::Ready(Err(e)) => {
+                l.session.handle_io_error(e.kind());
+                return Poll::Ready(());
+            }
+            Poll::Ready(Ok(())) => {}
+        }
+        // The buffer is allocated only now that there is data.
+        if l.rbuf.capacity() - l.rbuf.len() < l.read_size / 2 {
+            l.rbuf.reserve(l.read_size);
+        }
+        let read = std::pin::pin!(l.stream.read_buf(&mut l.rbuf)).poll(cx);
+        match read {
+            Poll::Pending => return Poll::Pending,
+            Poll::Ready(Ok(0)) => l.session.handle_eof(),
+            Poll::Ready(Ok(n)) => {
+                // Grow the buffer for a busy peer, shrink it back for an
+                // idle one.
+                if n >= l.read_size && l.read_size < READ_MAX {
+                    l.read_size *= 2;
+                } else if n < READ_MIN && l.read_size > READ_MIN {
+                    l.read_size = READ_MIN;
                 }
-                Counters::add(&self.shared.counters.messages_sent, sent);
             }
-            let stall = (!wbuf.is_empty()).then(|| last_write + self.write_timeout);
-            let deadline = [session.poll_timeout(), stall]
-                .into_iter()
-                .flatten()
-                .min()
-                .unwrap_or(armed);
-            // Move the timer when it must fire earlier, or much later; a
-            // timer that fires a little early finds nothing due and is
-            // re-armed.
-            if deadline < armed || deadline > armed + TIMER_SLACK {
-                armed = deadline;
+            Poll::Ready(Err(e)) => l.session.handle_io_error(e.kind()),
+        }
+        Poll::Ready(())
+    }
+
+    /// Takes messages from the outbox while the peer keeps up. Returns
+    /// whether it stopped because the write buffer is full (then a write
+    /// makes room for more). When it empties the outbox, the next message
+    /// queued wakes the task.
+    fn take_outbox(&self, cx: &mut Context<'_>, l: &mut Link) -> bool {
+        let Some(o) = l.outbox.as_ref() else {
+            return false;
+        };
+        let (session, wbuf) = (&mut l.session, &mut l.wbuf);
+        let now = clock::now();
+        let mut sent = 0;
+        while session.can_send() && wbuf.len() < WRITE_HIGH_WATER {
+            // Stop as soon as the in-flight limits are reached.
+            let (n, _) = o.pop_while(Some(cx.waker()), 64, |m| {
+                frame::encode_data(&m, wbuf);
+                session.record_data_sent(now, m);
+                session.can_send() && wbuf.len() < WRITE_HIGH_WATER
+            });
+            sent += n as u64;
+            if n < 64 {
+                break;
+            }
+        }
+        if sent > 0 {
+            Counters::add(&self.shared.counters.messages_sent, sent);
+        }
+        wbuf.len() >= WRITE_HIGH_WATER
+    }
+
+    /// Writes what is buffered until the socket takes no more. Returns
+    /// whether anything was written.
+    fn write(&self, cx: &mut Context<'_>, l: &mut Link) -> bool {
+        let mut wrote = false;
+        while !l.wbuf.is_empty() && !l.session.is_closed() {
+            match Pin::new(&mut l.stream).poll_write(cx, &l.wbuf) {
+                Poll::Pending => break,
+                Poll::Ready(Ok(0)) => l.session.handle_io_error(std::io::ErrorKind::WriteZero),
+                Poll::Ready(Ok(n)) => {
+                    l.wbuf.advance(n);
+                    l.last_write = clock::now();
+                    wrote = true;
+                }
+                Poll::Ready(Err(e)) => l.session.handle_io_error(e.kind()),
+            }
+        }
+        wrote
+    }
+
+    /// Moves the timer to the next deadline (the machine's, or the write
+    /// stall's) and handles it when it fired. Returns whether it fired.
+    fn poll_timer(&self, cx: &mut Context<'_>, l: &mut Link, mut sleep: Pin<&mut Sleep>) -> bool {
+        let stall = (!l.wbuf.is_empty()).then(|| l.last_write + self.write_timeout);
+        if let Some(deadline) = [l.session.poll_timeout(), stall]
+            .into_iter()
+            .flatten()
+            .min()
+        {
+            // Moved when it must fire earlier, or much later; a timer that
+            // fires a little early finds nothing due and is re-armed.
+            if deadline < l.armed || deadline > l.armed + TIMER_SLACK {
+                l.armed = deadline;
                 sleep
                     .as_mut()
                     .reset(tokio::time::Instant::from_std(deadline));
             }
-            let can_take = outbox.is_some() && session.can_send() && wbuf.len() < WRITE_HIGH_WATER;
-            // An idle session holds no buffers: 10 000 of them must fit in
-            // a few KiB each.
-            if rbuf.is_empty() && read_size == READ_MIN && rbuf.capacity() > 0 {
-                rbuf = BytesMut::new();
-            }
-            if wbuf.is_empty()
-                && wbuf.capacity() > 0
-                && (wbuf.capacity() <= 4096 || outbox.as_ref().is_none_or(|o| o.is_empty()))
-            {
-                wbuf = BytesMut::new();
-            }
-            tokio::select! {
-                r = &mut self.ctrl, if ctrl_open => {
-                    ctrl_open = false;
-                    if let Ok(r) = r {
-                        session.close(r, true);
-                    }
-                }
-                r = async {
-                    rd.readable().await?;
-                    // The buffer is allocated only now that there is data.
-                    if rbuf.capacity() - rbuf.len() < read_size / 2 {
-                        rbuf.reserve(read_size);
-                    }
-                    rd.read_buf(&mut rbuf).await
-                }, if pending.is_empty() => match r {
-                    Ok(0) => session.handle_eof(),
-                    Ok(n) => {
-                        // Grow the buffer for a busy peer, shrink it back
-                        // for an idle one.
-                        if n >= read_size && read_size < READ_MAX {
-                            read_size *= 2;
-                        } else if n < READ_MIN && read_size > READ_MIN {
-                            read_size = READ_MIN;
-                            if rbuf.is_empty() {
-                                rbuf = BytesMut::new();
-                            }
-                        }
-                    }
-                    Err(e) => session.handle_io_error(e.kind()),
-                },
-                () = self.events.room(), if !pending.is_empty() => {}
-                w = wr.write_buf(&mut wbuf), if !wbuf.is_empty() => match w {
-                    Ok(_) => last_write = clock::now(),
-                    Err(e) => session.handle_io_error(e.kind()),
-                },
-                () = async { outbox.as_ref().expect("guarded").filled().await }, if can_take => {}
-                () = &mut sleep => {
-                    let now = clock::now();
-                    if stall.is_some_and(|s| now >= s) && !wbuf.is_empty() {
-                        session.close(DownReason::WriteTimeout, false);
-                    } else if session.poll_timeout().is_some_and(|t| t <= now) {
-                        session.handle_timeout(now);
-                    }
-                    // Re-armed at the top of the loop.
-                    armed = now + Duration::from_secs(3600);
-                    sleep.as_mut().reset(tokio::time::Instant::from_std(armed));
-                }
-            }
-        };
-        Box::pin(self.finish(session, reason, peer, pending, outbox, wr, wbuf)).await
+        }
+        if sleep.as_mut().poll(cx).is_pending() {
+            return false;
+        }
+        let now = clock::now();
+        if stall.is_some_and(|s| now >= s) && !l.wbuf.is_empty() {
+            l.session.close(DownReason::WriteTimeout, false);
+        } else if l.session.poll_timeout().is_some_and(|t| t <= now) {
+            l.session.handle_timeout(now);
+        }
+        // Re-armed on the next pass.
+        l.armed = now + FAR;
+        sleep
+            .as_mut()
+            .reset(tokio::time::Instant::from_std(l.armed));
+        true
     }
 
-    /// Decodes complete frames from `rbuf` into the machine, collecting the
-    /// messages they carry (up to a batch).
-    fn decode_buffered(
-        &self,
-        session: &mut Session,
-        rbuf: &mut BytesMut,
-        peer: Option<PeerId>,
-        pending: &mut VecDeque<Event>,
-    ) {
+    /// A heartbeat round trip: recorded for [`Node::peers`] and reported.
+    ///
+    /// [`Node::peers`]: crate::Node::peers
+    fn rtt(&self, peer: Option<PeerId>, rtt: Duration) {
+        if let Some(p) = peer {
+            self.shared.record_rtt(p, rtt);
+            // A sample is skipped (and counted), never waited for: the
+            // session must keep going.
+            if self.events.try_push(Event::Rtt { peer: p, rtt }).is_err() {
+                Counters::bump(&self.shared.counters.rtt_events_skipped);
+            }
+        }
+    }
+
+    /// Decodes complete frames from the read buffer into the machine,
+    /// collecting the messages they carry (up to a batch). Returns whether
+    /// the buffer holds no complete frame any more.
+    fn decode_buffered(&self, l: &mut Link) -> bool {
         let now = clock::now();
         let mut received = 0;
-        while pending.len() < DELIVER_BATCH {
-            match Frame::decode(rbuf, self.max_frame) {
+        let mut exhausted = false;
+        while l.pending.len() < DELIVER_BATCH {
+            match Frame::decode(&mut l.rbuf, self.max_frame) {
                 Ok(Some(f)) => {
                     trace!(kind = f.kind(), "frame in");
-                    let data = session.handle_frame(now, f);
+                    let data = l.session.handle_frame(now, f);
                     // The machine accepts data only once established, and
                     // we stop below right after the handshake until the
                     // supervisor approves: `peer` is set whenever data comes.
-                    if let (Some(data), Some(p)) = (data, peer) {
+                    if let (Some(data), Some(p)) = (data, l.peer) {
                         received += 1;
-                        pending.push_back(Event::Message { peer: p, data });
+                        l.pending.push_back(Event::Message { peer: p, data });
                     }
-                    if session.is_closed() || (peer.is_none() && session.is_established()) {
+                    if l.session.is_closed() || l.awaiting_approval() {
                         // Closed, or the handshake just completed: the
                         // frames after it wait for the approval.
                         break;
                     }
                 }
-                Ok(None) => break,
+                Ok(None) => {
+                    exhausted = true;
+                    break;
+                }
                 Err(e) => {
                     warn!(error = %e, "rejected frame; closing session");
-                    session.handle_decode_error(e);
+                    l.session.handle_decode_error(e);
                     break;
                 }
             }
         }
-        Counters::add(&self.shared.counters.messages_received, received);
+        if received > 0 {
+            Counters::add(&self.shared.counters.messages_received, received);
+        }
+        exhausted
     }
 
     async fn approve(
@@ -347,17 +512,16 @@ impl Conn {
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
-    async fn finish(
-        &mut self,
-        mut session: Session,
-        reason: DownReason,
-        peer: Option<PeerId>,
-        pending: VecDeque<Event>,
-        outbox: Option<Arc<Outbox>>,
-        mut wr: OwnedWriteHalf,
-        mut wbuf: BytesMut,
-    ) -> (Option<PeerId>, DownReason) {
+    async fn finish(&mut self, l: Link, reason: DownReason) -> (Option<PeerId>, DownReason) {
+        let Link {
+            mut stream,
+            mut session,
+            mut wbuf,
+            peer,
+            pending,
+            outbox,
+            ..
+        } = l;
         let shared = self.shared.clone();
         let counters = &shared.counters;
         // A goodbye (or anything else the machine queued) goes out first,
@@ -370,10 +534,10 @@ impl Conn {
             DownReason::Shutdown | DownReason::Replaced | DownReason::PeerRestarted
         ) && !wbuf.is_empty()
         {
-            let _ = tokio::time::timeout(GOODBYE_FLUSH, wr.write_all(&wbuf)).await;
+            let _ = tokio::time::timeout(GOODBYE_FLUSH, stream.write_all(&wbuf)).await;
         }
-        let _ = tokio::time::timeout(GOODBYE_FLUSH, wr.shutdown()).await;
-        drop(wr);
+        let _ = tokio::time::timeout(GOODBYE_FLUSH, stream.shutdown()).await;
+        drop(stream);
         match &reason {
             DownReason::HeartbeatTimeout => Counters::bump(&counters.heartbeat_timeouts),
             DownReason::WriteTimeout => Counters::bump(&counters.write_timeouts),

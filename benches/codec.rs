@@ -58,7 +58,11 @@ fn frames(c: &mut Criterion) {
     }
     g.throughput(Throughput::Elements(1));
     let mut ping = BytesMut::new();
-    Frame::Ping(1).encode(&mut ping);
+    Frame::Ping {
+        seq: 1,
+        rtt_us: Some(250),
+    }
+    .encode(&mut ping);
     g.bench_function("decode ping", |b| {
         b.iter(|| {
             let mut buf = ping.clone();

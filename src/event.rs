@@ -40,7 +40,12 @@ pub enum Event {
         /// The bytes it sent (JSON if it used `send_json`).
         data: Bytes,
     },
-    /// A heartbeat round trip was measured.
+    /// A heartbeat round trip was measured: about once per heartbeat
+    /// interval on both sides of a session. The side that dialed measures
+    /// it (ping sent to pong received); the side that accepted reports the
+    /// dialer's sample, carried in the dialer's next ping, rather than
+    /// pinging for its own (it measures itself only if the peer's pings
+    /// carry no sample).
     Rtt {
         /// The peer.
         peer: PeerId,

@@ -135,7 +135,13 @@ pub fn session(data: &[u8]) {
                 s.handle_frame(now, Frame::Ack(u64::from(arg) % (sent + 2)));
             }
             5 => {
-                s.handle_frame(now, Frame::Ping(u64::from(arg)));
+                s.handle_frame(
+                    now,
+                    Frame::Ping {
+                        seq: u64::from(arg),
+                        rtt_us: (arg % 2 == 1).then_some(u32::from(arg)),
+                    },
+                );
             }
             6 => match arg % 4 {
                 0 => s.handle_eof(),

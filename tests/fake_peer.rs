@@ -125,8 +125,11 @@ async fn behave(s: &mut TcpStream, d: Duration) -> usize {
     while let Ok(Some((ty, payload))) = timeout(end - Instant::now(), read_frame(s)).await {
         match ty {
             2 => {
+                // A ping is the sequence number, then (12 bytes) the
+                // sender's round-trip report; the pong echoes the number.
+                assert!(matches!(payload.len(), 8 | 12), "ping of {payload:?}");
                 pings += 1;
-                write_frame(s, 3, &payload).await;
+                write_frame(s, 3, &payload[..8]).await;
             }
             4 => {
                 received += 1;

@@ -59,7 +59,7 @@ pub(crate) async fn lifecycle(trials: usize) {
     println!("\nSIGSTOP → timeout is below the timeout: the last frame from the frozen");
     println!("peer arrived up to one send interval before the freeze. 'last pong' is");
     println!("measured from the last RTT event seen by the bench, in the trials where");
-    println!("it dialed (the acceptor pings only every eighth interval); the timeout");
+    println!("it dialed (the acceptor's RTT events are the dialer's reports); the timeout");
     println!("counts from the last frame of any kind, so it can be a little shorter.");
 }
 
@@ -131,8 +131,8 @@ async fn trial(interval: u64, timeout: u64) -> Trial {
         match e {
             Event::SessionDown { reason, .. } => {
                 assert_eq!(reason, DownReason::HeartbeatTimeout);
-                // Only the dialer pings every interval (the acceptor every
-                // eighth), so only its last pong marks the last frame.
+                // Only the dialer pings (the acceptor reports the dialer's
+                // samples), so only the dialer's last pong marks a frame.
                 let since = dialer.then(|| at - last_pong.expect("a pong before the freeze"));
                 break (at - stop, since);
             }

@@ -4,6 +4,8 @@
 //! minimal hand-written tokio heartbeat server, one task per connection,
 //! answering 13-byte pings with 13-byte pongs.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use lanbeat::{Config, Node};
@@ -68,8 +70,9 @@ async fn lb_server(sessions: usize) {
     while events.recv().await.is_some() {}
 }
 
-/// Opens `n` connections; on each, pings once a second (13 bytes) and
-/// answers pings. Speaks the lanbeat handshake when `lanbeat`.
+/// Opens `n` connections; on each, pings once a second (13 bytes; 17 with
+/// the round-trip report of a lanbeat dialer). Speaks the lanbeat handshake
+/// when `lanbeat`.
 async fn client(port: u16, n: usize, lanbeat: bool) {
     let mut tasks = Vec::new();
     for i in 0..n {
@@ -93,18 +96,30 @@ async fn client(port: u16, n: usize, lanbeat: bool) {
         let phase = Duration::from_micros((i as u64 * 1_000_000 / n as u64) % 1_000_000);
         tasks.push(tokio::spawn(async move {
             let (mut rd, mut wr) = s.into_split();
+            // A lanbeat dialer's ping reports its last round trip (time of
+            // the last ping to its pong, in µs).
+            let epoch = Instant::now();
+            let clock = Arc::new((AtomicU64::new(0), AtomicU32::new(0)));
+            let ours = clock.clone();
             let writer = tokio::spawn(async move {
                 tokio::time::sleep(phase).await;
                 let mut tick = tokio::time::interval(Duration::from_secs(1));
                 for seq in 1u64.. {
                     tick.tick().await;
-                    if wr.write_all(&frame(2, &seq.to_be_bytes())).await.is_err() {
+                    let mut payload = seq.to_be_bytes().to_vec();
+                    let rtt = ours.1.load(Ordering::Relaxed);
+                    if lanbeat && rtt > 0 {
+                        payload.extend_from_slice(&rtt.to_be_bytes());
+                    }
+                    ours.0
+                        .store(epoch.elapsed().as_nanos() as u64, Ordering::Relaxed);
+                    if wr.write_all(&frame(2, &payload)).await.is_err() {
                         break;
                     }
                 }
             });
-            // Read frames; answer pings (lanbeat) — the pong goes through a
-            // second connection handle-free path: we only count here.
+            // Read frames; a pong gives the next round-trip sample. (The
+            // server's own first ping goes unanswered: it times nothing out.)
             let mut len = [0u8; 4];
             let mut body = vec![0u8; 65536];
             loop {
@@ -114,6 +129,13 @@ async fn client(port: u16, n: usize, lanbeat: bool) {
                 let l = u32::from_be_bytes(len) as usize;
                 if l > body.len() || rd.read_exact(&mut body[..l]).await.is_err() {
                     break;
+                }
+                if l == 9 && body[0] == 3 {
+                    let sent = clock.0.load(Ordering::Relaxed);
+                    let us = (epoch.elapsed().as_nanos() as u64).saturating_sub(sent) / 1000;
+                    clock
+                        .1
+                        .store(us.clamp(1, u32::MAX as u64) as u32, Ordering::Relaxed);
                 }
             }
             writer.abort();

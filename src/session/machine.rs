@@ -24,8 +24,9 @@ const ACK_EVERY: u64 = 32;
 const ACK_DELAY: Duration = Duration::from_millis(10);
 /// Outstanding pings remembered for RTT.
 const MAX_PINGS: usize = 8;
-/// A passive side (see [`Session`]) still pings this often, in send
-/// intervals, to measure RTT itself.
+/// A passive side (see [`Session`]) whose peer does not report its round
+/// trip in its pings still pings this often, in send intervals, to measure
+/// it itself.
 const RTT_REFRESH: u32 = 8;
 
 /// Settings of one session.
@@ -84,10 +85,15 @@ pub struct Session {
     /// When we last pinged.
     last_own_ping: Instant,
     /// The dialer pings every send interval; the acceptor is passive: the
-    /// dialer's pings, answered by its pongs, keep both sides alive, so it
-    /// pings only when they stop coming or to refresh its own RTT. One ping
-    /// and one pong per interval instead of two of each.
+    /// dialer's pings, answered by its pongs, keep both sides alive, and
+    /// carry the dialer's round-trip sample, so it pings only when they stop
+    /// coming (or, if they carry no sample, every `RTT_REFRESH` intervals).
+    /// One ping and one pong per interval instead of two of each.
     active: bool,
+    /// The peer's pings carry its round-trip samples.
+    peer_reports_rtt: bool,
+    /// Our latest round-trip sample, sent with our pings.
+    last_rtt: Option<Duration>,
     send_interval: Duration,
     paused: bool,
     ping_seq: u64,
@@ -127,6 +133,8 @@ impl Session {
             last_ping_rx: None,
             last_own_ping: now,
             active: expected.is_some(),
+            peer_reports_rtt: false,
+            last_rtt: None,
             paused: false,
             ping_seq: 0,
             pings: VecDeque::new(),
@@ -192,9 +200,18 @@ impl Session {
                 self.violation(ProtocolViolation::UnexpectedFrame("second hello"));
                 None
             }
-            (_, Frame::Ping(seq)) => {
+            (_, Frame::Ping { seq, rtt_us }) => {
                 self.last_ping_rx = Some(now);
                 self.transmits.push_back(Frame::Pong(seq));
+                // The same round trip, measured by the side that pings: a
+                // passive side reports it as its own instead of pinging.
+                if let Some(us) = rtt_us
+                    && !self.active
+                {
+                    self.peer_reports_rtt = true;
+                    self.events
+                        .push_back(SessionEvent::Rtt(Duration::from_micros(u64::from(us))));
+                }
                 None
             }
             (_, Frame::Pong(seq)) => {
@@ -204,8 +221,9 @@ impl Session {
                     }
                     self.pings.pop_front();
                     if s == seq {
-                        self.events
-                            .push_back(SessionEvent::Rtt(now.saturating_duration_since(sent)));
+                        let rtt = now.saturating_duration_since(sent);
+                        self.last_rtt = Some(rtt);
+                        self.events.push_back(SessionEvent::Rtt(rtt));
                         break;
                     }
                 }
@@ -435,10 +453,14 @@ impl Session {
     fn next_ping(&self) -> Instant {
         let due = self.last_ping_or_data + self.send_interval;
         match self.last_ping_rx {
-            Some(rx) if !self.active => due.max(
-                (rx + self.send_interval.mul_f32(1.5))
-                    .min(self.last_own_ping + self.send_interval * RTT_REFRESH),
-            ),
+            Some(rx) if !self.active => {
+                let takeover = rx + self.send_interval.mul_f32(1.5);
+                if self.peer_reports_rtt {
+                    due.max(takeover)
+                } else {
+                    due.max(takeover.min(self.last_own_ping + self.send_interval * RTT_REFRESH))
+                }
+            }
             _ => due,
         }
     }
@@ -450,7 +472,14 @@ impl Session {
             self.pings.pop_front();
         }
         self.pings.push_back((self.ping_seq, now));
-        self.transmits.push_back(Frame::Ping(self.ping_seq));
+        // At least 1 µs: a sample, however fast, is not "no sample".
+        let rtt_us = self
+            .last_rtt
+            .map(|r| u32::try_from(r.as_micros()).unwrap_or(u32::MAX).max(1));
+        self.transmits.push_back(Frame::Ping {
+            seq: self.ping_seq,
+            rtt_us,
+        });
         self.last_ping_or_data = now;
         if self.rx_data > self.rx_acked {
             self.queue_ack();
@@ -529,6 +558,10 @@ mod tests {
         events_b: Vec<(Instant, SessionEvent)>,
         cut: bool,
         delivered_b: Vec<Bytes>,
+        /// Pings B sent.
+        pings_b: usize,
+        /// A's pings lose their round-trip report (a minimal peer).
+        strip_rtt: bool,
     }
 
     impl Pair {
@@ -546,17 +579,25 @@ mod tests {
                 events_b: Vec::new(),
                 cut: false,
                 delivered_b: Vec::new(),
+                pings_b: 0,
+                strip_rtt: false,
             }
         }
 
         fn pump(&mut self) {
             let arrive = self.now + self.delay;
-            while let Some(f) = self.a.poll_transmit() {
+            while let Some(mut f) = self.a.poll_transmit() {
+                if let Frame::Ping { rtt_us, .. } = &mut f
+                    && self.strip_rtt
+                {
+                    *rtt_us = None;
+                }
                 if !self.cut {
                     self.to_b.push_back((arrive, f));
                 }
             }
             while let Some(f) = self.b.poll_transmit() {
+                self.pings_b += usize::from(matches!(f, Frame::Ping { .. }));
                 if !self.cut {
                     self.to_a.push_back((arrive, f));
                 }
@@ -651,26 +692,26 @@ mod tests {
         assert!((5900..=6001).contains(&rtts), "{rtts}");
     }
 
+    fn rtts(e: &[(Instant, SessionEvent)]) -> Vec<Duration> {
+        e.iter()
+            .filter_map(|(_, e)| match e {
+                SessionEvent::Rtt(r) => Some(*r),
+                _ => None,
+            })
+            .collect()
+    }
+
     #[test]
-    fn the_acceptor_pings_rarely_while_the_dialer_pings() {
+    fn the_acceptor_reports_the_dialers_rtt_and_pings_only_when_it_stops() {
         let mut p = Pair::new(cfg(1, 100, 300), cfg(2, 100, 300));
         p.run_until(p.now + Duration::from_secs(60));
-        let rtts = |e: &[(Instant, SessionEvent)]| {
-            e.iter()
-                .filter(|(_, e)| matches!(e, SessionEvent::Rtt(_)))
-                .count()
-        };
-        // The dialer measures every interval, the acceptor every eighth.
-        assert!(
-            (590..=601).contains(&rtts(&p.events_a)),
-            "{}",
-            rtts(&p.events_a)
-        );
-        assert!(
-            (70..=80).contains(&rtts(&p.events_b)),
-            "{}",
-            rtts(&p.events_b)
-        );
+        // The dialer measures every interval; the acceptor reports the same
+        // samples from the dialer's pings and sends only its first ping.
+        let (a, b) = (rtts(&p.events_a), rtts(&p.events_b));
+        assert!((590..=601).contains(&a.len()), "{}", a.len());
+        assert!((589..=601).contains(&b.len()), "{}", b.len());
+        assert!(b.iter().all(|r| *r == 2 * MS), "{b:?}");
+        assert_eq!(p.pings_b, 1);
         // If the dialer stops pinging (here: it is cut off), the acceptor
         // still detects the silence in time.
         let cut_at = p.now;
@@ -679,6 +720,17 @@ mod tests {
         let (t, r) = Pair::closed_at(&p.events_b).unwrap();
         assert_eq!(r, DownReason::HeartbeatTimeout);
         assert!(t - cut_at <= Duration::from_millis(400));
+    }
+
+    #[test]
+    fn an_acceptor_measures_every_eighth_interval_if_pings_carry_no_rtt() {
+        let mut p = Pair::new(cfg(1, 100, 300), cfg(2, 100, 300));
+        p.strip_rtt = true;
+        p.run_until(p.now + Duration::from_secs(60));
+        let b = rtts(&p.events_b);
+        assert!((70..=80).contains(&b.len()), "{}", b.len());
+        assert!((70..=80).contains(&p.pings_b), "{}", p.pings_b);
+        assert!(p.a.is_established() && p.b.is_established());
     }
 
     #[test]
@@ -780,7 +832,10 @@ mod tests {
             ),
             (
                 None,
-                Frame::Ping(1),
+                Frame::Ping {
+                    seq: 1,
+                    rtt_us: None,
+                },
                 ProtocolViolation::UnexpectedFrame("ping"),
             ),
             (
@@ -881,7 +936,13 @@ mod tests {
         let mut t = now;
         while t < now + Duration::from_millis(1500) && !s.is_closed() {
             t += Duration::from_millis(50);
-            s.handle_frame(t, Frame::Ping(1));
+            s.handle_frame(
+                t,
+                Frame::Ping {
+                    seq: 1,
+                    rtt_us: None,
+                },
+            );
             if s.poll_timeout().is_some_and(|d| d <= t) {
                 s.handle_timeout(t);
             }

@@ -73,8 +73,14 @@ pub enum Frame {
     /// Handshake; `Err(version)` when the peer speaks another protocol
     /// version (the rest was not parsed).
     Hello(Result<Box<Hello>, u8>),
-    /// Heartbeat request with a sequence number.
-    Ping(u64),
+    /// Heartbeat request.
+    Ping {
+        /// Sequence number, echoed by the pong.
+        seq: u64,
+        /// The sender's latest round-trip sample in microseconds, if it has
+        /// one: a peer that does not ping itself reports it as its own.
+        rtt_us: Option<u32>,
+    },
     /// Heartbeat reply echoing the ping's sequence number.
     Pong(u64),
     /// An application message.
@@ -91,7 +97,17 @@ impl Frame {
         match self {
             Frame::Hello(Ok(h)) => json_frame(dst, T_HELLO, h),
             Frame::Hello(Err(v)) => json_frame(dst, T_HELLO, &serde_json::json!({"protocol": v})),
-            Frame::Ping(s) => u64_frame(dst, T_PING, *s),
+            Frame::Ping { seq, rtt_us: None } => u64_frame(dst, T_PING, *seq),
+            Frame::Ping {
+                seq,
+                rtt_us: Some(rtt),
+            } => {
+                dst.reserve(LEN_PREFIX + 13);
+                dst.put_u32(13);
+                dst.put_u8(T_PING);
+                dst.put_u64(*seq);
+                dst.put_u32(*rtt);
+            }
             Frame::Pong(s) => u64_frame(dst, T_PONG, *s),
             Frame::Data(d) => encode_data(d, dst),
             Frame::Ack(n) => u64_frame(dst, T_ACK, *n),
@@ -145,7 +161,17 @@ impl Frame {
                     Frame::Hello(Ok(Box::new(h)))
                 }
             }
-            T_PING => Frame::Ping(u64_payload(&body, "ping")?),
+            T_PING => match body.len() {
+                8 => Frame::Ping {
+                    seq: body.get_u64(),
+                    rtt_us: None,
+                },
+                12 => Frame::Ping {
+                    seq: body.get_u64(),
+                    rtt_us: Some(body.get_u32()),
+                },
+                _ => return Err(FrameError::Malformed("ping")),
+            },
             T_PONG => Frame::Pong(u64_payload(&body, "pong")?),
             T_ACK => Frame::Ack(u64_payload(&body, "ack")?),
             T_DATA => Frame::Data(body.freeze()),
@@ -161,7 +187,7 @@ impl Frame {
     pub fn kind(&self) -> &'static str {
         match self {
             Frame::Hello(_) => "hello",
-            Frame::Ping(_) => "ping",
+            Frame::Ping { .. } => "ping",
             Frame::Pong(_) => "pong",
             Frame::Data(_) => "data",
             Frame::Ack(_) => "ack",
@@ -239,7 +265,14 @@ mod tests {
     fn every_frame_round_trips() {
         round_trip(Frame::Hello(Ok(Box::new(hello()))));
         round_trip(Frame::Hello(Err(2)));
-        round_trip(Frame::Ping(1));
+        round_trip(Frame::Ping {
+            seq: 1,
+            rtt_us: None,
+        });
+        round_trip(Frame::Ping {
+            seq: 2,
+            rtt_us: Some(u32::MAX),
+        });
         round_trip(Frame::Pong(u64::MAX));
         round_trip(Frame::Data(Bytes::from_static(b"hello")));
         round_trip(Frame::Data(Bytes::new()));
@@ -252,9 +285,20 @@ mod tests {
     #[test]
     fn documented_ping_bytes() {
         let mut buf = BytesMut::new();
-        Frame::Ping(1).encode(&mut buf);
+        Frame::Ping {
+            seq: 1,
+            rtt_us: None,
+        }
+        .encode(&mut buf);
         assert_eq!(&buf[..], b"\0\0\0\x09\x02\0\0\0\0\0\0\0\x01");
         assert_eq!(buf.len(), 13);
+        buf.clear();
+        Frame::Ping {
+            seq: 2,
+            rtt_us: Some(250),
+        }
+        .encode(&mut buf);
+        assert_eq!(&buf[..], b"\0\0\0\x0d\x02\0\0\0\0\0\0\0\x02\0\0\0\xfa");
     }
 
     #[test]

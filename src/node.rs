@@ -35,6 +35,8 @@ pub(crate) struct Shared {
     outboxes: Mutex<PeerMap<(u64, Arc<Outbox>)>>,
     /// What discovery knows, refreshed by the supervisor.
     peers: Mutex<BTreeMap<PeerId, (PeerInfo, PeerState)>>,
+    /// Latest RTT of peers whose session ended (a live session keeps its
+    /// own in its outbox), until the peer is lost.
     rtts: Mutex<PeerMap<Duration>>,
     pub(crate) counters: Counters,
 }
@@ -45,10 +47,6 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Shared {
-    pub(crate) fn record_rtt(&self, peer: PeerId, rtt: Duration) {
-        lock(&self.rtts).insert(peer, rtt);
-    }
-
     fn outbox(&self, peer: PeerId) -> Option<Arc<Outbox>> {
         lock(&self.outboxes).get(&peer).map(|(_, o)| o.clone())
     }
@@ -405,8 +403,16 @@ impl Node {
 
     /// Every known peer, its state and last RTT, ordered by id.
     pub fn peers(&self) -> Vec<PeerStatus> {
-        let rtts = lock(&self.inner.shared.rtts).clone();
-        lock(&self.inner.shared.peers)
+        let shared = &self.inner.shared;
+        // Peers with a session: their session's latest sample; others: the
+        // last sample of their last session.
+        let mut rtts = lock(&shared.rtts).clone();
+        for (peer, (_, o)) in lock(&shared.outboxes).iter() {
+            if let Some(rtt) = o.last_rtt() {
+                rtts.insert(*peer, rtt);
+            }
+        }
+        lock(&shared.peers)
             .values()
             .map(|(info, state)| PeerStatus {
                 info: info.clone(),
@@ -884,8 +890,12 @@ impl Driver {
                 }
                 {
                     let mut outboxes = lock(&self.shared.outboxes);
-                    if outboxes.get(&peer).is_some_and(|(c, _)| *c == conn) {
-                        outboxes.remove(&peer);
+                    if outboxes.get(&peer).is_some_and(|(c, _)| *c == conn)
+                        && let Some((_, o)) = outboxes.remove(&peer)
+                        && let Some(rtt) = o.last_rtt()
+                    {
+                        // Kept for `Node::peers` until the peer is lost.
+                        lock(&self.shared.rtts).insert(peer, rtt);
                     }
                 }
                 if let Some(w) = self.waiting.remove(&peer) {

@@ -7,6 +7,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -27,8 +28,45 @@ use crate::queue::Queue;
 use crate::stats::Counters;
 use crate::wire::frame::{self, Frame, Hello};
 
-/// A session's outbox.
-pub(crate) type Outbox = Queue<Bytes>;
+/// What a session shares with the node's handle: its outbox, and its
+/// latest round-trip time (kept here, beside what the session touches
+/// anyway, rather than in a node-wide map written on every sample).
+#[derive(Debug)]
+pub(crate) struct Outbox {
+    queue: Queue<Bytes>,
+    /// Nanoseconds; 0 until the first sample.
+    rtt_ns: AtomicU64,
+}
+
+impl Outbox {
+    pub(crate) fn new(capacity: usize) -> Self {
+        Outbox {
+            queue: Queue::new(capacity),
+            rtt_ns: AtomicU64::new(0),
+        }
+    }
+
+    fn record_rtt(&self, rtt: Duration) {
+        let ns = u64::try_from(rtt.as_nanos()).unwrap_or(u64::MAX).max(1);
+        self.rtt_ns.store(ns, Ordering::Relaxed);
+    }
+
+    /// The latest round-trip time of the session, if one was measured.
+    pub(crate) fn last_rtt(&self) -> Option<Duration> {
+        match self.rtt_ns.load(Ordering::Relaxed) {
+            0 => None,
+            ns => Some(Duration::from_nanos(ns)),
+        }
+    }
+}
+
+impl std::ops::Deref for Outbox {
+    type Target = Queue<Bytes>;
+
+    fn deref(&self) -> &Queue<Bytes> {
+        &self.queue
+    }
+}
 
 /// Stop taking messages from the outbox while this much waits to be written.
 const WRITE_HIGH_WATER: usize = 256 * 1024;
@@ -234,7 +272,7 @@ impl Conn {
             while let Some(ev) = l.session.poll_event() {
                 match ev {
                     SessionEvent::Established(hello) => return Poll::Ready(Step::Approve(hello)),
-                    SessionEvent::Rtt(rtt) => self.rtt(l.peer, rtt),
+                    SessionEvent::Rtt(rtt) => self.rtt(l, rtt),
                     SessionEvent::Closed(r) => return Poll::Ready(Step::Closed(r)),
                 }
             }
@@ -423,9 +461,9 @@ impl Conn {
     /// A heartbeat round trip: recorded for [`Node::peers`] and reported.
     ///
     /// [`Node::peers`]: crate::Node::peers
-    fn rtt(&self, peer: Option<PeerId>, rtt: Duration) {
-        if let Some(p) = peer {
-            self.shared.record_rtt(p, rtt);
+    fn rtt(&self, l: &Link, rtt: Duration) {
+        if let (Some(p), Some(o)) = (l.peer, &l.outbox) {
+            o.record_rtt(rtt);
             // A sample is skipped (and counted), never waited for: the
             // session must keep going.
             if self.events.try_push(Event::Rtt { peer: p, rtt }).is_err() {

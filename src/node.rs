@@ -22,7 +22,7 @@ use crate::error::Error;
 use crate::event::{DownReason, Event, ProtocolViolation};
 use crate::peer::{PeerId, PeerInfo, PeerMap, PeerState, PeerStatus};
 use crate::queue::{PushError, Queue};
-use crate::session::conn::{Approval, Conn, Note, Outbox, tune};
+use crate::session::conn::{Approval, Conn, Mailbox, Note, tune};
 use crate::session::machine::SessionConfig;
 use crate::stats::{Counters, Stats};
 use crate::wire::PROTOCOL_VERSION;
@@ -32,7 +32,7 @@ use crate::wire::frame::{DATA_OVERHEAD, Hello, LEN_PREFIX};
 #[derive(Debug, Default)]
 pub(crate) struct Shared {
     /// Outbox of each session that is up, tagged with its connection.
-    outboxes: Mutex<PeerMap<(u64, Arc<Outbox>)>>,
+    outboxes: Mutex<PeerMap<(u64, Arc<Mailbox>)>>,
     /// What discovery knows, refreshed by the supervisor.
     peers: Mutex<BTreeMap<PeerId, (PeerInfo, PeerState)>>,
     /// Latest RTT of peers whose session ended (a live session keeps its
@@ -47,7 +47,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Shared {
-    fn outbox(&self, peer: PeerId) -> Option<Arc<Outbox>> {
+    fn outbox(&self, peer: PeerId) -> Option<Arc<Mailbox>> {
         lock(&self.outboxes).get(&peer).map(|(_, o)| o.clone())
     }
 }
@@ -451,8 +451,8 @@ fn millis(d: Duration) -> u64 {
 }
 
 struct ConnEntry {
-    /// Closes the connection (with a goodbye); used once.
-    ctrl: Option<oneshot::Sender<DownReason>>,
+    /// Shared with the connection: close requests, and its outbox.
+    mailbox: Arc<Mailbox>,
     outbound: bool,
     /// The peer a dial was for.
     expected: Option<PeerId>,
@@ -654,12 +654,12 @@ impl Driver {
         self.next_conn += 1;
         self.handshaking += 1;
         let id = self.next_conn;
-        let (ctrl_tx, ctrl) = oneshot::channel();
+        let mailbox = Arc::new(Mailbox::new(self.config.outbox_capacity));
         let outbound = expected.is_some();
         self.conns.insert(
             id,
             ConnEntry {
-                ctrl: Some(ctrl_tx),
+                mailbox: mailbox.clone(),
                 outbound,
                 expected,
                 up: None,
@@ -674,7 +674,7 @@ impl Driver {
             write_timeout: self.config.write_timeout,
             events: self.events.clone(),
             notes: self.notes_tx.clone(),
-            ctrl,
+            mailbox,
             shared: self.shared.clone(),
         };
         let (interval, timeout) = (
@@ -742,8 +742,8 @@ impl Driver {
 
     /// Asks a connection to close (with a goodbye when it is a session).
     fn close_conn(&mut self, conn: u64, reason: DownReason) {
-        if let Some(tx) = self.conns.get_mut(&conn).and_then(|c| c.ctrl.take()) {
-            let _ = tx.send(reason);
+        if let Some(c) = self.conns.get(&conn) {
+            c.mailbox.request_close(reason);
         }
     }
 
@@ -829,18 +829,13 @@ impl Driver {
         approve: oneshot::Sender<Approval>,
     ) {
         let peer = hello.id;
-        let outbox = Arc::new(Outbox::new(self.config.outbox_capacity));
         let Some(entry) = self.conns.get_mut(&conn) else {
             return;
         };
-        if approve
-            .send(Approval::Accept {
-                outbox: outbox.clone(),
-            })
-            .is_err()
-        {
+        if approve.send(Approval::Accept).is_err() {
             return;
         }
+        let outbox = entry.mailbox.clone();
         entry.up = Some((peer, hello.instance));
         self.handshaking -= 1;
         let info_addr = if entry.outbound {

@@ -9,9 +9,9 @@
 //! allocates a block of 32 slots per channel up front and takes a semaphore
 //! operation per item; flume cannot close and drain atomically. This is a
 //! `VecDeque` behind a mutex, the single consumer's `Waker` kept under the
-//! same lock (registered only when it finds the queue empty, so a busy
-//! consumer pays nothing for it), and a `Notify` for producers waiting for
-//! room.
+//! same lock (a push wakes it only if it last found the queue empty, so a
+//! busy consumer is not woken per item; a session also uses it to be woken
+//! for a close request), and a `Notify` for producers waiting for room.
 
 use std::collections::VecDeque;
 use std::sync::{Mutex, MutexGuard, PoisonError};
@@ -33,8 +33,10 @@ struct Inner<T> {
     closed: bool,
     /// The consumer is gone: pushes are accepted and dropped.
     discard: bool,
-    /// The consumer, waiting for an item (or for the close).
+    /// The consumer's waker, registered by `pop_while` or `register`.
     consumer: Option<Waker>,
+    /// The consumer found the queue empty: the next push wakes it.
+    waiting: bool,
 }
 
 /// A bounded multi-producer, single-consumer queue.
@@ -54,6 +56,7 @@ impl<T> Queue<T> {
                 closed: false,
                 discard: false,
                 consumer: None,
+                waiting: false,
             }),
             capacity,
             room: Notify::new(),
@@ -77,7 +80,7 @@ impl<T> Queue<T> {
             return Err(PushError::Full(item));
         }
         q.items.push_back(item);
-        let consumer = q.consumer.take();
+        let consumer = q.take_waiting();
         drop(q);
         if let Some(w) = consumer {
             w.wake();
@@ -122,7 +125,7 @@ impl<T> Queue<T> {
         }
         let n = items.len().min(self.capacity.saturating_sub(q.items.len()));
         q.items.extend(items.drain(..n));
-        let consumer = if n > 0 { q.consumer.take() } else { None };
+        let consumer = if n > 0 { q.take_waiting() } else { None };
         drop(q);
         if let Some(w) = consumer {
             w.wake();
@@ -156,9 +159,9 @@ impl<T> Queue<T> {
 
     /// Moves up to `max` items to `f`, oldest first, stopping after an item
     /// for which `f` returns false (that item is taken). Returns how many,
-    /// and whether the queue is closed (then nothing more will come). When
-    /// it leaves the queue empty and open, `waker` is woken by the next push
-    /// (or the close).
+    /// and whether the queue is closed (then nothing more will come). With a
+    /// `waker`, registers it (see [`Queue::register`]); when it leaves the
+    /// queue empty and open, the next push wakes it.
     pub(crate) fn pop_while(
         &self,
         waker: Option<&Waker>,
@@ -182,20 +185,29 @@ impl<T> Queue<T> {
             q.items = VecDeque::new();
         }
         let closed = q.closed && q.items.is_empty();
-        if let Some(w) = waker
-            && q.items.is_empty()
-            && !q.closed
-        {
-            match &mut q.consumer {
-                Some(old) => old.clone_from(w),
-                none => *none = Some(w.clone()),
-            }
+        if let Some(w) = waker {
+            q.waiting = q.items.is_empty() && !q.closed;
+            q.set_consumer(w);
         }
         drop(q);
         if was_full && n > 0 {
             self.room.notify_waiters();
         }
         (n, closed)
+    }
+
+    /// Registers the consumer's waker, for [`Queue::wake_consumer`] (and, if
+    /// it last found the queue empty, for the next push).
+    pub(crate) fn register(&self, waker: &Waker) {
+        self.lock().set_consumer(waker);
+    }
+
+    /// Wakes the consumer if it registered since it was last woken.
+    pub(crate) fn wake_consumer(&self) {
+        let consumer = self.lock().consumer.take();
+        if let Some(w) = consumer {
+            w.wake();
+        }
     }
 
     /// Whether nothing is queued.
@@ -236,6 +248,24 @@ impl<T> Queue<T> {
         q.consumer = None;
         drop(q);
         self.room.notify_waiters();
+    }
+}
+
+impl<T> Inner<T> {
+    fn set_consumer(&mut self, waker: &Waker) {
+        match &mut self.consumer {
+            Some(old) => old.clone_from(waker),
+            none => *none = Some(waker.clone()),
+        }
+    }
+
+    /// The consumer's waker, if it waits for an item.
+    fn take_waiting(&mut self) -> Option<Waker> {
+        if std::mem::take(&mut self.waiting) {
+            self.consumer.take()
+        } else {
+            None
+        }
     }
 }
 

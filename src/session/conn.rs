@@ -6,8 +6,8 @@ use std::collections::VecDeque;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -28,22 +28,34 @@ use crate::queue::Queue;
 use crate::stats::Counters;
 use crate::wire::frame::{self, Frame, Hello};
 
-/// What a session shares with the node's handle: its outbox, and its
-/// latest round-trip time (kept here, beside what the session touches
-/// anyway, rather than in a node-wide map written on every sample).
+/// What a connection shares with the node: its outbox (published to
+/// senders once the session is up), the supervisor's close request, and its
+/// latest round-trip time. One allocation, which the task touches on every
+/// wake-up anyway: with 10 000 sessions every other per-session object read
+/// per wake-up is a cache miss.
 #[derive(Debug)]
-pub(crate) struct Outbox {
+pub(crate) struct Mailbox {
     queue: Queue<Bytes>,
+    /// Close with a goodbye, for this reason.
+    close: OnceLock<DownReason>,
     /// Nanoseconds; 0 until the first sample.
     rtt_ns: AtomicU64,
 }
 
-impl Outbox {
+impl Mailbox {
     pub(crate) fn new(capacity: usize) -> Self {
-        Outbox {
+        Mailbox {
             queue: Queue::new(capacity),
+            close: OnceLock::new(),
             rtt_ns: AtomicU64::new(0),
         }
+    }
+
+    /// Asks the connection to close with a goodbye (the first request
+    /// counts).
+    pub(crate) fn request_close(&self, reason: DownReason) {
+        let _ = self.close.set(reason);
+        self.queue.wake_consumer();
     }
 
     fn record_rtt(&self, rtt: Duration) {
@@ -60,7 +72,7 @@ impl Outbox {
     }
 }
 
-impl std::ops::Deref for Outbox {
+impl std::ops::Deref for Mailbox {
     type Target = Queue<Bytes>;
 
     fn deref(&self) -> &Queue<Bytes> {
@@ -91,7 +103,7 @@ const MAX_READS: usize = 2;
 /// The supervisor's answer to a completed handshake.
 #[derive(Debug)]
 pub(crate) enum Approval {
-    Accept { outbox: Arc<Outbox> },
+    Accept,
     Reject(ProtocolViolation),
 }
 
@@ -122,8 +134,7 @@ pub(crate) struct Conn {
     pub(crate) write_timeout: Duration,
     pub(crate) events: Arc<Queue<Event>>,
     pub(crate) notes: mpsc::UnboundedSender<Note>,
-    /// The supervisor closes the session through this (say goodbye).
-    pub(crate) ctrl: oneshot::Receiver<DownReason>,
+    pub(crate) mailbox: Arc<Mailbox>,
     pub(crate) shared: Arc<Shared>,
 }
 
@@ -167,7 +178,7 @@ struct Link {
     read_size: usize,
     wbuf: BytesMut,
     last_write: Instant,
-    outbox: Option<Arc<Outbox>>,
+    /// Set when the supervisor approved the session.
     peer: Option<PeerId>,
     /// Received messages the event queue has no room for yet. While any
     /// wait, the task reads nothing more and the heartbeat timeout is
@@ -183,13 +194,13 @@ struct Link {
 impl Link {
     /// An idle session holds no buffers: 10 000 of them must fit in a few
     /// KiB each.
-    fn release_idle_buffers(&mut self) {
+    fn release_idle_buffers(&mut self, mailbox: &Mailbox) {
         if self.rbuf.is_empty() && self.read_size == READ_MIN && self.rbuf.capacity() > 0 {
             self.rbuf = BytesMut::new();
         }
         if self.wbuf.is_empty()
             && self.wbuf.capacity() > 0
-            && (self.wbuf.capacity() <= 4096 || self.outbox.as_ref().is_none_or(|o| o.is_empty()))
+            && (self.wbuf.capacity() <= 4096 || mailbox.is_empty())
         {
             self.wbuf = BytesMut::new();
         }
@@ -223,7 +234,6 @@ impl Conn {
             read_size: READ_MIN,
             wbuf: BytesMut::new(),
             last_write: now,
-            outbox: None,
             peer: None,
             pending: VecDeque::new(),
             room: None,
@@ -236,10 +246,7 @@ impl Conn {
         let reason = loop {
             match std::future::poll_fn(|cx| self.poll_link(cx, &mut link, sleep.as_mut())).await {
                 Step::Approve(hello) => match Box::pin(self.approve(hello, addr)).await {
-                    Ok((p, o)) => {
-                        link.peer = Some(p);
-                        link.outbox = Some(o);
-                    }
+                    Ok(p) => link.peer = Some(p),
                     Err(v) => link.session.close(DownReason::ProtocolError(v), false),
                 },
                 Step::Closed(r) => break r,
@@ -261,12 +268,10 @@ impl Conn {
     ) -> Poll<Step> {
         for _ in 0..MAX_PASSES {
             if l.ctrl_open
-                && let Poll::Ready(r) = Pin::new(&mut self.ctrl).poll(cx)
+                && let Some(r) = self.mailbox.close.get()
             {
                 l.ctrl_open = false;
-                if let Ok(r) = r {
-                    l.session.close(r, true);
-                }
+                l.session.close(r.clone(), true);
             }
             let mut again = self.receive(cx, l);
             while let Some(ev) = l.session.poll_event() {
@@ -283,7 +288,7 @@ impl Conn {
             again |= self.write(cx, l) && limited;
             again |= self.poll_timer(cx, l, sleep.as_mut());
             if !again {
-                l.release_idle_buffers();
+                l.release_idle_buffers(&self.mailbox);
                 return Poll::Pending;
             }
         }
@@ -377,13 +382,16 @@ impl Conn {
 
     /// Takes messages from the outbox while the peer keeps up. Returns
     /// whether it stopped because the write buffer is full (then a write
-    /// makes room for more). When it empties the outbox, the next message
-    /// queued wakes the task.
+    /// makes room for more). Registers the task's waker with the mailbox
+    /// either way (for a close request, and, when it empties the outbox,
+    /// for the next message).
     fn take_outbox(&self, cx: &mut Context<'_>, l: &mut Link) -> bool {
-        let Some(o) = l.outbox.as_ref() else {
-            return false;
-        };
+        let o = &self.mailbox;
         let (session, wbuf) = (&mut l.session, &mut l.wbuf);
+        if l.peer.is_none() || !session.can_send() || wbuf.len() >= WRITE_HIGH_WATER {
+            o.register(cx.waker());
+            return wbuf.len() >= WRITE_HIGH_WATER;
+        }
         let now = clock::now();
         let mut sent = 0;
         while session.can_send() && wbuf.len() < WRITE_HIGH_WATER {
@@ -462,8 +470,8 @@ impl Conn {
     ///
     /// [`Node::peers`]: crate::Node::peers
     fn rtt(&self, l: &Link, rtt: Duration) {
-        if let (Some(p), Some(o)) = (l.peer, &l.outbox) {
-            o.record_rtt(rtt);
+        if let Some(p) = l.peer {
+            self.mailbox.record_rtt(rtt);
             // A sample is skipped (and counted), never waited for: the
             // session must keep going.
             if self.events.try_push(Event::Rtt { peer: p, rtt }).is_err() {
@@ -518,7 +526,7 @@ impl Conn {
         &self,
         hello: Box<Hello>,
         addr: SocketAddr,
-    ) -> Result<(PeerId, Arc<Outbox>), ProtocolViolation> {
+    ) -> Result<PeerId, ProtocolViolation> {
         let (tx, rx) = oneshot::channel();
         let peer = hello.id;
         let name = hello.name.clone();
@@ -532,7 +540,7 @@ impl Conn {
             return Err(ProtocolViolation::Refused("node shutting down"));
         }
         match rx.await {
-            Ok(Approval::Accept { outbox }) => {
+            Ok(Approval::Accept) => {
                 info!(%peer, %addr, "session up");
                 let _ = self
                     .events
@@ -543,7 +551,7 @@ impl Conn {
                         outbound: self.outbound,
                     })
                     .await;
-                Ok((peer, outbox))
+                Ok(peer)
             }
             Ok(Approval::Reject(v)) => Err(v),
             Err(_) => Err(ProtocolViolation::Refused("node shutting down")),
@@ -557,7 +565,6 @@ impl Conn {
             mut wbuf,
             peer,
             pending,
-            outbox,
             ..
         } = l;
         let shared = self.shared.clone();
@@ -595,9 +602,7 @@ impl Conn {
             let _ = self.events.push(e).await;
         }
         let mut undelivered = session.take_unacked();
-        if let Some(o) = outbox {
-            undelivered.extend(o.close_and_take());
-        }
+        undelivered.extend(self.mailbox.close_and_take());
         info!(peer = %p, %reason, undelivered = undelivered.len(), "session down");
         let _ = self
             .events
@@ -630,7 +635,6 @@ mod tests {
     /// 10 000-session memory budget is 4 KiB per session, all included).
     #[test]
     fn the_session_task_stays_small() {
-        let (_ctx, ctrl) = oneshot::channel();
         let (notes, _nrx) = mpsc::unbounded_channel();
         let conn = Conn {
             id: 0,
@@ -641,7 +645,7 @@ mod tests {
             write_timeout: Duration::from_secs(1),
             events: Arc::new(Queue::new(1)),
             notes,
-            ctrl,
+            mailbox: Arc::new(Mailbox::new(4)),
             shared: Default::default(),
         };
         let rt = tokio::runtime::Builder::new_current_thread()

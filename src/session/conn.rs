@@ -178,6 +178,9 @@ struct Link {
     read_size: usize,
     wbuf: BytesMut,
     last_write: Instant,
+    /// The time, read once per pass (a clock read per step would cost a few
+    /// percent of an idle session's wake-up).
+    now: Instant,
     /// Set when the supervisor approved the session.
     peer: Option<PeerId>,
     /// Received messages the event queue has no room for yet. While any
@@ -234,6 +237,7 @@ impl Conn {
             read_size: READ_MIN,
             wbuf: BytesMut::new(),
             last_write: now,
+            now,
             peer: None,
             pending: VecDeque::new(),
             room: None,
@@ -267,6 +271,7 @@ impl Conn {
         mut sleep: Pin<&mut Sleep>,
     ) -> Poll<Step> {
         for _ in 0..MAX_PASSES {
+            l.now = clock::now();
             if l.ctrl_open
                 && let Some(r) = self.mailbox.close.get()
             {
@@ -329,7 +334,7 @@ impl Conn {
         }
         for _ in 0..4 {
             let blocked = self.events.push_many(&mut l.pending);
-            l.session.set_paused(clock::now(), blocked);
+            l.session.set_paused(l.now, blocked);
             if !blocked {
                 l.room = None;
                 return true;
@@ -387,12 +392,11 @@ impl Conn {
     /// for the next message).
     fn take_outbox(&self, cx: &mut Context<'_>, l: &mut Link) -> bool {
         let o = &self.mailbox;
-        let (session, wbuf) = (&mut l.session, &mut l.wbuf);
+        let (session, wbuf, now) = (&mut l.session, &mut l.wbuf, l.now);
         if l.peer.is_none() || !session.can_send() || wbuf.len() >= WRITE_HIGH_WATER {
             o.register(cx.waker());
             return wbuf.len() >= WRITE_HIGH_WATER;
         }
-        let now = clock::now();
         let mut sent = 0;
         while session.can_send() && wbuf.len() < WRITE_HIGH_WATER {
             // Stop as soon as the in-flight limits are reached.
@@ -422,7 +426,7 @@ impl Conn {
                 Poll::Ready(Ok(0)) => l.session.handle_io_error(std::io::ErrorKind::WriteZero),
                 Poll::Ready(Ok(n)) => {
                     l.wbuf.advance(n);
-                    l.last_write = clock::now();
+                    l.last_write = l.now;
                     wrote = true;
                 }
                 Poll::Ready(Err(e)) => l.session.handle_io_error(e.kind()),
@@ -484,7 +488,7 @@ impl Conn {
     /// collecting the messages they carry (up to a batch). Returns whether
     /// the buffer holds no complete frame any more.
     fn decode_buffered(&self, l: &mut Link) -> bool {
-        let now = clock::now();
+        let now = l.now;
         let mut received = 0;
         let mut exhausted = false;
         while l.pending.len() < DELIVER_BATCH {

@@ -164,12 +164,7 @@ impl Events {
     /// Takes everything queued in one batch; with a waker, registers it
     /// when nothing was there.
     fn refill(&mut self, waker: Option<&Waker>) {
-        let local = &mut self.local;
-        let (_, closed) = self.queue.pop_while(waker, usize::MAX, |e| {
-            local.push_back(e);
-            true
-        });
-        self.closed = closed;
+        self.closed = self.queue.take_all(&mut self.local, waker);
     }
 }
 

@@ -124,7 +124,13 @@ impl<T> Queue<T> {
             return !items.is_empty();
         }
         let n = items.len().min(self.capacity.saturating_sub(q.items.len()));
-        q.items.extend(items.drain(..n));
+        if q.items.is_empty() && n == items.len() {
+            // The whole batch moves as one buffer (the caller gets the
+            // queue's empty one back): no item is copied.
+            std::mem::swap(&mut q.items, items);
+        } else {
+            q.items.extend(items.drain(..n));
+        }
         let consumer = if n > 0 { q.take_waiting() } else { None };
         drop(q);
         if let Some(w) = consumer {
@@ -194,6 +200,31 @@ impl<T> Queue<T> {
             self.room.notify_waiters();
         }
         (n, closed)
+    }
+
+    /// Moves everything queued to the back of `into` (swapping buffers when
+    /// `into` is empty, so no item is copied) and returns whether the queue
+    /// is closed (then nothing more will come). With a `waker`, registers it
+    /// as [`Queue::pop_while`] does.
+    pub(crate) fn take_all(&self, into: &mut VecDeque<T>, waker: Option<&Waker>) -> bool {
+        let mut q = self.lock();
+        let was_full = q.items.len() >= self.capacity;
+        let n = q.items.len();
+        if into.is_empty() {
+            std::mem::swap(&mut q.items, into);
+        } else {
+            into.extend(q.items.drain(..));
+        }
+        let closed = q.closed;
+        if let Some(w) = waker {
+            q.waiting = !q.closed;
+            q.set_consumer(w);
+        }
+        drop(q);
+        if was_full && n > 0 {
+            self.room.notify_waiters();
+        }
+        closed
     }
 
     /// Registers the consumer's waker, for [`Queue::wake_consumer`] (and, if

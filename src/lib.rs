@@ -71,7 +71,7 @@ pub use bytes::Bytes;
 pub use config::{Config, ConfigBuilder, DEFAULT_DISCOVERY_PORT, InterfaceSelection};
 pub use error::{ConfigError, DatagramError, Error, FrameError};
 pub use event::{DownReason, Event, ProtocolViolation};
-pub use node::{Events, LocalInfo, Node};
+pub use node::{Events, LocalInfo, Node, PeerSender};
 pub use peer::{PeerId, PeerInfo, PeerState, PeerStatus, Role};
 pub use stats::Stats;
 

@@ -340,12 +340,10 @@ impl Node {
     /// limit.
     pub async fn send(&self, peer: PeerId, message: impl Into<Bytes>) -> Result<(), Error> {
         let message = self.check_size(message.into())?;
-        let Some(o) = self.inner.shared.outbox(peer) else {
-            return Err(Error::NotConnected { peer, message });
-        };
-        o.push(message)
-            .await
-            .map_err(|message| Error::NotConnected { peer, message })
+        match self.inner.shared.outbox(peer) {
+            Some(o) => push_message(peer, &o, message).await,
+            None => Err(Error::NotConnected { peer, message }),
+        }
     }
 
     /// Like [`Node::send`], but fails at once when the outbox is full.
@@ -354,12 +352,20 @@ impl Node {
     /// As [`Node::send`], plus [`Error::OutboxFull`].
     pub fn try_send(&self, peer: PeerId, message: impl Into<Bytes>) -> Result<(), Error> {
         let message = self.check_size(message.into())?;
-        let Some(o) = self.inner.shared.outbox(peer) else {
-            return Err(Error::NotConnected { peer, message });
-        };
-        o.try_push(message).map_err(|e| match e {
-            PushError::Full(message) => Error::OutboxFull { peer, message },
-            PushError::Closed(message) => Error::NotConnected { peer, message },
+        match self.inner.shared.outbox(peer) {
+            Some(o) => try_push_message(peer, &o, message),
+            None => Err(Error::NotConnected { peer, message }),
+        }
+    }
+
+    /// A sender bound to `peer`'s current session, for streams of messages:
+    /// it skips the lookup of the peer's session that [`Node::send`] makes
+    /// per message. `None` when no session with the peer is up.
+    pub fn sender(&self, peer: PeerId) -> Option<PeerSender> {
+        Some(PeerSender {
+            peer,
+            mailbox: self.inner.shared.outbox(peer)?,
+            max_message: self.inner.max_message,
         })
     }
 
@@ -431,14 +437,77 @@ impl Node {
     }
 
     fn check_size(&self, message: Bytes) -> Result<Bytes, Error> {
-        if message.len() > self.inner.max_message {
-            return Err(Error::MessageTooLarge {
-                size: message.len(),
-                limit: self.inner.max_message,
-            });
-        }
-        Ok(message)
+        check_size(message, self.inner.max_message)
     }
+}
+
+/// Sends to one peer over one session, without looking the peer up per
+/// message: from [`Node::sender`].
+///
+/// It is bound to the session that was up when it was made. Once that
+/// session ends, sends fail with [`Error::NotConnected`] (the message handed
+/// back); after the next [`Event::SessionUp`] with the peer, ask
+/// [`Node::sender`] for a new one. Delivery is as with [`Node::send`]:
+/// in order, or handed back.
+#[derive(Debug, Clone)]
+pub struct PeerSender {
+    peer: PeerId,
+    mailbox: Arc<Mailbox>,
+    max_message: usize,
+}
+
+impl PeerSender {
+    /// The peer it sends to.
+    pub fn peer(&self) -> PeerId {
+        self.peer
+    }
+
+    /// Sends `message`, waiting while the outbox is full; see
+    /// [`Node::send`].
+    ///
+    /// # Errors
+    /// As [`Node::send`]; [`Error::NotConnected`] once the session ended.
+    pub async fn send(&self, message: impl Into<Bytes>) -> Result<(), Error> {
+        let message = check_size(message.into(), self.max_message)?;
+        push_message(self.peer, &self.mailbox, message).await
+    }
+
+    /// Like [`PeerSender::send`], but fails at once when the outbox is full.
+    ///
+    /// # Errors
+    /// As [`Node::try_send`].
+    pub fn try_send(&self, message: impl Into<Bytes>) -> Result<(), Error> {
+        let message = check_size(message.into(), self.max_message)?;
+        try_push_message(self.peer, &self.mailbox, message)
+    }
+}
+
+fn check_size(message: Bytes, limit: usize) -> Result<Bytes, Error> {
+    if message.len() > limit {
+        return Err(Error::MessageTooLarge {
+            size: message.len(),
+            limit,
+        });
+    }
+    Ok(message)
+}
+
+/// Queues a message, waiting for room only when the outbox is full.
+async fn push_message(peer: PeerId, o: &Mailbox, message: Bytes) -> Result<(), Error> {
+    match try_push_message(peer, o, message) {
+        Err(Error::OutboxFull { message, .. }) => o
+            .push(message)
+            .await
+            .map_err(|message| Error::NotConnected { peer, message }),
+        done => done,
+    }
+}
+
+fn try_push_message(peer: PeerId, o: &Mailbox, message: Bytes) -> Result<(), Error> {
+    o.try_push(message).map_err(|e| match e {
+        PushError::Full(message) => Error::OutboxFull { peer, message },
+        PushError::Closed(message) => Error::NotConnected { peer, message },
+    })
 }
 
 fn millis(d: Duration) -> u64 {

@@ -128,6 +128,24 @@ async fn graceful_shutdown_is_seen_as_goodbye_long_before_the_timeout() {
     let (b, mut eb) = Node::start(slow("bye-b")).await.unwrap();
     wait_up(&mut ea, b.id(), Duration::from_secs(5)).await;
     wait_up(&mut eb, a.id(), Duration::from_secs(5)).await;
+    // A sender bound to the session delivers while it is up...
+    let to_b = a.sender(b.id()).expect("session up");
+    assert_eq!(to_b.peer(), b.id());
+    to_b.send("via sender").await.unwrap();
+    to_b.try_send("and again").unwrap();
+    for want in ["via sender", "and again"] {
+        let e = wait_for(&mut eb, Duration::from_secs(2), |e| {
+            matches!(e, Event::Message { .. })
+        })
+        .await;
+        assert_eq!(
+            e,
+            Event::Message {
+                peer: a.id(),
+                data: want.into()
+            }
+        );
+    }
     let t0 = Instant::now();
     b.shutdown().await;
     let e = wait_for(&mut ea, Duration::from_secs(2), |e| {
@@ -143,6 +161,20 @@ async fn graceful_shutdown_is_seen_as_goodbye_long_before_the_timeout() {
         }
     );
     assert!(took < Duration::from_millis(500), "{took:?}");
+    // ...and hands messages back once it is down.
+    match to_b.send("too late").await {
+        Err(Error::NotConnected { peer, message }) => {
+            assert_eq!(peer, b.id());
+            assert_eq!(&message[..], b"too late");
+        }
+        other => panic!("{other:?}"),
+    }
+    // The node forgets the session right after reporting it down.
+    let t1 = Instant::now();
+    while a.sender(b.id()).is_some() {
+        assert!(t1.elapsed() < Duration::from_secs(1), "session kept");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     wait_for(
         &mut ea,
         Duration::from_secs(1),

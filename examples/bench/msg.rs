@@ -191,8 +191,10 @@ async fn lb_source(args: &[String]) {
     let peer = first_peer(&mut events).await;
     tokio::spawn(async move { while events.recv().await.is_some() {} });
     let body = Bytes::from(vec![1u8; size]);
+    // The per-peer handle: no session lookup per message.
+    let to = node.sender(peer).unwrap();
     for _ in 0..n {
-        node.send(peer, body.clone()).await.unwrap();
+        to.send(body.clone()).await.unwrap();
     }
     tokio::time::sleep(Duration::from_secs(3600)).await;
 }

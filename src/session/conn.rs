@@ -81,7 +81,10 @@ impl std::ops::Deref for Mailbox {
 }
 
 /// Stop taking messages from the outbox while this much waits to be written.
-const WRITE_HIGH_WATER: usize = 256 * 1024;
+/// Small enough that the write buffer (this plus one message of up to
+/// 64 KiB) stays below glibc's 128 KiB mmap threshold: a freed and
+/// reallocated buffer then costs no page faults.
+const WRITE_HIGH_WATER: usize = 32 * 1024;
 /// How long a closing session may spend flushing its goodbye.
 const GOODBYE_FLUSH: Duration = Duration::from_millis(500);
 /// Read buffer sizes: an idle session reads into a small buffer (a ping is

@@ -505,6 +505,19 @@ impl Conn {
         let mut exhausted = false;
         while l.pending.len() < DELIVER_BATCH {
             match Frame::decode(&mut l.rbuf, self.max_frame) {
+                Ok(Some(Frame::Data(data))) => {
+                    // `peer` is set whenever the machine accepts data (see
+                    // below).
+                    if l.session.handle_data(now)
+                        && let Some(p) = l.peer
+                    {
+                        received += 1;
+                        l.pending.push_back(Event::Message { peer: p, data });
+                    }
+                    if l.session.is_closed() {
+                        break;
+                    }
+                }
                 Ok(Some(f)) => {
                     trace!(kind = f.kind(), "frame in");
                     let data = l.session.handle_frame(now, f);

@@ -230,12 +230,7 @@ impl Session {
                 None
             }
             (_, Frame::Data(data)) => {
-                self.rx_data += 1;
-                if self.rx_data - self.rx_acked >= ACK_EVERY {
-                    self.queue_ack();
-                } else if self.ack_deadline.is_none() {
-                    self.ack_deadline = Some(now + ACK_DELAY);
-                }
+                self.count_data(now);
                 Some(data)
             }
             (_, Frame::Ack(count)) => {
@@ -259,6 +254,33 @@ impl Session {
                 self.close(DownReason::Goodbye, false);
                 None
             }
+        }
+    }
+
+    /// Feeds a received data frame (the common case of
+    /// [`Session::handle_frame`], without moving a whole [`Frame`]): returns
+    /// whether its message is to be delivered.
+    pub fn handle_data(&mut self, now: Instant) -> bool {
+        match self.state {
+            State::Established => {
+                self.last_rx = now;
+                self.count_data(now);
+                true
+            }
+            State::Handshake => {
+                self.violation(ProtocolViolation::UnexpectedFrame("data"));
+                false
+            }
+            State::Closed => false,
+        }
+    }
+
+    fn count_data(&mut self, now: Instant) {
+        self.rx_data += 1;
+        if self.rx_data - self.rx_acked >= ACK_EVERY {
+            self.queue_ack();
+        } else if self.ack_deadline.is_none() {
+            self.ack_deadline = Some(now + ACK_DELAY);
         }
     }
 

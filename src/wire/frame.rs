@@ -143,8 +143,10 @@ impl Frame {
             buf.reserve(total - buf.len());
             return Ok(None);
         }
-        buf.advance(LEN_PREFIX);
-        let mut body = buf.split_to(len as usize);
+        // One split per frame: the frame's bytes leave the buffer together
+        // and a data frame's payload is a slice of them (no copy).
+        let mut body = buf.split_to(total);
+        body.advance(LEN_PREFIX);
         let ty = body.get_u8();
         let frame = match ty {
             T_HELLO => {

@@ -26,7 +26,7 @@ use crate::node::Shared;
 use crate::peer::PeerId;
 use crate::queue::Queue;
 use crate::stats::Counters;
-use crate::wire::frame::{self, Frame, Hello};
+use crate::wire::frame::{self, Frame, Frames, Hello};
 
 /// What a connection shares with the node: its outbox (published to
 /// senders once the session is up), the supervisor's close request, and its
@@ -182,6 +182,8 @@ struct Link {
     stream: TcpStream,
     session: Session,
     rbuf: BytesMut,
+    /// Complete frames taken off `rbuf`, not yet decoded.
+    frames: Frames,
     read_size: usize,
     wbuf: BytesMut,
     last_write: Instant,
@@ -246,6 +248,7 @@ impl Conn {
             stream,
             session: Session::new(now, self.session.clone(), self.expected),
             rbuf: BytesMut::new(),
+            frames: Frames::default(),
             read_size: READ_MIN,
             wbuf: BytesMut::new(),
             last_write: now,
@@ -504,8 +507,16 @@ impl Conn {
         let mut received = 0;
         let mut exhausted = false;
         while l.pending.len() < DELIVER_BATCH {
-            match Frame::decode(&mut l.rbuf, self.max_frame) {
-                Ok(Some(Frame::Data(data))) => {
+            let decoded = match l.frames.next() {
+                Some(d) => d,
+                None if l.frames.fill(&mut l.rbuf, self.max_frame) => continue,
+                None => {
+                    exhausted = true;
+                    break;
+                }
+            };
+            match decoded {
+                Ok(Frame::Data(data)) => {
                     // `peer` is set whenever the machine accepts data (see
                     // below).
                     if l.session.handle_data(now)
@@ -518,7 +529,7 @@ impl Conn {
                         break;
                     }
                 }
-                Ok(Some(f)) => {
+                Ok(f) => {
                     trace!(kind = f.kind(), "frame in");
                     let data = l.session.handle_frame(now, f);
                     // The machine accepts data only once established, and
@@ -533,10 +544,6 @@ impl Conn {
                         // frames after it wait for the approval.
                         break;
                     }
-                }
-                Ok(None) => {
-                    exhausted = true;
-                    break;
                 }
                 Err(e) => {
                     warn!(error = %e, "rejected frame; closing session");

@@ -5,7 +5,7 @@
 //! any byte of the frame is buffered for it, so a hostile length prefix
 //! cannot make the receiver allocate.
 
-use bytes::{Buf, BufMut, Bytes, BytesMut};
+use bytes::{BufMut, Bytes, BytesMut};
 use serde::{Deserialize, Serialize};
 
 use crate::error::FrameError;
@@ -125,64 +125,56 @@ impl Frame {
     /// A [`FrameError`]; the stream cannot be resynchronised after one, so
     /// the session must close.
     pub fn decode(buf: &mut BytesMut, max: u32) -> Result<Option<Frame>, FrameError> {
-        if buf.len() < LEN_PREFIX {
+        let Some(total) = frame_len(buf, max)? else {
             return Ok(None);
-        }
-        let len = u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]);
-        if len == 0 {
-            return Err(FrameError::Empty);
-        }
-        if len > max {
-            return Err(FrameError::TooLarge {
-                size: len,
-                limit: max,
-            });
-        }
-        let total = LEN_PREFIX + len as usize;
+        };
         if buf.len() < total {
             buf.reserve(total - buf.len());
             return Ok(None);
         }
-        // One split per frame: the frame's bytes leave the buffer together
-        // and a data frame's payload is a slice of them (no copy).
-        let mut body = buf.split_to(total);
-        body.advance(LEN_PREFIX);
-        let ty = body.get_u8();
-        let frame = match ty {
+        let bytes = buf.split_to(total).freeze();
+        Frame::parse(&bytes, 0, total).map(Some)
+    }
+
+    /// Parses the complete frame at `bytes[at..at + total]`, whose length
+    /// prefix was checked. A data frame's payload is a slice of `bytes`.
+    fn parse(bytes: &Bytes, at: usize, total: usize) -> Result<Frame, FrameError> {
+        let (start, end) = (at + LEN_PREFIX + 1, at + total);
+        let body = &bytes[start..end];
+        Ok(match bytes[at + LEN_PREFIX] {
+            T_DATA => Frame::Data(bytes.slice(start..end)),
             T_HELLO => {
                 if body.len() > MAX_HELLO_SIZE {
                     return Err(FrameError::Malformed("hello"));
                 }
                 let v: HelloVersion =
-                    serde_json::from_slice(&body).map_err(|_| FrameError::Malformed("hello"))?;
+                    serde_json::from_slice(body).map_err(|_| FrameError::Malformed("hello"))?;
                 if v.protocol != super::PROTOCOL_VERSION {
                     Frame::Hello(Err(v.protocol))
                 } else {
-                    let h: Hello = serde_json::from_slice(&body)
-                        .map_err(|_| FrameError::Malformed("hello"))?;
+                    let h: Hello =
+                        serde_json::from_slice(body).map_err(|_| FrameError::Malformed("hello"))?;
                     Frame::Hello(Ok(Box::new(h)))
                 }
             }
             T_PING => match body.len() {
                 8 => Frame::Ping {
-                    seq: body.get_u64(),
+                    seq: u64_payload(body, "ping")?,
                     rtt_us: None,
                 },
                 12 => Frame::Ping {
-                    seq: body.get_u64(),
-                    rtt_us: Some(body.get_u32()),
+                    seq: u64_payload(&body[..8], "ping")?,
+                    rtt_us: Some(u32::from_be_bytes([body[8], body[9], body[10], body[11]])),
                 },
                 _ => return Err(FrameError::Malformed("ping")),
             },
-            T_PONG => Frame::Pong(u64_payload(&body, "pong")?),
-            T_ACK => Frame::Ack(u64_payload(&body, "ack")?),
-            T_DATA => Frame::Data(body.freeze()),
+            T_PONG => Frame::Pong(u64_payload(body, "pong")?),
+            T_ACK => Frame::Ack(u64_payload(body, "ack")?),
             T_GOODBYE => Frame::Goodbye(
-                serde_json::from_slice(&body).map_err(|_| FrameError::Malformed("goodbye"))?,
+                serde_json::from_slice(body).map_err(|_| FrameError::Malformed("goodbye"))?,
             ),
             other => return Err(FrameError::UnknownType(other)),
-        };
-        Ok(Some(frame))
+        })
     }
 
     /// Short name for logs.
@@ -195,6 +187,96 @@ impl Frame {
             Frame::Ack(_) => "ack",
             Frame::Goodbye(_) => "goodbye",
         }
+    }
+}
+
+/// The checked total size (prefix included) of the frame at the front of
+/// `buf`; `None` while its length prefix is incomplete.
+fn frame_len(buf: &[u8], max: u32) -> Result<Option<usize>, FrameError> {
+    let Some(prefix) = buf.get(..LEN_PREFIX) else {
+        return Ok(None);
+    };
+    let len = u32::from_be_bytes([prefix[0], prefix[1], prefix[2], prefix[3]]);
+    if len == 0 {
+        return Err(FrameError::Empty);
+    }
+    if len > max {
+        return Err(FrameError::TooLarge {
+            size: len,
+            limit: max,
+        });
+    }
+    Ok(Some(LEN_PREFIX + len as usize))
+}
+
+/// Complete frames taken off a read buffer in one split, then decoded one
+/// by one: the receive path's alternative to calling [`Frame::decode`] per
+/// frame, which splits the buffer once per frame. A data frame's payload is
+/// a slice of the split-off bytes.
+#[derive(Debug, Default)]
+pub struct Frames {
+    bytes: Bytes,
+    pos: usize,
+    /// A bad length prefix found after the complete frames: reported once
+    /// they are decoded.
+    error: Option<FrameError>,
+}
+
+impl Frames {
+    /// Takes every complete frame at the front of `buf` (checking each
+    /// length against `max`, as [`Frame::decode`] does, and reserving room
+    /// for the rest of an incomplete one). Returns whether there is now
+    /// anything to decode. Call only when the iterator gave `None`.
+    pub fn fill(&mut self, buf: &mut BytesMut, max: u32) -> bool {
+        debug_assert!(self.bytes.len() == self.pos && self.error.is_none());
+        let mut end = 0;
+        let mut missing = 0;
+        loop {
+            match frame_len(&buf[end..], max) {
+                Ok(Some(total)) if buf.len() - end >= total => end += total,
+                Ok(Some(total)) => {
+                    missing = total - (buf.len() - end);
+                    break;
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    self.error = Some(e);
+                    break;
+                }
+            }
+        }
+        self.bytes = if end > 0 {
+            buf.split_to(end).freeze()
+        } else {
+            Bytes::new()
+        };
+        self.pos = 0;
+        // Only once the complete frames are gone: reserving before would
+        // copy them into the new allocation too.
+        buf.reserve(missing);
+        end > 0 || self.error.is_some()
+    }
+}
+
+/// The frames taken by [`Frames::fill`]; after them, the error found behind
+/// them, if any. The stream cannot be resynchronised after an error: the
+/// session must close.
+impl Iterator for Frames {
+    type Item = Result<Frame, FrameError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.pos == self.bytes.len() {
+            // Let go of the read buffer as soon as its frames are decoded.
+            self.bytes = Bytes::new();
+            self.pos = 0;
+            return self.error.take().map(Err);
+        }
+        let at = self.pos;
+        let b = &self.bytes;
+        let total =
+            LEN_PREFIX + u32::from_be_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]]) as usize;
+        self.pos += total;
+        Some(Frame::parse(&self.bytes, at, total))
     }
 }
 
@@ -350,7 +432,89 @@ mod tests {
         );
     }
 
+    /// Everything `Frame::decode` gives, one call per frame, until it needs
+    /// more bytes or fails.
+    fn decode_each(bytes: &[u8], max: u32) -> Vec<Result<Frame, FrameError>> {
+        let mut buf = BytesMut::from(bytes);
+        let mut out = Vec::new();
+        loop {
+            match Frame::decode(&mut buf, max) {
+                Ok(Some(f)) => out.push(Ok(f)),
+                Ok(None) => return out,
+                Err(e) => {
+                    out.push(Err(e));
+                    return out;
+                }
+            }
+        }
+    }
+
+    /// The same through `Frames`, fed in pieces of `step` bytes.
+    fn decode_chunked(bytes: &[u8], max: u32, step: usize) -> Vec<Result<Frame, FrameError>> {
+        let mut buf = BytesMut::new();
+        let mut frames = Frames::default();
+        let mut out = Vec::new();
+        for piece in bytes.chunks(step.max(1)) {
+            buf.extend_from_slice(piece);
+            while frames.fill(&mut buf, max) {
+                for r in frames.by_ref() {
+                    let failed = r.is_err();
+                    out.push(r);
+                    if failed {
+                        return out;
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn frames_decode_like_decode_and_report_errors_after_the_good_frames() {
+        let mut bytes = BytesMut::new();
+        Frame::Ping {
+            seq: 1,
+            rtt_us: Some(9),
+        }
+        .encode(&mut bytes);
+        Frame::Data(Bytes::from_static(b"abc")).encode(&mut bytes);
+        Frame::Ack(3).encode(&mut bytes);
+        bytes.extend_from_slice(&[0xff, 0xff, 0xff, 0xff, 4]);
+        let want = decode_each(&bytes, 1024);
+        assert_eq!(want.len(), 4);
+        assert!(matches!(want[3], Err(FrameError::TooLarge { .. })));
+        for step in [1, 3, 13, 1000] {
+            assert_eq!(decode_chunked(&bytes, 1024, step), want, "step {step}");
+        }
+    }
+
     proptest! {
+        #[test]
+        fn frames_agree_with_decode(
+            frames in proptest::collection::vec((0u8..7, proptest::collection::vec(any::<u8>(), 0..40)), 0..20),
+            junk in proptest::collection::vec(any::<u8>(), 0..16),
+            step in 1usize..64,
+        ) {
+            let mut bytes = BytesMut::new();
+            for (kind, payload) in frames {
+                match kind {
+                    0 => Frame::Data(Bytes::from(payload)).encode(&mut bytes),
+                    1 => Frame::Ping { seq: payload.len() as u64, rtt_us: None }.encode(&mut bytes),
+                    2 => Frame::Ping { seq: 7, rtt_us: Some(payload.len() as u32) }.encode(&mut bytes),
+                    3 => Frame::Pong(payload.len() as u64).encode(&mut bytes),
+                    4 => Frame::Ack(payload.len() as u64).encode(&mut bytes),
+                    // Raw bytes as a frame of any type, valid or not.
+                    _ => {
+                        bytes.put_u32(payload.len() as u32);
+                        bytes.put_slice(&payload);
+                    }
+                }
+            }
+            bytes.extend_from_slice(&junk);
+            let want = decode_each(&bytes, 48);
+            prop_assert_eq!(decode_chunked(&bytes, 48, step), want);
+        }
+
         #[test]
         fn data_round_trips(payload in proptest::collection::vec(any::<u8>(), 0..2000)) {
             round_trip(Frame::Data(Bytes::from(payload)));

@@ -139,6 +139,11 @@ impl<T> Queue<T> {
         !items.is_empty()
     }
 
+    /// Whether the queue was closed (producers are refused).
+    pub(crate) fn is_closed(&self) -> bool {
+        self.lock().closed
+    }
+
     /// Waits until there may be room (after a `push_many` that left items).
     pub(crate) async fn room(&self) {
         let room = self.room.notified();

@@ -3,11 +3,11 @@
 
 mod common;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::time::Duration;
 
 use common::{config, free_port, trace, wait_for, wait_up};
-use lanbeat::{DownReason, Error, Event, Node, PeerState, Role};
+use lanbeat::{Bytes, DownReason, Error, Event, Node, PeerState, Role};
 use tokio::time::{Instant, sleep};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -146,6 +146,26 @@ async fn graceful_shutdown_is_seen_as_goodbye_long_before_the_timeout() {
             }
         );
     }
+    // A batch: in order, all of it, and nothing at all if one is too large.
+    let mut batch: VecDeque<Bytes> = (0..100).map(|i| Bytes::from(format!("m{i}"))).collect();
+    to_b.send_batch(&mut batch).await.unwrap();
+    assert!(batch.is_empty());
+    for i in 0..100 {
+        let e = wait_for(&mut eb, Duration::from_secs(2), |e| {
+            matches!(e, Event::Message { .. })
+        })
+        .await;
+        let Event::Message { data, .. } = e else {
+            unreachable!()
+        };
+        assert_eq!(data, format!("m{i}"));
+    }
+    let mut big: VecDeque<Bytes> = [Bytes::from("ok"), Bytes::from(vec![0u8; 2 << 20])].into();
+    assert!(matches!(
+        to_b.send_batch(&mut big).await,
+        Err(Error::MessageTooLarge { size, .. }) if size == 2 << 20
+    ));
+    assert_eq!(big.len(), 2);
     let t0 = Instant::now();
     b.shutdown().await;
     let e = wait_for(&mut ea, Duration::from_secs(2), |e| {
@@ -169,6 +189,12 @@ async fn graceful_shutdown_is_seen_as_goodbye_long_before_the_timeout() {
         }
         other => panic!("{other:?}"),
     }
+    let mut late: VecDeque<Bytes> = [Bytes::from("x"), Bytes::from("y")].into();
+    match to_b.send_batch(&mut late).await {
+        Err(Error::NotConnected { message, .. }) => assert_eq!(message, "x"),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(late, [Bytes::from("y")]);
     // The node forgets the session right after reporting it down.
     let t1 = Instant::now();
     while a.sender(b.id()).is_some() {

@@ -168,16 +168,24 @@ async fn raw_source(port: u16, n: u64, size: usize) {
 
 async fn lb_sink(args: &[String]) {
     let n: u64 = arg(args, "--n");
+    let batch: usize = arg(args, "--batch");
     let (_node, mut events) = Node::start(config(args)).await.unwrap();
     println!("ready");
     let mut first = None;
-    let mut count = 0u64;
-    let mut bytes = 0u64;
+    let (mut count, mut bytes) = (0u64, 0u64);
+    let mut got = Vec::with_capacity(batch);
     while count < n {
-        if let Some(Event::Message { data, .. }) = events.recv().await {
-            first.get_or_insert_with(Instant::now);
-            count += 1;
-            bytes += data.len() as u64;
+        if batch == 0 {
+            got.extend(events.recv().await);
+        } else {
+            events.recv_many(&mut got, batch).await;
+        }
+        for e in got.drain(..) {
+            if let Event::Message { data, .. } = e {
+                first.get_or_insert_with(Instant::now);
+                count += 1;
+                bytes += data.len() as u64;
+            }
         }
     }
     let secs = first.unwrap().elapsed().as_secs_f64();
@@ -187,14 +195,26 @@ async fn lb_sink(args: &[String]) {
 async fn lb_source(args: &[String]) {
     let n: u64 = arg(args, "--n");
     let size: usize = arg(args, "--size");
+    let batch: usize = arg(args, "--batch");
     let (node, mut events) = Node::start(config(args)).await.unwrap();
     let peer = first_peer(&mut events).await;
     tokio::spawn(async move { while events.recv().await.is_some() {} });
     let body = Bytes::from(vec![1u8; size]);
     // The per-peer handle: no session lookup per message.
     let to = node.sender(peer).unwrap();
-    for _ in 0..n {
-        to.send(body.clone()).await.unwrap();
+    if batch == 0 {
+        for _ in 0..n {
+            to.send(body.clone()).await.unwrap();
+        }
+    } else {
+        let mut queue = std::collections::VecDeque::with_capacity(batch);
+        let mut left = n;
+        while left > 0 {
+            let k = left.min(batch as u64);
+            queue.extend((0..k).map(|_| body.clone()));
+            to.send_batch(&mut queue).await.unwrap();
+            left -= k;
+        }
     }
     tokio::time::sleep(Duration::from_secs(3600)).await;
 }
@@ -250,9 +270,13 @@ pub(crate) fn rtt(n: usize) {
 }
 
 pub(crate) fn throughput(scale: f64) {
-    println!("one-way messages, sender and receiver in separate processes\n");
-    println!("| size | raw msgs/s | raw MB/s | lanbeat msgs/s | lanbeat MB/s | ratio |");
-    println!("| --- | --- | --- | --- | --- | --- |");
+    println!("one-way messages, sender and receiver in separate processes");
+    println!("lanbeat: PeerSender::send + Events::recv per message; batch: send_batch");
+    println!("and recv_many, {BATCH} messages per call\n");
+    println!(
+        "| size | raw msgs/s | raw MB/s | lanbeat msgs/s | ratio | lanbeat batch msgs/s | ratio |"
+    );
+    println!("| --- | --- | --- | --- | --- | --- | --- |");
     for (size, n) in [(64usize, 5_000_000u64), (65536, 40_000)] {
         let n = ((n as f64 * scale) as u64).max(1000);
         let (ns, ss) = (n.to_string(), size.to_string());
@@ -262,21 +286,29 @@ pub(crate) fn throughput(scale: f64) {
             false,
             false,
         );
-        let lb = pair(
-            &["lb-sink", "--n", &ns],
-            &["lb-source", "--n", &ns, "--size", &ss],
-            false,
-            true,
-        );
         let rate = |v: &Value| v["msgs"].as_f64().unwrap() / v["secs"].as_f64().unwrap();
-        let mbs = |v: &Value| v["bytes"].as_f64().unwrap() / v["secs"].as_f64().unwrap() / 1e6;
+        let lb = |batch: usize| {
+            let b = batch.to_string();
+            rate(&pair(
+                &["lb-sink", "--n", &ns, "--batch", &b],
+                &["lb-source", "--n", &ns, "--size", &ss, "--batch", &b],
+                false,
+                true,
+            ))
+        };
+        let (one, many) = (lb(0), lb(BATCH));
+        let raw_rate = rate(&raw);
         println!(
-            "| {size} B | {:.2} M | {:.0} | {:.2} M | {:.0} | {:.2}× |",
-            rate(&raw) / 1e6,
-            mbs(&raw),
-            rate(&lb) / 1e6,
-            mbs(&lb),
-            rate(&lb) / rate(&raw)
+            "| {size} B | {:.2} M | {:.0} | {:.2} M | {:.2}× | {:.2} M | {:.2}× |",
+            raw_rate / 1e6,
+            raw["bytes"].as_f64().unwrap() / raw["secs"].as_f64().unwrap() / 1e6,
+            one / 1e6,
+            one / raw_rate,
+            many / 1e6,
+            many / raw_rate,
         );
     }
 }
+
+/// Messages per `send_batch` / `recv_many` call in the batch rows.
+const BATCH: usize = 64;

@@ -25,7 +25,8 @@ fn frame(ty: u8, payload: &[u8]) -> Vec<u8> {
 /// Runs a child role; returns false if `role` is not one of ours.
 pub(crate) async fn child(role: &str, args: &[String]) -> bool {
     match role {
-        "raw-hb-server" => raw_server().await,
+        "raw-hb-server" => raw_server(false).await,
+        "raw-hb-server-timeout" => raw_server(true).await,
         "lb-hb-server" => lb_server(arg(args, "--sessions")).await,
         "hb-client" => {
             client(
@@ -40,16 +41,28 @@ pub(crate) async fn child(role: &str, args: &[String]) -> bool {
     true
 }
 
-async fn raw_server() {
+/// The baseline: answers each 13-byte ping with a 13-byte pong. With
+/// `timeout`, it also gives up on a connection silent for 3 s, the least a
+/// heartbeat must do (lanbeat's sessions do that and more).
+async fn raw_server(timeout: bool) {
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     println!("{}", l.local_addr().unwrap().port());
     loop {
         let (mut s, _) = l.accept().await.unwrap();
         tokio::spawn(async move {
             let mut buf = [0u8; 13];
-            while s.read_exact(&mut buf).await.is_ok() {
+            loop {
+                let read = s.read_exact(&mut buf);
+                let ok = if timeout {
+                    matches!(
+                        tokio::time::timeout(Duration::from_secs(3), read).await,
+                        Ok(Ok(_))
+                    )
+                } else {
+                    read.await.is_ok()
+                };
                 buf[4] = 3;
-                if s.write_all(&buf).await.is_err() {
+                if !ok || s.write_all(&buf).await.is_err() {
                     break;
                 }
             }
@@ -158,12 +171,12 @@ pub(crate) fn scale(sessions: &[usize], secs: u64) {
     println!("| --- | --- | --- | --- | --- |");
     for &n in sessions {
         let mut raw_cpu = 0.0;
-        for lanbeat in [false, true] {
-            let role = if lanbeat {
-                "lb-hb-server"
-            } else {
-                "raw-hb-server"
-            };
+        for (role, what) in [
+            ("raw-hb-server", "raw tokio"),
+            ("raw-hb-server-timeout", "raw tokio + 3 s read timeout"),
+            ("lb-hb-server", "lanbeat"),
+        ] {
+            let lanbeat = role == "lb-hb-server";
             let mut server = Helper::start(
                 &[role.into(), "--sessions".into(), n.to_string()],
                 false,
@@ -194,17 +207,12 @@ pub(crate) fn scale(sessions: &[usize], secs: u64) {
             let cpu =
                 (cpu_time(server.pid()) - c0).as_secs_f64() / t0.elapsed().as_secs_f64() * 100.0;
             let per = (rss1.saturating_sub(rss0)) as f64 / n as f64;
-            if !lanbeat {
+            if role == "raw-hb-server" {
                 raw_cpu = cpu;
             }
             println!(
-                "| {n} | {} | {cpu:.1} % | {per:.2} | {} |",
-                if lanbeat { "lanbeat" } else { "raw tokio" },
-                if lanbeat {
-                    format!("{:.2}×", cpu / raw_cpu.max(0.01))
-                } else {
-                    "1.00×".into()
-                }
+                "| {n} | {what} | {cpu:.1} % | {per:.2} | {:.2}× |",
+                cpu / raw_cpu.max(0.01)
             );
             drop(client);
             drop(server);

@@ -22,7 +22,10 @@
 //! ```
 //!
 //! Applications see one ordered stream of [`Event`]s and send to peers by
-//! id; they never touch sockets.
+//! id; they never touch sockets. For streams of small messages,
+//! [`Node::sender`] gives a [`PeerSender`] (with
+//! [`send_batch`](PeerSender::send_batch)) and [`Events::recv_many`] takes
+//! events in batches.
 //!
 //! ```no_run
 //! use lanbeat::{Config, Event, Node};

@@ -198,7 +198,6 @@ struct Link {
     pending: VecDeque<Event>,
     /// Waits for room in the event queue (only while `pending` waits).
     room: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
-    ctrl_open: bool,
     /// When the timer is set to fire.
     armed: Instant,
 }
@@ -256,7 +255,6 @@ impl Conn {
             peer: None,
             pending: VecDeque::new(),
             room: None,
-            ctrl_open: true,
             armed: now + FAR,
         };
         // One timer for the whole life of the connection, moved as needed.
@@ -287,10 +285,10 @@ impl Conn {
     ) -> Poll<Step> {
         for _ in 0..MAX_PASSES {
             l.now = clock::now();
-            if l.ctrl_open
+            // The supervisor asked to close (say goodbye): once.
+            if !l.session.is_closed()
                 && let Some(r) = self.mailbox.close.get()
             {
-                l.ctrl_open = false;
                 l.session.close(r.clone(), true);
             }
             let mut again = self.receive(cx, l);

@@ -12,7 +12,7 @@ use crate::discovery::machine::{Discovery, DiscoveryConfig, Target};
 use crate::peer::{PeerId, Role};
 use crate::session::machine::{Session, SessionConfig, SessionEvent};
 use crate::wire::discovery::{Datagram, DatagramLimits};
-use crate::wire::frame::{Frame, Hello};
+use crate::wire::frame::{Frame, Frames, Hello};
 
 const MAX_FRAME: u32 = 4096;
 const MAX_UNACKED: usize = 8;
@@ -34,11 +34,24 @@ pub fn datagram(data: &[u8]) {
 }
 
 /// Arbitrary bytes, in arbitrary chunks, into the frame decoder: no panic,
-/// the buffer never grows past what was fed plus one frame, and what decodes
-/// round-trips.
+/// the buffer never grows past what was fed plus one frame, what decodes
+/// round-trips, and the session's chunk decoder (`Frames`, fed in other
+/// pieces) yields exactly the same frames and error.
 pub fn frames(data: &[u8]) {
     let mut buf = BytesMut::new();
     let mut fed = 0usize;
+    let mut decoded = Vec::new();
+    let mut chunked = Vec::new();
+    let (mut cbuf, mut cframes, mut cfailed) = (BytesMut::new(), Frames::default(), false);
+    for piece in data.chunks(11) {
+        cbuf.extend_from_slice(piece);
+        while !cfailed && cframes.fill(&mut cbuf, MAX_FRAME) {
+            for r in cframes.by_ref() {
+                cfailed |= r.is_err();
+                chunked.push(r);
+            }
+        }
+    }
     for chunk in data.chunks(7) {
         buf.extend_from_slice(chunk);
         fed += chunk.len();
@@ -47,10 +60,15 @@ pub fn frames(data: &[u8]) {
                 Ok(Some(f)) => {
                     let mut enc = BytesMut::new();
                     f.encode(&mut enc);
-                    assert_eq!(Frame::decode(&mut enc, u32::MAX), Ok(Some(f)));
+                    assert_eq!(Frame::decode(&mut enc, u32::MAX), Ok(Some(f.clone())));
+                    decoded.push(Ok(f));
                 }
                 Ok(None) => break,
-                Err(_) => return,
+                Err(e) => {
+                    decoded.push(Err(e));
+                    assert_eq!(chunked, decoded, "Frames disagrees with Frame::decode");
+                    return;
+                }
             }
         }
         assert!(
@@ -58,6 +76,7 @@ pub fn frames(data: &[u8]) {
             "buffer grew past the limit"
         );
     }
+    assert_eq!(chunked, decoded, "Frames disagrees with Frame::decode");
 }
 
 fn hello(id: u64, interval_ms: u64, timeout_ms: u64) -> Hello {

@@ -259,8 +259,8 @@ impl Frames {
 }
 
 /// The frames taken by [`Frames::fill`]; after them, the error found behind
-/// them, if any. The stream cannot be resynchronised after an error: the
-/// session must close.
+/// them, if any. The first error ends the iteration (nothing more is
+/// yielded): the session must close.
 impl Iterator for Frames {
     type Item = Result<Frame, FrameError>;
 
@@ -276,7 +276,12 @@ impl Iterator for Frames {
         let total =
             LEN_PREFIX + u32::from_be_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]]) as usize;
         self.pos += total;
-        Some(Frame::parse(&self.bytes, at, total))
+        let parsed = Frame::parse(&self.bytes, at, total);
+        if parsed.is_err() {
+            // Nothing after an error: the session closes on it.
+            *self = Frames::default();
+        }
+        Some(parsed)
     }
 }
 
@@ -480,6 +485,13 @@ mod tests {
         Frame::Data(Bytes::from_static(b"abc")).encode(&mut bytes);
         Frame::Ack(3).encode(&mut bytes);
         bytes.extend_from_slice(&[0xff, 0xff, 0xff, 0xff, 4]);
+        // The first error ends it: a malformed ping, then anything.
+        let mut bad = BytesMut::from(&[0, 0, 0, 2, T_PING, 1][..]);
+        bad.extend_from_slice(&bytes);
+        let mut frames = Frames::default();
+        assert!(frames.fill(&mut bad, 1024));
+        assert_eq!(frames.next(), Some(Err(FrameError::Malformed("ping"))));
+        assert_eq!(frames.next(), None);
         let want = decode_each(&bytes, 1024);
         assert_eq!(want.len(), 4);
         assert!(matches!(want[3], Err(FrameError::TooLarge { .. })));

@@ -1015,9 +1015,7 @@ impl Driver {
         self.disc.shutdown();
         self.flush().await;
         for (_, w) in self.waiting.drain() {
-            let _ = w.approve.send(Approval::Reject(ProtocolViolation::Refused(
-                "node shutting down",
-            )));
+            let _ = w.approve.send(Approval::Shutdown);
         }
         // Connections say goodbye and hand back undelivered messages; give
         // them a moment, then abort what is left.
@@ -1028,9 +1026,7 @@ impl Driver {
                         self.conns.remove(&conn);
                     }
                     Some(Note::Handshaken { approve, .. }) => {
-                        let _ = approve.send(Approval::Reject(ProtocolViolation::Refused(
-                            "node shutting down",
-                        )));
+                        let _ = approve.send(Approval::Shutdown);
                     }
                     None => break,
                 }

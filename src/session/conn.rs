@@ -112,6 +112,8 @@ const MAX_READS: usize = 2;
 pub(crate) enum Approval {
     Accept,
     Reject(ProtocolViolation),
+    /// The node is shutting down.
+    Shutdown,
 }
 
 /// From a connection to the supervisor.
@@ -264,7 +266,12 @@ impl Conn {
             match std::future::poll_fn(|cx| self.poll_link(cx, &mut link, sleep.as_mut())).await {
                 Step::Approve(hello) => match Box::pin(self.approve(hello, addr)).await {
                     Ok(p) => link.peer = Some(p),
-                    Err(v) => link.session.close(DownReason::ProtocolError(v), false),
+                    // The peer may already count the session as up (it
+                    // has our hello): a node shutting down says goodbye.
+                    Err(r) => {
+                        let goodbye = r == DownReason::Shutdown;
+                        link.session.close(r, goodbye);
+                    }
                 },
                 Step::Closed(r) => break r,
             }
@@ -556,11 +563,7 @@ impl Conn {
         exhausted
     }
 
-    async fn approve(
-        &self,
-        hello: Box<Hello>,
-        addr: SocketAddr,
-    ) -> Result<PeerId, ProtocolViolation> {
+    async fn approve(&self, hello: Box<Hello>, addr: SocketAddr) -> Result<PeerId, DownReason> {
         let (tx, rx) = oneshot::channel();
         let peer = hello.id;
         let name = hello.name.clone();
@@ -571,7 +574,7 @@ impl Conn {
             approve: tx,
         };
         if self.notes.send(note).is_err() {
-            return Err(ProtocolViolation::Refused("node shutting down"));
+            return Err(DownReason::Shutdown);
         }
         match rx.await {
             Ok(Approval::Accept) => {
@@ -587,8 +590,8 @@ impl Conn {
                     .await;
                 Ok(peer)
             }
-            Ok(Approval::Reject(v)) => Err(v),
-            Err(_) => Err(ProtocolViolation::Refused("node shutting down")),
+            Ok(Approval::Reject(v)) => Err(DownReason::ProtocolError(v)),
+            Ok(Approval::Shutdown) | Err(_) => Err(DownReason::Shutdown),
         }
     }
 
@@ -624,6 +627,7 @@ impl Conn {
                 Counters::bump(&counters.protocol_errors)
             }
             DownReason::HandshakeTimeout => Counters::bump(&counters.handshake_timeouts),
+            DownReason::Shutdown => {}
             _ if peer.is_none() => Counters::bump(&counters.handshake_failures),
             _ => {}
         }

@@ -113,6 +113,7 @@ pub fn session(data: &[u8]) {
     let expected = data.first().map(|b| b & 1 == 1).unwrap_or(false);
     let mut s = Session::new(now, cfg, expected.then(|| PeerId::from_u64(2)));
     let mut rbuf = BytesMut::new();
+    let mut frames = Frames::default();
     let mut closed = 0;
     let mut sent = 0u64;
     let mut it = data.iter().copied().skip(1);
@@ -124,19 +125,28 @@ pub fn session(data: &[u8]) {
                 let n = usize::from(arg) % 64;
                 let bytes: Vec<u8> = it.by_ref().take(n).collect();
                 rbuf.extend_from_slice(&bytes);
-                loop {
-                    match Frame::decode(&mut rbuf, MAX_FRAME) {
-                        Ok(Some(f)) => {
-                            s.handle_frame(now, f);
-                        }
-                        Ok(None) => break,
-                        Err(e) => {
-                            s.handle_decode_error(e);
-                            rbuf.clear();
-                            break;
+                // As the session task feeds it: data frames through
+                // `handle_data`, the others through `handle_frame`.
+                'frames: while frames.fill(&mut rbuf, MAX_FRAME) {
+                    for decoded in frames.by_ref() {
+                        match decoded {
+                            Ok(Frame::Data(_)) => {
+                                s.handle_data(now);
+                            }
+                            Ok(f) => {
+                                s.handle_frame(now, f);
+                            }
+                            Err(e) => {
+                                s.handle_decode_error(e);
+                                rbuf.clear();
+                                break 'frames;
+                            }
                         }
                     }
                 }
+            }
+            7 => {
+                s.handle_data(now);
             }
             2 => {
                 let h = hello(

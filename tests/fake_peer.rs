@@ -127,7 +127,15 @@ async fn behave(s: &mut TcpStream, d: Duration) -> usize {
             2 => {
                 // A ping is the sequence number, then (12 bytes) the
                 // sender's round-trip report; the pong echoes the number.
-                assert!(matches!(payload.len(), 8 | 12), "ping of {payload:?}");
+                // Once one of its pings was answered, the node has a
+                // sample, and every later ping reports it.
+                if pings == 0 {
+                    assert!(matches!(payload.len(), 8 | 12), "ping of {payload:?}");
+                } else {
+                    assert_eq!(payload.len(), 12, "ping without a report: {payload:?}");
+                    let rtt_us = u32::from_be_bytes(payload[8..12].try_into().unwrap());
+                    assert!((1..1_000_000).contains(&rtt_us), "reported {rtt_us} µs");
+                }
                 pings += 1;
                 write_frame(s, 3, &payload[..8]).await;
             }
@@ -434,4 +442,29 @@ async fn hello_and_data_in_one_segment_are_both_taken() {
             _ => unreachable!(),
         }
     }
+    // As the dialer, the fake reports its round trip in a ping (4242 µs):
+    // the node answers with the bare sequence number and reports the
+    // sample as its own RTT.
+    let mut ping = 7u64.to_be_bytes().to_vec();
+    ping.extend(4242u32.to_be_bytes());
+    write_frame(&mut s, 2, &ping).await;
+    let pong = loop {
+        match timeout(Duration::from_secs(2), read_frame(&mut s)).await {
+            Ok(Some((3, payload))) => break payload,
+            Ok(Some(_)) => continue,
+            other => panic!("no pong: {other:?}"),
+        }
+    };
+    assert_eq!(pong, 7u64.to_be_bytes());
+    let e = wait_for(&mut events, Duration::from_secs(2), |e| {
+        matches!(e, Event::Rtt { .. })
+    })
+    .await;
+    assert_eq!(
+        e,
+        Event::Rtt {
+            peer: fake_id(),
+            rtt: Duration::from_micros(4242)
+        }
+    );
 }

@@ -11,8 +11,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use common::{config, free_port, trace, wait_up};
-use lanbeat::{DownReason, Error, Event, Node, PeerId};
+use common::{config, connected_pair, free_port, trace};
+use lanbeat::{DownReason, Error, Event, PeerId};
 use rand::{Rng, RngExt, SeedableRng};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, UdpSocket};
@@ -66,18 +66,15 @@ async fn node_survives_an_attack_while_holding_a_real_session() {
         .build()
         .unwrap();
     let service = cfg_a.service.clone();
-    let (a, mut ea) = Node::start(cfg_a).await.unwrap();
-    let (b, mut eb) = Node::start(
+    let ((a, mut ea), (b, mut eb)) = connected_pair(
+        cfg_a,
         config("attack", port)
             .name("b")
             .heartbeat(Duration::from_millis(200), Duration::from_millis(1000))
             .build()
             .unwrap(),
     )
-    .await
-    .unwrap();
-    wait_up(&mut ea, b.id(), Duration::from_secs(5)).await;
-    wait_up(&mut eb, a.id(), Duration::from_secs(5)).await;
+    .await;
     let (aid, bid) = (a.id(), b.id());
     let fake_id = PeerId::from_u64(0xdead);
 

@@ -6,7 +6,7 @@ mod common;
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::time::Duration;
 
-use common::{config, free_port, trace, wait_for, wait_up};
+use common::{config, connected_pair, free_port, trace, wait_for, wait_up};
 use lanbeat::{Bytes, DownReason, Error, Event, Node, PeerState, Role};
 use tokio::time::{Instant, sleep};
 
@@ -62,14 +62,11 @@ async fn four_nodes_form_exactly_one_session_per_pair() {
 async fn messages_arrive_in_order_both_ways() {
     trace();
     let port = free_port();
-    let (a, mut ea) = Node::start(config("order", port).name("a").build().unwrap())
-        .await
-        .unwrap();
-    let (b, mut eb) = Node::start(config("order", port).name("b").build().unwrap())
-        .await
-        .unwrap();
-    wait_up(&mut ea, b.id(), Duration::from_secs(5)).await;
-    wait_up(&mut eb, a.id(), Duration::from_secs(5)).await;
+    let ((a, mut ea), (b, mut eb)) = connected_pair(
+        config("order", port).name("a").build().unwrap(),
+        config("order", port).name("b").build().unwrap(),
+    )
+    .await;
     const N: u32 = 5000;
     let (a2, b2, ia, ib) = (a.clone(), b.clone(), a.id(), b.id());
     let send_a = tokio::spawn(async move {
@@ -124,10 +121,7 @@ async fn graceful_shutdown_is_seen_as_goodbye_long_before_the_timeout() {
             .build()
             .unwrap()
     };
-    let (a, mut ea) = Node::start(slow("bye-a")).await.unwrap();
-    let (b, mut eb) = Node::start(slow("bye-b")).await.unwrap();
-    wait_up(&mut ea, b.id(), Duration::from_secs(5)).await;
-    wait_up(&mut eb, a.id(), Duration::from_secs(5)).await;
+    let ((a, mut ea), (b, mut eb)) = connected_pair(slow("bye-a"), slow("bye-b")).await;
     // A sender bound to the session delivers while it is up...
     let to_b = a.sender(b.id()).expect("session up");
     assert_eq!(to_b.peer(), b.id());
@@ -364,20 +358,15 @@ async fn a_slow_application_pushes_back_without_loss_or_timeout() {
     trace();
     let port = free_port();
     // A tiny event queue: it fills at once while the application sleeps.
-    let (a, mut ea) = Node::start(
+    let ((a, mut ea), (b, mut eb)) = connected_pair(
         config("slowapp", port)
             .name("a")
             .event_capacity(16)
             .build()
             .unwrap(),
+        config("slowapp", port).name("b").build().unwrap(),
     )
-    .await
-    .unwrap();
-    let (b, mut eb) = Node::start(config("slowapp", port).name("b").build().unwrap())
-        .await
-        .unwrap();
-    wait_up(&mut ea, b.id(), Duration::from_secs(5)).await;
-    wait_up(&mut eb, a.id(), Duration::from_secs(5)).await;
+    .await;
     const N: u32 = 2000;
     let (b2, aid) = (b.clone(), a.id());
     let sender = tokio::spawn(async move {

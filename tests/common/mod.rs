@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
-use lanbeat::{Config, ConfigBuilder, Event, Events, PeerId};
+use lanbeat::{Config, ConfigBuilder, Event, Events, Node, PeerId};
 use tokio::time::{Instant, timeout};
 
 /// A UDP port nobody uses right now.
@@ -54,6 +54,15 @@ pub async fn wait_up(events: &mut Events, peer: PeerId, limit: Duration) {
         |e| matches!(e, Event::SessionUp { peer: p, .. } if *p == peer),
     )
     .await;
+}
+
+/// Starts two nodes and waits until each has a session with the other.
+pub async fn connected_pair(a: Config, b: Config) -> ((Node, Events), (Node, Events)) {
+    let (a, mut ea) = Node::start(a).await.unwrap();
+    let (b, mut eb) = Node::start(b).await.unwrap();
+    wait_up(&mut ea, b.id(), Duration::from_secs(5)).await;
+    wait_up(&mut eb, a.id(), Duration::from_secs(5)).await;
+    ((a, ea), (b, eb))
 }
 
 /// Initialises tracing output once (RUST_LOG=lanbeat=debug to see it).

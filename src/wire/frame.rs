@@ -415,6 +415,18 @@ mod tests {
             Frame::decode(&mut b, 100),
             Err(FrameError::Malformed("ping"))
         );
+        // A ping is 8 or 12 bytes, nothing in between.
+        let mut b = BytesMut::from(&[0, 0, 0, 11, T_PING, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0][..]);
+        assert_eq!(
+            Frame::decode(&mut b, 100),
+            Err(FrameError::Malformed("ping"))
+        );
+        // A pong is the bare sequence number: an echoed 12-byte ping is not.
+        let mut b = BytesMut::from(&[0, 0, 0, 13, T_PONG, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 9][..]);
+        assert_eq!(
+            Frame::decode(&mut b, 100),
+            Err(FrameError::Malformed("pong"))
+        );
         let mut b = BytesMut::new();
         json_frame(
             &mut b,

@@ -117,8 +117,9 @@ pub struct Config {
     /// session stops taking messages from its outbox. They are kept so that
     /// a dying session can hand them back. Default: 4096.
     pub max_unacked: usize,
-    /// Bytes of messages sent but not yet acknowledged per session (checked
-    /// before each message; one message may go past it). Default: 8 MiB.
+    /// Bytes of messages sent but not yet acknowledged per session, as
+    /// framed (checked before each message, or run of up to 16 KiB of small
+    /// messages; one may go past it). Default: 8 MiB.
     pub max_unacked_bytes: usize,
     /// Events that may wait for the application. When full, sessions stop
     /// reading (TCP pushes back on the sender). Default: 4096.

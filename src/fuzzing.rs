@@ -12,7 +12,7 @@ use crate::discovery::machine::{Discovery, DiscoveryConfig, Target};
 use crate::peer::{PeerId, Role};
 use crate::session::machine::{Session, SessionConfig, SessionEvent};
 use crate::wire::discovery::{Datagram, DatagramLimits};
-use crate::wire::frame::{Frame, Frames, Hello};
+use crate::wire::frame::{self, Frame, Frames, Hello, Outgoing};
 
 const MAX_FRAME: u32 = 4096;
 const MAX_UNACKED: usize = 8;
@@ -156,9 +156,20 @@ pub fn session(data: &[u8]) {
                 );
                 s.handle_frame(now, Frame::Hello(Ok(Box::new(h))));
             }
-            3 if s.can_send() => {
+            3 if s.can_send() && arg % 2 == 0 => {
                 s.record_data_sent(now, vec![arg].into());
                 sent += 1;
+            }
+            // A run of small messages, as the outbox hands them over.
+            3 if s.can_send() => {
+                let n = 1 + usize::from(arg) % s.sendable();
+                let mut wire = BytesMut::new();
+                for i in 0..n {
+                    frame::encode_data(&[arg; 3][..i % 4], &mut wire);
+                }
+                let wire = wire.freeze();
+                s.record_sent(now, Outgoing::Frames { wire, count: n });
+                sent += n as u64;
             }
             4 => {
                 s.handle_frame(now, Frame::Ack(u64::from(arg) % (sent + 2)));
@@ -203,6 +214,9 @@ pub fn session(data: &[u8]) {
         let unacked = s.unacked_len();
         assert!(unacked <= MAX_UNACKED);
     }
+    // What is handed back is exactly what is unacknowledged.
+    let unacked = s.unacked_len();
+    assert_eq!(s.take_unacked().len(), unacked);
 }
 
 /// Arbitrary datagrams into a discovery machine, from arbitrary sources on

@@ -477,6 +477,7 @@ impl PeerSender {
     ///
     /// # Errors
     /// As [`Node::send`]; [`Error::NotConnected`] once the session ended.
+    #[inline]
     pub fn send(
         &self,
         message: impl Into<Bytes>,
@@ -571,6 +572,10 @@ enum PushState<'a> {
 impl Future for Push<'_> {
     type Output = Result<(), Error>;
 
+    // Inlined into the caller's loop: the result then stays in registers
+    // instead of going through memory (a 56-byte `Result` read back
+    // right after it was written stalled the load).
+    #[inline(always)]
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = &mut *self;
         loop {
@@ -1149,9 +1154,13 @@ mod tests {
         let mut second = std::pin::pin!(to.send("b"));
         assert!(poll_once(second.as_mut()).await.is_pending());
         let mut taken = Vec::new();
-        to.mailbox.pop_batch(8, |m| taken.push(m));
+        let take = |taken: &mut Vec<Bytes>| {
+            let (out, _) = to.mailbox.consume(None, |b| b.pop(8));
+            out.expect("queued").into_messages(taken);
+        };
+        take(&mut taken);
         second.await.unwrap();
-        to.mailbox.pop_batch(8, |m| taken.push(m));
+        take(&mut taken);
         assert_eq!(taken, ["a", "b"]);
         // A send waiting when the session ends gets its message back.
         to.send("c").await.unwrap();

@@ -12,8 +12,13 @@
 //! same lock (a push wakes it only if it last found the queue empty, so a
 //! busy consumer is not woken per item; a session also uses it to be woken
 //! for a close request), and a `Notify` for producers waiting for room.
+//!
+//! What holds the items is a [`Store`]: a `VecDeque` for events, and for a
+//! session's outbox one that encodes small messages as they arrive (see
+//! `session::outbox`).
 
 use std::collections::VecDeque;
+use std::marker::PhantomData;
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::task::Waker;
 
@@ -26,9 +31,51 @@ pub(crate) enum PushError<T> {
     Closed(T),
 }
 
+/// What a [`Queue`] keeps its items in.
+pub(crate) trait Store: Default {
+    type Item;
+    /// Items held.
+    fn len(&self) -> usize;
+    fn push(&mut self, item: Self::Item);
+    /// Moves the first `n` of `items` in. The default pushes one by one.
+    fn push_from(&mut self, items: &mut VecDeque<Self::Item>, n: usize) {
+        for item in items.drain(..n) {
+            self.push(item);
+        }
+    }
+    /// Takes everything, oldest first.
+    fn take_all(&mut self) -> Vec<Self::Item>;
+}
+
+impl<T> Store for VecDeque<T> {
+    type Item = T;
+
+    fn len(&self) -> usize {
+        VecDeque::len(self)
+    }
+
+    fn push(&mut self, item: T) {
+        self.push_back(item);
+    }
+
+    fn push_from(&mut self, items: &mut VecDeque<T>, n: usize) {
+        if self.is_empty() && n == items.len() {
+            // The whole batch moves as one buffer (the caller gets the
+            // queue's empty one back): no item is copied.
+            std::mem::swap(self, items);
+        } else {
+            self.extend(items.drain(..n));
+        }
+    }
+
+    fn take_all(&mut self) -> Vec<T> {
+        std::mem::take(self).into()
+    }
+}
+
 #[derive(Debug)]
-struct Inner<T> {
-    items: VecDeque<T>,
+struct Inner<S> {
+    items: S,
     /// No more pushes.
     closed: bool,
     /// The consumer is gone: pushes are accepted and dropped.
@@ -39,20 +86,22 @@ struct Inner<T> {
     waiting: bool,
 }
 
-/// A bounded multi-producer, single-consumer queue.
+/// A bounded multi-producer, single-consumer queue (of `T`s in a
+/// `VecDeque` unless told otherwise).
 #[derive(Debug)]
-pub(crate) struct Queue<T> {
-    inner: Mutex<Inner<T>>,
+pub(crate) struct Queue<T, S = VecDeque<T>> {
+    inner: Mutex<Inner<S>>,
     capacity: usize,
     /// Producers waiting for room.
     room: Notify,
+    _item: PhantomData<fn(T) -> T>,
 }
 
-impl<T> Queue<T> {
+impl<T, S: Store<Item = T>> Queue<T, S> {
     pub(crate) fn new(capacity: usize) -> Self {
         Queue {
             inner: Mutex::new(Inner {
-                items: VecDeque::new(),
+                items: S::default(),
                 closed: false,
                 discard: false,
                 consumer: None,
@@ -60,14 +109,19 @@ impl<T> Queue<T> {
             }),
             capacity,
             room: Notify::new(),
+            _item: PhantomData,
         }
     }
 
-    fn lock(&self) -> MutexGuard<'_, Inner<T>> {
+    fn lock(&self) -> MutexGuard<'_, Inner<S>> {
         self.inner.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Queues `item` if there is room.
+    // Always inlined (into `send`, itself inlined into the caller's loop):
+    // returned through memory, the `Result` cost a store-forwarding stall
+    // per message.
+    #[inline(always)]
     pub(crate) fn try_push(&self, item: T) -> Result<(), PushError<T>> {
         let mut q = self.lock();
         if q.discard {
@@ -79,7 +133,7 @@ impl<T> Queue<T> {
         if q.items.len() >= self.capacity {
             return Err(PushError::Full(item));
         }
-        q.items.push_back(item);
+        q.items.push(item);
         let consumer = q.take_waiting();
         drop(q);
         if let Some(w) = consumer {
@@ -124,13 +178,7 @@ impl<T> Queue<T> {
             return !items.is_empty();
         }
         let n = items.len().min(self.capacity.saturating_sub(q.items.len()));
-        if q.items.is_empty() && n == items.len() {
-            // The whole batch moves as one buffer (the caller gets the
-            // queue's empty one back): no item is copied.
-            std::mem::swap(&mut q.items, items);
-        } else {
-            q.items.extend(items.drain(..n));
-        }
+        q.items.push_from(items, n);
         let consumer = if n > 0 { q.take_waiting() } else { None };
         drop(q);
         if let Some(w) = consumer {
@@ -158,78 +206,30 @@ impl<T> Queue<T> {
         room.await;
     }
 
-    /// Moves up to `max` items to `f`, oldest first. Returns how many, and
-    /// whether the queue is closed (then nothing more will come).
-    #[cfg(test)]
-    pub(crate) fn pop_batch(&self, max: usize, mut f: impl FnMut(T)) -> (usize, bool) {
-        self.pop_while(None, max, |item| {
-            f(item);
-            true
-        })
-    }
-
-    /// Moves up to `max` items to `f`, oldest first, stopping after an item
-    /// for which `f` returns false (that item is taken). Returns how many,
-    /// and whether the queue is closed (then nothing more will come). With a
-    /// `waker`, registers it (see [`Queue::register`]); when it leaves the
-    /// queue empty and open, the next push wakes it.
-    pub(crate) fn pop_while(
+    /// The consumer's side: `f` takes what it wants from the store. Returns
+    /// its result and whether the queue is closed with nothing left (then
+    /// nothing more will come). With a `waker`, registers it (see
+    /// [`Queue::register`]); when `f` leaves the queue empty and open, the
+    /// next push wakes it.
+    pub(crate) fn consume<R>(
         &self,
         waker: Option<&Waker>,
-        max: usize,
-        mut f: impl FnMut(T) -> bool,
-    ) -> (usize, bool) {
+        f: impl FnOnce(&mut S) -> R,
+    ) -> (R, bool) {
         let mut q = self.lock();
-        let was_full = q.items.len() >= self.capacity;
-        let mut n = 0;
-        while n < max {
-            let Some(item) = q.items.pop_front() else {
-                break;
-            };
-            n += 1;
-            if !f(item) {
-                break;
-            }
-        }
-        if q.items.is_empty() && q.items.capacity() > 64 {
-            // A burst is over: give the memory back.
-            q.items = VecDeque::new();
-        }
-        let closed = q.closed && q.items.is_empty();
+        let before = q.items.len();
+        let r = f(&mut q.items);
+        let left = q.items.len();
+        let closed = q.closed && left == 0;
         if let Some(w) = waker {
-            q.waiting = q.items.is_empty() && !q.closed;
+            q.waiting = left == 0 && !q.closed;
             q.set_consumer(w);
         }
         drop(q);
-        if was_full && n > 0 {
+        if before >= self.capacity && left < before {
             self.room.notify_waiters();
         }
-        (n, closed)
-    }
-
-    /// Moves everything queued to the back of `into` (swapping buffers when
-    /// `into` is empty, so no item is copied) and returns whether the queue
-    /// is closed (then nothing more will come). With a `waker`, registers it
-    /// as [`Queue::pop_while`] does.
-    pub(crate) fn take_all(&self, into: &mut VecDeque<T>, waker: Option<&Waker>) -> bool {
-        let mut q = self.lock();
-        let was_full = q.items.len() >= self.capacity;
-        let n = q.items.len();
-        if into.is_empty() {
-            std::mem::swap(&mut q.items, into);
-        } else {
-            into.extend(q.items.drain(..));
-        }
-        let closed = q.closed;
-        if let Some(w) = waker {
-            q.waiting = !q.closed;
-            q.set_consumer(w);
-        }
-        drop(q);
-        if was_full && n > 0 {
-            self.room.notify_waiters();
-        }
-        closed
+        (r, closed)
     }
 
     /// Registers the consumer's waker, for [`Queue::wake_consumer`] (and, if
@@ -248,7 +248,7 @@ impl<T> Queue<T> {
 
     /// Whether nothing is queued.
     pub(crate) fn is_empty(&self) -> bool {
-        self.lock().items.is_empty()
+        self.lock().items.len() == 0
     }
 
     /// Closes the queue and returns what was left in it. Later pushes fail
@@ -256,7 +256,7 @@ impl<T> Queue<T> {
     pub(crate) fn close_and_take(&self) -> Vec<T> {
         let mut q = self.lock();
         q.closed = true;
-        let left = std::mem::take(&mut q.items).into();
+        let left = q.items.take_all();
         q.consumer = None;
         drop(q);
         self.room.notify_waiters();
@@ -280,14 +280,42 @@ impl<T> Queue<T> {
     pub(crate) fn discard(&self) {
         let mut q = self.lock();
         q.discard = true;
-        q.items = VecDeque::new();
+        q.items = S::default();
         q.consumer = None;
         drop(q);
         self.room.notify_waiters();
     }
 }
 
-impl<T> Inner<T> {
+impl<T> Queue<T> {
+    /// Moves up to `max` items to `f`, oldest first. Returns how many, and
+    /// whether the queue is closed (then nothing more will come).
+    #[cfg(test)]
+    pub(crate) fn pop_batch(&self, max: usize, f: impl FnMut(T)) -> (usize, bool) {
+        self.consume(None, |items| {
+            let n = max.min(items.len());
+            items.drain(..n).for_each(f);
+            n
+        })
+    }
+
+    /// Moves everything queued to the back of `into` (swapping buffers when
+    /// `into` is empty, so no item is copied) and returns whether the queue
+    /// is closed (then nothing more will come). With a `waker`, registers it
+    /// as [`Queue::consume`] does.
+    pub(crate) fn take_all(&self, into: &mut VecDeque<T>, waker: Option<&Waker>) -> bool {
+        let ((), closed) = self.consume(waker, |items| {
+            if into.is_empty() {
+                std::mem::swap(items, into);
+            } else {
+                into.extend(items.drain(..));
+            }
+        });
+        closed
+    }
+}
+
+impl<S> Inner<S> {
     fn set_consumer(&mut self, waker: &Waker) {
         match &mut self.consumer {
             Some(old) => old.clone_from(waker),
@@ -312,7 +340,7 @@ mod tests {
 
     #[tokio::test]
     async fn bounded_ordered_and_closes_without_loss() {
-        let o = Arc::new(Queue::new(2));
+        let o = Arc::new(Queue::<u32>::new(2));
         o.try_push(1).unwrap();
         o.try_push(2).unwrap();
         assert!(matches!(o.try_push(3), Err(PushError::Full(3))));
@@ -333,7 +361,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_producer_blocked_on_a_full_queue_is_released_by_close() {
-        let o = Arc::new(Queue::new(1));
+        let o = Arc::new(Queue::<u32>::new(1));
         o.try_push(1).unwrap();
         let o2 = o.clone();
         let waiter = tokio::spawn(async move { o2.push(2).await });
@@ -344,7 +372,7 @@ mod tests {
 
     #[tokio::test]
     async fn batches_fill_what_fits_and_wait_for_room() {
-        let o = Arc::new(Queue::new(3));
+        let o = Arc::new(Queue::<u32>::new(3));
         let mut items: VecDeque<u32> = (0..5).collect();
         assert!(o.push_many(&mut items), "two left over");
         assert_eq!(items, [3, 4]);
@@ -364,12 +392,12 @@ mod tests {
 
     #[tokio::test]
     async fn consumer_sees_close_after_the_last_item_and_discard_drops() {
-        let o = Arc::new(Queue::new(4));
+        let o = Arc::new(Queue::<u32>::new(4));
         o.try_push(1).unwrap();
         o.close();
         let mut got = Vec::new();
         assert_eq!(o.pop_batch(10, |m| got.push(m)), (1, true));
-        let d = Queue::new(1);
+        let d = Queue::<u32>::new(1);
         d.try_push(1).unwrap();
         d.discard();
         d.try_push(2).unwrap();
@@ -379,12 +407,16 @@ mod tests {
 
     #[tokio::test]
     async fn consumer_wakes_on_first_item() {
-        let o = Arc::new(Queue::new(4));
+        let o = Arc::new(Queue::<u32>::new(4));
         let o2 = o.clone();
         let consumer = tokio::spawn(async move {
-            std::future::poll_fn(|cx| match o2.pop_while(Some(cx.waker()), 10, |_| true) {
-                (0, _) => std::task::Poll::Pending,
-                (n, _) => std::task::Poll::Ready(n),
+            let mut got = VecDeque::new();
+            std::future::poll_fn(|cx| {
+                o2.take_all(&mut got, Some(cx.waker()));
+                match got.len() {
+                    0 => std::task::Poll::Pending,
+                    n => std::task::Poll::Ready(n),
+                }
             })
             .await
         });

@@ -20,13 +20,14 @@ use tokio::time::Sleep;
 use tracing::{debug, info, trace, warn};
 
 use super::machine::{Session, SessionConfig, SessionEvent};
+use super::outbox::Outbox;
 use crate::clock;
 use crate::event::{DownReason, Event, ProtocolViolation};
 use crate::node::Shared;
 use crate::peer::PeerId;
 use crate::queue::Queue;
 use crate::stats::Counters;
-use crate::wire::frame::{self, Frame, Frames, Hello};
+use crate::wire::frame::{Frame, Frames, Hello};
 
 /// What a connection shares with the node: its outbox (published to
 /// senders once the session is up), the supervisor's close request, and its
@@ -35,7 +36,7 @@ use crate::wire::frame::{self, Frame, Frames, Hello};
 /// per wake-up is a cache miss.
 #[derive(Debug)]
 pub(crate) struct Mailbox {
-    queue: Queue<Bytes>,
+    queue: Queue<Bytes, Outbox>,
     /// Close with a goodbye, for this reason.
     close: OnceLock<DownReason>,
     /// Nanoseconds; 0 until the first sample.
@@ -73,9 +74,9 @@ impl Mailbox {
 }
 
 impl std::ops::Deref for Mailbox {
-    type Target = Queue<Bytes>;
+    type Target = Queue<Bytes, Outbox>;
 
-    fn deref(&self) -> &Queue<Bytes> {
+    fn deref(&self) -> &Queue<Bytes, Outbox> {
         &self.queue
     }
 }
@@ -418,17 +419,19 @@ impl Conn {
             return wbuf.len() >= WRITE_HIGH_WATER;
         }
         let mut sent = 0;
-        while session.can_send() && wbuf.len() < WRITE_HIGH_WATER {
-            // Stop as soon as the in-flight limits are reached.
-            let (n, _) = o.pop_while(Some(cx.waker()), 64, |m| {
-                frame::encode_data(&m, wbuf);
-                session.record_data_sent(now, m);
-                session.can_send() && wbuf.len() < WRITE_HIGH_WATER
-            });
-            sent += n as u64;
-            if n < 64 {
+        while wbuf.len() < WRITE_HIGH_WATER {
+            // No more than the in-flight limits allow: a run of small
+            // messages is split if need be.
+            let room = session.sendable();
+            if room == 0 {
                 break;
             }
+            let (Some(out), _) = o.consume(Some(cx.waker()), |b| b.pop(room)) else {
+                break;
+            };
+            out.encode(wbuf);
+            sent += out.count() as u64;
+            session.record_sent(now, out);
         }
         if sent > 0 {
             Counters::add(&self.shared.counters.messages_sent, sent);

@@ -4,7 +4,7 @@
 //! It owns no socket and never reads the clock. The driver calls, in any
 //! order: [`Session::handle_frame`] for each decoded frame,
 //! [`Session::handle_timeout`] when [`Session::poll_timeout`] has passed,
-//! [`Session::record_data_sent`] for each application message it writes; and
+//! [`Session::record_sent`] for the application messages it writes; and
 //! after each call drains [`Session::poll_transmit`] (frames to write) and
 //! [`Session::poll_event`].
 
@@ -16,7 +16,7 @@ use bytes::Bytes;
 use crate::error::FrameError;
 use crate::event::{DownReason, ProtocolViolation};
 use crate::peer::PeerId;
-use crate::wire::frame::{Frame, GoodbyeBody, Hello};
+use crate::wire::frame::{Frame, GoodbyeBody, Hello, Outgoing};
 
 /// Acknowledge at the latest after this many data frames...
 const ACK_EVERY: u64 = 32;
@@ -101,9 +101,16 @@ pub struct Session {
     rx_data: u64,
     rx_acked: u64,
     ack_deadline: Option<Instant>,
-    /// Sequence (0-based) of `unacked[0]`.
+    /// Sequence (0-based) of the oldest unacknowledged message.
     tx_base: u64,
-    unacked: VecDeque<Bytes>,
+    /// Messages written and not yet acknowledged, in the pieces they were
+    /// written in; the first `front_acked` of the front piece are
+    /// acknowledged.
+    unacked: VecDeque<Outgoing>,
+    front_acked: usize,
+    /// Messages in `unacked`, less `front_acked`.
+    unacked_count: usize,
+    /// Wire bytes in `unacked` (a piece counts until wholly acknowledged).
     unacked_bytes: usize,
     /// When the oldest message in flight was sent, or the last ack advanced
     /// (whichever is later).
@@ -143,6 +150,8 @@ impl Session {
             ack_deadline: None,
             tx_base: 0,
             unacked: VecDeque::new(),
+            front_acked: 0,
+            unacked_count: 0,
             unacked_bytes: 0,
             ack_progress: now,
             transmits: VecDeque::new(),
@@ -176,9 +185,16 @@ impl Session {
 
     /// Whether another application message may be written now.
     pub fn can_send(&self) -> bool {
-        self.state == State::Established
-            && self.unacked.len() < self.cfg.max_unacked
-            && self.unacked_bytes < self.cfg.max_unacked_bytes
+        self.sendable() > 0
+    }
+
+    /// How many more application messages may be written now.
+    pub fn sendable(&self) -> usize {
+        if self.state == State::Established && self.unacked_bytes < self.cfg.max_unacked_bytes {
+            self.cfg.max_unacked.saturating_sub(self.unacked_count)
+        } else {
+            0
+        }
     }
 
     /// Feeds one received frame. Returns an application message to deliver.
@@ -234,7 +250,7 @@ impl Session {
                 Some(data)
             }
             (_, Frame::Ack(count)) => {
-                let sent = self.tx_base + self.unacked.len() as u64;
+                let sent = self.tx_base + self.unacked_count as u64;
                 if count < self.tx_base || count > sent {
                     if count > sent {
                         self.violation(ProtocolViolation::BadAck);
@@ -243,8 +259,7 @@ impl Session {
                 }
                 let n = (count - self.tx_base) as usize;
                 if n > 0 {
-                    let freed: usize = self.unacked.drain(..n).map(|m| m.len()).sum();
-                    self.unacked_bytes -= freed;
+                    self.release_acked(n);
                     self.tx_base = count;
                     self.ack_progress = now;
                 }
@@ -365,7 +380,7 @@ impl Session {
                     self.close(DownReason::HeartbeatTimeout, false);
                     return;
                 }
-                if !self.unacked.is_empty() && now >= self.ack_progress + self.cfg.write_timeout {
+                if self.unacked_count > 0 && now >= self.ack_progress + self.cfg.write_timeout {
                     self.close(DownReason::WriteTimeout, false);
                     return;
                 }
@@ -393,7 +408,7 @@ impl Session {
                 if let Some(a) = self.ack_deadline {
                     t = t.min(a);
                 }
-                if !self.unacked.is_empty() {
+                if self.unacked_count > 0 {
                     t = t.min(self.ack_progress + self.cfg.write_timeout);
                 }
                 Some(t)
@@ -416,13 +431,41 @@ impl Session {
     /// The driver wrote an application message. It is kept until the peer
     /// acknowledges it. Call only when [`Session::can_send`].
     pub fn record_data_sent(&mut self, now: Instant, message: Bytes) {
-        debug_assert!(self.can_send());
-        if self.unacked.is_empty() {
+        self.record_sent(now, Outgoing::Message(message));
+    }
+
+    /// The driver wrote application messages (at most
+    /// [`Session::sendable`]). They are kept until the peer acknowledges
+    /// them.
+    pub fn record_sent(&mut self, now: Instant, sent: Outgoing) {
+        debug_assert!(sent.count() <= self.sendable());
+        if sent.count() == 0 {
+            return;
+        }
+        if self.unacked_count == 0 {
             self.ack_progress = now;
         }
-        self.unacked_bytes += message.len();
-        self.unacked.push_back(message);
+        self.unacked_count += sent.count();
+        self.unacked_bytes += sent.wire_len();
+        self.unacked.push_back(sent);
         self.last_ping_or_data = now;
+    }
+
+    /// The peer acknowledged the oldest `n` unacknowledged messages (no more
+    /// than there are).
+    fn release_acked(&mut self, mut n: usize) {
+        self.unacked_count -= n;
+        while let Some(front) = self.unacked.front() {
+            let left = front.count() - self.front_acked;
+            if n < left {
+                self.front_acked += n;
+                return;
+            }
+            n -= left;
+            self.front_acked = 0;
+            self.unacked_bytes -= front.wire_len();
+            self.unacked.pop_front();
+        }
     }
 
     /// While the application is not taking messages, the driver stops reading
@@ -451,14 +494,23 @@ impl Session {
 
     /// Messages written but never acknowledged, oldest first.
     pub fn take_unacked(&mut self) -> Vec<Bytes> {
-        self.tx_base += self.unacked.len() as u64;
+        self.tx_base += self.unacked_count as u64;
+        let mut out = Vec::with_capacity(self.unacked_count);
+        let skip = std::mem::take(&mut self.front_acked);
+        for (i, mut sent) in self.unacked.drain(..).enumerate() {
+            if i == 0 {
+                sent.split_to(skip);
+            }
+            sent.into_messages(&mut out);
+        }
+        self.unacked_count = 0;
         self.unacked_bytes = 0;
-        self.unacked.drain(..).collect()
+        out
     }
 
     /// Messages sent and not yet acknowledged.
     pub fn unacked_len(&self) -> usize {
-        self.unacked.len()
+        self.unacked_count
     }
 
     /// Messages received so far.
@@ -523,8 +575,11 @@ impl Session {
 
 #[cfg(test)]
 mod tests {
+    use bytes::BytesMut;
+
     use super::*;
     use crate::peer::Role;
+    use crate::wire::frame;
 
     const MS: Duration = Duration::from_millis(1);
 
@@ -942,6 +997,44 @@ mod tests {
             drain(&mut s)
                 .1
                 .contains(&SessionEvent::Closed(DownReason::Goodbye))
+        );
+    }
+
+    #[test]
+    fn acks_can_end_inside_a_run_of_messages() {
+        let now = Instant::now();
+        let mut c = cfg(1, 100, 300);
+        c.max_unacked = 6;
+        let mut s = Session::new(now, c, None);
+        s.handle_frame(now, Frame::Hello(Ok(Box::new(hello(2, 100, 300)))));
+        drain(&mut s);
+        let mut wire = BytesMut::new();
+        for m in ["a", "b", "c", "d"] {
+            frame::encode_data(m.as_bytes(), &mut wire);
+        }
+        let run = Outgoing::Frames {
+            wire: wire.freeze(),
+            count: 4,
+        };
+        assert_eq!(s.sendable(), 6);
+        s.record_sent(now, run);
+        s.record_data_sent(now, Bytes::from_static(b"e"));
+        assert_eq!((s.sendable(), s.unacked_len()), (1, 5));
+        s.handle_frame(now, Frame::Ack(3));
+        assert_eq!((s.sendable(), s.unacked_len()), (4, 2));
+        s.handle_frame(now, Frame::Ack(4));
+        assert_eq!(s.unacked_len(), 1);
+        assert_eq!(s.take_unacked(), ["e"]);
+        // Sequence numbers go on after messages handed back; an ack of
+        // more than was sent is a violation.
+        s.record_data_sent(now, Bytes::from_static(b"f"));
+        s.handle_frame(now, Frame::Ack(7));
+        assert!(
+            drain(&mut s)
+                .1
+                .contains(&SessionEvent::Closed(DownReason::ProtocolError(
+                    ProtocolViolation::BadAck
+                )))
         );
     }
 

@@ -2,3 +2,4 @@
 
 pub(crate) mod conn;
 pub mod machine;
+pub(crate) mod outbox;

@@ -293,6 +293,110 @@ pub fn encode_data(payload: &[u8], dst: &mut BytesMut) {
     dst.put_slice(payload);
 }
 
+/// Application messages on their way to the peer, in the unit a session
+/// takes them from its outbox and keeps them until they are acknowledged.
+///
+/// Small messages are encoded when they are sent, back to back into one
+/// buffer (`Frames`): from then on a run of them moves, is written and is
+/// acknowledged as one piece, with no per-message work. Large ones stay as
+/// the application gave them (`Message`) and are encoded only into the
+/// write buffer. Either way a message can be handed back as it was sent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outgoing {
+    /// `count` data frames, encoded back to back (each length prefix
+    /// covers the kind byte and the payload; see [`encode_data`]).
+    Frames {
+        /// The frames, as they go on the wire.
+        wire: Bytes,
+        /// How many.
+        count: usize,
+    },
+    /// One message, not encoded yet.
+    Message(Bytes),
+}
+
+impl Outgoing {
+    /// Messages carried.
+    pub fn count(&self) -> usize {
+        match self {
+            Outgoing::Frames { count, .. } => *count,
+            Outgoing::Message(_) => 1,
+        }
+    }
+
+    /// Bytes it takes on the wire.
+    pub fn wire_len(&self) -> usize {
+        match self {
+            Outgoing::Frames { wire, .. } => wire.len(),
+            Outgoing::Message(m) => DATA_OVERHEAD + m.len(),
+        }
+    }
+
+    /// Appends its frames to `dst`.
+    pub fn encode(&self, dst: &mut BytesMut) {
+        match self {
+            Outgoing::Frames { wire, .. } => dst.extend_from_slice(wire),
+            Outgoing::Message(m) => encode_data(m, dst),
+        }
+    }
+
+    /// Splits off the first `n` messages (fewer if it carries fewer) and
+    /// returns them; `self` keeps the rest.
+    pub fn split_to(&mut self, n: usize) -> Outgoing {
+        match self {
+            _ if n == 0 => Outgoing::Frames {
+                wire: Bytes::new(),
+                count: 0,
+            },
+            Outgoing::Frames { wire, count } if n < *count => {
+                let at = frame_offset(wire, n);
+                *count -= n;
+                Outgoing::Frames {
+                    wire: wire.split_to(at),
+                    count: n,
+                }
+            }
+            _ => std::mem::replace(
+                self,
+                Outgoing::Frames {
+                    wire: Bytes::new(),
+                    count: 0,
+                },
+            ),
+        }
+    }
+
+    /// Appends the messages it carries, as they were sent (slices, not
+    /// copies), to `out`.
+    pub fn into_messages(self, out: &mut Vec<Bytes>) {
+        match self {
+            Outgoing::Frames { wire, count } => {
+                out.reserve(count);
+                let mut at = 0;
+                for _ in 0..count {
+                    let len = run_frame_len(&wire, at);
+                    out.push(wire.slice(at + DATA_OVERHEAD..at + LEN_PREFIX + len));
+                    at += LEN_PREFIX + len;
+                }
+            }
+            Outgoing::Message(m) => out.push(m),
+        }
+    }
+}
+
+/// The length prefix of the frame at `at` in a run of data frames.
+fn run_frame_len(wire: &[u8], at: usize) -> usize {
+    let prefix: [u8; LEN_PREFIX] = wire[at..at + LEN_PREFIX]
+        .try_into()
+        .expect("a run holds whole frames");
+    u32::from_be_bytes(prefix) as usize
+}
+
+/// Where the `n`th frame of a run of data frames starts.
+fn frame_offset(wire: &[u8], n: usize) -> usize {
+    (0..n).fold(0, |at, _| at + LEN_PREFIX + run_frame_len(wire, at))
+}
+
 fn u64_frame(dst: &mut BytesMut, ty: u8, v: u64) {
     dst.reserve(LEN_PREFIX + 9);
     dst.put_u32(9);

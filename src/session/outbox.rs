@@ -1,0 +1,185 @@
+//! What a session's outbox keeps its messages in.
+//!
+//! A stream of small messages is where per-message work shows: each one
+//! used to be queued, taken, encoded into the write buffer and kept for
+//! acknowledgement one by one. Here a small message is encoded the moment it
+//! is sent, appended to a run of frames that then moves to the socket and is
+//! kept until acknowledged as one piece. Large messages stay as the
+//! application gave them (no copy before the write buffer).
+
+use std::collections::VecDeque;
+
+use bytes::{Bytes, BytesMut};
+
+use crate::queue::Store;
+use crate::wire::frame::{self, DATA_OVERHEAD, Outgoing};
+
+/// Messages up to this size are encoded when sent; larger ones are not.
+const SMALL: usize = 1024;
+/// A run of small messages is closed at this size (half the write
+/// high-water mark).
+const RUN: usize = 16 * 1024;
+
+/// The store behind a session's outbox.
+#[derive(Debug, Default)]
+pub(crate) struct Outbox {
+    /// Closed runs and large messages, oldest first.
+    sealed: VecDeque<Outgoing>,
+    /// The newest run of small messages, still growing.
+    open: BytesMut,
+    open_count: usize,
+    /// Messages held.
+    len: usize,
+    /// Size of the last run: the next one starts with that much room, so
+    /// that a stream does not regrow its buffer for every run and an idle
+    /// session's occasional message does not get 16 KiB.
+    hint: usize,
+}
+
+impl Outbox {
+    /// Closes the open run.
+    fn seal(&mut self) {
+        if self.open_count > 0 {
+            self.hint = self.open.len().min(RUN);
+            self.sealed.push_back(Outgoing::Frames {
+                wire: std::mem::take(&mut self.open).freeze(),
+                count: std::mem::take(&mut self.open_count),
+            });
+        }
+    }
+
+    /// Takes up to `max` messages, oldest first, in one piece: a run
+    /// carrying more is split.
+    pub(crate) fn pop(&mut self, max: usize) -> Option<Outgoing> {
+        if max == 0 {
+            return None;
+        }
+        if self.sealed.is_empty() {
+            self.seal();
+        }
+        let front = self.sealed.front_mut()?;
+        let out = if front.count() > max {
+            front.split_to(max)
+        } else {
+            self.sealed.pop_front()?
+        };
+        self.len -= out.count();
+        if self.len == 0 {
+            // Idle sessions hold no memory.
+            self.sealed = VecDeque::new();
+        }
+        Some(out)
+    }
+}
+
+impl Store for Outbox {
+    type Item = Bytes;
+
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    fn push(&mut self, message: Bytes) {
+        if message.len() <= SMALL {
+            if self.open.capacity() == 0 {
+                self.open
+                    .reserve(self.hint.max(DATA_OVERHEAD + message.len()));
+            }
+            frame::encode_data(&message, &mut self.open);
+            self.open_count += 1;
+            if self.open.len() >= RUN {
+                self.seal();
+            }
+        } else {
+            self.seal();
+            self.sealed.push_back(Outgoing::Message(message));
+        }
+        self.len += 1;
+    }
+
+    fn take_all(&mut self) -> Vec<Bytes> {
+        self.seal();
+        let mut out = Vec::with_capacity(self.len);
+        for o in self.sealed.drain(..) {
+            o.into_messages(&mut out);
+        }
+        self.len = 0;
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::wire::frame::Frame;
+
+    /// The frames `out` puts on the wire, decoded.
+    fn on_the_wire(out: &Outgoing) -> Vec<Bytes> {
+        let mut wire = BytesMut::new();
+        out.encode(&mut wire);
+        assert_eq!(wire.len(), out.wire_len());
+        let mut got = Vec::new();
+        while let Some(f) = Frame::decode(&mut wire, 1 << 20).unwrap() {
+            let Frame::Data(m) = f else { panic!("{f:?}") };
+            got.push(m);
+        }
+        assert!(wire.is_empty());
+        got
+    }
+
+    #[test]
+    fn small_messages_share_runs_and_large_ones_keep_their_place() {
+        let mut o = Outbox::default();
+        let big = Bytes::from(vec![9u8; SMALL + 1]);
+        for m in [&b"a"[..], b"bc", &big, b"d"] {
+            o.push(Bytes::copy_from_slice(m));
+        }
+        assert_eq!(o.len(), 4);
+        let first = o.pop(10).unwrap();
+        assert!(matches!(first, Outgoing::Frames { count: 2, .. }));
+        assert_eq!(o.pop(10), Some(Outgoing::Message(big)));
+        assert_eq!(o.pop(0), None, "nothing when nothing may go");
+        assert_eq!(on_the_wire(&o.pop(10).unwrap()), ["d"]);
+        assert_eq!((o.len(), o.pop(10)), (0, None));
+        // Nothing is kept once it is empty.
+        assert_eq!((o.open.capacity(), o.sealed.capacity()), (0, 0));
+    }
+
+    proptest! {
+        /// Whatever goes in comes out once, in order, on the wire and when
+        /// handed back, in pieces of no more than asked for.
+        #[test]
+        fn every_message_comes_out_once_in_order(
+            ops in proptest::collection::vec((0usize..1500, 0usize..300), 1..300),
+            split in 0usize..8,
+        ) {
+            let mut o = Outbox::default();
+            let (mut sent, mut wire, mut back) = (Vec::new(), Vec::new(), Vec::new());
+            for (i, (size, take)) in ops.into_iter().enumerate() {
+                // Mostly small messages, some of them large.
+                let size = if size % 7 == 0 { size } else { size % 80 };
+                let m = Bytes::from(vec![i as u8; size]);
+                o.push(m.clone());
+                sent.push(m);
+                // Now and then the session takes up to `take / 10`.
+                if take % 3 == 0 {
+                    let max = take / 10;
+                    while let Some(mut out) = o.pop(max) {
+                        prop_assert!(out.count() >= 1 && out.count() <= max);
+                        wire.extend(on_the_wire(&out));
+                        let head = out.split_to(split);
+                        head.into_messages(&mut back);
+                        out.into_messages(&mut back);
+                    }
+                }
+                prop_assert_eq!(o.len(), sent.len() - back.len());
+            }
+            back.extend(o.take_all());
+            prop_assert_eq!(o.len(), 0);
+            prop_assert_eq!(&wire[..], &sent[..wire.len()]);
+            prop_assert_eq!(back, sent);
+        }
+    }
+}

@@ -113,9 +113,13 @@ pub struct Events {
 
 impl Events {
     /// The next event; `None` once the node has shut down and every event
-    /// was taken.
-    pub async fn recv(&mut self) -> Option<Event> {
-        std::future::poll_fn(|cx| self.poll_recv(cx)).await
+    /// was taken. Cancel-safe: an event is taken only when it is returned.
+    #[inline]
+    pub fn recv(&mut self) -> impl Future<Output = Option<Event>> + Send + '_ {
+        // Not an `async fn`: the compiler's future returned the event
+        // through memory, which cost a stall per message; this one inlines
+        // into the caller's loop.
+        Recv { events: self }
     }
 
     /// Moves up to `limit` ready events into `buf` (waiting for the first
@@ -152,8 +156,18 @@ impl Events {
     /// Polls for the next event: `Ready(None)` once the node has shut down
     /// and every event was taken. For use in hand-written futures and
     /// streams; [`Events::recv`] is this as an `async fn`.
+    #[inline]
     pub fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Option<Event>> {
-        if self.local.is_empty() && !self.closed {
+        match self.local.pop_front() {
+            Some(e) => Poll::Ready(Some(e)),
+            None => self.poll_refill(cx),
+        }
+    }
+
+    /// [`Events::poll_recv`] once the batch taken last is used up.
+    #[inline(never)]
+    fn poll_refill(&mut self, cx: &mut Context<'_>) -> Poll<Option<Event>> {
+        if !self.closed {
             self.refill(Some(cx.waker()));
         }
         match self.local.pop_front() {
@@ -167,6 +181,20 @@ impl Events {
     /// when nothing was there.
     fn refill(&mut self, waker: Option<&Waker>) {
         self.closed = self.queue.take_all(&mut self.local, waker);
+    }
+}
+
+/// The future of [`Events::recv`].
+struct Recv<'a> {
+    events: &'a mut Events,
+}
+
+impl Future for Recv<'_> {
+    type Output = Option<Event>;
+
+    #[inline(always)]
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Event>> {
+        self.events.poll_recv(cx)
     }
 }
 

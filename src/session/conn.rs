@@ -703,3 +703,19 @@ mod tests {
         });
     }
 }
+#[cfg(test)]
+mod sizes_probe {
+    #[test]
+    fn probe() {
+        eprintln!(
+            "Session {} Link {} Conn {} Sleep {} TcpStream {} Frames {} Outbox {}",
+            std::mem::size_of::<super::Session>(),
+            std::mem::size_of::<super::Link>(),
+            std::mem::size_of::<super::Conn>(),
+            std::mem::size_of::<tokio::time::Sleep>(),
+            std::mem::size_of::<tokio::net::TcpStream>(),
+            std::mem::size_of::<super::Frames>(),
+            std::mem::size_of::<super::Mailbox>()
+        );
+    }
+}

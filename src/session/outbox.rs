@@ -48,6 +48,19 @@ impl Outbox {
         }
     }
 
+    /// Encodes a small message into the open run.
+    fn append(&mut self, message: &[u8]) {
+        if self.open.capacity() == 0 {
+            self.open
+                .reserve(self.hint.max(2 * (DATA_OVERHEAD + message.len())));
+        }
+        frame::encode_data(message, &mut self.open);
+        self.open_count += 1;
+        if self.open.len() >= RUN {
+            self.seal();
+        }
+    }
+
     /// Takes up to `max` messages, oldest first, in one piece: a run
     /// carrying more is split.
     pub(crate) fn pop(&mut self, max: usize) -> Option<Outgoing> {
@@ -80,21 +93,28 @@ impl Store for Outbox {
     }
 
     fn push(&mut self, message: Bytes) {
-        if message.len() <= SMALL {
-            if self.open.capacity() == 0 {
-                self.open
-                    .reserve(self.hint.max(DATA_OVERHEAD + message.len()));
-            }
-            frame::encode_data(&message, &mut self.open);
-            self.open_count += 1;
-            if self.open.len() >= RUN {
-                self.seal();
-            }
-        } else {
+        self.len += 1;
+        if message.len() > SMALL {
             self.seal();
             self.sealed.push_back(Outgoing::Message(message));
+            return;
         }
-        self.len += 1;
+        if self.open_count == 0 {
+            // A lone small message stays as it is (a request/response
+            // session gains nothing from encoding it here, and a run would
+            // cost it an allocation); the second in a row starts a run.
+            match self.sealed.back() {
+                Some(Outgoing::Message(last)) if last.len() <= SMALL => {}
+                _ => {
+                    self.sealed.push_back(Outgoing::Message(message));
+                    return;
+                }
+            }
+            if let Some(Outgoing::Message(last)) = self.sealed.pop_back() {
+                self.append(&last);
+            }
+        }
+        self.append(&message);
     }
 
     fn take_all(&mut self) -> Vec<Bytes> {
@@ -139,9 +159,11 @@ mod tests {
         assert_eq!(o.len(), 4);
         let first = o.pop(10).unwrap();
         assert!(matches!(first, Outgoing::Frames { count: 2, .. }));
+        assert_eq!(on_the_wire(&first), ["a", "bc"]);
         assert_eq!(o.pop(10), Some(Outgoing::Message(big)));
         assert_eq!(o.pop(0), None, "nothing when nothing may go");
-        assert_eq!(on_the_wire(&o.pop(10).unwrap()), ["d"]);
+        // A lone small message is not copied.
+        assert_eq!(o.pop(10), Some(Outgoing::Message("d".into())));
         assert_eq!((o.len(), o.pop(10)), (0, None));
         // Nothing is kept once it is empty.
         assert_eq!((o.open.capacity(), o.sealed.capacity()), (0, 0));

@@ -105,7 +105,7 @@ pub struct Node {
 /// (sessions keep running).
 #[derive(Debug)]
 pub struct Events {
-    queue: Arc<Queue<Event>>,
+    queue: Arc<Queue<VecDeque<Event>>>,
     /// Taken from the queue in one batch, not yet handed out.
     local: std::collections::VecDeque<Event>,
     closed: bool,
@@ -206,7 +206,7 @@ impl Drop for Events {
 
 /// Closes the event queue when the node's task ends, however it ends, so
 /// that [`Events::recv`] returns `None` instead of waiting for ever.
-struct CloseOnDrop(Arc<Queue<Event>>);
+struct CloseOnDrop(Arc<Queue<VecDeque<Event>>>);
 
 impl Drop for CloseOnDrop {
     fn drop(&mut self) {
@@ -677,7 +677,7 @@ struct Driver {
     commands: mpsc::Receiver<Command>,
     notes_tx: mpsc::UnboundedSender<Note>,
     notes_rx: mpsc::UnboundedReceiver<Note>,
-    events: Arc<Queue<Event>>,
+    events: Arc<Queue<VecDeque<Event>>>,
     conns: HashMap<u64, ConnEntry>,
     sessions: PeerMap<u64>,
     waiting: PeerMap<Waiting>,

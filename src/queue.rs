@@ -18,7 +18,6 @@
 //! `session::outbox`).
 
 use std::collections::VecDeque;
-use std::marker::PhantomData;
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::task::Waker;
 
@@ -86,18 +85,17 @@ struct Inner<S> {
     waiting: bool,
 }
 
-/// A bounded multi-producer, single-consumer queue (of `T`s in a
-/// `VecDeque` unless told otherwise).
+/// A bounded multi-producer, single-consumer queue of the items of store
+/// `S` (a `VecDeque<T>` for a plain queue of `T`).
 #[derive(Debug)]
-pub(crate) struct Queue<T, S = VecDeque<T>> {
+pub(crate) struct Queue<S> {
     inner: Mutex<Inner<S>>,
     capacity: usize,
     /// Producers waiting for room.
     room: Notify,
-    _item: PhantomData<fn(T) -> T>,
 }
 
-impl<T, S: Store<Item = T>> Queue<T, S> {
+impl<S: Store> Queue<S> {
     pub(crate) fn new(capacity: usize) -> Self {
         Queue {
             inner: Mutex::new(Inner {
@@ -109,7 +107,6 @@ impl<T, S: Store<Item = T>> Queue<T, S> {
             }),
             capacity,
             room: Notify::new(),
-            _item: PhantomData,
         }
     }
 
@@ -122,7 +119,7 @@ impl<T, S: Store<Item = T>> Queue<T, S> {
     // returned through memory, the `Result` cost a store-forwarding stall
     // per message.
     #[inline(always)]
-    pub(crate) fn try_push(&self, item: T) -> Result<(), PushError<T>> {
+    pub(crate) fn try_push(&self, item: S::Item) -> Result<(), PushError<S::Item>> {
         let mut q = self.lock();
         if q.discard {
             return Ok(());
@@ -143,7 +140,7 @@ impl<T, S: Store<Item = T>> Queue<T, S> {
     }
 
     /// Queues `item`, waiting for room; hands it back if the queue closes.
-    pub(crate) async fn push(&self, mut item: T) -> Result<(), T> {
+    pub(crate) async fn push(&self, mut item: S::Item) -> Result<(), S::Item> {
         loop {
             match self.try_push(item) {
                 Ok(()) => return Ok(()),
@@ -168,7 +165,7 @@ impl<T, S: Store<Item = T>> Queue<T, S> {
 
     /// Moves as many of `items` (from the front) as fit; returns whether any
     /// are left. A closed queue takes nothing.
-    pub(crate) fn push_many(&self, items: &mut VecDeque<T>) -> bool {
+    pub(crate) fn push_many(&self, items: &mut VecDeque<S::Item>) -> bool {
         let mut q = self.lock();
         if q.discard {
             items.clear();
@@ -253,7 +250,7 @@ impl<T, S: Store<Item = T>> Queue<T, S> {
 
     /// Closes the queue and returns what was left in it. Later pushes fail
     /// and hand their item back.
-    pub(crate) fn close_and_take(&self) -> Vec<T> {
+    pub(crate) fn close_and_take(&self) -> Vec<S::Item> {
         let mut q = self.lock();
         q.closed = true;
         let left = q.items.take_all();
@@ -287,7 +284,7 @@ impl<T, S: Store<Item = T>> Queue<T, S> {
     }
 }
 
-impl<T> Queue<T> {
+impl<T> Queue<VecDeque<T>> {
     /// Moves up to `max` items to `f`, oldest first. Returns how many, and
     /// whether the queue is closed (then nothing more will come).
     #[cfg(test)]
@@ -340,7 +337,7 @@ mod tests {
 
     #[tokio::test]
     async fn bounded_ordered_and_closes_without_loss() {
-        let o = Arc::new(Queue::<u32>::new(2));
+        let o = Arc::new(Queue::<VecDeque<u32>>::new(2));
         o.try_push(1).unwrap();
         o.try_push(2).unwrap();
         assert!(matches!(o.try_push(3), Err(PushError::Full(3))));
@@ -361,7 +358,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_producer_blocked_on_a_full_queue_is_released_by_close() {
-        let o = Arc::new(Queue::<u32>::new(1));
+        let o = Arc::new(Queue::<VecDeque<u32>>::new(1));
         o.try_push(1).unwrap();
         let o2 = o.clone();
         let waiter = tokio::spawn(async move { o2.push(2).await });
@@ -372,7 +369,7 @@ mod tests {
 
     #[tokio::test]
     async fn batches_fill_what_fits_and_wait_for_room() {
-        let o = Arc::new(Queue::<u32>::new(3));
+        let o = Arc::new(Queue::<VecDeque<u32>>::new(3));
         let mut items: VecDeque<u32> = (0..5).collect();
         assert!(o.push_many(&mut items), "two left over");
         assert_eq!(items, [3, 4]);
@@ -392,12 +389,12 @@ mod tests {
 
     #[tokio::test]
     async fn consumer_sees_close_after_the_last_item_and_discard_drops() {
-        let o = Arc::new(Queue::<u32>::new(4));
+        let o = Arc::new(Queue::<VecDeque<u32>>::new(4));
         o.try_push(1).unwrap();
         o.close();
         let mut got = Vec::new();
         assert_eq!(o.pop_batch(10, |m| got.push(m)), (1, true));
-        let d = Queue::<u32>::new(1);
+        let d = Queue::<VecDeque<u32>>::new(1);
         d.try_push(1).unwrap();
         d.discard();
         d.try_push(2).unwrap();
@@ -407,7 +404,7 @@ mod tests {
 
     #[tokio::test]
     async fn consumer_wakes_on_first_item() {
-        let o = Arc::new(Queue::<u32>::new(4));
+        let o = Arc::new(Queue::<VecDeque<u32>>::new(4));
         let o2 = o.clone();
         let consumer = tokio::spawn(async move {
             let mut got = VecDeque::new();

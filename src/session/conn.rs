@@ -11,7 +11,7 @@ use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Buf, BytesMut};
 use socket2::{SockRef, TcpKeepalive};
 use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -36,7 +36,7 @@ use crate::wire::frame::{Frame, Frames, Hello};
 /// per wake-up is a cache miss.
 #[derive(Debug)]
 pub(crate) struct Mailbox {
-    queue: Queue<Bytes, Outbox>,
+    queue: Queue<Outbox>,
     /// Close with a goodbye, for this reason.
     close: OnceLock<DownReason>,
     /// Nanoseconds; 0 until the first sample.
@@ -74,9 +74,9 @@ impl Mailbox {
 }
 
 impl std::ops::Deref for Mailbox {
-    type Target = Queue<Bytes, Outbox>;
+    type Target = Queue<Outbox>;
 
-    fn deref(&self) -> &Queue<Bytes, Outbox> {
+    fn deref(&self) -> &Queue<Outbox> {
         &self.queue
     }
 }
@@ -142,7 +142,7 @@ pub(crate) struct Conn {
     pub(crate) outbound: bool,
     pub(crate) max_frame: u32,
     pub(crate) write_timeout: Duration,
-    pub(crate) events: Arc<Queue<Event>>,
+    pub(crate) events: Arc<Queue<VecDeque<Event>>>,
     pub(crate) notes: mpsc::UnboundedSender<Note>,
     pub(crate) mailbox: Arc<Mailbox>,
     pub(crate) shared: Arc<Shared>,

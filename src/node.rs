@@ -371,15 +371,7 @@ impl Node {
     pub async fn send(&self, peer: PeerId, message: impl Into<Bytes>) -> Result<(), Error> {
         let message = self.check_size(message.into())?;
         match self.inner.shared.outbox(peer) {
-            Some(o) => {
-                Push {
-                    peer,
-                    o: &o,
-                    limit: usize::MAX,
-                    state: PushState::New(message),
-                }
-                .await
-            }
+            Some(o) => Push::new(peer, &o, usize::MAX, message).await,
             None => Err(Error::NotConnected { peer, message }),
         }
     }
@@ -511,12 +503,7 @@ impl PeerSender {
         message: impl Into<Bytes>,
     ) -> impl Future<Output = Result<(), Error>> + Send + '_ {
         // Not an `async fn`, to keep the future small (see `Push`).
-        Push {
-            peer: self.peer,
-            o: &self.mailbox,
-            limit: self.max_message,
-            state: PushState::New(message.into()),
-        }
+        Push::new(self.peer, &self.mailbox, self.max_message, message.into())
     }
 
     /// Queues every message of `batch`, in order, waiting for room as
@@ -587,6 +574,17 @@ struct Push<'a> {
     /// The largest message allowed.
     limit: usize,
     state: PushState<'a>,
+}
+
+impl<'a> Push<'a> {
+    fn new(peer: PeerId, o: &'a Mailbox, limit: usize, message: Bytes) -> Self {
+        Push {
+            peer,
+            o,
+            limit,
+            state: PushState::New(message),
+        }
+    }
 }
 
 enum PushState<'a> {

@@ -8,8 +8,9 @@ use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 
-use crate::discovery::machine::{Discovery, DiscoveryConfig, Target};
-use crate::peer::{PeerId, Role};
+use crate::discovery::machine::{Discovery, DiscoveryConfig, DiscoveryEvent, Target};
+use crate::event::DownReason;
+use crate::peer::{PeerId, PeerInfo, Role};
 use crate::session::machine::{Session, SessionConfig, SessionEvent};
 use crate::wire::discovery::{Datagram, DatagramLimits};
 use crate::wire::frame::{self, Frame, Frames, Hello, Outgoing};
@@ -220,8 +221,10 @@ pub fn session(data: &[u8]) {
 }
 
 /// Arbitrary datagrams into a discovery machine, from arbitrary sources on
-/// its subnet, with time passing: no panic, table and rate-limit state stay
-/// within their limits, every reply goes to a unicast address.
+/// its subnet, with time passing and dials and sessions coming and going:
+/// no panic, table and rate-limit state stay within their limits, every
+/// reply goes to a unicast address, the peers without a session are
+/// exactly those the machine tracks deadlines for.
 pub fn discovery(data: &[u8]) {
     let mut now = Instant::now();
     let cfg = DiscoveryConfig {
@@ -253,11 +256,56 @@ pub fn discovery(data: &[u8]) {
             up: true,
         }],
     );
+    // Dials asked for and sessions up, as the node would report them.
+    let (mut dialing, mut up): (Vec<PeerInfo>, Vec<PeerId>) = (Vec::new(), Vec::new());
     for chunk in data.split(|b| *b == 0xff) {
         let Some((&head, body)) = chunk.split_first() else {
             continue;
         };
         now += Duration::from_millis(u64::from(head) * 13);
+        // The outcome of a dial or a session, chosen by the input.
+        match head % 8 {
+            0 => {
+                if let Some(info) = dialing.pop() {
+                    up.push(info.id);
+                    d.session_up(now, info);
+                }
+            }
+            1 => {
+                if let Some(info) = dialing.pop() {
+                    d.dial_failed(now, info.id);
+                }
+            }
+            2 => {
+                if let Some(id) = up.pop() {
+                    let reason = [
+                        DownReason::Goodbye,
+                        DownReason::HeartbeatTimeout,
+                        DownReason::PeerRestarted,
+                    ][usize::from(head / 8) % 3]
+                        .clone();
+                    d.session_down(now, id, &reason);
+                }
+            }
+            3 => {
+                // A peer we never heard of dials us.
+                let id = PeerId::from_u64(100 + u64::from(head / 8) % 4);
+                d.session_up(
+                    now,
+                    PeerInfo {
+                        id,
+                        instance: 1,
+                        name: "in".into(),
+                        addr: ([10, 0, 0, 9], 9).into(),
+                        interface: None,
+                        role: Role::Peer,
+                        metadata: BTreeMap::new(),
+                    },
+                );
+                up.push(id);
+            }
+            _ => {}
+        }
         let src = std::net::SocketAddrV4::new([10, 0, 0, head].into(), u16::from(head) * 3);
         let _ = d.handle_datagram(now, src, body);
         if d.poll_timeout().is_some_and(|t| t <= now) {
@@ -266,8 +314,15 @@ pub fn discovery(data: &[u8]) {
         while let Some(t) = d.poll_transmit() {
             assert!(!t.dst.ip().is_unspecified() && t.dst.port() != 0);
         }
-        while d.poll_event().is_some() {}
-        assert!(d.peers().count() <= 4);
+        while let Some(e) = d.poll_event() {
+            if let DiscoveryEvent::Dial(info) = e {
+                dialing.push(info);
+            }
+        }
+        d.check_invariants();
+        // Announced peers are capped; peers that dial us are not (the
+        // node caps sessions): four of those here.
+        assert!(d.peers().count() <= 4 + 4);
     }
 }
 

@@ -65,6 +65,9 @@ impl FromStr for PeerId {
 /// process.
 pub(crate) type PeerMap<V> = std::collections::HashMap<PeerId, V, foldhash::fast::RandomState>;
 
+/// A set of peer ids, hashed as [`PeerMap`] keys are.
+pub(crate) type PeerSet = std::collections::HashSet<PeerId, foldhash::fast::RandomState>;
+
 /// Parses 1 to 16 hex digits (no sign, no prefix) into a `u64`.
 pub(crate) fn parse_hex_u64(s: &str) -> Option<u64> {
     if s.is_empty() || s.len() > 16 || !s.bytes().all(|b| b.is_ascii_hexdigit()) {

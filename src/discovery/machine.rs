@@ -18,7 +18,7 @@ use rand::{RngExt, SeedableRng};
 
 use crate::error::DatagramError;
 use crate::event::DownReason;
-use crate::peer::{PeerId, PeerInfo, PeerMap, PeerState, Role, should_dial};
+use crate::peer::{PeerId, PeerInfo, PeerMap, PeerSet, PeerState, Role, should_dial};
 use crate::wire::discovery::{Announce, Datagram, DatagramLimits, Goodbye, Probe};
 
 /// Rate-limit buckets remembered at most (one per source IP).
@@ -175,6 +175,11 @@ pub struct Discovery {
     rng: SmallRng,
     targets: Vec<Target>,
     peers: PeerMap<Entry>,
+    /// The peers without a session (idle or being dialed): the only ones
+    /// with deadlines. With thousands of sessions, scanning the whole table
+    /// for deadlines on every turn of the node's task cost each session's
+    /// heartbeat about three cache misses.
+    unconnected: PeerSet,
     probe_interval: Duration,
     next_probe: Option<Instant>,
     buckets: HashMap<Ipv4Addr, Bucket>,
@@ -212,6 +217,7 @@ impl Discovery {
             rng: SmallRng::seed_from_u64(seed),
             targets: Vec::new(),
             peers: PeerMap::default(),
+            unconnected: PeerSet::default(),
             next_probe: None,
             buckets: HashMap::new(),
             transmits: VecDeque::new(),
@@ -418,6 +424,7 @@ impl Discovery {
                 if self.peers.len() >= self.cfg.max_peers {
                     return Err(Dropped::TableFull);
                 }
+                self.unconnected.insert(a.id);
                 self.peers.insert(
                     a.id,
                     Entry {
@@ -441,7 +448,7 @@ impl Discovery {
             && e.info.instance == g.instance
             && e.link == Link::Idle
         {
-            self.peers.remove(&g.id);
+            self.forget(g.id);
             self.changed.push(g.id);
             self.events.push_back(DiscoveryEvent::Lost(g.id));
         }
@@ -456,7 +463,7 @@ impl Discovery {
                     payload: self.probe_bytes.clone(),
                 });
             }
-            let cap = if self.peers.values().any(|e| e.missing) {
+            let cap = if self.unconnected_entries().any(|e| e.missing) {
                 self.cfg.probe_max_missing
             } else {
                 self.cfg.probe_max
@@ -467,7 +474,10 @@ impl Discovery {
         }
         let expiry = self.cfg.peer_expiry;
         let mut lost = Vec::new();
-        for (id, e) in &mut self.peers {
+        for id in &self.unconnected {
+            let Some(e) = self.peers.get_mut(id) else {
+                continue;
+            };
             if e.link != Link::Idle {
                 continue;
             }
@@ -482,18 +492,46 @@ impl Discovery {
         }
         lost.sort();
         for id in lost {
-            self.peers.remove(&id);
+            self.forget(id);
             self.changed.push(id);
             self.events.push_back(DiscoveryEvent::Lost(id));
         }
+    }
+
+    /// Checks that `unconnected` holds exactly the peers without a session
+    /// (for tests and fuzzing).
+    #[doc(hidden)]
+    pub fn check_invariants(&self) {
+        for (id, e) in &self.peers {
+            assert_eq!(
+                self.unconnected.contains(id),
+                e.link != Link::Connected,
+                "{id} {:?}",
+                e.link
+            );
+        }
+        assert!(
+            self.unconnected
+                .iter()
+                .all(|id| self.peers.contains_key(id))
+        );
+    }
+
+    /// The entries of the peers without a session.
+    fn unconnected_entries(&self) -> impl Iterator<Item = &Entry> {
+        self.unconnected.iter().filter_map(|id| self.peers.get(id))
+    }
+
+    fn forget(&mut self, id: PeerId) {
+        self.peers.remove(&id);
+        self.unconnected.remove(&id);
     }
 
     /// When [`Discovery::handle_timeout`] next has work.
     #[must_use]
     pub fn poll_timeout(&self) -> Option<Instant> {
         let peers = self
-            .peers
-            .values()
+            .unconnected_entries()
             .filter(|e| e.link == Link::Idle)
             .map(|e| {
                 let expire = e.last_heard + self.cfg.peer_expiry;
@@ -545,6 +583,7 @@ impl Discovery {
                     e.info.role = info.role;
                 }
                 e.link = Link::Connected;
+                self.unconnected.remove(&info.id);
                 e.missing = false;
                 e.last_heard = now;
                 e.next_dial = None;
@@ -575,10 +614,11 @@ impl Discovery {
             return;
         };
         e.link = Link::Idle;
+        self.unconnected.insert(id);
         self.changed.push(id);
         match reason {
             DownReason::Goodbye | DownReason::Shutdown => {
-                self.peers.remove(&id);
+                self.forget(id);
                 self.events.push_back(DiscoveryEvent::Lost(id));
             }
             DownReason::PeerRestarted => {

@@ -72,30 +72,25 @@ impl<T> Store for VecDeque<T> {
     }
 }
 
-// In this order (`repr(C)`): what the consumer touches on every turn
-// first, so that an idle session's outbox is two cache lines, not four
-// (see `Mailbox`).
 #[derive(Debug)]
-#[repr(C)]
 struct Inner<S> {
+    items: S,
     /// No more pushes.
     closed: bool,
     /// The consumer is gone: pushes are accepted and dropped.
     discard: bool,
+    /// The consumer's waker, registered by `pop_while` or `register`.
+    consumer: Option<Waker>,
     /// The consumer found the queue empty: the next push wakes it.
     waiting: bool,
-    /// The consumer's waker, registered by `consume` or `register`.
-    consumer: Option<Waker>,
-    items: S,
 }
 
 /// A bounded multi-producer, single-consumer queue of the items of store
 /// `S` (a `VecDeque<T>` for a plain queue of `T`).
 #[derive(Debug)]
-#[repr(C)]
 pub(crate) struct Queue<S> {
-    capacity: usize,
     inner: Mutex<Inner<S>>,
+    capacity: usize,
     /// Producers waiting for room.
     room: Notify,
 }

@@ -34,18 +34,13 @@ use crate::wire::frame::{Frame, Frames, Hello};
 /// latest round-trip time. One allocation, which the task touches on every
 /// wake-up anyway: with 10 000 sessions every other per-session object read
 /// per wake-up is a cache miss.
-///
-/// Laid out (`repr(C)`, cache-line aligned) so that what every heartbeat
-/// touches (the close request, the RTT, the outbox's lock, flags, waker and
-/// length) is the first two cache lines.
 #[derive(Debug)]
-#[repr(C, align(64))]
 pub(crate) struct Mailbox {
+    queue: Queue<Outbox>,
     /// Close with a goodbye, for this reason.
     close: OnceLock<DownReason>,
     /// Nanoseconds; 0 until the first sample.
     rtt_ns: AtomicU64,
-    queue: Queue<Outbox>,
 }
 
 impl Mailbox {

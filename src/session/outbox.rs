@@ -21,18 +21,15 @@ const SMALL: usize = 1024;
 const RUN: usize = 16 * 1024;
 
 /// The store behind a session's outbox.
-// What an idle session's look into its outbox reads first (see
-// `Mailbox`).
 #[derive(Debug, Default)]
-#[repr(C)]
 pub(crate) struct Outbox {
-    /// Messages held.
-    len: usize,
-    open_count: usize,
     /// Closed runs and large messages, oldest first.
     sealed: VecDeque<Outgoing>,
     /// The newest run of small messages, still growing.
     open: BytesMut,
+    open_count: usize,
+    /// Messages held.
+    len: usize,
     /// Size of the last run: the next one starts with that much room, so
     /// that a stream does not regrow its buffer for every run and an idle
     /// session's occasional message does not get 16 KiB.

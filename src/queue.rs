@@ -79,7 +79,7 @@ struct Inner<S> {
     closed: bool,
     /// The consumer is gone: pushes are accepted and dropped.
     discard: bool,
-    /// The consumer's waker, registered by `pop_while` or `register`.
+    /// The consumer's waker, registered by `consume` or `register`.
     consumer: Option<Waker>,
     /// The consumer found the queue empty: the next push wakes it.
     waiting: bool,

@@ -5,7 +5,7 @@
 //! cargo run --release --example bench -- lifecycle [--trials N]
 //! cargo run --release --example bench -- rtt [--n N]
 //! cargo run --release --example bench -- throughput [--scale F]
-//! cargo run --release --example bench -- scale [--sessions 1000,10000] [--secs 30]
+//! cargo run --release --example bench -- scale [--sessions 1000,10000] [--secs 30] [--rounds 1]
 //! cargo run --release --example bench -- discovery [--trials 50]   (namespaces need root)
 //! cargo run --release --example bench -- detect [--trials 20]      (root)
 //! cargo run --release --example bench -- soak [--minutes 10]
@@ -49,6 +49,10 @@ struct Args {
     /// Seconds of CPU sampling (scale).
     #[arg(long, default_value_t = 30)]
     secs: u64,
+    /// Rounds of the three servers, one after the other (scale): the
+    /// summary gives medians.
+    #[arg(long, default_value_t = 1)]
+    rounds: usize,
 }
 
 fn main() {
@@ -85,7 +89,7 @@ fn main() {
             .block_on(lifecycle::lifecycle(args.trials)),
         "rtt" => msg::rtt(args.n),
         "throughput" => msg::throughput(args.scale),
-        "scale" => scale::scale(&args.sessions, args.secs),
+        "scale" => scale::scale(&args.sessions, args.secs, args.rounds),
         "discovery" => net::discovery(args.trials.max(50)),
         "detect" => net::detect(args.trials),
         "soak" => net::soak(args.minutes),

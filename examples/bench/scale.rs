@@ -165,57 +165,88 @@ async fn futures_pending() {
     std::future::pending::<()>().await;
 }
 
-pub(crate) fn scale(sessions: &[usize], secs: u64) {
-    println!("idle sessions at 1 Hz heartbeat; server CPU over {secs} s and RSS per session\n");
-    println!("| sessions | server | CPU % of a core | RSS KiB/session | CPU vs raw |");
-    println!("| --- | --- | --- | --- | --- |");
+/// The servers compared, baseline first.
+const SERVERS: [(&str, &str); 3] = [
+    ("raw-hb-server", "raw tokio"),
+    ("raw-hb-server-timeout", "raw tokio + 3 s read timeout"),
+    ("lb-hb-server", "lanbeat"),
+];
+
+pub(crate) fn scale(sessions: &[usize], secs: u64, rounds: usize) {
+    println!("idle sessions at 1 Hz heartbeat; server CPU over {secs} s and RSS per session");
+    println!("(servers one after the other, {rounds} round(s); ratios within a round)\n");
+    println!("| sessions | round | server | CPU % of a core | RSS KiB/session | CPU vs raw |");
+    println!("| --- | --- | --- | --- | --- | --- |");
     for &n in sessions {
-        let mut raw_cpu = 0.0;
-        for (role, what) in [
-            ("raw-hb-server", "raw tokio"),
-            ("raw-hb-server-timeout", "raw tokio + 3 s read timeout"),
-            ("lb-hb-server", "lanbeat"),
-        ] {
-            let lanbeat = role == "lb-hb-server";
-            let mut server = Helper::start(
-                &[role.into(), "--sessions".into(), n.to_string()],
-                false,
-                None,
-            );
-            let port = server.line();
-            std::thread::sleep(Duration::from_millis(300));
-            let rss0 = rss_kib(server.pid());
-            let mut client = Helper::start(
-                &[
-                    "hb-client".into(),
-                    "--port".into(),
-                    port,
-                    "--sessions".into(),
-                    n.to_string(),
-                    "--lanbeat".into(),
-                    lanbeat.to_string(),
-                ],
-                false,
-                None,
-            );
-            assert_eq!(client.line(), "connected");
-            std::thread::sleep(Duration::from_secs(5));
-            let rss1 = rss_kib(server.pid());
-            let c0 = cpu_time(server.pid());
-            let t0 = Instant::now();
-            std::thread::sleep(Duration::from_secs(secs));
-            let cpu =
-                (cpu_time(server.pid()) - c0).as_secs_f64() / t0.elapsed().as_secs_f64() * 100.0;
-            let per = (rss1.saturating_sub(rss0)) as f64 / n as f64;
-            if role == "raw-hb-server" {
-                raw_cpu = cpu;
+        // Per server: (CPU, RSS per session, CPU ratio to raw) per round.
+        let mut results = vec![Vec::new(); SERVERS.len()];
+        for round in 1..=rounds.max(1) {
+            let mut raw_cpu = 0.0;
+            for (i, (role, what)) in SERVERS.into_iter().enumerate() {
+                let (cpu, per) = measure(role, n, secs);
+                if i == 0 {
+                    raw_cpu = cpu;
+                }
+                let ratio = cpu / f64::max(raw_cpu, 0.01);
+                println!("| {n} | {round} | {what} | {cpu:.1} % | {per:.2} | {ratio:.2}× |");
+                results[i].push((cpu, per, ratio));
             }
-            println!(
-                "| {n} | {what} | {cpu:.1} % | {per:.2} | {:.2}× |",
-                cpu / raw_cpu.max(0.01)
-            );
-            drop(client);
-            drop(server);
+        }
+        if rounds > 1 {
+            for ((_, what), r) in SERVERS.into_iter().zip(&results) {
+                let med = |f: fn(&(f64, f64, f64)) -> f64| median(r.iter().map(f).collect());
+                let ratios: Vec<String> = r.iter().map(|x| format!("{:.2}", x.2)).collect();
+                println!(
+                    "| {n} | median | {what} | {:.1} % | {:.2} | {:.2}× ({}) |",
+                    med(|x| x.0),
+                    med(|x| x.1),
+                    med(|x| x.2),
+                    ratios.join(", ")
+                );
+            }
         }
     }
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// Runs `role` as the server of `n` idle sessions: its CPU (% of a core
+/// over `secs`) and RSS per session.
+fn measure(role: &str, n: usize, secs: u64) -> (f64, f64) {
+    let lanbeat = role == "lb-hb-server";
+    let mut server = Helper::start(
+        &[role.into(), "--sessions".into(), n.to_string()],
+        false,
+        None,
+    );
+    let port = server.line();
+    std::thread::sleep(Duration::from_millis(300));
+    let rss0 = rss_kib(server.pid());
+    let mut client = Helper::start(
+        &[
+            "hb-client".into(),
+            "--port".into(),
+            port,
+            "--sessions".into(),
+            n.to_string(),
+            "--lanbeat".into(),
+            lanbeat.to_string(),
+        ],
+        false,
+        None,
+    );
+    assert_eq!(client.line(), "connected");
+    std::thread::sleep(Duration::from_secs(5));
+    let rss1 = rss_kib(server.pid());
+    let c0 = cpu_time(server.pid());
+    let t0 = Instant::now();
+    std::thread::sleep(Duration::from_secs(secs));
+    let cpu = (cpu_time(server.pid()) - c0).as_secs_f64() / t0.elapsed().as_secs_f64() * 100.0;
+    let per = (rss1.saturating_sub(rss0)) as f64 / n as f64;
+    drop(client);
+    drop(server);
+    (cpu, per)
 }

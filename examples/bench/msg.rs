@@ -173,23 +173,29 @@ async fn lb_sink(args: &[String]) {
     println!("ready");
     let mut first = None;
     let (mut count, mut bytes) = (0u64, 0u64);
+    let mut take = |e: Event| {
+        if let Event::Message { data, .. } = e {
+            first.get_or_insert_with(Instant::now);
+            count += 1;
+            bytes += data.len() as u64;
+        }
+        count < n
+    };
     let mut got = Vec::with_capacity(batch);
-    while count < n {
+    'run: loop {
         if batch == 0 {
             // One event per call, as most applications take them.
-            if let Some(Event::Message { data, .. }) = events.recv().await {
-                first.get_or_insert_with(Instant::now);
-                count += 1;
-                bytes += data.len() as u64;
+            if let Some(e) = events.recv().await
+                && !take(e)
+            {
+                break;
             }
             continue;
         }
         events.recv_many(&mut got, batch).await;
         for e in got.drain(..) {
-            if let Event::Message { data, .. } = e {
-                first.get_or_insert_with(Instant::now);
-                count += 1;
-                bytes += data.len() as u64;
+            if !take(e) {
+                break 'run;
             }
         }
     }

@@ -872,10 +872,7 @@ impl Driver {
             mailbox,
             shared: self.shared.clone(),
         };
-        let (interval, timeout) = (
-            self.config.heartbeat_interval,
-            self.config.heartbeat_timeout,
-        );
+        let timeout = self.config.heartbeat_timeout;
         let notes = self.notes_tx.clone();
         let span = match expected {
             Some(p) => debug_span!("session", peer = %p, %addr, conn = id),
@@ -898,7 +895,7 @@ impl Driver {
                         }
                     },
                 };
-                tune(&stream, interval, timeout);
+                tune(&stream, timeout);
                 conn.run(stream, addr).await;
             }
             .instrument(span),

@@ -105,6 +105,17 @@ async fn write_frame(s: &mut TcpStream, ty: u8, payload: &[u8]) {
     s.write_all(&f).await.unwrap();
 }
 
+/// Frames (type, payload) back to back, as on the wire.
+fn encode(frames: &[(u8, Vec<u8>)]) -> Vec<u8> {
+    let mut bytes = Vec::new();
+    for (ty, payload) in frames {
+        bytes.extend(((payload.len() + 1) as u32).to_be_bytes());
+        bytes.push(*ty);
+        bytes.extend(payload);
+    }
+    bytes
+}
+
 async fn read_frame(s: &mut TcpStream) -> Option<(u8, Vec<u8>)> {
     let mut len = [0u8; 4];
     s.read_exact(&mut len).await.ok()?;
@@ -411,16 +422,11 @@ async fn hello_and_data_in_one_segment_are_both_taken() {
         "role": "peer", "port": 0, "heartbeat_interval_ms": 100, "heartbeat_timeout_ms": 300,
         "max_frame_size": 65536,
     });
-    let mut bytes = Vec::new();
-    for (ty, payload) in [
-        (1u8, serde_json::to_vec(&hello).unwrap()),
+    let bytes = encode(&[
+        (1, serde_json::to_vec(&hello).unwrap()),
         (4, b"one".to_vec()),
         (4, b"two".to_vec()),
-    ] {
-        bytes.extend(((payload.len() + 1) as u32).to_be_bytes());
-        bytes.push(ty);
-        bytes.extend(payload);
-    }
+    ]);
     let mut s = TcpStream::connect(addr).await.unwrap();
     s.write_all(&bytes).await.unwrap();
     wait_for(
@@ -467,4 +473,82 @@ async fn hello_and_data_in_one_segment_are_both_taken() {
             rtt: Duration::from_micros(4242)
         }
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frames_cut_anywhere_and_mixed_are_all_taken_in_order() {
+    // A node handles an idle session's heartbeats straight from what it
+    // read, and buffers only the rest: pings, messages and partial frames
+    // mixed in one segment, or cut at any byte, must all come out right.
+    trace();
+    let port = free_port();
+    let cfg = config("fake-cut", port).build().unwrap();
+    let service = cfg.service.clone();
+    let (node, mut events) = Node::start(cfg).await.unwrap();
+    let addr = SocketAddrV4::new(Ipv4Addr::LOCALHOST, node.local().tcp_port);
+    let hello = json!({
+        "protocol": 1, "service": service, "id": FAKE_ID, "instance": "3", "name": "cut",
+        "role": "peer", "port": 0, "heartbeat_interval_ms": 1000, "heartbeat_timeout_ms": 3000,
+        "max_frame_size": 65536,
+    });
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.set_nodelay(true).unwrap();
+    write_frame(&mut s, 1, &serde_json::to_vec(&hello).unwrap()).await;
+    wait_for(
+        &mut events,
+        Duration::from_secs(2),
+        |e| matches!(e, Event::SessionUp { peer, .. } if *peer == fake_id()),
+    )
+    .await;
+    let big: Vec<u8> = (0..700u32).map(|i| i as u8).collect();
+    let mut frames = Vec::new();
+    let mut sent = Vec::new();
+    for seq in 1..=12u64 {
+        frames.push((2, seq.to_be_bytes().to_vec()));
+        let msg = if seq % 3 == 0 {
+            big.clone()
+        } else {
+            format!("m{seq}").into_bytes()
+        };
+        frames.push((4, msg.clone()));
+        sent.push(msg);
+    }
+    // Cut into pieces of 1 to 300 bytes, each written on its own.
+    let bytes = encode(&frames);
+    let mut at = 0;
+    for cut in [1usize, 3, 13, 4, 17, 300, 5, 60, 2, 150].iter().cycle() {
+        let end = (at + cut).min(bytes.len());
+        s.write_all(&bytes[at..end]).await.unwrap();
+        s.flush().await.unwrap();
+        sleep(Duration::from_millis(2)).await;
+        at = end;
+        if at == bytes.len() {
+            break;
+        }
+    }
+    // Every ping answered, in order.
+    let mut pongs = Vec::new();
+    while pongs.len() < 12 {
+        match timeout(Duration::from_secs(2), read_frame(&mut s)).await {
+            Ok(Some((3, payload))) => pongs.push(u64::from_be_bytes(payload.try_into().unwrap())),
+            Ok(Some(_)) => {}
+            other => panic!("after {} pongs: {other:?}", pongs.len()),
+        }
+    }
+    assert_eq!(pongs, (1..=12).collect::<Vec<u64>>());
+    // Every message delivered once, in order.
+    for want in sent {
+        match wait_for(&mut events, Duration::from_secs(2), |e| {
+            matches!(e, Event::Message { .. })
+        })
+        .await
+        {
+            Event::Message { peer, data } => {
+                assert_eq!(peer, fake_id());
+                assert_eq!(&data[..], &want[..]);
+            }
+            _ => unreachable!(),
+        }
+    }
+    node.shutdown().await;
 }

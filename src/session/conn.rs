@@ -12,8 +12,8 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, BytesMut};
-use socket2::{SockRef, TcpKeepalive};
-use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use socket2::SockRef;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Sleep;
@@ -27,7 +27,7 @@ use crate::node::Shared;
 use crate::peer::PeerId;
 use crate::queue::Queue;
 use crate::stats::Counters;
-use crate::wire::frame::{Frame, Frames, Hello};
+use crate::wire::frame::{Frame, Frames, Hello, MAX_FIXED, frame_len};
 
 /// What a connection shares with the node: its outbox (published to
 /// senders once the session is up), the supervisor's close request, and its
@@ -149,18 +149,17 @@ pub(crate) struct Conn {
 }
 
 /// TCP options derived from the heartbeat: no Nagle delay for heartbeats,
-/// and kernel-level limits a little beyond our own timeout, so that our
-/// heartbeat decides first and the kernel catches what it cannot see.
-pub(crate) fn tune(stream: &TcpStream, interval: Duration, timeout: Duration) {
+/// and a limit on how long written data may stay unacknowledged, a little
+/// beyond our own timeout (the heartbeat decides first).
+///
+/// No TCP keepalive: it probes only a connection that received nothing
+/// for a while, which the heartbeat never lets happen, and a dead peer
+/// fails the heartbeat first. It would decide nothing and cost a kernel
+/// timer per connection.
+pub(crate) fn tune(stream: &TcpStream, timeout: Duration) {
     let sock = SockRef::from(stream);
-    let ka = TcpKeepalive::new()
-        .with_time(timeout)
-        .with_interval(interval);
-    #[cfg(any(target_os = "linux", target_os = "android", target_os = "macos"))]
-    let ka = ka.with_retries(3);
     let results = [
         sock.set_tcp_nodelay(true),
-        sock.set_tcp_keepalive(&ka),
         #[cfg(any(target_os = "linux", target_os = "android"))]
         sock.set_tcp_user_timeout(Some(timeout * 2)),
     ];
@@ -225,10 +224,52 @@ impl Link {
         }
     }
 
+    /// Grows the read size for a busy peer (a read filled it), shrinks it
+    /// back for an idle one.
+    fn adapt_read_size(&mut self, n: usize) {
+        if n >= self.read_size && self.read_size < READ_MAX {
+            self.read_size *= 2;
+        } else if n < READ_MIN && self.read_size > READ_MIN {
+            self.read_size = READ_MIN;
+        }
+    }
+
     /// Whether the handshake completed and the supervisor has not answered.
     fn awaiting_approval(&self) -> bool {
         self.peer.is_none() && self.session.is_established()
     }
+}
+
+/// Feeds a frame other than data to the machine.
+fn handle_control(l: &mut Link, f: Frame) {
+    trace!(kind = f.kind(), "frame in");
+    let data = l.session.handle_frame(l.now, f);
+    debug_assert!(data.is_none(), "data frames are handled apart");
+}
+
+fn reject(l: &mut Link, e: crate::error::FrameError) {
+    warn!(error = %e, "rejected frame; closing session");
+    l.session.handle_decode_error(e);
+}
+
+/// Writes from `buf` until the socket takes no more (or the session
+/// closes on an error). Returns how many bytes were written.
+fn write_some(
+    cx: &mut Context<'_>,
+    stream: &mut TcpStream,
+    session: &mut Session,
+    buf: &[u8],
+) -> usize {
+    let mut at = 0;
+    while at < buf.len() && !session.is_closed() {
+        match Pin::new(&mut *stream).poll_write(cx, &buf[at..]) {
+            Poll::Pending => break,
+            Poll::Ready(Ok(0)) => session.handle_io_error(std::io::ErrorKind::WriteZero),
+            Poll::Ready(Ok(n)) => at += n,
+            Poll::Ready(Err(e)) => session.handle_io_error(e.kind()),
+        }
+    }
+    at
 }
 
 impl Conn {
@@ -307,9 +348,7 @@ impl Conn {
                     SessionEvent::Closed(r) => return Poll::Ready(Step::Closed(r)),
                 }
             }
-            while let Some(f) = l.session.poll_transmit() {
-                f.encode(&mut l.wbuf);
-            }
+            self.transmit(cx, l);
             let limited = self.take_outbox(cx, l);
             again |= self.write(cx, l) && limited;
             again |= self.poll_timer(cx, l, sleep.as_mut());
@@ -376,6 +415,9 @@ impl Conn {
     /// Reads what the socket has. `Pending` (waker registered) when it has
     /// nothing; an end of stream or error goes to the machine.
     fn poll_read(&self, cx: &mut Context<'_>, l: &mut Link) -> Poll<()> {
+        if l.rbuf.is_empty() && l.read_size == READ_MIN {
+            return self.poll_read_idle(cx, l);
+        }
         match l.stream.poll_read_ready(cx) {
             Poll::Pending => return Poll::Pending,
             Poll::Ready(Err(e)) => {
@@ -392,18 +434,60 @@ impl Conn {
         match read {
             Poll::Pending => return Poll::Pending,
             Poll::Ready(Ok(0)) => l.session.handle_eof(),
-            Poll::Ready(Ok(n)) => {
-                // Grow the buffer for a busy peer, shrink it back for an
-                // idle one.
-                if n >= l.read_size && l.read_size < READ_MAX {
-                    l.read_size *= 2;
-                } else if n < READ_MIN && l.read_size > READ_MIN {
-                    l.read_size = READ_MIN;
-                }
-            }
+            Poll::Ready(Ok(n)) => l.adapt_read_size(n),
             Poll::Ready(Err(e)) => l.session.handle_io_error(e.kind()),
         }
         Poll::Ready(())
+    }
+
+    /// The read of an idle session (nothing buffered, small reads): into
+    /// the stack, where the heartbeats and acks it brings are handled. Only
+    /// what they cannot take (a data frame, a partial frame, what follows
+    /// the handshake) is copied to the read buffer. An idle session's ping
+    /// then costs no allocation.
+    fn poll_read_idle(&self, cx: &mut Context<'_>, l: &mut Link) -> Poll<()> {
+        let mut stack = [std::mem::MaybeUninit::uninit(); READ_MIN];
+        let mut read = ReadBuf::uninit(&mut stack);
+        match Pin::new(&mut l.stream).poll_read(cx, &mut read) {
+            Poll::Pending => return Poll::Pending,
+            Poll::Ready(Err(e)) => l.session.handle_io_error(e.kind()),
+            Poll::Ready(Ok(())) if read.filled().is_empty() => l.session.handle_eof(),
+            Poll::Ready(Ok(())) => {
+                let read = read.filled();
+                l.adapt_read_size(read.len());
+                let taken = self.decode_control(l, read);
+                if taken < read.len() {
+                    l.rbuf.reserve(l.read_size.max(read.len() - taken));
+                    l.rbuf.extend_from_slice(&read[taken..]);
+                }
+            }
+        }
+        Poll::Ready(())
+    }
+
+    /// Handles the complete control frames at the front of `read`, up to
+    /// the first data frame or incomplete frame, or until the session
+    /// closes or waits for approval. Returns how many bytes it used.
+    fn decode_control(&self, l: &mut Link, read: &[u8]) -> usize {
+        let mut at = 0;
+        while !l.session.is_closed() && !l.awaiting_approval() {
+            let rest = &read[at..];
+            let total = match frame_len(rest, self.max_frame) {
+                Ok(Some(total)) if total <= rest.len() => total,
+                Ok(_) => break,
+                Err(e) => {
+                    reject(l, e);
+                    break;
+                }
+            };
+            match Frame::decode_control(&rest[..total]) {
+                None => break,
+                Some(Ok(f)) => handle_control(l, f),
+                Some(Err(e)) => reject(l, e),
+            }
+            at += total;
+        }
+        at
     }
 
     /// Takes messages from the outbox while the peer keeps up. Returns
@@ -442,20 +526,47 @@ impl Conn {
     /// Writes what is buffered until the socket takes no more. Returns
     /// whether anything was written.
     fn write(&self, cx: &mut Context<'_>, l: &mut Link) -> bool {
-        let mut wrote = false;
-        while !l.wbuf.is_empty() && !l.session.is_closed() {
-            match Pin::new(&mut l.stream).poll_write(cx, &l.wbuf) {
-                Poll::Pending => break,
-                Poll::Ready(Ok(0)) => l.session.handle_io_error(std::io::ErrorKind::WriteZero),
-                Poll::Ready(Ok(n)) => {
-                    l.wbuf.advance(n);
-                    l.last_write = l.now;
-                    wrote = true;
-                }
-                Poll::Ready(Err(e)) => l.session.handle_io_error(e.kind()),
-            }
+        let n = write_some(cx, &mut l.stream, &mut l.session, &l.wbuf);
+        l.wbuf.advance(n);
+        if n > 0 {
+            l.last_write = l.now;
         }
-        wrote
+        n > 0
+    }
+
+    /// Encodes the frames the machine wants to send. While nothing else
+    /// waits to be written, heartbeats and acks are encoded on the stack
+    /// and written from there: an idle session's pong costs no allocation.
+    /// What the socket does not take goes to the write buffer.
+    fn transmit(&self, cx: &mut Context<'_>, l: &mut Link) {
+        let mut stack = [0; 4 * MAX_FIXED];
+        let mut staged = 0;
+        while let Some(f) = l.session.poll_transmit() {
+            if l.wbuf.is_empty()
+                && stack.len() - staged >= MAX_FIXED
+                && let Some(n) = f.encode_fixed(&mut stack[staged..])
+            {
+                staged += n;
+                continue;
+            }
+            l.wbuf.extend_from_slice(&stack[..staged]);
+            staged = 0;
+            f.encode(&mut l.wbuf);
+        }
+        if staged == 0 {
+            return;
+        }
+        let stack = &stack[..staged];
+        // Behind them, messages are about to be taken: one write for all.
+        let n = if self.mailbox.is_empty() {
+            write_some(cx, &mut l.stream, &mut l.session, stack)
+        } else {
+            0
+        };
+        if n > 0 {
+            l.last_write = l.now;
+        }
+        l.wbuf.extend_from_slice(&stack[n..]);
     }
 
     /// Moves the timer to the next deadline (the machine's, or the write
@@ -538,15 +649,7 @@ impl Conn {
                     }
                 }
                 Ok(f) => {
-                    trace!(kind = f.kind(), "frame in");
-                    let data = l.session.handle_frame(now, f);
-                    // The machine accepts data only once established, and
-                    // we stop below right after the handshake until the
-                    // supervisor approves: `peer` is set whenever data comes.
-                    if let (Some(data), Some(p)) = (data, l.peer) {
-                        received += 1;
-                        l.pending.push_back(Event::Message { peer: p, data });
-                    }
+                    handle_control(l, f);
                     if l.session.is_closed() || l.awaiting_approval() {
                         // Closed, or the handshake just completed: the
                         // frames after it wait for the approval.
@@ -554,8 +657,7 @@ impl Conn {
                     }
                 }
                 Err(e) => {
-                    warn!(error = %e, "rejected frame; closing session");
-                    l.session.handle_decode_error(e);
+                    reject(l, e);
                     break;
                 }
             }
@@ -701,21 +803,5 @@ mod tests {
             let size = std::mem::size_of_val(&fut);
             assert!(size <= 1600, "session task future is {size} bytes");
         });
-    }
-}
-#[cfg(test)]
-mod sizes_probe {
-    #[test]
-    fn probe() {
-        eprintln!(
-            "Session {} Link {} Conn {} Sleep {} TcpStream {} Frames {} Outbox {}",
-            std::mem::size_of::<super::Session>(),
-            std::mem::size_of::<super::Link>(),
-            std::mem::size_of::<super::Conn>(),
-            std::mem::size_of::<tokio::time::Sleep>(),
-            std::mem::size_of::<tokio::net::TcpStream>(),
-            std::mem::size_of::<super::Frames>(),
-            std::mem::size_of::<super::Mailbox>()
-        );
     }
 }

@@ -19,6 +19,8 @@ pub const DATA_OVERHEAD: usize = LEN_PREFIX + 1;
 pub const MIN_MAX_FRAME_SIZE: u32 = 1024;
 /// Largest handshake frame a node accepts, whatever `max_frame_size` says.
 pub const MAX_HELLO_SIZE: usize = 1024;
+/// Largest encoding of a ping, pong or ack (see [`Frame::encode_fixed`]).
+pub const MAX_FIXED: usize = LEN_PREFIX + 13;
 
 const T_HELLO: u8 = 1;
 const T_PING: u8 = 2;
@@ -94,25 +96,44 @@ pub enum Frame {
 impl Frame {
     /// Appends the encoded frame to `dst`.
     pub fn encode(&self, dst: &mut BytesMut) {
+        let mut fixed = [0; MAX_FIXED];
+        if let Some(n) = self.encode_fixed(&mut fixed) {
+            dst.extend_from_slice(&fixed[..n]);
+            return;
+        }
         match self {
             Frame::Hello(Ok(h)) => json_frame(dst, T_HELLO, h),
             Frame::Hello(Err(v)) => json_frame(dst, T_HELLO, &serde_json::json!({"protocol": v})),
-            Frame::Ping { seq, rtt_us: None } => u64_frame(dst, T_PING, *seq),
-            Frame::Ping {
-                seq,
-                rtt_us: Some(rtt),
-            } => {
-                dst.reserve(LEN_PREFIX + 13);
-                dst.put_u32(13);
-                dst.put_u8(T_PING);
-                dst.put_u64(*seq);
-                dst.put_u32(*rtt);
-            }
-            Frame::Pong(s) => u64_frame(dst, T_PONG, *s),
             Frame::Data(d) => encode_data(d, dst),
-            Frame::Ack(n) => u64_frame(dst, T_ACK, *n),
             Frame::Goodbye(g) => json_frame(dst, T_GOODBYE, g),
+            Frame::Ping { .. } | Frame::Pong(_) | Frame::Ack(_) => {
+                unreachable!("encoded by encode_fixed")
+            }
         }
+    }
+
+    /// Encodes a heartbeat or an acknowledgement (frames of a few bytes,
+    /// at most [`MAX_FIXED`]) into the front of `dst`, and returns its
+    /// length; `None` for the other frames (left to [`Frame::encode`]). A
+    /// driver can write such a frame without a heap buffer.
+    ///
+    /// # Panics
+    /// If `dst` is shorter than [`MAX_FIXED`] and the frame is one of these.
+    pub fn encode_fixed(&self, dst: &mut [u8]) -> Option<usize> {
+        let (ty, v, rtt) = match *self {
+            Frame::Ping { seq, rtt_us } => (T_PING, seq, rtt_us),
+            Frame::Pong(seq) => (T_PONG, seq, None),
+            Frame::Ack(n) => (T_ACK, n, None),
+            _ => return None,
+        };
+        let len = 9 + if rtt.is_some() { 4 } else { 0 };
+        dst[..LEN_PREFIX].copy_from_slice(&(len as u32).to_be_bytes());
+        dst[LEN_PREFIX] = ty;
+        dst[LEN_PREFIX + 1..LEN_PREFIX + 9].copy_from_slice(&v.to_be_bytes());
+        if let Some(rtt) = rtt {
+            dst[LEN_PREFIX + 9..LEN_PREFIX + 13].copy_from_slice(&rtt.to_be_bytes());
+        }
+        Some(LEN_PREFIX + len)
     }
 
     /// Takes one complete frame off the front of `buf`.
@@ -139,42 +160,57 @@ impl Frame {
     /// Parses the complete frame at `bytes[at..at + total]`, whose length
     /// prefix was checked. A data frame's payload is a slice of `bytes`.
     fn parse(bytes: &Bytes, at: usize, total: usize) -> Result<Frame, FrameError> {
-        let (start, end) = (at + LEN_PREFIX + 1, at + total);
-        let body = &bytes[start..end];
-        Ok(match bytes[at + LEN_PREFIX] {
-            T_DATA => Frame::Data(bytes.slice(start..end)),
+        let frame = &bytes[at..at + total];
+        match Frame::decode_control(frame) {
+            Some(parsed) => parsed,
+            None => Ok(Frame::Data(bytes.slice(at + DATA_OVERHEAD..at + total))),
+        }
+    }
+
+    /// Parses one complete frame, length prefix included (checked by the
+    /// caller, e.g. with [`frame_len`]), unless it is a data frame: `None`
+    /// then, as its payload is to be a slice of a shared buffer, not a copy.
+    /// This lets a driver handle the frames of an idle session (heartbeats,
+    /// acks) straight from the bytes it read, with no buffer.
+    pub fn decode_control(frame: &[u8]) -> Option<Result<Frame, FrameError>> {
+        let body = &frame[DATA_OVERHEAD..];
+        Some(Ok(match frame[LEN_PREFIX] {
+            T_DATA => return None,
             T_HELLO => {
                 if body.len() > MAX_HELLO_SIZE {
-                    return Err(FrameError::Malformed("hello"));
+                    return Some(Err(FrameError::Malformed("hello")));
                 }
-                let v: HelloVersion =
-                    serde_json::from_slice(body).map_err(|_| FrameError::Malformed("hello"))?;
+                let Ok(v) = serde_json::from_slice::<HelloVersion>(body) else {
+                    return Some(Err(FrameError::Malformed("hello")));
+                };
                 if v.protocol != super::PROTOCOL_VERSION {
                     Frame::Hello(Err(v.protocol))
                 } else {
-                    let h: Hello =
-                        serde_json::from_slice(body).map_err(|_| FrameError::Malformed("hello"))?;
-                    Frame::Hello(Ok(Box::new(h)))
+                    match serde_json::from_slice::<Hello>(body) {
+                        Ok(h) => Frame::Hello(Ok(Box::new(h))),
+                        Err(_) => return Some(Err(FrameError::Malformed("hello"))),
+                    }
                 }
             }
             T_PING => match body.len() {
-                8 => Frame::Ping {
-                    seq: u64_payload(body, "ping")?,
-                    rtt_us: None,
+                8 | 12 => Frame::Ping {
+                    seq: u64_at(body),
+                    rtt_us: body
+                        .get(8..12)
+                        .map(|r| u32::from_be_bytes([r[0], r[1], r[2], r[3]])),
                 },
-                12 => Frame::Ping {
-                    seq: u64_payload(&body[..8], "ping")?,
-                    rtt_us: Some(u32::from_be_bytes([body[8], body[9], body[10], body[11]])),
-                },
-                _ => return Err(FrameError::Malformed("ping")),
+                _ => return Some(Err(FrameError::Malformed("ping"))),
             },
-            T_PONG => Frame::Pong(u64_payload(body, "pong")?),
-            T_ACK => Frame::Ack(u64_payload(body, "ack")?),
-            T_GOODBYE => Frame::Goodbye(
-                serde_json::from_slice(body).map_err(|_| FrameError::Malformed("goodbye"))?,
-            ),
-            other => return Err(FrameError::UnknownType(other)),
-        })
+            T_PONG if body.len() == 8 => Frame::Pong(u64_at(body)),
+            T_PONG => return Some(Err(FrameError::Malformed("pong"))),
+            T_ACK if body.len() == 8 => Frame::Ack(u64_at(body)),
+            T_ACK => return Some(Err(FrameError::Malformed("ack"))),
+            T_GOODBYE => match serde_json::from_slice(body) {
+                Ok(g) => Frame::Goodbye(g),
+                Err(_) => return Some(Err(FrameError::Malformed("goodbye"))),
+            },
+            other => return Some(Err(FrameError::UnknownType(other))),
+        }))
     }
 
     /// Short name for logs.
@@ -192,7 +228,7 @@ impl Frame {
 
 /// The checked total size (prefix included) of the frame at the front of
 /// `buf`; `None` while its length prefix is incomplete.
-fn frame_len(buf: &[u8], max: u32) -> Result<Option<usize>, FrameError> {
+pub fn frame_len(buf: &[u8], max: u32) -> Result<Option<usize>, FrameError> {
     let Some(prefix) = buf.get(..LEN_PREFIX) else {
         return Ok(None);
     };
@@ -229,6 +265,9 @@ impl Frames {
     /// anything to decode. Call only when the iterator gave `None`.
     pub fn fill(&mut self, buf: &mut BytesMut, max: u32) -> bool {
         debug_assert!(self.bytes.len() == self.pos && self.error.is_none());
+        if buf.is_empty() {
+            return false;
+        }
         let mut end = 0;
         let mut missing = 0;
         loop {
@@ -267,8 +306,10 @@ impl Iterator for Frames {
     fn next(&mut self) -> Option<Self::Item> {
         if self.pos == self.bytes.len() {
             // Let go of the read buffer as soon as its frames are decoded.
-            self.bytes = Bytes::new();
-            self.pos = 0;
+            if !self.bytes.is_empty() {
+                self.bytes = Bytes::new();
+                self.pos = 0;
+            }
             return self.error.take().map(Err);
         }
         let at = self.pos;
@@ -397,13 +438,6 @@ fn frame_offset(wire: &[u8], n: usize) -> usize {
     (0..n).fold(0, |at, _| at + LEN_PREFIX + run_frame_len(wire, at))
 }
 
-fn u64_frame(dst: &mut BytesMut, ty: u8, v: u64) {
-    dst.reserve(LEN_PREFIX + 9);
-    dst.put_u32(9);
-    dst.put_u8(ty);
-    dst.put_u64(v);
-}
-
 fn json_frame<T: Serialize>(dst: &mut BytesMut, ty: u8, v: &T) {
     let body = serde_json::to_vec(v).expect("serializing strings and numbers cannot fail");
     dst.reserve(DATA_OVERHEAD + body.len());
@@ -412,9 +446,11 @@ fn json_frame<T: Serialize>(dst: &mut BytesMut, ty: u8, v: &T) {
     dst.put_slice(&body);
 }
 
-fn u64_payload(body: &[u8], what: &'static str) -> Result<u64, FrameError> {
-    let bytes: [u8; 8] = body.try_into().map_err(|_| FrameError::Malformed(what))?;
-    Ok(u64::from_be_bytes(bytes))
+/// The big-endian `u64` at the front of `body` (at least 8 bytes).
+fn u64_at(body: &[u8]) -> u64 {
+    let mut b = [0; 8];
+    b.copy_from_slice(&body[..8]);
+    u64::from_be_bytes(b)
 }
 
 #[cfg(test)]

@@ -18,6 +18,7 @@
 //! `session::outbox`).
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::task::Waker;
 
@@ -90,6 +91,10 @@ struct Inner<S> {
 #[derive(Debug)]
 pub(crate) struct Queue<S> {
     inner: Mutex<Inner<S>>,
+    /// The consumer found the queue empty and registered its waker, and
+    /// nothing was pushed nor was it woken since (see [`Queue::is_idle`]).
+    /// Written under the lock; read without it.
+    idle: AtomicBool,
     capacity: usize,
     /// Producers waiting for room.
     room: Notify,
@@ -105,6 +110,7 @@ impl<S: Store> Queue<S> {
                 consumer: None,
                 waiting: false,
             }),
+            idle: AtomicBool::new(false),
             capacity,
             room: Notify::new(),
         }
@@ -131,7 +137,7 @@ impl<S: Store> Queue<S> {
             return Err(PushError::Full(item));
         }
         q.items.push(item);
-        let consumer = q.take_waiting();
+        let consumer = self.take_waiting(&mut q);
         drop(q);
         if let Some(w) = consumer {
             w.wake();
@@ -176,7 +182,11 @@ impl<S: Store> Queue<S> {
         }
         let n = items.len().min(self.capacity.saturating_sub(q.items.len()));
         q.items.push_from(items, n);
-        let consumer = if n > 0 { q.take_waiting() } else { None };
+        let consumer = if n > 0 {
+            self.take_waiting(&mut q)
+        } else {
+            None
+        };
         drop(q);
         if let Some(w) = consumer {
             w.wake();
@@ -221,6 +231,7 @@ impl<S: Store> Queue<S> {
         if let Some(w) = waker {
             q.waiting = left == 0 && !q.closed;
             q.set_consumer(w);
+            self.idle.store(q.waiting, Ordering::Release);
         }
         drop(q);
         if before >= self.capacity && left < before {
@@ -235,9 +246,33 @@ impl<S: Store> Queue<S> {
         self.lock().set_consumer(waker);
     }
 
+    /// Whether looking would find nothing: the consumer found the queue
+    /// empty (registering its waker with [`Queue::consume`]) and nothing
+    /// was pushed since, nor was it woken. Lock-free, for a consumer that
+    /// looks on every wake-up (an idle session). Valid only for a consumer
+    /// that always polls with the same waker (one task): when this says
+    /// idle, its waker is registered and the next push wakes it.
+    pub(crate) fn is_idle(&self) -> bool {
+        self.idle.load(Ordering::Acquire)
+    }
+
+    /// The consumer's waker, if it waits for an item (it is woken, and the
+    /// queue is no longer idle).
+    fn take_waiting(&self, q: &mut Inner<S>) -> Option<Waker> {
+        if std::mem::take(&mut q.waiting) {
+            self.idle.store(false, Ordering::Release);
+            q.consumer.take()
+        } else {
+            None
+        }
+    }
+
     /// Wakes the consumer if it registered since it was last woken.
     pub(crate) fn wake_consumer(&self) {
-        let consumer = self.lock().consumer.take();
+        let mut q = self.lock();
+        self.idle.store(false, Ordering::Release);
+        let consumer = q.consumer.take();
+        drop(q);
         if let Some(w) = consumer {
             w.wake();
         }
@@ -255,6 +290,7 @@ impl<S: Store> Queue<S> {
         q.closed = true;
         let left = q.items.take_all();
         q.consumer = None;
+        self.idle.store(false, Ordering::Release);
         drop(q);
         self.room.notify_waiters();
         left
@@ -265,6 +301,7 @@ impl<S: Store> Queue<S> {
         let mut q = self.lock();
         q.closed = true;
         let consumer = q.consumer.take();
+        self.idle.store(false, Ordering::Release);
         drop(q);
         self.room.notify_waiters();
         if let Some(w) = consumer {
@@ -279,6 +316,7 @@ impl<S: Store> Queue<S> {
         q.discard = true;
         q.items = S::default();
         q.consumer = None;
+        self.idle.store(false, Ordering::Release);
         drop(q);
         self.room.notify_waiters();
     }
@@ -317,15 +355,6 @@ impl<S> Inner<S> {
         match &mut self.consumer {
             Some(old) => old.clone_from(waker),
             none => *none = Some(waker.clone()),
-        }
-    }
-
-    /// The consumer's waker, if it waits for an item.
-    fn take_waiting(&mut self) -> Option<Waker> {
-        if std::mem::take(&mut self.waiting) {
-            self.consumer.take()
-        } else {
-            None
         }
     }
 }
@@ -420,5 +449,48 @@ mod tests {
         tokio::task::yield_now().await;
         o.try_push(1).unwrap();
         assert_eq!(consumer.await.unwrap(), 1);
+    }
+
+    /// A waker that counts its wake-ups.
+    struct Count(std::sync::atomic::AtomicUsize);
+
+    impl std::task::Wake for Count {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    #[test]
+    fn idle_only_while_a_look_would_find_nothing() {
+        let count = Arc::new(Count(Default::default()));
+        let waker = Waker::from(count.clone());
+        let woken = || count.0.load(Ordering::SeqCst);
+        let o = Queue::<VecDeque<u32>>::new(4);
+        assert!(!o.is_idle(), "the consumer never looked");
+        o.try_push(1).unwrap();
+        let mut got = VecDeque::new();
+        o.take_all(&mut got, Some(&waker));
+        assert!(o.is_idle(), "emptied with a waker registered");
+        // A push ends it, and wakes the consumer.
+        o.try_push(2).unwrap();
+        assert!(!o.is_idle());
+        assert_eq!(woken(), 1);
+        // Looking without registering a waker does not make it idle.
+        o.take_all(&mut got, None);
+        assert!(!o.is_idle());
+        o.take_all(&mut got, Some(&waker));
+        assert!(o.is_idle());
+        // Batches, a wake-up (a close request) and closing end it too.
+        assert!(!o.push_many(&mut VecDeque::from([3])));
+        assert!(!o.is_idle());
+        assert_eq!(woken(), 2);
+        o.take_all(&mut got, Some(&waker));
+        o.wake_consumer();
+        assert!(!o.is_idle());
+        assert_eq!(woken(), 3);
+        o.take_all(&mut got, Some(&waker));
+        o.close();
+        assert!(!o.is_idle());
+        assert_eq!(got, [1, 2, 3]);
     }
 }

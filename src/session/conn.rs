@@ -502,6 +502,11 @@ impl Conn {
             o.register(cx.waker());
             return wbuf.len() >= WRITE_HIGH_WATER;
         }
+        if o.is_idle() {
+            // Empty, and our waker is registered for the next message (the
+            // common case of an idle session's wake-up: no lock).
+            return false;
+        }
         let mut sent = 0;
         while wbuf.len() < WRITE_HIGH_WATER {
             // No more than the in-flight limits allow: a run of small
@@ -558,7 +563,7 @@ impl Conn {
         }
         let stack = &stack[..staged];
         // Behind them, messages are about to be taken: one write for all.
-        let n = if self.mailbox.is_empty() {
+        let n = if self.mailbox.is_idle() || self.mailbox.is_empty() {
             write_some(cx, &mut l.stream, &mut l.session, stack)
         } else {
             0

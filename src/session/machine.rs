@@ -115,7 +115,15 @@ pub struct Session {
     /// When the oldest message in flight was sent, or the last ack advanced
     /// (whichever is later).
     ack_progress: Instant,
+    /// The pong to send first, when it was the only frame to send. An idle
+    /// session's only transmit (and its
+    /// round-trip sample, below) are kept out of the queues, whose buffers
+    /// would be two more cache lines to touch per heartbeat.
+    pong: Option<u64>,
     transmits: VecDeque<Frame>,
+    /// The latest round-trip sample not reported yet (samples that arrive
+    /// together are reported as the latest).
+    rtt: Option<Duration>,
     events: VecDeque<SessionEvent>,
 }
 
@@ -154,7 +162,9 @@ impl Session {
             unacked_count: 0,
             unacked_bytes: 0,
             ack_progress: now,
+            pong: None,
             transmits: VecDeque::new(),
+            rtt: None,
             events: VecDeque::new(),
         };
         let hello = Box::new(s.cfg.hello.clone());
@@ -218,15 +228,20 @@ impl Session {
             }
             (_, Frame::Ping { seq, rtt_us }) => {
                 self.last_ping_rx = Some(now);
-                self.transmits.push_back(Frame::Pong(seq));
+                // One pong per ping, and every frame in order: the slot
+                // holds the oldest frame to send, if any.
+                if self.pong.is_none() && self.transmits.is_empty() {
+                    self.pong = Some(seq);
+                } else {
+                    self.transmits.push_back(Frame::Pong(seq));
+                }
                 // The same round trip, measured by the side that pings: a
                 // passive side reports it as its own instead of pinging.
                 if let Some(us) = rtt_us
                     && !self.active
                 {
                     self.peer_reports_rtt = true;
-                    self.events
-                        .push_back(SessionEvent::Rtt(Duration::from_micros(u64::from(us))));
+                    self.rtt = Some(Duration::from_micros(u64::from(us)));
                 }
                 None
             }
@@ -239,7 +254,7 @@ impl Session {
                     if s == seq {
                         let rtt = now.saturating_duration_since(sent);
                         self.last_rtt = Some(rtt);
-                        self.events.push_back(SessionEvent::Rtt(rtt));
+                        self.rtt = Some(rtt);
                         break;
                     }
                 }
@@ -419,12 +434,21 @@ impl Session {
     /// The next protocol frame to write.
     #[must_use]
     pub fn poll_transmit(&mut self) -> Option<Frame> {
-        self.transmits.pop_front()
+        match self.pong.take() {
+            Some(seq) => Some(Frame::Pong(seq)),
+            None => self.transmits.pop_front(),
+        }
     }
 
     /// The next event for the driver.
     #[must_use]
     pub fn poll_event(&mut self) -> Option<SessionEvent> {
+        // In order: the handshake, the sample, then a close.
+        if !matches!(self.events.front(), Some(SessionEvent::Established(_)))
+            && let Some(rtt) = self.rtt.take()
+        {
+            return Some(SessionEvent::Rtt(rtt));
+        }
         self.events.pop_front()
     }
 
@@ -519,6 +543,7 @@ impl Session {
     }
 
     fn violation(&mut self, v: ProtocolViolation) {
+        self.pong = None;
         self.transmits.clear();
         self.close(DownReason::ProtocolError(v), false);
     }
@@ -970,6 +995,44 @@ mod tests {
                 ProtocolViolation::BadAck
             ))]
         );
+    }
+
+    #[test]
+    fn every_ping_gets_its_pong_in_order_and_samples_precede_the_close() {
+        let now = Instant::now();
+        let mut s = Session::new(now, cfg(1, 100, 300), None);
+        // The handshake and a ping fed before anything is polled: the
+        // handshake is reported first.
+        s.handle_frame(now, Frame::Hello(Ok(Box::new(hello(2, 100, 300)))));
+        let ping = |seq, rtt_us| Frame::Ping { seq, rtt_us };
+        s.handle_frame(now, ping(1, Some(40)));
+        let (frames, events) = drain(&mut s);
+        assert!(matches!(frames[0], Frame::Hello(_)), "{frames:?}");
+        assert_eq!(frames.last(), Some(&Frame::Pong(1)));
+        assert!(
+            matches!(events[..], [SessionEvent::Established(_), SessionEvent::Rtt(r)] if r == 40 * Duration::from_micros(1))
+        );
+        // Three pings at once: three pongs, in order; the latest sample.
+        for seq in 2..=4 {
+            s.handle_frame(now, ping(seq, Some(seq as u32)));
+        }
+        s.handle_frame(now, Frame::Goodbye(GoodbyeBody { reason: "x".into() }));
+        let (frames, events) = drain(&mut s);
+        assert_eq!(frames, [Frame::Pong(2), Frame::Pong(3), Frame::Pong(4)]);
+        assert_eq!(
+            events,
+            [
+                SessionEvent::Rtt(4 * Duration::from_micros(1)),
+                SessionEvent::Closed(DownReason::Goodbye)
+            ]
+        );
+        // A violation drops what was to be sent, the pong too.
+        let mut s = Session::new(now, cfg(1, 100, 300), None);
+        s.handle_frame(now, Frame::Hello(Ok(Box::new(hello(2, 100, 300)))));
+        drain(&mut s);
+        s.handle_frame(now, ping(5, None));
+        s.handle_frame(now, Frame::Hello(Ok(Box::new(hello(2, 100, 300)))));
+        assert_eq!(drain(&mut s).0, []);
     }
 
     #[test]

@@ -5,7 +5,7 @@
 //! cargo run --release --example bench -- lifecycle [--trials N]
 //! cargo run --release --example bench -- rtt [--n N]
 //! cargo run --release --example bench -- throughput [--scale F]
-//! cargo run --release --example bench -- scale [--sessions 1000,10000] [--secs 30] [--rounds 1]
+//! cargo run --release --example bench -- scale [--sessions 1000,10000] [--secs 30] [--rounds 1] [--paired]
 //! cargo run --release --example bench -- discovery [--trials 50]   (namespaces need root)
 //! cargo run --release --example bench -- detect [--trials 20]      (root)
 //! cargo run --release --example bench -- soak [--minutes 10]
@@ -53,6 +53,10 @@ struct Args {
     /// summary gives medians.
     #[arg(long, default_value_t = 1)]
     rounds: usize,
+    /// Scale: run the raw and the lanbeat server side by side and sample
+    /// both over the same windows (`--rounds` of them).
+    #[arg(long)]
+    paired: bool,
 }
 
 fn main() {
@@ -89,6 +93,7 @@ fn main() {
             .block_on(lifecycle::lifecycle(args.trials)),
         "rtt" => msg::rtt(args.n),
         "throughput" => msg::throughput(args.scale),
+        "scale" if args.paired => scale::scale_paired(&args.sessions, args.secs, args.rounds),
         "scale" => scale::scale(&args.sessions, args.secs, args.rounds),
         "discovery" => net::discovery(args.trials.max(50)),
         "detect" => net::detect(args.trials),

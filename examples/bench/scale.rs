@@ -216,37 +216,121 @@ fn median(mut v: Vec<f64>) -> f64 {
 /// Runs `role` as the server of `n` idle sessions: its CPU (% of a core
 /// over `secs`) and RSS per session.
 fn measure(role: &str, n: usize, secs: u64) -> (f64, f64) {
-    let lanbeat = role == "lb-hb-server";
-    let mut server = Helper::start(
-        &[role.into(), "--sessions".into(), n.to_string()],
-        false,
-        None,
-    );
-    let port = server.line();
-    std::thread::sleep(Duration::from_millis(300));
-    let rss0 = rss_kib(server.pid());
-    let mut client = Helper::start(
-        &[
-            "hb-client".into(),
-            "--port".into(),
-            port,
-            "--sessions".into(),
-            n.to_string(),
-            "--lanbeat".into(),
-            lanbeat.to_string(),
-        ],
-        false,
-        None,
-    );
-    assert_eq!(client.line(), "connected");
-    std::thread::sleep(Duration::from_secs(5));
-    let rss1 = rss_kib(server.pid());
-    let c0 = cpu_time(server.pid());
-    let t0 = Instant::now();
+    let run = Running::start(role, n);
+    let window = Window::open(&[&run]);
     std::thread::sleep(Duration::from_secs(secs));
-    let cpu = (cpu_time(server.pid()) - c0).as_secs_f64() / t0.elapsed().as_secs_f64() * 100.0;
-    let per = (rss1.saturating_sub(rss0)) as f64 / n as f64;
-    drop(client);
-    drop(server);
-    (cpu, per)
+    (window.close()[0], run.per_session)
+}
+
+/// A server of idle sessions and the client holding them, up and pinging.
+struct Running {
+    server: Helper,
+    _client: Helper,
+    /// RSS per session, KiB.
+    per_session: f64,
+}
+
+impl Running {
+    fn start(role: &str, n: usize) -> Running {
+        let lanbeat = role == "lb-hb-server";
+        let mut server = Helper::start(
+            &[role.into(), "--sessions".into(), n.to_string()],
+            false,
+            None,
+        );
+        let port = server.line();
+        std::thread::sleep(Duration::from_millis(300));
+        let rss0 = rss_kib(server.pid());
+        let mut client = Helper::start(
+            &[
+                "hb-client".into(),
+                "--port".into(),
+                port,
+                "--sessions".into(),
+                n.to_string(),
+                "--lanbeat".into(),
+                lanbeat.to_string(),
+            ],
+            false,
+            None,
+        );
+        assert_eq!(client.line(), "connected");
+        std::thread::sleep(Duration::from_secs(5));
+        let rss1 = rss_kib(server.pid());
+        Running {
+            per_session: (rss1.saturating_sub(rss0)) as f64 / n as f64,
+            server,
+            _client: client,
+        }
+    }
+}
+
+/// CPU time of some servers, sampled over the same stretch of time.
+struct Window {
+    pids: Vec<u32>,
+    start: Vec<Duration>,
+    t0: Instant,
+}
+
+impl Window {
+    fn open(runs: &[&Running]) -> Window {
+        let pids: Vec<u32> = runs.iter().map(|r| r.server.pid()).collect();
+        Window {
+            start: pids.iter().map(|&p| cpu_time(p)).collect(),
+            pids,
+            t0: Instant::now(),
+        }
+    }
+
+    /// Each server's CPU since `open`, in % of a core.
+    fn close(self) -> Vec<f64> {
+        let secs = self.t0.elapsed().as_secs_f64();
+        self.pids
+            .iter()
+            .zip(&self.start)
+            .map(|(&p, &c0)| (cpu_time(p) - c0).as_secs_f64() / secs * 100.0)
+            .collect()
+    }
+}
+
+/// `scale --paired`: the raw server and lanbeat's run side by side, each
+/// with its own client, and their CPU is sampled over the same windows, so
+/// that what the machine does meanwhile (other tenants of the VM, clock
+/// changes) weighs on both alike. One after the other, the ratio of one
+/// 30 s window moved between 0.91 and 1.29 from round to round.
+pub(crate) fn scale_paired(sessions: &[usize], secs: u64, windows: usize) {
+    println!("idle sessions at 1 Hz heartbeat; raw tokio and lanbeat servers side by side,");
+    println!("CPU sampled over the same {windows} window(s) of {secs} s\n");
+    println!(
+        "| sessions | window | raw tokio CPU % | lanbeat CPU % | lanbeat RSS KiB/session | CPU vs raw |"
+    );
+    println!("| --- | --- | --- | --- | --- | --- |");
+    for &n in sessions {
+        let raw = Running::start("raw-hb-server", n);
+        let lb = Running::start("lb-hb-server", n);
+        let mut ratios = Vec::new();
+        let mut cpus = (Vec::new(), Vec::new());
+        for w in 1..=windows.max(1) {
+            let window = Window::open(&[&raw, &lb]);
+            std::thread::sleep(Duration::from_secs(secs));
+            let cpu = window.close();
+            let ratio = cpu[1] / f64::max(cpu[0], 0.01);
+            println!(
+                "| {n} | {w} | {:.2} % | {:.2} % | {:.2} | {ratio:.2}× |",
+                cpu[0], cpu[1], lb.per_session
+            );
+            ratios.push(ratio);
+            cpus.0.push(cpu[0]);
+            cpus.1.push(cpu[1]);
+        }
+        let shown: Vec<String> = ratios.iter().map(|r| format!("{r:.2}")).collect();
+        println!(
+            "| {n} | median | {:.2} % | {:.2} % | {:.2} | {:.2}× ({}) |",
+            median(cpus.0),
+            median(cpus.1),
+            lb.per_session,
+            median(ratios.clone()),
+            shown.join(", ")
+        );
+    }
 }

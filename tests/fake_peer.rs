@@ -161,6 +161,25 @@ async fn behave(s: &mut TcpStream, d: Duration) -> usize {
     pings
 }
 
+/// A node of service `name` for the fake to dial, its address, and the
+/// fake's hello with the given heartbeat (ms).
+async fn node_to_dial(
+    name: &str,
+    interval_ms: u64,
+    timeout_ms: u64,
+) -> (Node, lanbeat::Events, SocketAddrV4, Value) {
+    trace();
+    let cfg = config(name, free_port()).build().unwrap();
+    let hello = json!({
+        "protocol": 1, "service": cfg.service, "id": FAKE_ID, "instance": "2", "name": "dialer",
+        "role": "peer", "port": 0, "heartbeat_interval_ms": interval_ms,
+        "heartbeat_timeout_ms": timeout_ms, "max_frame_size": 65536,
+    });
+    let (node, events) = Node::start(cfg).await.unwrap();
+    let addr = SocketAddrV4::new(Ipv4Addr::LOCALHOST, node.local().tcp_port);
+    (node, events, addr, hello)
+}
+
 fn fake_id() -> PeerId {
     FAKE_ID.parse().unwrap()
 }
@@ -411,17 +430,7 @@ async fn malformed_datagrams_are_dropped_and_counted() {
 async fn hello_and_data_in_one_segment_are_both_taken() {
     // A peer may send its hello and its first messages in one write: the
     // node must approve the session before it delivers the messages.
-    trace();
-    let port = free_port();
-    let cfg = config("fake-burst", port).build().unwrap();
-    let service = cfg.service.clone();
-    let (node, mut events) = Node::start(cfg).await.unwrap();
-    let addr = SocketAddrV4::new(Ipv4Addr::LOCALHOST, node.local().tcp_port);
-    let hello = json!({
-        "protocol": 1, "service": service, "id": FAKE_ID, "instance": "2", "name": "burst",
-        "role": "peer", "port": 0, "heartbeat_interval_ms": 100, "heartbeat_timeout_ms": 300,
-        "max_frame_size": 65536,
-    });
+    let (_node, mut events, addr, hello) = node_to_dial("fake-burst", 100, 300).await;
     let bytes = encode(&[
         (1, serde_json::to_vec(&hello).unwrap()),
         (4, b"one".to_vec()),
@@ -480,17 +489,7 @@ async fn frames_cut_anywhere_and_mixed_are_all_taken_in_order() {
     // A node handles an idle session's heartbeats straight from what it
     // read, and buffers only the rest: pings, messages and partial frames
     // mixed in one segment, or cut at any byte, must all come out right.
-    trace();
-    let port = free_port();
-    let cfg = config("fake-cut", port).build().unwrap();
-    let service = cfg.service.clone();
-    let (node, mut events) = Node::start(cfg).await.unwrap();
-    let addr = SocketAddrV4::new(Ipv4Addr::LOCALHOST, node.local().tcp_port);
-    let hello = json!({
-        "protocol": 1, "service": service, "id": FAKE_ID, "instance": "3", "name": "cut",
-        "role": "peer", "port": 0, "heartbeat_interval_ms": 1000, "heartbeat_timeout_ms": 3000,
-        "max_frame_size": 65536,
-    });
+    let (node, mut events, addr, hello) = node_to_dial("fake-cut", 1000, 3000).await;
     let mut s = TcpStream::connect(addr).await.unwrap();
     s.set_nodelay(true).unwrap();
     write_frame(&mut s, 1, &serde_json::to_vec(&hello).unwrap()).await;

@@ -96,19 +96,14 @@ pub enum Frame {
 impl Frame {
     /// Appends the encoded frame to `dst`.
     pub fn encode(&self, dst: &mut BytesMut) {
-        let mut fixed = [0; MAX_FIXED];
-        if let Some(n) = self.encode_fixed(&mut fixed) {
-            dst.extend_from_slice(&fixed[..n]);
-            return;
-        }
         match self {
             Frame::Hello(Ok(h)) => json_frame(dst, T_HELLO, h),
             Frame::Hello(Err(v)) => json_frame(dst, T_HELLO, &serde_json::json!({"protocol": v})),
+            Frame::Ping { seq, rtt_us } => put_fixed(dst, T_PING, *seq, *rtt_us),
+            Frame::Pong(seq) => put_fixed(dst, T_PONG, *seq, None),
             Frame::Data(d) => encode_data(d, dst),
+            Frame::Ack(count) => put_fixed(dst, T_ACK, *count, None),
             Frame::Goodbye(g) => json_frame(dst, T_GOODBYE, g),
-            Frame::Ping { .. } | Frame::Pong(_) | Frame::Ack(_) => {
-                unreachable!("encoded by encode_fixed")
-            }
         }
     }
 
@@ -120,20 +115,12 @@ impl Frame {
     /// # Panics
     /// If `dst` is shorter than [`MAX_FIXED`] and the frame is one of these.
     pub fn encode_fixed(&self, dst: &mut [u8]) -> Option<usize> {
-        let (ty, v, rtt) = match *self {
-            Frame::Ping { seq, rtt_us } => (T_PING, seq, rtt_us),
-            Frame::Pong(seq) => (T_PONG, seq, None),
-            Frame::Ack(n) => (T_ACK, n, None),
+        Some(match *self {
+            Frame::Ping { seq, rtt_us } => write_fixed(dst, T_PING, seq, rtt_us),
+            Frame::Pong(seq) => write_fixed(dst, T_PONG, seq, None),
+            Frame::Ack(n) => write_fixed(dst, T_ACK, n, None),
             _ => return None,
-        };
-        let len = 9 + if rtt.is_some() { 4 } else { 0 };
-        dst[..LEN_PREFIX].copy_from_slice(&(len as u32).to_be_bytes());
-        dst[LEN_PREFIX] = ty;
-        dst[LEN_PREFIX + 1..LEN_PREFIX + 9].copy_from_slice(&v.to_be_bytes());
-        if let Some(rtt) = rtt {
-            dst[LEN_PREFIX + 9..LEN_PREFIX + 13].copy_from_slice(&rtt.to_be_bytes());
-        }
-        Some(LEN_PREFIX + len)
+        })
     }
 
     /// Takes one complete frame off the front of `buf`.
@@ -436,6 +423,26 @@ fn run_frame_len(wire: &[u8], at: usize) -> usize {
 /// Where the `n`th frame of a run of data frames starts.
 fn frame_offset(wire: &[u8], n: usize) -> usize {
     (0..n).fold(0, |at, _| at + LEN_PREFIX + run_frame_len(wire, at))
+}
+
+/// Appends what [`write_fixed`] writes to `dst`.
+fn put_fixed(dst: &mut BytesMut, ty: u8, v: u64, rtt: Option<u32>) {
+    let mut fixed = [0; MAX_FIXED];
+    let n = write_fixed(&mut fixed, ty, v, rtt);
+    dst.extend_from_slice(&fixed[..n]);
+}
+
+/// Writes a frame of type `ty` whose payload is `v` (and `rtt`, for a
+/// ping reporting one) to the front of `dst`; returns its length.
+fn write_fixed(dst: &mut [u8], ty: u8, v: u64, rtt: Option<u32>) -> usize {
+    let len = 9 + if rtt.is_some() { 4 } else { 0 };
+    dst[..LEN_PREFIX].copy_from_slice(&(len as u32).to_be_bytes());
+    dst[LEN_PREFIX] = ty;
+    dst[LEN_PREFIX + 1..LEN_PREFIX + 9].copy_from_slice(&v.to_be_bytes());
+    if let Some(rtt) = rtt {
+        dst[LEN_PREFIX + 9..LEN_PREFIX + 13].copy_from_slice(&rtt.to_be_bytes());
+    }
+    LEN_PREFIX + len
 }
 
 fn json_frame<T: Serialize>(dst: &mut BytesMut, ty: u8, v: &T) {

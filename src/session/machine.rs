@@ -98,7 +98,7 @@ pub struct Session {
     send_interval: Duration,
     /// The latest round-trip sample not reported yet (samples that arrive
     /// together are reported as the latest).
-    rtt: Option<Duration>,
+    unreported_rtt: Option<Duration>,
     ack_deadline: Option<Instant>,
     /// Messages in `unacked`, less `front_acked`.
     unacked_count: usize,
@@ -167,7 +167,7 @@ impl Session {
             ack_progress: now,
             pong: None,
             transmits: VecDeque::new(),
-            rtt: None,
+            unreported_rtt: None,
             events: VecDeque::new(),
         };
         let hello = Box::new(s.cfg.hello.clone());
@@ -244,7 +244,7 @@ impl Session {
                     && !self.active
                 {
                     self.peer_reports_rtt = true;
-                    self.rtt = Some(Duration::from_micros(u64::from(us)));
+                    self.unreported_rtt = Some(Duration::from_micros(u64::from(us)));
                 }
                 None
             }
@@ -257,7 +257,7 @@ impl Session {
                     if s == seq {
                         let rtt = now.saturating_duration_since(sent);
                         self.last_rtt = Some(rtt);
-                        self.rtt = Some(rtt);
+                        self.unreported_rtt = Some(rtt);
                         break;
                     }
                 }
@@ -448,7 +448,7 @@ impl Session {
     pub fn poll_event(&mut self) -> Option<SessionEvent> {
         // In order: the handshake, the sample, then a close.
         if !matches!(self.events.front(), Some(SessionEvent::Established(_)))
-            && let Some(rtt) = self.rtt.take()
+            && let Some(rtt) = self.unreported_rtt.take()
         {
             return Some(SessionEvent::Rtt(rtt));
         }

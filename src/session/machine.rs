@@ -70,8 +70,10 @@ enum State {
 
 /// One session's protocol state.
 #[derive(Debug)]
-// Laid out in declaration order, what an idle heartbeat touches first: four
-// cache lines instead of fields spread over the whole struct.
+// Laid out in declaration order, what an idle heartbeat touches first: three
+// cache lines instead of fields spread over the whole struct. The frame and
+// event queues are behind flags for the same reason (their emptiness is
+// checked on every heartbeat).
 #[repr(C)]
 pub struct Session {
     state: State,
@@ -84,25 +86,34 @@ pub struct Session {
     active: bool,
     /// The peer's pings carry its round-trip samples.
     peer_reports_rtt: bool,
-    /// The pong to send first, when it was the only frame to send. An idle
-    /// session's only transmit (and its
-    /// round-trip sample, below) are kept out of the queues, whose buffers
-    /// would be two more cache lines to touch per heartbeat.
-    pong: Option<u64>,
+    /// A pong for `pong_seq` is the first frame to send. An idle session's
+    /// only transmit (and its round-trip sample, below) are kept out of the
+    /// queues.
+    pong_due: bool,
+    /// `transmits` is not empty.
+    has_transmits: bool,
+    /// `events` is not empty.
+    has_events: bool,
+    pong_seq: u64,
     last_rx: Instant,
     /// When the peer's last ping arrived.
     last_ping_rx: Option<Instant>,
     last_ping_or_data: Instant,
-    /// When we last pinged.
-    last_own_ping: Instant,
     send_interval: Duration,
+    /// 1.5 send intervals: how long a passive side waits for the peer's
+    /// pings before it pings itself.
+    takeover: Duration,
     /// The latest round-trip sample not reported yet (samples that arrive
     /// together are reported as the latest).
     unreported_rtt: Option<Duration>,
     ack_deadline: Option<Instant>,
     /// Messages in `unacked`, less `front_acked`.
     unacked_count: usize,
+    /// Wire bytes in `unacked` (a piece counts until wholly acknowledged).
+    unacked_bytes: usize,
     cfg: std::sync::Arc<SessionConfig>,
+    /// When we last pinged.
+    last_own_ping: Instant,
     transmits: VecDeque<Frame>,
     events: VecDeque<SessionEvent>,
     expected: Option<PeerId>,
@@ -123,8 +134,6 @@ pub struct Session {
     /// acknowledged.
     unacked: VecDeque<Outgoing>,
     front_acked: usize,
-    /// Wire bytes in `unacked` (a piece counts until wholly acknowledged).
-    unacked_bytes: usize,
     /// When the oldest message in flight was sent, or the last ack advanced
     /// (whichever is later).
     ack_progress: Instant,
@@ -142,6 +151,7 @@ impl Session {
         let mut s = Session {
             handshake_deadline: now + cfg.handshake_timeout,
             send_interval: cfg.heartbeat_interval,
+            takeover: takeover(cfg.heartbeat_interval),
             cfg,
             state: State::Handshake,
             expected,
@@ -165,13 +175,16 @@ impl Session {
             unacked_count: 0,
             unacked_bytes: 0,
             ack_progress: now,
-            pong: None,
+            pong_due: false,
+            pong_seq: 0,
+            has_transmits: false,
+            has_events: false,
             transmits: VecDeque::new(),
             unreported_rtt: None,
             events: VecDeque::new(),
         };
         let hello = Box::new(s.cfg.hello.clone());
-        s.transmits.push_back(Frame::Hello(Ok(hello)));
+        s.push_transmit(Frame::Hello(Ok(hello)));
         s
     }
 
@@ -233,10 +246,11 @@ impl Session {
                 self.last_ping_rx = Some(now);
                 // One pong per ping, and every frame in order: the slot
                 // holds the oldest frame to send, if any.
-                if self.pong.is_none() && self.transmits.is_empty() {
-                    self.pong = Some(seq);
+                if !self.pong_due && !self.has_transmits {
+                    self.pong_due = true;
+                    self.pong_seq = seq;
                 } else {
-                    self.transmits.push_back(Frame::Pong(seq));
+                    self.push_transmit(Frame::Pong(seq));
                 }
                 // The same round trip, measured by the side that pings: a
                 // passive side reports it as its own instead of pinging.
@@ -352,10 +366,11 @@ impl Session {
             .heartbeat_interval
             .min(peer_interval)
             .min(peer_timeout / 3);
+        self.takeover = takeover(self.send_interval);
         self.state = State::Established;
         self.last_ping_or_data = now;
         self.peer = Some(hello.id);
-        self.events.push_back(SessionEvent::Established(hello));
+        self.push_event(SessionEvent::Established(hello));
         // Ping at once: the first RTT sample, and proof of life.
         self.send_ping(now);
     }
@@ -437,22 +452,45 @@ impl Session {
     /// The next protocol frame to write.
     #[must_use]
     pub fn poll_transmit(&mut self) -> Option<Frame> {
-        match self.pong.take() {
-            Some(seq) => Some(Frame::Pong(seq)),
-            None => self.transmits.pop_front(),
+        if self.pong_due {
+            self.pong_due = false;
+            return Some(Frame::Pong(self.pong_seq));
         }
+        if !self.has_transmits {
+            return None;
+        }
+        self.pop_transmit()
+    }
+
+    #[inline(never)]
+    fn pop_transmit(&mut self) -> Option<Frame> {
+        let f = self.transmits.pop_front();
+        self.has_transmits = !self.transmits.is_empty();
+        f
     }
 
     /// The next event for the driver.
     #[must_use]
     pub fn poll_event(&mut self) -> Option<SessionEvent> {
+        if !self.has_events {
+            return self.unreported_rtt.take().map(SessionEvent::Rtt);
+        }
+        self.poll_queued_event()
+    }
+
+    // Apart, so that the common case (nothing queued) loads nothing from
+    // the queue.
+    #[inline(never)]
+    fn poll_queued_event(&mut self) -> Option<SessionEvent> {
         // In order: the handshake, the sample, then a close.
         if !matches!(self.events.front(), Some(SessionEvent::Established(_)))
             && let Some(rtt) = self.unreported_rtt.take()
         {
             return Some(SessionEvent::Rtt(rtt));
         }
-        self.events.pop_front()
+        let e = self.events.pop_front();
+        self.has_events = !self.events.is_empty();
+        e
     }
 
     /// The driver wrote an application message. It is kept until the peer
@@ -511,12 +549,12 @@ impl Session {
             return;
         }
         if goodbye {
-            self.transmits.push_back(Frame::Goodbye(GoodbyeBody {
+            self.push_transmit(Frame::Goodbye(GoodbyeBody {
                 reason: reason.as_str().to_owned(),
             }));
         }
         self.state = State::Closed;
-        self.events.push_back(SessionEvent::Closed(reason));
+        self.push_event(SessionEvent::Closed(reason));
     }
 
     /// Messages written but never acknowledged, oldest first.
@@ -546,8 +584,9 @@ impl Session {
     }
 
     fn violation(&mut self, v: ProtocolViolation) {
-        self.pong = None;
+        self.pong_due = false;
         self.transmits.clear();
+        self.has_transmits = false;
         self.close(DownReason::ProtocolError(v), false);
     }
 
@@ -556,7 +595,7 @@ impl Session {
         let due = self.last_ping_or_data + self.send_interval;
         match self.last_ping_rx {
             Some(rx) if !self.active => {
-                let takeover = rx + self.send_interval.mul_f32(1.5);
+                let takeover = rx + self.takeover;
                 if self.peer_reports_rtt {
                     due.max(takeover)
                 } else {
@@ -578,7 +617,7 @@ impl Session {
         let rtt_us = self
             .last_rtt
             .map(|r| u32::try_from(r.as_micros()).unwrap_or(u32::MAX).max(1));
-        self.transmits.push_back(Frame::Ping {
+        self.push_transmit(Frame::Ping {
             seq: self.ping_seq,
             rtt_us,
         });
@@ -596,9 +635,24 @@ impl Session {
         if let Some(Frame::Ack(n)) = self.transmits.back_mut() {
             *n = self.rx_data;
         } else {
-            self.transmits.push_back(Frame::Ack(self.rx_data));
+            self.push_transmit(Frame::Ack(self.rx_data));
         }
     }
+
+    fn push_transmit(&mut self, f: Frame) {
+        self.transmits.push_back(f);
+        self.has_transmits = true;
+    }
+
+    fn push_event(&mut self, e: SessionEvent) {
+        self.events.push_back(e);
+        self.has_events = true;
+    }
+}
+
+/// 1.5 send intervals.
+fn takeover(send_interval: Duration) -> Duration {
+    send_interval + send_interval / 2
 }
 
 #[cfg(test)]

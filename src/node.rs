@@ -24,7 +24,7 @@ use crate::error::Error;
 use crate::event::{DownReason, Event, ProtocolViolation};
 use crate::peer::{PeerId, PeerInfo, PeerMap, PeerState, PeerStatus};
 use crate::queue::{PushError, Queue};
-use crate::session::conn::{Approval, Conn, Mailbox, Note, tune};
+use crate::session::conn::{Approval, Conn, ConnTask, ConnectFuture, Mailbox, Note};
 use crate::session::machine::SessionConfig;
 use crate::stats::{Counters, Stats};
 use crate::wire::PROTOCOL_VERSION;
@@ -872,34 +872,11 @@ impl Driver {
             mailbox,
             shared: self.shared.clone(),
         };
-        let timeout = self.config.heartbeat_timeout;
-        let notes = self.notes_tx.clone();
         let span = match expected {
             Some(p) => debug_span!("session", peer = %p, %addr, conn = id),
             None => debug_span!("session", %addr, conn = id),
         };
-        let handle = self.tasks.spawn(
-            async move {
-                let stream = match stream {
-                    Ok(s) => s,
-                    Err(connect) => match connect.await {
-                        Ok(s) => s,
-                        Err(e) => {
-                            debug!(error = %e, "connect failed");
-                            let _ = notes.send(Note::Ended {
-                                conn: id,
-                                peer: None,
-                                reason: DownReason::Io(e.kind()),
-                            });
-                            return;
-                        }
-                    },
-                };
-                tune(&stream, timeout);
-                conn.run(stream, addr).await;
-            }
-            .instrument(span),
-        );
+        let handle = self.tasks.spawn(ConnTask::new(conn, stream, addr, span));
         self.task_conn.insert(handle.id(), id);
     }
 
@@ -1133,9 +1110,6 @@ impl Driver {
         self.tasks.shutdown().await;
     }
 }
-
-type ConnectFuture =
-    std::pin::Pin<Box<dyn std::future::Future<Output = std::io::Result<TcpStream>> + Send>>;
 
 async fn accept(listener: &Option<TcpListener>) -> std::io::Result<(TcpStream, SocketAddr)> {
     match listener {

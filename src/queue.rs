@@ -88,14 +88,16 @@ struct Inner<S> {
 
 /// A bounded multi-producer, single-consumer queue of the items of store
 /// `S` (a `VecDeque<T>` for a plain queue of `T`).
+// `idle` first: an idle consumer reads only it (see `conn::Mailbox`).
 #[derive(Debug)]
+#[repr(C)]
 pub(crate) struct Queue<S> {
-    inner: Mutex<Inner<S>>,
     /// The consumer found the queue empty and registered its waker, and
     /// nothing was pushed nor was it woken since (see [`Queue::is_idle`]).
     /// Written under the lock; read without it.
     idle: AtomicBool,
     capacity: usize,
+    inner: Mutex<Inner<S>>,
     /// Producers waiting for room.
     room: Notify,
 }

@@ -6,7 +6,7 @@ use std::collections::VecDeque;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -17,7 +17,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Sleep;
-use tracing::{debug, info, trace, warn};
+use tracing::{Span, debug, info, trace, warn};
 
 use super::machine::{Session, SessionConfig, SessionEvent};
 use super::outbox::Outbox;
@@ -31,24 +31,28 @@ use crate::wire::frame::{Frame, Frames, Hello, MAX_FIXED, frame_len};
 
 /// What a connection shares with the node: its outbox (published to
 /// senders once the session is up), the supervisor's close request, and its
-/// latest round-trip time. One allocation, which the task touches on every
-/// wake-up anyway: with 10 000 sessions every other per-session object read
-/// per wake-up is a cache miss.
+/// latest round-trip time. One allocation, what a heartbeat touches in its
+/// first cache line: with 10 000 sessions every line read per wake-up is a
+/// cache miss.
 #[derive(Debug)]
+#[repr(C, align(64))]
 pub(crate) struct Mailbox {
+    /// A close was requested (the reason is in `close`).
+    closing: AtomicBool,
+    /// Nanoseconds; 0 until the first sample.
+    rtt_ns: AtomicU64,
     queue: Queue<Outbox>,
     /// Close with a goodbye, for this reason.
     close: OnceLock<DownReason>,
-    /// Nanoseconds; 0 until the first sample.
-    rtt_ns: AtomicU64,
 }
 
 impl Mailbox {
     pub(crate) fn new(capacity: usize) -> Self {
         Mailbox {
+            closing: AtomicBool::new(false),
+            rtt_ns: AtomicU64::new(0),
             queue: Queue::new(capacity),
             close: OnceLock::new(),
-            rtt_ns: AtomicU64::new(0),
         }
     }
 
@@ -56,6 +60,7 @@ impl Mailbox {
     /// counts).
     pub(crate) fn request_close(&self, reason: DownReason) {
         let _ = self.close.set(reason);
+        self.closing.store(true, Ordering::Release);
         self.queue.wake_consumer();
     }
 
@@ -134,7 +139,7 @@ pub(crate) enum Note {
     },
 }
 
-/// Everything a connection task needs.
+/// What a connection task is given.
 pub(crate) struct Conn {
     pub(crate) id: u64,
     pub(crate) session: Arc<SessionConfig>,
@@ -147,6 +152,9 @@ pub(crate) struct Conn {
     pub(crate) mailbox: Arc<Mailbox>,
     pub(crate) shared: Arc<Shared>,
 }
+
+/// A connection being made (when we dial).
+pub(crate) type ConnectFuture = Pin<Box<dyn Future<Output = std::io::Result<TcpStream>> + Send>>;
 
 /// TCP options derived from the heartbeat: no Nagle delay for heartbeats,
 /// and a limit on how long written data may stay unacknowledged, a little
@@ -170,7 +178,7 @@ pub(crate) fn tune(stream: &TcpStream, timeout: Duration) {
     }
 }
 
-/// What the poll loop hands to the async part of the task.
+/// What the poll loop hands to the task.
 enum Step {
     /// The handshake completed: ask the supervisor.
     Approve(Box<Hello>),
@@ -178,8 +186,148 @@ enum Step {
     Closed(DownReason),
 }
 
-/// A running connection: everything the poll loop works on, kept across
-/// the awaits for approval and for the goodbye.
+/// Where a connection is in its life. What runs once per connection (the
+/// dial, the approval, the end) is a boxed future; what runs per frame is
+/// the hand-written loop of [`Link::poll_link`].
+enum Phase {
+    Connecting(ConnectFuture),
+    Running(TcpStream),
+    /// The supervisor decides on the handshake; the loop waits.
+    Approving(
+        TcpStream,
+        Pin<Box<dyn Future<Output = Result<PeerId, DownReason>> + Send>>,
+    ),
+    /// The goodbye, the last events, the report to the supervisor.
+    Ending(Pin<Box<dyn Future<Output = ()> + Send>>),
+    Done,
+}
+
+/// The task of one TCP connection, written out as a future rather than as
+/// an `async fn`: the state an idle heartbeat touches is then laid out
+/// together at the start of the task (nested `async` state machines
+/// scattered it, and its state tags, over the task's memory: with 10 000
+/// sessions, every line touched per heartbeat is a cache miss).
+// In declaration order: the hot fields first.
+#[repr(C)]
+pub(crate) struct ConnTask {
+    phase: Phase,
+    /// The connection's span, when a subscriber takes it (entered on each
+    /// poll).
+    span: Option<Box<Span>>,
+    link: Link,
+}
+
+impl ConnTask {
+    /// A task for an accepted connection (`Ok`) or one to dial.
+    pub(crate) fn new(
+        conn: Conn,
+        stream: Result<TcpStream, ConnectFuture>,
+        addr: SocketAddr,
+        span: Span,
+    ) -> ConnTask {
+        let phase = match stream {
+            Ok(s) => {
+                tune(&s, conn.session.heartbeat_timeout);
+                Phase::Running(s)
+            }
+            Err(connect) => Phase::Connecting(connect),
+        };
+        ConnTask {
+            phase,
+            span: (!span.is_disabled()).then(|| Box::new(span)),
+            link: Link::new(clock::now(), conn, addr),
+        }
+    }
+}
+
+impl Future for ConnTask {
+    type Output = ();
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let this = &mut *self;
+        let _entered = this.span.as_ref().map(|s| s.enter());
+        let l = &mut this.link;
+        loop {
+            // Each arm puts back the phase it leaves, or the next one.
+            this.phase = match std::mem::replace(&mut this.phase, Phase::Done) {
+                Phase::Running(mut stream) => match l.poll_link(cx, &mut stream) {
+                    Poll::Pending => {
+                        this.phase = Phase::Running(stream);
+                        return Poll::Pending;
+                    }
+                    Poll::Ready(Step::Approve(hello)) => {
+                        let approval = approve(&l.cold, hello, l.events.clone());
+                        Phase::Approving(stream, Box::pin(approval))
+                    }
+                    Poll::Ready(Step::Closed(reason)) => {
+                        Phase::Ending(Box::pin(l.end(stream, reason)))
+                    }
+                },
+                Phase::Approving(stream, mut approval) => match approval.as_mut().poll(cx) {
+                    Poll::Pending => {
+                        this.phase = Phase::Approving(stream, approval);
+                        return Poll::Pending;
+                    }
+                    Poll::Ready(Ok(p)) => {
+                        l.peer = Some(p);
+                        Phase::Running(stream)
+                    }
+                    // The peer may already count the session as up (it has
+                    // our hello): a node shutting down says goodbye.
+                    Poll::Ready(Err(r)) => {
+                        let goodbye = r == DownReason::Shutdown;
+                        l.session.close(r, goodbye);
+                        Phase::Running(stream)
+                    }
+                },
+                Phase::Connecting(mut connect) => match connect.as_mut().poll(cx) {
+                    Poll::Pending => {
+                        this.phase = Phase::Connecting(connect);
+                        return Poll::Pending;
+                    }
+                    Poll::Ready(Ok(stream)) => {
+                        tune(&stream, l.cold.session.heartbeat_timeout);
+                        // The handshake has its time from now on.
+                        l.session =
+                            Session::new(clock::now(), l.cold.session.clone(), l.cold.expected);
+                        Phase::Running(stream)
+                    }
+                    Poll::Ready(Err(e)) => {
+                        debug!(error = %e, "connect failed");
+                        let _ = l.cold.notes.send(Note::Ended {
+                            conn: l.cold.id,
+                            peer: None,
+                            reason: DownReason::Io(e.kind()),
+                        });
+                        return Poll::Ready(());
+                    }
+                },
+                Phase::Ending(mut end) => match end.as_mut().poll(cx) {
+                    Poll::Pending => {
+                        this.phase = Phase::Ending(end);
+                        return Poll::Pending;
+                    }
+                    Poll::Ready(()) => return Poll::Ready(()),
+                },
+                Phase::Done => return Poll::Ready(()),
+            };
+        }
+    }
+}
+
+/// What a connection uses only now and then.
+struct Cold {
+    id: u64,
+    session: Arc<SessionConfig>,
+    expected: Option<PeerId>,
+    outbound: bool,
+    addr: SocketAddr,
+    write_timeout: Duration,
+    notes: mpsc::UnboundedSender<Note>,
+    shared: Arc<Shared>,
+}
+
+/// A connection's state, kept across polls.
 // In declaration order: what an idle heartbeat touches is together, the
 // session machine's hot fields (its first) right after the link's.
 #[repr(C)]
@@ -189,9 +337,28 @@ struct Link {
     now: Instant,
     /// When the timer is set to fire.
     armed: Instant,
+    read_size: u32,
+    max_frame: u32,
+    /// What the connection buffers; `None` while it buffers nothing (an
+    /// idle session's heartbeat then checks one word, not three buffers).
+    bufs: Option<Box<Buffers>>,
+    /// Set when the supervisor approved the session.
+    peer: Option<PeerId>,
+    mailbox: Arc<Mailbox>,
+    events: Arc<Queue<VecDeque<Event>>>,
+    /// One timer for the whole life of the connection, moved as needed.
+    sleep: Pin<Box<Sleep>>,
+    session: Session,
+    /// When a write last made progress, or the write buffer last filled
+    /// from empty: a write stalled since then for `write_timeout` closes
+    /// the session.
     last_write: Instant,
-    stream: TcpStream,
-    read_size: usize,
+    cold: Cold,
+}
+
+/// The buffers of a connection that has something to buffer.
+#[derive(Default)]
+struct Buffers {
     rbuf: BytesMut,
     /// Complete frames taken off `rbuf`, not yet decoded.
     frames: Frames,
@@ -202,57 +369,34 @@ struct Link {
     pending: VecDeque<Event>,
     /// Waits for room in the event queue (only while `pending` waits).
     room: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
-    /// Set when the supervisor approved the session.
-    peer: Option<PeerId>,
-    session: Session,
 }
 
-impl Link {
-    /// An idle session holds no buffers: 10 000 of them must fit in a few
-    /// KiB each.
-    fn release_idle_buffers(&mut self, mailbox: &Mailbox) {
-        if self.rbuf.is_empty() && self.read_size == READ_MIN && self.rbuf.capacity() > 0 {
-            self.rbuf = BytesMut::new();
-        }
-        // Batches of received messages move to the event queue by swapping
-        // buffers: an idle session gives back the one it was left with.
-        if self.pending.is_empty() && self.read_size == READ_MIN && self.pending.capacity() > 0 {
-            self.pending = VecDeque::new();
-        }
-        if self.wbuf.is_empty()
-            && self.wbuf.capacity() > 0
-            && (self.wbuf.capacity() <= 4096 || mailbox.is_empty())
-        {
-            self.wbuf = BytesMut::new();
-        }
-    }
-
-    /// Grows the read size for a busy peer (a read filled it), shrinks it
-    /// back for an idle one.
-    fn adapt_read_size(&mut self, n: usize) {
-        if n >= self.read_size && self.read_size < READ_MAX {
-            self.read_size *= 2;
-        } else if n < READ_MIN && self.read_size > READ_MIN {
-            self.read_size = READ_MIN;
-        }
-    }
-
-    /// Whether the handshake completed and the supervisor has not answered.
-    fn awaiting_approval(&self) -> bool {
-        self.peer.is_none() && self.session.is_established()
+impl Buffers {
+    /// Whether all of them are empty and hold no memory.
+    fn unused(&self) -> bool {
+        self.rbuf.capacity() == 0
+            && self.wbuf.capacity() == 0
+            && self.pending.capacity() == 0
+            && self.frames.is_drained()
+            && self.room.is_none()
     }
 }
 
 /// Feeds a frame other than data to the machine.
-fn handle_control(l: &mut Link, f: Frame) {
+fn handle_control(session: &mut Session, now: Instant, f: Frame) {
     trace!(kind = f.kind(), "frame in");
-    let data = l.session.handle_frame(l.now, f);
+    let data = session.handle_frame(now, f);
     debug_assert!(data.is_none(), "data frames are handled apart");
 }
 
-fn reject(l: &mut Link, e: crate::error::FrameError) {
+fn reject(session: &mut Session, e: crate::error::FrameError) {
     warn!(error = %e, "rejected frame; closing session");
-    l.session.handle_decode_error(e);
+    session.handle_decode_error(e);
+}
+
+/// Whether the handshake completed and the supervisor has not answered.
+fn awaiting_approval(peer: Option<PeerId>, session: &Session) -> bool {
+    peer.is_none() && session.is_established()
 }
 
 /// Writes from `buf` until the socket takes no more (or the session
@@ -275,53 +419,131 @@ fn write_some(
     at
 }
 
-impl Conn {
-    /// Runs the connection to its end and reports the end to the supervisor.
-    pub(crate) async fn run(mut self, stream: TcpStream, addr: SocketAddr) {
-        let id = self.id;
-        let notes = self.notes.clone();
-        let (peer, reason) = self.drive(stream, addr).await;
-        let _ = notes.send(Note::Ended {
-            conn: id,
-            peer,
-            reason,
-        });
+/// Asks the supervisor to approve a completed handshake; once it did, the
+/// application learns that the session is up.
+fn approve(
+    cold: &Cold,
+    hello: Box<Hello>,
+    events: Arc<Queue<VecDeque<Event>>>,
+) -> impl Future<Output = Result<PeerId, DownReason>> + Send + 'static {
+    let (tx, rx) = oneshot::channel();
+    let (peer, addr, outbound) = (hello.id, cold.addr, cold.outbound);
+    let name = hello.name.clone();
+    let note = Note::Handshaken {
+        conn: cold.id,
+        hello,
+        addr,
+        approve: tx,
+    };
+    let sent = cold.notes.send(note).is_ok();
+    async move {
+        if !sent {
+            return Err(DownReason::Shutdown);
+        }
+        match rx.await {
+            Ok(Approval::Accept) => {
+                info!(%peer, %addr, "session up");
+                let up = Event::SessionUp {
+                    peer,
+                    name,
+                    addr,
+                    outbound,
+                };
+                let _ = events.push(up).await;
+                Ok(peer)
+            }
+            Ok(Approval::Reject(v)) => Err(DownReason::ProtocolError(v)),
+            Ok(Approval::Shutdown) | Err(_) => Err(DownReason::Shutdown),
+        }
+    }
+}
+
+impl Link {
+    fn new(now: Instant, conn: Conn, addr: SocketAddr) -> Link {
+        Link {
+            now,
+            armed: now + FAR,
+            read_size: READ_MIN as u32,
+            max_frame: conn.max_frame,
+            bufs: None,
+            peer: None,
+            mailbox: conn.mailbox,
+            events: conn.events,
+            sleep: Box::pin(clock::sleep_until(now + FAR)),
+            session: Session::new(now, conn.session.clone(), conn.expected),
+            last_write: now,
+            cold: Cold {
+                id: conn.id,
+                session: conn.session,
+                expected: conn.expected,
+                outbound: conn.outbound,
+                addr,
+                write_timeout: conn.write_timeout,
+                notes: conn.notes,
+                shared: conn.shared,
+            },
+        }
     }
 
-    async fn drive(&mut self, stream: TcpStream, addr: SocketAddr) -> (Option<PeerId>, DownReason) {
-        let now = clock::now();
-        let mut link = Link {
-            stream,
-            session: Session::new(now, self.session.clone(), self.expected),
-            rbuf: BytesMut::new(),
-            frames: Frames::default(),
-            read_size: READ_MIN,
-            wbuf: BytesMut::new(),
-            last_write: now,
-            now,
-            peer: None,
-            pending: VecDeque::new(),
-            room: None,
-            armed: now + FAR,
+    /// An idle session holds no buffers: 10 000 of them must fit in a few
+    /// KiB each.
+    fn release_idle_buffers(&mut self) {
+        let Some(b) = self.bufs.as_mut() else {
+            return;
         };
-        // One timer for the whole life of the connection, moved as needed.
-        let sleep = clock::sleep_until(link.armed);
-        tokio::pin!(sleep);
-        let reason = loop {
-            match std::future::poll_fn(|cx| self.poll_link(cx, &mut link, sleep.as_mut())).await {
-                Step::Approve(hello) => match Box::pin(self.approve(hello, addr)).await {
-                    Ok(p) => link.peer = Some(p),
-                    // The peer may already count the session as up (it
-                    // has our hello): a node shutting down says goodbye.
-                    Err(r) => {
-                        let goodbye = r == DownReason::Shutdown;
-                        link.session.close(r, goodbye);
-                    }
-                },
-                Step::Closed(r) => break r,
-            }
-        };
-        Box::pin(self.finish(link, reason)).await
+        let idle_reads = self.read_size == READ_MIN as u32;
+        if b.rbuf.is_empty() && idle_reads && b.rbuf.capacity() > 0 {
+            b.rbuf = BytesMut::new();
+        }
+        // Batches of received messages move to the event queue by swapping
+        // buffers: an idle session gives back the one it was left with.
+        if b.pending.is_empty() && idle_reads && b.pending.capacity() > 0 {
+            b.pending = VecDeque::new();
+        }
+        if b.wbuf.is_empty()
+            && b.wbuf.capacity() > 0
+            && (b.wbuf.capacity() <= 4096 || self.mailbox.is_empty())
+        {
+            b.wbuf = BytesMut::new();
+        }
+        if b.unused() {
+            self.bufs = None;
+        }
+    }
+
+    /// The buffers, made when first needed.
+    fn bufs(&mut self) -> &mut Buffers {
+        self.bufs.get_or_insert_with(Box::default)
+    }
+
+    /// Whether nothing waits to be written.
+    fn wbuf_empty(&self) -> bool {
+        self.bufs.as_ref().is_none_or(|b| b.wbuf.is_empty())
+    }
+
+    /// Grows the read size for a busy peer (a read filled it), shrinks it
+    /// back for an idle one.
+    fn adapt_read_size(&mut self, n: usize) {
+        let size = self.read_size as usize;
+        if n >= size && size < READ_MAX {
+            self.read_size *= 2;
+        } else if n < READ_MIN && size > READ_MIN {
+            self.read_size = READ_MIN as u32;
+        }
+    }
+
+    /// Whether the handshake completed and the supervisor has not answered.
+    fn awaiting_approval(&self) -> bool {
+        awaiting_approval(self.peer, &self.session)
+    }
+
+    /// The write buffer, to append to; a stall is timed from when it
+    /// fills.
+    fn wbuf(&mut self) -> &mut BytesMut {
+        if self.wbuf_empty() {
+            self.last_write = self.now;
+        }
+        &mut self.bufs().wbuf
     }
 
     /// One poll of the connection: goes round (control, receive, machine,
@@ -329,34 +551,30 @@ impl Conn {
     /// registered waker fires first. Written by hand rather than as a
     /// `select!` loop: an idle session answering a ping is one pass, with no
     /// futures built and dropped per wake-up.
-    fn poll_link(
-        &mut self,
-        cx: &mut Context<'_>,
-        l: &mut Link,
-        mut sleep: Pin<&mut Sleep>,
-    ) -> Poll<Step> {
+    fn poll_link(&mut self, cx: &mut Context<'_>, stream: &mut TcpStream) -> Poll<Step> {
         for _ in 0..MAX_PASSES {
-            l.now = clock::now();
+            self.now = clock::now();
             // The supervisor asked to close (say goodbye): once.
-            if !l.session.is_closed()
+            if self.mailbox.closing.load(Ordering::Acquire)
+                && !self.session.is_closed()
                 && let Some(r) = self.mailbox.close.get()
             {
-                l.session.close(r.clone(), true);
+                self.session.close(r.clone(), true);
             }
-            let mut again = self.receive(cx, l);
-            while let Some(ev) = l.session.poll_event() {
+            let mut again = self.receive(cx, stream);
+            while let Some(ev) = self.session.poll_event() {
                 match ev {
                     SessionEvent::Established(hello) => return Poll::Ready(Step::Approve(hello)),
-                    SessionEvent::Rtt(rtt) => self.rtt(l, rtt),
+                    SessionEvent::Rtt(rtt) => self.rtt(rtt),
                     SessionEvent::Closed(r) => return Poll::Ready(Step::Closed(r)),
                 }
             }
-            self.transmit(cx, l);
-            let limited = self.take_outbox(cx, l);
-            again |= self.write(cx, l) && limited;
-            again |= self.poll_timer(cx, l, sleep.as_mut());
+            self.transmit(cx, stream);
+            let limited = self.take_outbox(cx);
+            again |= self.write(cx, stream) && limited;
+            again |= self.poll_timer(cx);
             if !again {
-                l.release_idle_buffers(&self.mailbox);
+                self.release_idle_buffers();
                 return Poll::Pending;
             }
         }
@@ -369,21 +587,21 @@ impl Conn {
     /// whether there is more to do without waiting (a full batch decoded);
     /// otherwise a waker is registered (socket or event-queue room), or the
     /// session is closed or waits for approval.
-    fn receive(&self, cx: &mut Context<'_>, l: &mut Link) -> bool {
+    fn receive(&mut self, cx: &mut Context<'_>, stream: &mut TcpStream) -> bool {
         let mut reads = 0;
         loop {
-            if !self.deliver(cx, l) || l.session.is_closed() || l.awaiting_approval() {
+            if !self.deliver(cx) || self.session.is_closed() || self.awaiting_approval() {
                 return false;
             }
-            let exhausted = self.decode_buffered(l);
-            if !self.deliver(cx, l) || l.session.is_closed() || l.awaiting_approval() {
+            let exhausted = self.decode_buffered();
+            if !self.deliver(cx) || self.session.is_closed() || self.awaiting_approval() {
                 return false;
             }
             if !exhausted || reads == MAX_READS {
                 return true;
             }
             reads += 1;
-            if self.poll_read(cx, l).is_pending() {
+            if self.poll_read(cx, stream).is_pending() {
                 return false;
             }
         }
@@ -391,25 +609,38 @@ impl Conn {
 
     /// Hands waiting messages to the event queue. Returns false when some
     /// must still wait (then the task is woken when there is room).
-    fn deliver(&self, cx: &mut Context<'_>, l: &mut Link) -> bool {
-        if l.pending.is_empty() {
-            return true;
+    #[inline]
+    fn deliver(&mut self, cx: &mut Context<'_>) -> bool {
+        match self.bufs.as_mut() {
+            Some(b) if !b.pending.is_empty() => {
+                Self::deliver_pending(cx, b, &self.events, &mut self.session, self.now)
+            }
+            _ => true,
         }
+    }
+
+    fn deliver_pending(
+        cx: &mut Context<'_>,
+        b: &mut Buffers,
+        events: &Arc<Queue<VecDeque<Event>>>,
+        session: &mut Session,
+        now: Instant,
+    ) -> bool {
         for _ in 0..4 {
-            let blocked = self.events.push_many(&mut l.pending);
-            l.session.set_paused(l.now, blocked);
+            let blocked = events.push_many(&mut b.pending);
+            session.set_paused(now, blocked);
             if !blocked {
-                l.room = None;
+                b.room = None;
                 return true;
             }
-            let room = l.room.get_or_insert_with(|| {
-                let events = self.events.clone();
+            let room = b.room.get_or_insert_with(|| {
+                let events = events.clone();
                 Box::pin(async move { events.room().await })
             });
             if room.as_mut().poll(cx).is_pending() {
                 return false;
             }
-            l.room = None;
+            b.room = None;
         }
         cx.waker().wake_by_ref();
         false
@@ -417,28 +648,31 @@ impl Conn {
 
     /// Reads what the socket has. `Pending` (waker registered) when it has
     /// nothing; an end of stream or error goes to the machine.
-    fn poll_read(&self, cx: &mut Context<'_>, l: &mut Link) -> Poll<()> {
-        if l.rbuf.is_empty() && l.read_size == READ_MIN {
-            return self.poll_read_idle(cx, l);
+    fn poll_read(&mut self, cx: &mut Context<'_>, stream: &mut TcpStream) -> Poll<()> {
+        let rbuf_empty = self.bufs.as_ref().is_none_or(|b| b.rbuf.is_empty());
+        if rbuf_empty && self.read_size == READ_MIN as u32 {
+            return self.poll_read_idle(cx, stream);
         }
-        match l.stream.poll_read_ready(cx) {
+        match stream.poll_read_ready(cx) {
             Poll::Pending => return Poll::Pending,
             Poll::Ready(Err(e)) => {
-                l.session.handle_io_error(e.kind());
+                self.session.handle_io_error(e.kind());
                 return Poll::Ready(());
             }
             Poll::Ready(Ok(())) => {}
         }
         // The buffer is allocated only now that there is data.
-        if l.rbuf.capacity() - l.rbuf.len() < l.read_size / 2 {
-            l.rbuf.reserve(l.read_size);
+        let size = self.read_size as usize;
+        let rbuf = &mut self.bufs().rbuf;
+        if rbuf.capacity() - rbuf.len() < size / 2 {
+            rbuf.reserve(size);
         }
-        let read = std::pin::pin!(l.stream.read_buf(&mut l.rbuf)).poll(cx);
+        let read = std::pin::pin!(stream.read_buf(rbuf)).poll(cx);
         match read {
             Poll::Pending => return Poll::Pending,
-            Poll::Ready(Ok(0)) => l.session.handle_eof(),
-            Poll::Ready(Ok(n)) => l.adapt_read_size(n),
-            Poll::Ready(Err(e)) => l.session.handle_io_error(e.kind()),
+            Poll::Ready(Ok(0)) => self.session.handle_eof(),
+            Poll::Ready(Ok(n)) => self.adapt_read_size(n),
+            Poll::Ready(Err(e)) => self.session.handle_io_error(e.kind()),
         }
         Poll::Ready(())
     }
@@ -448,20 +682,22 @@ impl Conn {
     /// what they cannot take (a data frame, a partial frame, what follows
     /// the handshake) is copied to the read buffer. An idle session's ping
     /// then costs no allocation.
-    fn poll_read_idle(&self, cx: &mut Context<'_>, l: &mut Link) -> Poll<()> {
+    fn poll_read_idle(&mut self, cx: &mut Context<'_>, stream: &mut TcpStream) -> Poll<()> {
         let mut stack = [std::mem::MaybeUninit::uninit(); READ_MIN];
         let mut read = ReadBuf::uninit(&mut stack);
-        match Pin::new(&mut l.stream).poll_read(cx, &mut read) {
+        match Pin::new(stream).poll_read(cx, &mut read) {
             Poll::Pending => return Poll::Pending,
-            Poll::Ready(Err(e)) => l.session.handle_io_error(e.kind()),
-            Poll::Ready(Ok(())) if read.filled().is_empty() => l.session.handle_eof(),
+            Poll::Ready(Err(e)) => self.session.handle_io_error(e.kind()),
+            Poll::Ready(Ok(())) if read.filled().is_empty() => self.session.handle_eof(),
             Poll::Ready(Ok(())) => {
                 let read = read.filled();
-                l.adapt_read_size(read.len());
-                let taken = self.decode_control(l, read);
+                self.adapt_read_size(read.len());
+                let taken = self.decode_control(read);
                 if taken < read.len() {
-                    l.rbuf.reserve(l.read_size.max(read.len() - taken));
-                    l.rbuf.extend_from_slice(&read[taken..]);
+                    let size = (self.read_size as usize).max(read.len() - taken);
+                    let rbuf = &mut self.bufs().rbuf;
+                    rbuf.reserve(size);
+                    rbuf.extend_from_slice(&read[taken..]);
                 }
             }
         }
@@ -471,22 +707,22 @@ impl Conn {
     /// Handles the complete control frames at the front of `read`, up to
     /// the first data frame or incomplete frame, or until the session
     /// closes or waits for approval. Returns how many bytes it used.
-    fn decode_control(&self, l: &mut Link, read: &[u8]) -> usize {
+    fn decode_control(&mut self, read: &[u8]) -> usize {
         let mut at = 0;
-        while !l.session.is_closed() && !l.awaiting_approval() {
+        while !self.session.is_closed() && !self.awaiting_approval() {
             let rest = &read[at..];
             let total = match frame_len(rest, self.max_frame) {
                 Ok(Some(total)) if total <= rest.len() => total,
                 Ok(_) => break,
                 Err(e) => {
-                    reject(l, e);
+                    reject(&mut self.session, e);
                     break;
                 }
             };
             match Frame::decode_control(&rest[..total]) {
                 None => break,
-                Some(Ok(f)) => handle_control(l, f),
-                Some(Err(e)) => reject(l, e),
+                Some(Ok(f)) => handle_control(&mut self.session, self.now, f),
+                Some(Err(e)) => reject(&mut self.session, e),
             }
             at += total;
         }
@@ -498,46 +734,52 @@ impl Conn {
     /// makes room for more). Registers the task's waker with the mailbox
     /// either way (for a close request, and, when it empties the outbox,
     /// for the next message).
-    fn take_outbox(&self, cx: &mut Context<'_>, l: &mut Link) -> bool {
-        let o = &self.mailbox;
-        let (session, wbuf, now) = (&mut l.session, &mut l.wbuf, l.now);
-        if l.peer.is_none() || !session.can_send() || wbuf.len() >= WRITE_HIGH_WATER {
-            o.register(cx.waker());
-            return wbuf.len() >= WRITE_HIGH_WATER;
-        }
-        if o.is_idle() {
+    fn take_outbox(&mut self, cx: &mut Context<'_>) -> bool {
+        let full = |l: &Link| {
+            l.bufs
+                .as_ref()
+                .is_some_and(|b| b.wbuf.len() >= WRITE_HIGH_WATER)
+        };
+        if self.mailbox.is_idle() {
             // Empty, and our waker is registered for the next message (the
             // common case of an idle session's wake-up: no lock).
-            return false;
+            return full(self);
+        }
+        if full(self) || self.peer.is_none() || !self.session.can_send() {
+            self.mailbox.register(cx.waker());
+            return full(self);
         }
         let mut sent = 0;
-        while wbuf.len() < WRITE_HIGH_WATER {
+        while !full(self) {
             // No more than the in-flight limits allow: a run of small
             // messages is split if need be.
-            let room = session.sendable();
+            let room = self.session.sendable();
             if room == 0 {
                 break;
             }
-            let (Some(out), _) = o.consume(Some(cx.waker()), |b| b.pop(room)) else {
+            let (Some(out), _) = self.mailbox.consume(Some(cx.waker()), |b| b.pop(room)) else {
                 break;
             };
-            out.encode(wbuf);
+            out.encode(self.wbuf());
             sent += out.count() as u64;
-            session.record_sent(now, out);
+            self.session.record_sent(self.now, out);
         }
         if sent > 0 {
-            Counters::add(&self.shared.counters.messages_sent, sent);
+            Counters::add(&self.cold.shared.counters.messages_sent, sent);
         }
-        wbuf.len() >= WRITE_HIGH_WATER
+        full(self)
     }
 
     /// Writes what is buffered until the socket takes no more. Returns
     /// whether anything was written.
-    fn write(&self, cx: &mut Context<'_>, l: &mut Link) -> bool {
-        let n = write_some(cx, &mut l.stream, &mut l.session, &l.wbuf);
-        l.wbuf.advance(n);
+    fn write(&mut self, cx: &mut Context<'_>, stream: &mut TcpStream) -> bool {
+        let Some(b) = self.bufs.as_mut().filter(|b| !b.wbuf.is_empty()) else {
+            return false;
+        };
+        let n = write_some(cx, stream, &mut self.session, &b.wbuf);
+        b.wbuf.advance(n);
         if n > 0 {
-            l.last_write = l.now;
+            self.last_write = self.now;
         }
         n > 0
     }
@@ -546,20 +788,21 @@ impl Conn {
     /// waits to be written, heartbeats and acks are encoded on the stack
     /// and written from there: an idle session's pong costs no allocation.
     /// What the socket does not take goes to the write buffer.
-    fn transmit(&self, cx: &mut Context<'_>, l: &mut Link) {
+    fn transmit(&mut self, cx: &mut Context<'_>, stream: &mut TcpStream) {
         let mut stack = [0; 4 * MAX_FIXED];
         let mut staged = 0;
-        while let Some(f) = l.session.poll_transmit() {
-            if l.wbuf.is_empty()
+        while let Some(f) = self.session.poll_transmit() {
+            if self.wbuf_empty()
                 && stack.len() - staged >= MAX_FIXED
                 && let Some(n) = f.encode_fixed(&mut stack[staged..])
             {
                 staged += n;
                 continue;
             }
-            l.wbuf.extend_from_slice(&stack[..staged]);
+            let wbuf = self.wbuf();
+            wbuf.extend_from_slice(&stack[..staged]);
             staged = 0;
-            f.encode(&mut l.wbuf);
+            f.encode(wbuf);
         }
         if staged == 0 {
             return;
@@ -567,61 +810,60 @@ impl Conn {
         let stack = &stack[..staged];
         // Behind them, messages are about to be taken: one write for all.
         let n = if self.mailbox.is_idle() || self.mailbox.is_empty() {
-            write_some(cx, &mut l.stream, &mut l.session, stack)
+            write_some(cx, stream, &mut self.session, stack)
         } else {
             0
         };
-        if n > 0 {
-            l.last_write = l.now;
+        if n < stack.len() {
+            self.wbuf().extend_from_slice(&stack[n..]);
         }
-        l.wbuf.extend_from_slice(&stack[n..]);
     }
 
     /// Moves the timer to the next deadline (the machine's, or the write
     /// stall's) and handles it when it fired. Returns whether it fired.
-    fn poll_timer(&self, cx: &mut Context<'_>, l: &mut Link, mut sleep: Pin<&mut Sleep>) -> bool {
-        let stall = (!l.wbuf.is_empty()).then(|| l.last_write + self.write_timeout);
-        if let Some(deadline) = [l.session.poll_timeout(), stall]
+    fn poll_timer(&mut self, cx: &mut Context<'_>) -> bool {
+        let stall = (!self.wbuf_empty()).then(|| self.last_write + self.cold.write_timeout);
+        if let Some(deadline) = [self.session.poll_timeout(), stall]
             .into_iter()
             .flatten()
             .min()
         {
             // Moved when it must fire earlier, or much later; a timer that
             // fires a little early finds nothing due and is re-armed.
-            if deadline < l.armed || deadline > l.armed + TIMER_SLACK {
-                l.armed = deadline;
-                sleep
+            if deadline < self.armed || deadline > self.armed + TIMER_SLACK {
+                self.armed = deadline;
+                self.sleep
                     .as_mut()
                     .reset(tokio::time::Instant::from_std(deadline));
             }
         }
-        if sleep.as_mut().poll(cx).is_pending() {
+        if self.sleep.as_mut().poll(cx).is_pending() {
             return false;
         }
         let now = clock::now();
-        if stall.is_some_and(|s| now >= s) && !l.wbuf.is_empty() {
-            l.session.close(DownReason::WriteTimeout, false);
-        } else if l.session.poll_timeout().is_some_and(|t| t <= now) {
-            l.session.handle_timeout(now);
+        if stall.is_some_and(|s| now >= s) && !self.wbuf_empty() {
+            self.session.close(DownReason::WriteTimeout, false);
+        } else if self.session.poll_timeout().is_some_and(|t| t <= now) {
+            self.session.handle_timeout(now);
         }
         // Re-armed on the next pass.
-        l.armed = now + FAR;
-        sleep
+        self.armed = now + FAR;
+        self.sleep
             .as_mut()
-            .reset(tokio::time::Instant::from_std(l.armed));
+            .reset(tokio::time::Instant::from_std(self.armed));
         true
     }
 
     /// A heartbeat round trip: recorded for [`Node::peers`] and reported.
     ///
     /// [`Node::peers`]: crate::Node::peers
-    fn rtt(&self, l: &Link, rtt: Duration) {
-        if let Some(p) = l.peer {
+    fn rtt(&self, rtt: Duration) {
+        if let Some(p) = self.peer {
             self.mailbox.record_rtt(rtt);
             // A sample is skipped (and counted), never waited for: the
             // session must keep going.
             if self.events.try_push(Event::Rtt { peer: p, rtt }).is_err() {
-                Counters::bump(&self.shared.counters.rtt_events_skipped);
+                Counters::bump(&self.cold.shared.counters.rtt_events_skipped);
             }
         }
     }
@@ -629,14 +871,17 @@ impl Conn {
     /// Decodes complete frames from the read buffer into the machine,
     /// collecting the messages they carry (up to a batch). Returns whether
     /// the buffer holds no complete frame any more.
-    fn decode_buffered(&self, l: &mut Link) -> bool {
-        let now = l.now;
+    fn decode_buffered(&mut self) -> bool {
+        let Some(b) = self.bufs.as_mut() else {
+            return true;
+        };
+        let (now, session) = (self.now, &mut self.session);
         let mut received = 0;
         let mut exhausted = false;
-        while l.pending.len() < DELIVER_BATCH {
-            let decoded = match l.frames.next() {
+        while b.pending.len() < DELIVER_BATCH {
+            let decoded = match b.frames.next() {
                 Some(d) => d,
-                None if l.frames.fill(&mut l.rbuf, self.max_frame) => continue,
+                None if b.frames.fill(&mut b.rbuf, self.max_frame) => continue,
                 None => {
                     exhausted = true;
                     break;
@@ -646,93 +891,58 @@ impl Conn {
                 Ok(Frame::Data(data)) => {
                     // `peer` is set whenever the machine accepts data (see
                     // below).
-                    if l.session.handle_data(now)
-                        && let Some(p) = l.peer
+                    if session.handle_data(now)
+                        && let Some(p) = self.peer
                     {
                         received += 1;
-                        l.pending.push_back(Event::Message { peer: p, data });
+                        b.pending.push_back(Event::Message { peer: p, data });
                     }
-                    if l.session.is_closed() {
+                    if session.is_closed() {
                         break;
                     }
                 }
                 Ok(f) => {
-                    handle_control(l, f);
-                    if l.session.is_closed() || l.awaiting_approval() {
+                    handle_control(session, now, f);
+                    if session.is_closed() || awaiting_approval(self.peer, session) {
                         // Closed, or the handshake just completed: the
                         // frames after it wait for the approval.
                         break;
                     }
                 }
                 Err(e) => {
-                    reject(l, e);
+                    reject(session, e);
                     break;
                 }
             }
         }
         if received > 0 {
-            Counters::add(&self.shared.counters.messages_received, received);
+            Counters::add(&self.cold.shared.counters.messages_received, received);
         }
         exhausted
     }
 
-    async fn approve(&self, hello: Box<Hello>, addr: SocketAddr) -> Result<PeerId, DownReason> {
-        let (tx, rx) = oneshot::channel();
-        let peer = hello.id;
-        let name = hello.name.clone();
-        let note = Note::Handshaken {
-            conn: self.id,
-            hello,
-            addr,
-            approve: tx,
-        };
-        if self.notes.send(note).is_err() {
-            return Err(DownReason::Shutdown);
-        }
-        match rx.await {
-            Ok(Approval::Accept) => {
-                info!(%peer, %addr, "session up");
-                let _ = self
-                    .events
-                    .push(Event::SessionUp {
-                        peer,
-                        name,
-                        addr,
-                        outbound: self.outbound,
-                    })
-                    .await;
-                Ok(peer)
-            }
-            Ok(Approval::Reject(v)) => Err(DownReason::ProtocolError(v)),
-            Ok(Approval::Shutdown) | Err(_) => Err(DownReason::Shutdown),
-        }
-    }
-
-    async fn finish(&mut self, l: Link, reason: DownReason) -> (Option<PeerId>, DownReason) {
-        let Link {
-            mut stream,
-            mut session,
-            mut wbuf,
-            peer,
-            pending,
-            ..
-        } = l;
-        let shared = self.shared.clone();
-        let counters = &shared.counters;
-        // A goodbye (or anything else the machine queued) goes out first,
-        // briefly: the peer learns at once instead of by timeout.
-        while let Some(f) = session.poll_transmit() {
+    /// The end of the connection, once the loop is over: what it must do
+    /// at once (the counters, the outbox closed to senders), and the rest
+    /// as a future: the goodbye flushed (briefly: the peer learns at once
+    /// instead of by timeout), the messages already received delivered,
+    /// then `SessionDown` and what was not delivered, and the report to the
+    /// supervisor.
+    fn end(
+        &mut self,
+        mut stream: TcpStream,
+        reason: DownReason,
+    ) -> impl Future<Output = ()> + Send + 'static {
+        let mut b = self.bufs.take().unwrap_or_default();
+        let mut wbuf = std::mem::take(&mut b.wbuf);
+        while let Some(f) = self.session.poll_transmit() {
             f.encode(&mut wbuf);
         }
-        if matches!(
+        let flush = matches!(
             reason,
             DownReason::Shutdown | DownReason::Replaced | DownReason::PeerRestarted
-        ) && !wbuf.is_empty()
-        {
-            let _ = tokio::time::timeout(GOODBYE_FLUSH, stream.write_all(&wbuf)).await;
-        }
-        let _ = tokio::time::timeout(GOODBYE_FLUSH, stream.shutdown()).await;
-        drop(stream);
+        ) && !wbuf.is_empty();
+        let peer = self.peer;
+        let counters = &self.cold.shared.counters;
         match &reason {
             DownReason::HeartbeatTimeout => Counters::bump(&counters.heartbeat_timeouts),
             DownReason::WriteTimeout => Counters::bump(&counters.write_timeouts),
@@ -744,35 +954,45 @@ impl Conn {
             _ if peer.is_none() => Counters::bump(&counters.handshake_failures),
             _ => {}
         }
-        let Some(p) = peer else {
-            debug!(%reason, "connection ended before its session was up");
-            return (None, reason);
-        };
-        // Messages already received (and maybe acknowledged) are delivered.
-        for e in pending {
-            let _ = self.events.push(e).await;
+        // Messages already received (and maybe acknowledged) are delivered;
+        // those sent and not acknowledged, or never sent, are handed back.
+        let pending = std::mem::take(&mut b.pending);
+        let mut undelivered = Vec::new();
+        if peer.is_some() {
+            undelivered = self.session.take_unacked();
+            undelivered.extend(self.mailbox.close_and_take());
+            if !undelivered.is_empty() {
+                Counters::add(&counters.messages_undelivered, undelivered.len() as u64);
+            }
         }
-        let mut undelivered = session.take_unacked();
-        undelivered.extend(self.mailbox.close_and_take());
-        info!(peer = %p, %reason, undelivered = undelivered.len(), "session down");
-        let _ = self
-            .events
-            .push(Event::SessionDown {
-                peer: p,
-                reason: reason.clone(),
-            })
-            .await;
-        if !undelivered.is_empty() {
-            Counters::add(&counters.messages_undelivered, undelivered.len() as u64);
-            let _ = self
-                .events
-                .push(Event::Undelivered {
-                    peer: p,
-                    messages: undelivered,
-                })
-                .await;
+        let events = self.events.clone();
+        let (notes, conn) = (self.cold.notes.clone(), self.cold.id);
+        async move {
+            if flush {
+                let _ = tokio::time::timeout(GOODBYE_FLUSH, stream.write_all(&wbuf)).await;
+            }
+            let _ = tokio::time::timeout(GOODBYE_FLUSH, stream.shutdown()).await;
+            drop(stream);
+            match peer {
+                None => debug!(%reason, "connection ended before its session was up"),
+                Some(p) => {
+                    info!(peer = %p, %reason, undelivered = undelivered.len(), "session down");
+                    for e in pending {
+                        let _ = events.push(e).await;
+                    }
+                    let down = Event::SessionDown {
+                        peer: p,
+                        reason: reason.clone(),
+                    };
+                    let _ = events.push(down).await;
+                    if !undelivered.is_empty() {
+                        let messages = undelivered;
+                        let _ = events.push(Event::Undelivered { peer: p, messages }).await;
+                    }
+                }
+            }
+            let _ = notes.send(Note::Ended { conn, peer, reason });
         }
-        (Some(p), reason)
     }
 }
 
@@ -807,9 +1027,9 @@ mod tests {
             let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
             let s = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
             let addr = s.peer_addr().unwrap();
-            let fut = conn.run(s, addr);
-            let size = std::mem::size_of_val(&fut);
-            assert!(size <= 1600, "session task future is {size} bytes");
+            let task = ConnTask::new(conn, Ok(s), addr, Span::none());
+            let size = std::mem::size_of_val(&task);
+            assert!(size <= 1024, "session task is {size} bytes");
         });
     }
 }

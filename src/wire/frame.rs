@@ -246,6 +246,11 @@ pub struct Frames {
 }
 
 impl Frames {
+    /// Whether every frame taken was decoded (and any error reported).
+    pub fn is_drained(&self) -> bool {
+        self.pos == self.bytes.len() && self.error.is_none()
+    }
+
     /// Takes every complete frame at the front of `buf` (checking each
     /// length against `max`, as [`Frame::decode`] does, and reserving room
     /// for the rest of an incomplete one). Returns whether there is now

@@ -13,7 +13,7 @@ use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-use crate::util::{Helper, arg, cpu_time, rss_kib};
+use crate::util::{Helper, arg, cpu_times, rss_kib};
 
 fn frame(ty: u8, payload: &[u8]) -> Vec<u8> {
     let mut f = ((payload.len() + 1) as u32).to_be_bytes().to_vec();
@@ -219,7 +219,7 @@ fn measure(role: &str, n: usize, secs: u64) -> (f64, f64) {
     let run = Running::start(role, n);
     let window = Window::open(&[&run]);
     std::thread::sleep(Duration::from_secs(secs));
-    (window.close()[0], run.per_session)
+    (window.close()[0].total(), run.per_session)
 }
 
 /// A server of idle sessions and the client holding them, up and pinging.
@@ -268,27 +268,59 @@ impl Running {
 /// CPU time of some servers, sampled over the same stretch of time.
 struct Window {
     pids: Vec<u32>,
-    start: Vec<Duration>,
+    start: Vec<(Duration, Duration)>,
     t0: Instant,
+}
+
+/// A server's CPU over a window, in % of a core.
+#[derive(Clone, Copy)]
+struct Cpu {
+    user: f64,
+    sys: f64,
+}
+
+impl Cpu {
+    fn total(self) -> f64 {
+        self.user + self.sys
+    }
+}
+
+impl std::fmt::Display for Cpu {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{:.2} % ({:.2} + {:.2})",
+            self.total(),
+            self.user,
+            self.sys
+        )
+    }
 }
 
 impl Window {
     fn open(runs: &[&Running]) -> Window {
         let pids: Vec<u32> = runs.iter().map(|r| r.server.pid()).collect();
         Window {
-            start: pids.iter().map(|&p| cpu_time(p)).collect(),
+            start: pids.iter().map(|&p| cpu_times(p)).collect(),
             pids,
             t0: Instant::now(),
         }
     }
 
-    /// Each server's CPU since `open`, in % of a core.
-    fn close(self) -> Vec<f64> {
+    /// Each server's CPU since `open`.
+    fn close(self) -> Vec<Cpu> {
         let secs = self.t0.elapsed().as_secs_f64();
+        let pct = |d: Duration| d.as_secs_f64() / secs * 100.0;
         self.pids
             .iter()
             .zip(&self.start)
-            .map(|(&p, &c0)| (cpu_time(p) - c0).as_secs_f64() / secs * 100.0)
+            .map(|(&p, &(u0, s0))| {
+                let (u, s) = cpu_times(p);
+                Cpu {
+                    user: pct(u - u0),
+                    sys: pct(s - s0),
+                }
+            })
             .collect()
     }
 }
@@ -302,7 +334,7 @@ pub(crate) fn scale_paired(sessions: &[usize], secs: u64, windows: usize) {
     println!("idle sessions at 1 Hz heartbeat; raw tokio and lanbeat servers side by side,");
     println!("CPU sampled over the same {windows} window(s) of {secs} s\n");
     println!(
-        "| sessions | window | raw tokio CPU % | lanbeat CPU % | lanbeat RSS KiB/session | CPU vs raw |"
+        "| sessions | window | raw tokio CPU % (user + sys) | lanbeat CPU % (user + sys) | lanbeat RSS KiB/session | CPU vs raw |"
     );
     println!("| --- | --- | --- | --- | --- | --- |");
     for &n in sessions {
@@ -314,20 +346,25 @@ pub(crate) fn scale_paired(sessions: &[usize], secs: u64, windows: usize) {
             let window = Window::open(&[&raw, &lb]);
             std::thread::sleep(Duration::from_secs(secs));
             let cpu = window.close();
-            let ratio = cpu[1] / f64::max(cpu[0], 0.01);
+            let ratio = cpu[1].total() / f64::max(cpu[0].total(), 0.01);
             println!(
-                "| {n} | {w} | {:.2} % | {:.2} % | {:.2} | {ratio:.2}× |",
+                "| {n} | {w} | {} | {} | {:.2} | {ratio:.2}× |",
                 cpu[0], cpu[1], lb.per_session
             );
             ratios.push(ratio);
             cpus.0.push(cpu[0]);
             cpus.1.push(cpu[1]);
         }
+        // Each column's median on its own (user and system alike).
+        let med = |c: &[Cpu]| Cpu {
+            user: median(c.iter().map(|x| x.user).collect()),
+            sys: median(c.iter().map(|x| x.sys).collect()),
+        };
         let shown: Vec<String> = ratios.iter().map(|r| format!("{r:.2}")).collect();
         println!(
-            "| {n} | median | {:.2} % | {:.2} % | {:.2} | {:.2}× ({}) |",
-            median(cpus.0),
-            median(cpus.1),
+            "| {n} | median | {} | {} | {:.2} | {:.2}× ({}) |",
+            med(&cpus.0),
+            med(&cpus.1),
             lb.per_session,
             median(ratios.clone()),
             shown.join(", ")

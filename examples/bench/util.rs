@@ -166,15 +166,16 @@ impl Drop for Helper {
 }
 
 /// CPU time (user + system) of a process, from `/proc/<pid>/stat`.
-pub(crate) fn cpu_time(pid: u32) -> Duration {
+/// CPU time of a process so far: (user, system).
+pub(crate) fn cpu_times(pid: u32) -> (Duration, Duration) {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
     // Fields after the ")" of the command name; utime and stime are the
     // 14th and 15th fields of the whole line.
     let rest = &stat[stat.rfind(')').unwrap() + 2..];
     let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: u64 = f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap();
     let hz = 100; // USER_HZ on Linux
-    Duration::from_millis(ticks * 1000 / hz)
+    let ticks = |i: usize| Duration::from_millis(f[i].parse::<u64>().unwrap() * 1000 / hz);
+    (ticks(11), ticks(12))
 }
 
 /// Resident memory of a process in KiB.

@@ -26,6 +26,7 @@ use crate::peer::{PeerId, PeerInfo, PeerMap, PeerState, PeerStatus};
 use crate::queue::{PushError, Queue};
 use crate::session::conn::{Approval, Conn, ConnTask, ConnectFuture, Mailbox, Note};
 use crate::session::machine::SessionConfig;
+use crate::session::timer::Timer;
 use crate::stats::{Counters, Stats};
 use crate::wire::PROTOCOL_VERSION;
 use crate::wire::frame::{DATA_OVERHEAD, Hello, LEN_PREFIX};
@@ -317,6 +318,7 @@ impl Node {
             task_conn: HashMap::new(),
             next_conn: 0,
             handshaking: 0,
+            timer: Arc::new(Timer::new(clock::now())),
             id,
             config,
         };
@@ -685,10 +687,13 @@ struct Driver {
     next_conn: u64,
     /// Connections not yet approved as sessions (dialing or in handshake).
     handshaking: usize,
+    /// The deadlines of all the connections.
+    timer: Arc<Timer<Mailbox>>,
 }
 
 impl Driver {
     async fn run(mut self) {
+        self.tasks.spawn(self.timer.clone().run());
         self.rescan();
         let mut rescan = tokio::time::interval(self.config.interface_rescan);
         rescan.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -871,6 +876,7 @@ impl Driver {
             notes: self.notes_tx.clone(),
             mailbox,
             shared: self.shared.clone(),
+            timer: self.timer.clone(),
         };
         let span = match expected {
             Some(p) => debug_span!("session", peer = %p, %addr, conn = id),

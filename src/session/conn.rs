@@ -16,11 +16,11 @@ use socket2::SockRef;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
-use tokio::time::Sleep;
 use tracing::{Span, debug, info, trace, warn};
 
 use super::machine::{Session, SessionConfig, SessionEvent};
 use super::outbox::Outbox;
+use super::timer::{Deadline, Timed, Timer};
 use crate::clock;
 use crate::event::{DownReason, Event, ProtocolViolation};
 use crate::node::Shared;
@@ -41,6 +41,8 @@ pub(crate) struct Mailbox {
     closing: AtomicBool,
     /// Nanoseconds; 0 until the first sample.
     rtt_ns: AtomicU64,
+    /// The connection's next deadline, for the node's timer.
+    deadline: Deadline,
     queue: Queue<Outbox>,
     /// Close with a goodbye, for this reason.
     close: OnceLock<DownReason>,
@@ -51,6 +53,7 @@ impl Mailbox {
         Mailbox {
             closing: AtomicBool::new(false),
             rtt_ns: AtomicU64::new(0),
+            deadline: Deadline::default(),
             queue: Queue::new(capacity),
             close: OnceLock::new(),
         }
@@ -75,6 +78,19 @@ impl Mailbox {
             0 => None,
             ns => Some(Duration::from_nanos(ns)),
         }
+    }
+}
+
+impl Timed for Mailbox {
+    fn deadline(&self) -> &Deadline {
+        &self.deadline
+    }
+
+    /// The connection task waits on its outbox (its waker is registered
+    /// there on every pass): a deadline wakes it the way a close request
+    /// does.
+    fn wake(&self) {
+        self.queue.wake_consumer();
     }
 }
 
@@ -103,11 +119,6 @@ const READ_MIN: usize = 256;
 const READ_MAX: usize = 64 * 1024;
 /// Messages decoded per batch before they are handed to the event queue.
 const DELIVER_BATCH: usize = 1024;
-/// The timer is moved later only when the deadline moved by more than this
-/// (moving it on every frame costs more than one early wake-up).
-const TIMER_SLACK: Duration = Duration::from_millis(20);
-/// Where the timer waits when nothing is due.
-const FAR: Duration = Duration::from_secs(3600);
 /// Passes of one poll before the task yields to the others.
 const MAX_PASSES: usize = 16;
 /// Reads per pass (each read is followed by decoding what it brought).
@@ -151,6 +162,7 @@ pub(crate) struct Conn {
     pub(crate) notes: mpsc::UnboundedSender<Note>,
     pub(crate) mailbox: Arc<Mailbox>,
     pub(crate) shared: Arc<Shared>,
+    pub(crate) timer: Arc<Timer<Mailbox>>,
 }
 
 /// A connection being made (when we dial).
@@ -335,8 +347,6 @@ struct Link {
     /// The time, read once per pass (a clock read per step would cost a few
     /// percent of an idle session's wake-up).
     now: Instant,
-    /// When the timer is set to fire.
-    armed: Instant,
     read_size: u32,
     max_frame: u32,
     /// What the connection buffers; `None` while it buffers nothing (an
@@ -346,8 +356,8 @@ struct Link {
     peer: Option<PeerId>,
     mailbox: Arc<Mailbox>,
     events: Arc<Queue<VecDeque<Event>>>,
-    /// One timer for the whole life of the connection, moved as needed.
-    sleep: Pin<Box<Sleep>>,
+    /// The node's timer, which keeps the deadline in `mailbox`.
+    timer: Arc<Timer<Mailbox>>,
     session: Session,
     /// When a write last made progress, or the write buffer last filled
     /// from empty: a write stalled since then for `write_timeout` closes
@@ -462,14 +472,13 @@ impl Link {
     fn new(now: Instant, conn: Conn, addr: SocketAddr) -> Link {
         Link {
             now,
-            armed: now + FAR,
             read_size: READ_MIN as u32,
             max_frame: conn.max_frame,
             bufs: None,
             peer: None,
             mailbox: conn.mailbox,
             events: conn.events,
-            sleep: Box::pin(clock::sleep_until(now + FAR)),
+            timer: conn.timer,
             session: Session::new(now, conn.session.clone(), conn.expected),
             last_write: now,
             cold: Cold {
@@ -572,7 +581,7 @@ impl Link {
             self.transmit(cx, stream);
             let limited = self.take_outbox(cx);
             again |= self.write(cx, stream) && limited;
-            again |= self.poll_timer(cx);
+            again |= self.poll_timer();
             if !again {
                 self.release_idle_buffers();
                 return Poll::Pending;
@@ -819,39 +828,29 @@ impl Link {
         }
     }
 
-    /// Moves the timer to the next deadline (the machine's, or the write
-    /// stall's) and handles it when it fired. Returns whether it fired.
-    fn poll_timer(&mut self, cx: &mut Context<'_>) -> bool {
+    /// Handles the next deadline (the machine's, or a stalled write's)
+    /// if it has come, and returns true; otherwise leaves it with the
+    /// node's timer (which wakes the task then) and returns false.
+    fn poll_timer(&mut self) -> bool {
         let stall = (!self.wbuf_empty()).then(|| self.last_write + self.cold.write_timeout);
-        if let Some(deadline) = [self.session.poll_timeout(), stall]
+        let deadline = [self.session.poll_timeout(), stall]
             .into_iter()
             .flatten()
-            .min()
-        {
-            // Moved when it must fire earlier, or much later; a timer that
-            // fires a little early finds nothing due and is re-armed.
-            if deadline < self.armed || deadline > self.armed + TIMER_SLACK {
-                self.armed = deadline;
-                self.sleep
-                    .as_mut()
-                    .reset(tokio::time::Instant::from_std(deadline));
+            .min();
+        match deadline {
+            Some(d) if d <= self.now => {
+                if stall.is_some_and(|s| s <= self.now) {
+                    self.session.close(DownReason::WriteTimeout, false);
+                } else {
+                    self.session.handle_timeout(self.now);
+                }
+                true
+            }
+            _ => {
+                self.timer.set(&self.mailbox, deadline);
+                false
             }
         }
-        if self.sleep.as_mut().poll(cx).is_pending() {
-            return false;
-        }
-        let now = clock::now();
-        if stall.is_some_and(|s| now >= s) && !self.wbuf_empty() {
-            self.session.close(DownReason::WriteTimeout, false);
-        } else if self.session.poll_timeout().is_some_and(|t| t <= now) {
-            self.session.handle_timeout(now);
-        }
-        // Re-armed on the next pass.
-        self.armed = now + FAR;
-        self.sleep
-            .as_mut()
-            .reset(tokio::time::Instant::from_std(self.armed));
-        true
     }
 
     /// A heartbeat round trip: recorded for [`Node::peers`] and reported.
@@ -932,6 +931,7 @@ impl Link {
         mut stream: TcpStream,
         reason: DownReason,
     ) -> impl Future<Output = ()> + Send + 'static {
+        self.timer.set(&self.mailbox, None);
         let mut b = self.bufs.take().unwrap_or_default();
         let mut wbuf = std::mem::take(&mut b.wbuf);
         while let Some(f) = self.session.poll_transmit() {
@@ -1018,6 +1018,7 @@ mod tests {
             notes,
             mailbox: Arc::new(Mailbox::new(4)),
             shared: Default::default(),
+            timer: Arc::new(Timer::new(clock::now())),
         };
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()

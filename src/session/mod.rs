@@ -3,3 +3,4 @@
 pub(crate) mod conn;
 pub mod machine;
 pub(crate) mod outbox;
+pub(crate) mod timer;

@@ -24,7 +24,7 @@ use crate::error::Error;
 use crate::event::{DownReason, Event, ProtocolViolation};
 use crate::peer::{PeerId, PeerInfo, PeerMap, PeerState, PeerStatus};
 use crate::queue::{PushError, Queue};
-use crate::session::conn::{Approval, Conn, ConnTask, ConnectFuture, Mailbox, Note};
+use crate::session::conn::{Approval, Conn, ConnTask, ConnectFuture, Hub, Mailbox, Note};
 use crate::session::machine::SessionConfig;
 use crate::session::timer::Timer;
 use crate::stats::{Counters, Stats};
@@ -318,7 +318,10 @@ impl Node {
             task_conn: HashMap::new(),
             next_conn: 0,
             handshaking: 0,
-            timer: Arc::new(Timer::new(clock::now())),
+            hub: Arc::new(Hub {
+                events: events.clone(),
+                timer: Arc::new(Timer::new(clock::now())),
+            }),
             id,
             config,
         };
@@ -687,13 +690,13 @@ struct Driver {
     next_conn: u64,
     /// Connections not yet approved as sessions (dialing or in handshake).
     handshaking: usize,
-    /// The deadlines of all the connections.
-    timer: Arc<Timer<Mailbox>>,
+    /// The event stream and the timer, for the connections.
+    hub: Arc<Hub>,
 }
 
 impl Driver {
     async fn run(mut self) {
-        self.tasks.spawn(self.timer.clone().run());
+        self.tasks.spawn(self.hub.timer.clone().run());
         self.rescan();
         let mut rescan = tokio::time::interval(self.config.interface_rescan);
         rescan.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -872,11 +875,10 @@ impl Driver {
             outbound,
             max_frame: self.config.max_frame_size,
             write_timeout: self.config.write_timeout,
-            events: self.events.clone(),
+            hub: self.hub.clone(),
             notes: self.notes_tx.clone(),
             mailbox,
             shared: self.shared.clone(),
-            timer: self.timer.clone(),
         };
         let span = match expected {
             Some(p) => debug_span!("session", peer = %p, %addr, conn = id),

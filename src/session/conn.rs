@@ -946,8 +946,10 @@ impl Link {
         reason: DownReason,
     ) -> impl Future<Output = ()> + Send + 'static {
         self.hub.timer.set(&self.mailbox, None);
-        let mut b = self.bufs.take().unwrap_or_default();
-        let mut wbuf = std::mem::take(&mut b.wbuf);
+        let (mut wbuf, pending) = match self.bufs.take() {
+            Some(b) => (b.wbuf, b.pending),
+            None => Default::default(),
+        };
         while let Some(f) = self.session.poll_transmit() {
             f.encode(&mut wbuf);
         }
@@ -970,7 +972,6 @@ impl Link {
         }
         // Messages already received (and maybe acknowledged) are delivered;
         // those sent and not acknowledged, or never sent, are handed back.
-        let pending = std::mem::take(&mut b.pending);
         let mut undelivered = Vec::new();
         if peer.is_some() {
             undelivered = self.session.take_unacked();

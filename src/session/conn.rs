@@ -627,7 +627,7 @@ impl Link {
 
     /// Hands waiting messages to the event queue. Returns false when some
     /// must still wait (then the task is woken when there is room).
-    #[inline]
+    #[inline(always)]
     fn deliver(&mut self, cx: &mut Context<'_>) -> bool {
         match self.bufs.as_mut() {
             Some(b) if !b.pending.is_empty() => {

@@ -46,6 +46,11 @@ pub enum Event {
     /// dialer's sample, carried in the dialer's next ping, rather than
     /// pinging for its own (it measures itself only if the peer's pings
     /// carry no sample).
+    ///
+    /// A sample does not wake the application by itself: it comes with the
+    /// next other event, or at most one tick of the node's timer (8 ms)
+    /// after it was measured. With thousands of sessions, that is one
+    /// wake-up per tick for all their samples instead of one per sample.
     Rtt {
         /// The peer.
         peer: PeerId,

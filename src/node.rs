@@ -696,7 +696,11 @@ struct Driver {
 
 impl Driver {
     async fn run(mut self) {
-        self.tasks.spawn(self.hub.timer.clone().run());
+        // Round-trip samples wake the application through the timer (see
+        // `Queue::try_push_quiet`).
+        let events = self.hub.events.clone();
+        self.tasks
+            .spawn(self.hub.timer.clone().run(move || events.wake_owed()));
         self.rescan();
         let mut rescan = tokio::time::interval(self.config.interface_rescan);
         rescan.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

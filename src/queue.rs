@@ -84,6 +84,9 @@ struct Inner<S> {
     consumer: Option<Waker>,
     /// The consumer found the queue empty: the next push wakes it.
     waiting: bool,
+    /// A quiet push left the waiting consumer asleep: it is owed a
+    /// wake-up (see [`Queue::try_push_quiet`]).
+    owed: bool,
 }
 
 /// A bounded multi-producer, single-consumer queue of the items of store
@@ -111,6 +114,7 @@ impl<S: Store> Queue<S> {
                 discard: false,
                 consumer: None,
                 waiting: false,
+                owed: false,
             }),
             idle: AtomicBool::new(false),
             capacity,
@@ -145,6 +149,49 @@ impl<S: Store> Queue<S> {
             w.wake();
         }
         Ok(())
+    }
+
+    /// Queues `item` if there is room, like [`Queue::try_push`], but
+    /// leaves a waiting consumer asleep: for items that can wait a little
+    /// (a round-trip sample). The next ordinary push wakes it, or
+    /// [`Queue::wake_owed`]. Returns true when the consumer waits and this
+    /// is the first item since that it was not woken for: the caller must
+    /// then see that `wake_owed` is called soon.
+    ///
+    /// Why: with many sessions, a sample arrives every few hundred
+    /// microseconds, and waking the application once per scheduler round
+    /// for them cost more than the samples themselves.
+    pub(crate) fn try_push_quiet(&self, item: S::Item) -> Result<bool, PushError<S::Item>> {
+        let mut q = self.lock();
+        if q.discard {
+            return Ok(false);
+        }
+        if q.closed {
+            return Err(PushError::Closed(item));
+        }
+        if q.items.len() >= self.capacity {
+            return Err(PushError::Full(item));
+        }
+        q.items.push(item);
+        if !q.waiting {
+            return Ok(false);
+        }
+        // A look would find something now.
+        self.idle.store(false, Ordering::Release);
+        Ok(!std::mem::replace(&mut q.owed, true))
+    }
+
+    /// Wakes the consumer if a quiet push left it asleep.
+    pub(crate) fn wake_owed(&self) {
+        let mut q = self.lock();
+        if !std::mem::take(&mut q.owed) {
+            return;
+        }
+        let consumer = self.take_waiting(&mut q);
+        drop(q);
+        if let Some(w) = consumer {
+            w.wake();
+        }
     }
 
     /// Queues `item`, waiting for room; hands it back if the queue closes.
@@ -230,6 +277,10 @@ impl<S: Store> Queue<S> {
         let r = f(&mut q.items);
         let left = q.items.len();
         let closed = q.closed && left == 0;
+        if left == 0 {
+            // It saw what quiet pushes left.
+            q.owed = false;
+        }
         if let Some(w) = waker {
             q.waiting = left == 0 && !q.closed;
             q.set_consumer(w);
@@ -261,6 +312,7 @@ impl<S: Store> Queue<S> {
     /// The consumer's waker, if it waits for an item (it is woken, and the
     /// queue is no longer idle).
     fn take_waiting(&self, q: &mut Inner<S>) -> Option<Waker> {
+        q.owed = false;
         if std::mem::take(&mut q.waiting) {
             self.idle.store(false, Ordering::Release);
             q.consumer.take()
@@ -460,6 +512,49 @@ mod tests {
         fn wake(self: Arc<Self>) {
             self.0.fetch_add(1, Ordering::SeqCst);
         }
+    }
+
+    #[test]
+    fn quiet_pushes_leave_the_consumer_asleep_until_its_owed_wake() {
+        let count = Arc::new(Count(Default::default()));
+        let waker = Waker::from(count.clone());
+        let woken = || count.0.load(Ordering::SeqCst);
+        let o = Queue::<VecDeque<u32>>::new(4);
+        // Not waiting: nothing is owed.
+        assert!(!o.try_push_quiet(1).unwrap());
+        let mut got = VecDeque::new();
+        o.take_all(&mut got, Some(&waker));
+        assert!(o.is_idle());
+        // Waiting: the first quiet push asks for a wake-up, the next does
+        // not (one is owed already), and neither wakes.
+        assert!(o.try_push_quiet(2).unwrap());
+        assert!(!o.try_push_quiet(3).unwrap());
+        assert_eq!(woken(), 0);
+        assert!(!o.is_idle(), "a look would find items");
+        o.wake_owed();
+        assert_eq!(woken(), 1);
+        o.wake_owed();
+        assert_eq!(woken(), 1, "owed once");
+        o.take_all(&mut got, Some(&waker));
+        // An ordinary push wakes at once and settles what was owed.
+        assert!(o.try_push_quiet(4).unwrap());
+        o.try_push(5).unwrap();
+        assert_eq!(woken(), 2);
+        o.wake_owed();
+        assert_eq!(woken(), 2);
+        // A look that takes everything settles it too.
+        o.take_all(&mut got, Some(&waker));
+        assert!(o.try_push_quiet(6).unwrap());
+        o.take_all(&mut got, None);
+        o.wake_owed();
+        assert_eq!(woken(), 2);
+        // Full and closed queues refuse quiet pushes like others.
+        let f = Queue::<VecDeque<u32>>::new(1);
+        f.try_push(1).unwrap();
+        assert!(matches!(f.try_push_quiet(2), Err(PushError::Full(2))));
+        f.close();
+        assert!(matches!(f.try_push_quiet(3), Err(PushError::Closed(3))));
+        assert_eq!(got, [1, 2, 3, 4, 5, 6]);
     }
 
     #[test]

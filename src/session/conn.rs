@@ -869,14 +869,13 @@ impl Link {
         if let Some(p) = self.peer {
             self.mailbox.record_rtt(rtt);
             // A sample is skipped (and counted), never waited for: the
-            // session must keep going.
-            if self
-                .hub
-                .events
-                .try_push(Event::Rtt { peer: p, rtt })
-                .is_err()
-            {
-                Counters::bump(&self.cold.shared.counters.rtt_events_skipped);
+            // session must keep going. It does not wake the application
+            // either: the next event does, or the node's timer by its next
+            // tick (once for the samples of many sessions).
+            match self.hub.events.try_push_quiet(Event::Rtt { peer: p, rtt }) {
+                Ok(false) => {}
+                Ok(true) => self.hub.timer.nudge(self.now),
+                Err(_) => Counters::bump(&self.cold.shared.counters.rtt_events_skipped),
             }
         }
     }

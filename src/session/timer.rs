@@ -19,7 +19,7 @@
 //! session, under the wheel's lock), so no wake-up is ever late by more than
 //! a tick; one that moves later costs nothing until the old slot comes due.
 
-use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -71,8 +71,10 @@ pub(crate) struct Timer<T> {
     start: Instant,
     wheel: Mutex<Wheel<T>>,
     /// Tells the task that something was filed before the tick it sleeps
-    /// until.
+    /// until (or that it was nudged).
     refiled: Notify,
+    /// The task is to call its `on_nudge` when it next looks.
+    nudged: AtomicBool,
 }
 
 struct Wheel<T> {
@@ -120,6 +122,7 @@ impl<T: Timed> Timer<T> {
                 scratch: Vec::new(),
             }),
             refiled: Notify::new(),
+            nudged: AtomicBool::new(false),
         }
     }
 
@@ -162,6 +165,23 @@ impl<T: Timed> Timer<T> {
                     self.refiled.notify_one();
                 }
             }
+        }
+    }
+
+    /// Has the task call its `on_nudge` by the tick after `now`'s (at
+    /// once if it sleeps longer than that). For work that may wait a few
+    /// milliseconds and is cheaper done once for many: with many sessions
+    /// the task wakes every tick anyway.
+    pub(crate) fn nudge(&self, now: Instant) {
+        self.nudged.store(true, SeqCst);
+        // The task sets `wake_at` under the lock before it looks at
+        // `nudged`: either it sees the flag, or we see where it sleeps.
+        let tick = self.nanos(now) / TICK_NS + 1;
+        let mut w = self.lock();
+        if w.wake_at > tick {
+            w.wake_at = tick;
+            drop(w);
+            self.refiled.notify_one();
         }
     }
 
@@ -234,8 +254,9 @@ impl<T: Timed> Timer<T> {
             .then(|| self.start + Duration::from_nanos(wake_at.saturating_mul(TICK_NS)))
     }
 
-    /// The timer's task: runs until aborted (with the node).
-    pub(crate) async fn run(self: Arc<Self>) {
+    /// The timer's task: runs until aborted (with the node). Calls
+    /// `on_nudge` when it finds itself nudged.
+    pub(crate) async fn run(self: Arc<Self>, on_nudge: impl Fn() + Send) {
         let sleep = clock::sleep_until(self.start);
         tokio::pin!(sleep);
         loop {
@@ -243,7 +264,11 @@ impl<T: Timed> Timer<T> {
             tokio::pin!(refiled);
             // Told of what is filed from here on, before looking.
             refiled.as_mut().enable();
-            match self.advance(clock::now()) {
+            let next = self.advance(clock::now());
+            if self.nudged.swap(false, SeqCst) {
+                on_nudge();
+            }
+            match next {
                 Some(at) => {
                     sleep.as_mut().reset(tokio::time::Instant::from_std(at));
                     tokio::select! {
@@ -389,6 +414,33 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_nudge_reaches_the_task_by_the_next_tick_however_long_it_sleeps() {
+        let timer = Arc::new(Timer::<Probe>::new(clock::now()));
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let run = tokio::spawn(timer.clone().run(move || {
+            let _ = tx.send(clock::now());
+        }));
+        let p = Arc::new(Probe::default());
+        // Sleeping until told (nothing filed), then until a deadline 10 s
+        // away: each nudge is answered long before.
+        for filed in [None, Some(10_000 * MS)] {
+            tokio::time::sleep(20 * MS).await;
+            if let Some(d) = filed {
+                timer.set(&p, Some(clock::now() + d));
+                tokio::time::sleep(20 * MS).await;
+            }
+            let t = clock::now();
+            timer.nudge(t);
+            let called = tokio::time::timeout(5_000 * MS, rx.recv()).await;
+            let called = called.expect("on_nudge not called").unwrap();
+            assert!(called >= t);
+            assert!(rx.try_recv().is_err(), "called once per nudge");
+        }
+        assert_eq!(woken(&p), 0);
+        run.abort();
+    }
+
+    #[tokio::test]
     async fn the_task_wakes_a_session_filed_while_it_sleeps() {
         struct Task {
             deadline: Deadline,
@@ -403,7 +455,7 @@ mod tests {
             }
         }
         let timer = Arc::new(Timer::new(clock::now()));
-        let run = tokio::spawn(timer.clone().run());
+        let run = tokio::spawn(timer.clone().run(|| {}));
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
         let t = Arc::new(Task {
             deadline: Deadline::default(),

@@ -5,7 +5,7 @@
 //! cargo run --release --example bench -- lifecycle [--trials N]
 //! cargo run --release --example bench -- rtt [--n N]
 //! cargo run --release --example bench -- throughput [--scale F]
-//! cargo run --release --example bench -- scale [--sessions 1000,10000] [--secs 30] [--rounds 1] [--paired]
+//! cargo run --release --example bench -- scale [--sessions 1000,10000] [--secs 30] [--rounds 1] [--paired [--pin] [--timeout-baseline]]
 //! cargo run --release --example bench -- discovery [--trials 50]   (namespaces need root)
 //! cargo run --release --example bench -- detect [--trials 20]      (root)
 //! cargo run --release --example bench -- soak [--minutes 10]
@@ -57,6 +57,14 @@ struct Args {
     /// both over the same windows (`--rounds` of them).
     #[arg(long)]
     paired: bool,
+    /// Scale, with `--paired`: both servers on CPU 0, both clients on
+    /// CPU 1 (steadier ratios).
+    #[arg(long)]
+    pin: bool,
+    /// Scale, with `--paired`: compare with the raw server that has a 3 s
+    /// read timeout.
+    #[arg(long)]
+    timeout_baseline: bool,
 }
 
 fn main() {
@@ -93,7 +101,10 @@ fn main() {
             .block_on(lifecycle::lifecycle(args.trials)),
         "rtt" => msg::rtt(args.n),
         "throughput" => msg::throughput(args.scale),
-        "scale" if args.paired => scale::scale_paired(&args.sessions, args.secs, args.rounds),
+        "scale" if args.paired => {
+            let (pin, timeout) = (args.pin, args.timeout_baseline);
+            scale::scale_paired(&args.sessions, args.secs, args.rounds, pin, timeout)
+        }
         "scale" => scale::scale(&args.sessions, args.secs, args.rounds),
         "discovery" => net::discovery(args.trials.max(50)),
         "detect" => net::detect(args.trials),

@@ -236,9 +236,17 @@ fn pair(server: &[&str], client: &[&str], pinned: bool, lanbeat: bool) -> Value 
         let service = format!("bench-{}", free_port());
         let dport = free_port().to_string();
         let extra = ["--service", &service, "--dport", &dport];
-        let mut s = Helper::start(&[to(server), to(&extra)].concat(), pinned, None);
+        let mut s = Helper::start(
+            &[to(server), to(&extra)].concat(),
+            pinned.then_some(0),
+            None,
+        );
         assert_eq!(s.line(), "ready");
-        let mut c = Helper::start(&[to(client), to(&extra)].concat(), pinned, None);
+        let mut c = Helper::start(
+            &[to(client), to(&extra)].concat(),
+            pinned.then_some(0),
+            None,
+        );
         // Whichever side measures prints the result.
         let out = if server[0].ends_with("sink") {
             s.line()
@@ -247,9 +255,13 @@ fn pair(server: &[&str], client: &[&str], pinned: bool, lanbeat: bool) -> Value 
         };
         serde_json::from_str(&out).unwrap()
     } else {
-        let mut s = Helper::start(&to(server), pinned, None);
+        let mut s = Helper::start(&to(server), pinned.then_some(0), None);
         let port = s.line();
-        let mut c = Helper::start(&[to(client), to(&["--port", &port])].concat(), pinned, None);
+        let mut c = Helper::start(
+            &[to(client), to(&["--port", &port])].concat(),
+            pinned.then_some(0),
+            None,
+        );
         let out = if server[0].ends_with("sink") {
             s.line()
         } else {

@@ -138,7 +138,7 @@ pub(crate) fn discovery(trials: usize) {
     let common = ["--service", service, "--dport", dport];
     let mut r = Helper::start(
         &to_args(&["udp-responder", "--dport", "47475"]),
-        false,
+        None,
         Some(lab.ns(1)),
     );
     assert_eq!(r.line(), "ready");
@@ -152,7 +152,7 @@ pub(crate) fn discovery(trials: usize) {
             "--broadcast",
             "10.77.0.255",
         ]),
-        false,
+        None,
         Some(lab.ns(0)),
     );
     let fv: Value = serde_json::from_str(&fl.line()).unwrap();
@@ -181,7 +181,7 @@ fn cold_start_rows(
     f.sort();
     let base = pct(&f, 0.5);
     let partner_args = [to_args(&["partner"]), to_args(common)].concat();
-    let mut p = Helper::start(&partner_args, false, hosts.map(|h| h.1));
+    let mut p = Helper::start(&partner_args, None, hosts.map(|h| h.1));
     assert_eq!(p.line(), "ready");
     let trials = trials.to_string();
     let starts_args = [
@@ -189,7 +189,7 @@ fn cold_start_rows(
         to_args(common),
     ]
     .concat();
-    let mut c = Helper::start(&starts_args, false, hosts.map(|h| h.0));
+    let mut c = Helper::start(&starts_args, None, hosts.map(|h| h.0));
     let v: Value = serde_json::from_str(&c.line()).unwrap();
     report(place, floor, base, &v);
     drop(p);

@@ -216,7 +216,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 /// Runs `role` as the server of `n` idle sessions: its CPU (% of a core
 /// over `secs`) and RSS per session.
 fn measure(role: &str, n: usize, secs: u64) -> (f64, f64) {
-    let run = Running::start(role, n);
+    let run = Running::start(role, n, false);
     let window = Window::open(&[&run]);
     std::thread::sleep(Duration::from_secs(secs));
     (window.close()[0].total(), run.per_session)
@@ -231,11 +231,12 @@ struct Running {
 }
 
 impl Running {
-    fn start(role: &str, n: usize) -> Running {
+    /// With `pin`, the server runs on CPU 0 and its client on CPU 1.
+    fn start(role: &str, n: usize, pin: bool) -> Running {
         let lanbeat = role == "lb-hb-server";
         let mut server = Helper::start(
             &[role.into(), "--sessions".into(), n.to_string()],
-            false,
+            pin.then_some(0),
             None,
         );
         let port = server.line();
@@ -251,7 +252,7 @@ impl Running {
                 "--lanbeat".into(),
                 lanbeat.to_string(),
             ],
-            false,
+            pin.then_some(1),
             None,
         );
         assert_eq!(client.line(), "connected");
@@ -329,17 +330,37 @@ impl Window {
 /// with its own client, and their CPU is sampled over the same windows, so
 /// that what the machine does meanwhile (other tenants of the VM, clock
 /// changes) weighs on both alike. One after the other, the ratio of one
-/// 30 s window moved between 0.91 and 1.29 from round to round.
-pub(crate) fn scale_paired(sessions: &[usize], secs: u64, windows: usize) {
-    println!("idle sessions at 1 Hz heartbeat; raw tokio and lanbeat servers side by side,");
-    println!("CPU sampled over the same {windows} window(s) of {secs} s\n");
+/// 30 s window moved between 0.91 and 1.29 from round to round; side by
+/// side, between about 1.01 and 1.09.
+///
+/// With `pin` both servers share CPU 0 and both clients CPU 1: where the
+/// scheduler puts each process no longer varies (it decides which process
+/// is charged for the loopback's receive work), and a window's ratio stays
+/// within about 1 % of the run's (two raw servers: 0.986 to 1.000).
+///
+/// With `timeout`, the baseline is the raw server with a 3 s read timeout:
+/// the least a heartbeat that notices a silent peer must do.
+pub(crate) fn scale_paired(
+    sessions: &[usize],
+    secs: u64,
+    windows: usize,
+    pin: bool,
+    timeout: bool,
+) {
+    let (role, what) = SERVERS[usize::from(timeout)];
+    println!("idle sessions at 1 Hz heartbeat; {what} and lanbeat servers side by side,");
+    println!("CPU sampled over the same {windows} window(s) of {secs} s");
+    if pin {
+        println!("(both servers on CPU 0, both clients on CPU 1)");
+    }
+    println!();
     println!(
-        "| sessions | window | raw tokio CPU % (user + sys) | lanbeat CPU % (user + sys) | lanbeat RSS KiB/session | CPU vs raw |"
+        "| sessions | window | {what} CPU % (user + sys) | lanbeat CPU % (user + sys) | lanbeat RSS KiB/session | CPU vs baseline |"
     );
     println!("| --- | --- | --- | --- | --- | --- |");
     for &n in sessions {
-        let raw = Running::start("raw-hb-server", n);
-        let lb = Running::start("lb-hb-server", n);
+        let raw = Running::start(role, n, pin);
+        let lb = Running::start("lb-hb-server", n, pin);
         let mut ratios = Vec::new();
         let mut cpus = (Vec::new(), Vec::new());
         for w in 1..=windows.max(1) {

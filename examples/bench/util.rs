@@ -98,16 +98,16 @@ pub(crate) struct Helper {
 }
 
 impl Helper {
-    /// Starts `bench __child <args>`, optionally pinned to CPU 0 with
+    /// Starts `bench __child <args>`, optionally pinned to one CPU with
     /// `taskset`, optionally inside network namespace `netns`.
-    pub(crate) fn start(args: &[String], pinned: bool, netns: Option<&str>) -> Helper {
+    pub(crate) fn start(args: &[String], cpu: Option<usize>, netns: Option<&str>) -> Helper {
         let exe = std::env::current_exe().unwrap();
         let mut cmd = Vec::<String>::new();
         if let Some(ns) = netns {
             cmd.extend(["ip", "netns", "exec", ns].map(String::from));
         }
-        if pinned {
-            cmd.extend(["taskset", "-c", "0"].map(String::from));
+        if let Some(cpu) = cpu {
+            cmd.extend(["taskset".into(), "-c".into(), cpu.to_string()]);
         }
         cmd.push(exe.to_string_lossy().into_owned());
         cmd.push("__child".into());

@@ -61,6 +61,8 @@ pub(crate) async fn lifecycle(trials: usize) {
     println!("measured from the last RTT event seen by the bench, in the trials where");
     println!("it dialed (the acceptor's RTT events are the dialer's reports); the timeout");
     println!("counts from the last frame of any kind, so it can be a little shorter.");
+    println!("An RTT event reaches the application up to one tick of the node's timer");
+    println!("(8 ms) after its pong, so 'last pong' may also read up to 8 ms short.");
 }
 
 async fn trial(interval: u64, timeout: u64) -> Trial {

@@ -514,10 +514,14 @@ mod tests {
         }
     }
 
+    fn counting_waker() -> (Waker, Arc<Count>) {
+        let count = Arc::new(Count(Default::default()));
+        (Waker::from(count.clone()), count)
+    }
+
     #[test]
     fn quiet_pushes_leave_the_consumer_asleep_until_its_owed_wake() {
-        let count = Arc::new(Count(Default::default()));
-        let waker = Waker::from(count.clone());
+        let (waker, count) = counting_waker();
         let woken = || count.0.load(Ordering::SeqCst);
         let o = Queue::<VecDeque<u32>>::new(4);
         // Not waiting: nothing is owed.
@@ -559,8 +563,7 @@ mod tests {
 
     #[test]
     fn idle_only_while_a_look_would_find_nothing() {
-        let count = Arc::new(Count(Default::default()));
-        let waker = Waker::from(count.clone());
+        let (waker, count) = counting_waker();
         let woken = || count.0.load(Ordering::SeqCst);
         let o = Queue::<VecDeque<u32>>::new(4);
         assert!(!o.is_idle(), "the consumer never looked");

@@ -133,16 +133,9 @@ impl<S: Store> Queue<S> {
     #[inline(always)]
     pub(crate) fn try_push(&self, item: S::Item) -> Result<(), PushError<S::Item>> {
         let mut q = self.lock();
-        if q.discard {
+        if !self.admit(&mut q, item)? {
             return Ok(());
         }
-        if q.closed {
-            return Err(PushError::Closed(item));
-        }
-        if q.items.len() >= self.capacity {
-            return Err(PushError::Full(item));
-        }
-        q.items.push(item);
         let consumer = self.take_waiting(&mut q);
         drop(q);
         if let Some(w) = consumer {
@@ -163,17 +156,7 @@ impl<S: Store> Queue<S> {
     /// for them cost more than the samples themselves.
     pub(crate) fn try_push_quiet(&self, item: S::Item) -> Result<bool, PushError<S::Item>> {
         let mut q = self.lock();
-        if q.discard {
-            return Ok(false);
-        }
-        if q.closed {
-            return Err(PushError::Closed(item));
-        }
-        if q.items.len() >= self.capacity {
-            return Err(PushError::Full(item));
-        }
-        q.items.push(item);
-        if !q.waiting {
+        if !self.admit(&mut q, item)? || !q.waiting {
             return Ok(false);
         }
         // A look would find something now.
@@ -192,6 +175,23 @@ impl<S: Store> Queue<S> {
         if let Some(w) = consumer {
             w.wake();
         }
+    }
+
+    /// Stores `item` if the queue takes it (under the lock). Returns false
+    /// when it was dropped because the consumer is gone.
+    #[inline(always)]
+    fn admit(&self, q: &mut Inner<S>, item: S::Item) -> Result<bool, PushError<S::Item>> {
+        if q.discard {
+            return Ok(false);
+        }
+        if q.closed {
+            return Err(PushError::Closed(item));
+        }
+        if q.items.len() >= self.capacity {
+            return Err(PushError::Full(item));
+        }
+        q.items.push(item);
+        Ok(true)
     }
 
     /// Queues `item`, waiting for room; hands it back if the queue closes.

@@ -80,18 +80,11 @@ pub fn frames(data: &[u8]) {
     assert_eq!(chunked, decoded, "Frames disagrees with Frame::decode");
 }
 
+/// A handshake as the session driver sees one (frames up to `MAX_FRAME`).
 fn hello(id: u64, interval_ms: u64, timeout_ms: u64) -> Hello {
     Hello {
-        protocol: 1,
-        service: "fuzz".into(),
-        id: PeerId::from_u64(id),
-        instance: id,
-        name: "f".into(),
-        role: Role::Peer,
-        port: 1,
-        heartbeat_interval_ms: interval_ms,
-        heartbeat_timeout_ms: timeout_ms,
         max_frame_size: MAX_FRAME,
+        ..crate::testing::hello(id, interval_ms, timeout_ms)
     }
 }
 
@@ -104,12 +97,9 @@ pub fn session(data: &[u8]) {
     let mut now = start;
     let cfg = SessionConfig {
         hello: hello(1, 100, 300),
-        heartbeat_interval: Duration::from_millis(100),
-        heartbeat_timeout: Duration::from_millis(300),
-        handshake_timeout: Duration::from_millis(500),
         max_unacked: MAX_UNACKED,
-        max_unacked_bytes: 1 << 20,
         write_timeout: Duration::from_millis(400),
+        ..crate::testing::session_config_of(1, 100, 300)
     };
     let expected = data.first().map(|b| b & 1 == 1).unwrap_or(false);
     let mut s = Session::new(now, cfg, expected.then(|| PeerId::from_u64(2)));

@@ -61,6 +61,7 @@ pub mod config;
 pub mod discovery;
 pub mod error;
 pub mod event;
+#[cfg(any(test, fuzzing))]
 #[doc(hidden)]
 pub mod fuzzing;
 mod node;
@@ -68,6 +69,8 @@ pub mod peer;
 mod queue;
 pub mod session;
 mod stats;
+#[cfg(any(test, fuzzing))]
+mod testing;
 pub mod wire;
 
 pub use bytes::Bytes;
@@ -77,30 +80,6 @@ pub use event::{DownReason, Event, ProtocolViolation};
 pub use node::{Events, LocalInfo, Node, PeerSender};
 pub use peer::{PeerId, PeerInfo, PeerState, PeerStatus, Role};
 pub use stats::Stats;
-
-#[cfg(test)]
-pub(crate) fn fuzzing_session_config() -> session::machine::SessionConfig {
-    session::machine::SessionConfig {
-        hello: wire::frame::Hello {
-            protocol: 1,
-            service: "s".into(),
-            id: PeerId::from_u64(1),
-            instance: 1,
-            name: "n".into(),
-            role: Role::Peer,
-            port: 1,
-            heartbeat_interval_ms: 1000,
-            heartbeat_timeout_ms: 3000,
-            max_frame_size: 1 << 20,
-        },
-        heartbeat_interval: std::time::Duration::from_secs(1),
-        heartbeat_timeout: std::time::Duration::from_secs(3),
-        handshake_timeout: std::time::Duration::from_secs(2),
-        max_unacked: 16,
-        max_unacked_bytes: 1 << 20,
-        write_timeout: std::time::Duration::from_secs(3),
-    }
-}
 
 /// The README's code must compile.
 #[cfg(doctest)]

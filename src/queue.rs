@@ -91,7 +91,7 @@ struct Inner<S> {
 
 /// A bounded multi-producer, single-consumer queue of the items of store
 /// `S` (a `VecDeque<T>` for a plain queue of `T`).
-// `idle` first: an idle consumer reads only it (see `conn::Mailbox`).
+// `idle` first: an idle consumer reads only it (see `session::mailbox`).
 #[derive(Debug)]
 #[repr(C)]
 pub(crate) struct Queue<S> {
@@ -105,7 +105,15 @@ pub(crate) struct Queue<S> {
     room: Notify,
 }
 
+impl<S> Queue<S> {
+    /// Where the idle flag ends, from the start of the queue: a consumer
+    /// that checks only it reads this many bytes (see
+    /// `session::mailbox`, which keeps them in its first cache line).
+    pub(crate) const IDLE_END: usize = std::mem::offset_of!(Self, idle) + size_of::<AtomicBool>();
+}
+
 impl<S: Store> Queue<S> {
+    /// An empty queue that holds up to `capacity` items.
     pub(crate) fn new(capacity: usize) -> Self {
         Queue {
             inner: Mutex::new(Inner {

@@ -1,6 +1,21 @@
 //! TCP sessions: the sans-IO [`machine`] and the tokio task that drives it.
+//!
+//! | file | owns |
+//! | --- | --- |
+//! | `machine.rs` | the session's protocol state machine (sans-IO) |
+//! | `task.rs` | the connection's task: a future going through its phases |
+//! | `connection.rs` | the running phase: the per-frame loop |
+//! | `lifecycle.rs` | what runs once per connection: dial, approval, end |
+//! | `mailbox.rs` | what a connection shares with its node (outbox, close request, RTT, deadline) |
+//! | `outbox.rs` | how the outbox stores messages (small ones encoded as sent) |
+//! | `supervision.rs` | what a connection and the supervisor tell each other |
+//! | `timer.rs` | one timer wheel for all the sessions of a node |
 
-pub(crate) mod conn;
+mod connection;
+pub(crate) mod lifecycle;
 pub mod machine;
+pub(crate) mod mailbox;
 pub(crate) mod outbox;
+pub(crate) mod supervision;
+pub(crate) mod task;
 pub(crate) mod timer;

@@ -470,19 +470,8 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    pub(crate) fn hello() -> Hello {
-        Hello {
-            protocol: 1,
-            service: "lamps".into(),
-            id: PeerId::from_u64(0xabc),
-            instance: 7,
-            name: "hub".into(),
-            role: Role::Peer,
-            port: 4000,
-            heartbeat_interval_ms: 1000,
-            heartbeat_timeout_ms: 3000,
-            max_frame_size: 1 << 20,
-        }
+    fn hello() -> Hello {
+        crate::testing::hello(0xabc, 1000, 3000)
     }
 
     fn round_trip(f: Frame) {

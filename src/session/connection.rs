@@ -1,105 +1,40 @@
-//! The tokio task of one TCP connection: it moves bytes between the socket
-//! and the [`Session`] machine, between the outbox and the socket, and
-//! between the machine and the application's event stream.
+//! The running phase of a connection: one hand-written loop that moves
+//! bytes between the socket and the [`Session`] machine, messages from the
+//! outbox to the socket, and received messages and round-trip samples to
+//! the application's event stream, until the handshake completes or the
+//! session ends.
 
 use std::collections::VecDeque;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, BytesMut};
-use socket2::SockRef;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
-use tokio::sync::{mpsc, oneshot};
-use tracing::{Span, debug, info, trace, warn};
+use tokio::sync::mpsc;
+use tracing::{trace, warn};
 
 use super::machine::{Session, SessionConfig, SessionEvent};
-use super::outbox::Outbox;
-use super::timer::{Deadline, Timed, Timer};
+use super::mailbox::Mailbox;
+use super::supervision::{NewConnection, NodeContext, Report};
 use crate::clock;
-use crate::event::{DownReason, Event, ProtocolViolation};
-use crate::node::Shared;
+use crate::event::{DownReason, Event};
 use crate::peer::PeerId;
 use crate::queue::Queue;
 use crate::stats::Counters;
 use crate::wire::frame::{Frame, Frames, Hello, MAX_FIXED, frame_len};
 
-/// What a connection shares with the node: its outbox (published to
-/// senders once the session is up), the supervisor's close request, and its
-/// latest round-trip time. One allocation, what a heartbeat touches in its
-/// first cache line: with 10 000 sessions every line read per wake-up is a
-/// cache miss.
-#[derive(Debug)]
-#[repr(C, align(64))]
-pub(crate) struct Mailbox {
-    /// A close was requested (the reason is in `close`).
-    closing: AtomicBool,
-    /// Nanoseconds; 0 until the first sample.
-    rtt_ns: AtomicU64,
-    /// The connection's next deadline, for the node's timer.
-    deadline: Deadline,
-    queue: Queue<Outbox>,
-    /// Close with a goodbye, for this reason.
-    close: OnceLock<DownReason>,
-}
-
-impl Mailbox {
-    pub(crate) fn new(capacity: usize) -> Self {
-        Mailbox {
-            closing: AtomicBool::new(false),
-            rtt_ns: AtomicU64::new(0),
-            deadline: Deadline::default(),
-            queue: Queue::new(capacity),
-            close: OnceLock::new(),
-        }
-    }
-
-    /// Asks the connection to close with a goodbye (the first request
-    /// counts).
-    pub(crate) fn request_close(&self, reason: DownReason) {
-        let _ = self.close.set(reason);
-        self.closing.store(true, Ordering::Release);
-        self.queue.wake_consumer();
-    }
-
-    fn record_rtt(&self, rtt: Duration) {
-        let ns = u64::try_from(rtt.as_nanos()).unwrap_or(u64::MAX).max(1);
-        self.rtt_ns.store(ns, Ordering::Relaxed);
-    }
-
-    /// The latest round-trip time of the session, if one was measured.
-    pub(crate) fn last_rtt(&self) -> Option<Duration> {
-        match self.rtt_ns.load(Ordering::Relaxed) {
-            0 => None,
-            ns => Some(Duration::from_nanos(ns)),
-        }
-    }
-}
-
-impl Timed for Mailbox {
-    fn deadline(&self) -> &Deadline {
-        &self.deadline
-    }
-
-    /// The connection task waits on its outbox (its waker is registered
-    /// there on every pass): a deadline wakes it the way a close request
-    /// does.
-    fn wake(&self) {
-        self.queue.wake_consumer();
-    }
-}
-
-impl std::ops::Deref for Mailbox {
-    type Target = Queue<Outbox>;
-
-    fn deref(&self) -> &Queue<Outbox> {
-        &self.queue
-    }
+/// Why the loop of [`Connection::poll_session`] stopped: the task moves to
+/// its next phase.
+pub(super) enum LoopExit {
+    /// The handshake completed: the supervisor is to approve it.
+    Handshaken(Box<Hello>),
+    /// The session is over.
+    Closed(DownReason),
 }
 
 /// Stop taking messages from the outbox while this much waits to be written.
@@ -107,8 +42,6 @@ impl std::ops::Deref for Mailbox {
 /// 64 KiB) stays below glibc's 128 KiB mmap threshold: a freed and
 /// reallocated buffer then costs no page faults.
 const WRITE_HIGH_WATER: usize = 32 * 1024;
-/// How long a closing session may spend flushing its goodbye.
-const GOODBYE_FLUSH: Duration = Duration::from_millis(500);
 /// Read buffer sizes: an idle session reads into a small buffer (a ping is
 /// 13 bytes); one whose reads fill the buffer gets a bigger one next time,
 /// up to 64 KiB. Not more: received messages keep their read buffer alive
@@ -124,269 +57,62 @@ const MAX_PASSES: usize = 16;
 /// Reads per pass (each read is followed by decoding what it brought).
 const MAX_READS: usize = 2;
 
-/// The supervisor's answer to a completed handshake.
-#[derive(Debug)]
-pub(crate) enum Approval {
-    Accept,
-    Reject(ProtocolViolation),
-    /// The node is shutting down.
-    Shutdown,
+/// What a connection uses only now and then: who it is, its settings, and
+/// its line to the supervisor (kept apart from the hot state).
+pub(super) struct Params {
+    /// The supervisor's number for the connection.
+    pub(super) id: u64,
+    pub(super) session: Arc<SessionConfig>,
+    /// The peer a dial was for.
+    pub(super) expected: Option<PeerId>,
+    /// Whether we dialed.
+    pub(super) outbound: bool,
+    /// The peer's address.
+    pub(super) addr: SocketAddr,
+    pub(super) write_timeout: Duration,
+    pub(super) reports: mpsc::UnboundedSender<Report>,
 }
 
-/// From a connection to the supervisor.
-#[derive(Debug)]
-pub(crate) enum Note {
-    Handshaken {
-        conn: u64,
-        hello: Box<Hello>,
-        addr: SocketAddr,
-        approve: oneshot::Sender<Approval>,
-    },
-    Ended {
-        conn: u64,
-        /// The peer, if the session was up.
-        peer: Option<PeerId>,
-        reason: DownReason,
-    },
-}
-
-/// What a connection task is given.
-pub(crate) struct Conn {
-    pub(crate) id: u64,
-    pub(crate) session: Arc<SessionConfig>,
-    pub(crate) expected: Option<PeerId>,
-    pub(crate) outbound: bool,
-    pub(crate) max_frame: u32,
-    pub(crate) write_timeout: Duration,
-    pub(crate) hub: Arc<Hub>,
-    pub(crate) notes: mpsc::UnboundedSender<Note>,
-    pub(crate) mailbox: Arc<Mailbox>,
-    pub(crate) shared: Arc<Shared>,
-}
-
-/// What all the connections of a node use on every heartbeat: one pointer
-/// in each connection's hot state instead of two.
-pub(crate) struct Hub {
-    /// The application's event stream.
-    pub(crate) events: Arc<Queue<VecDeque<Event>>>,
-    /// The connections' deadlines.
-    pub(crate) timer: Arc<Timer<Mailbox>>,
-}
-
-/// A connection being made (when we dial).
-pub(crate) type ConnectFuture = Pin<Box<dyn Future<Output = std::io::Result<TcpStream>> + Send>>;
-
-/// TCP options derived from the heartbeat: no Nagle delay for heartbeats,
-/// and a limit on how long written data may stay unacknowledged, a little
-/// beyond our own timeout (the heartbeat decides first).
-///
-/// No TCP keepalive: it probes only a connection that received nothing
-/// for a while, which the heartbeat never lets happen, and a dead peer
-/// fails the heartbeat first. It would decide nothing and cost a kernel
-/// timer per connection.
-pub(crate) fn tune(stream: &TcpStream, timeout: Duration) {
-    let sock = SockRef::from(stream);
-    let results = [
-        sock.set_tcp_nodelay(true),
-        #[cfg(any(target_os = "linux", target_os = "android"))]
-        sock.set_tcp_user_timeout(Some(timeout * 2)),
-    ];
-    for r in results {
-        if let Err(e) = r {
-            debug!(error = %e, "cannot set a TCP option");
-        }
-    }
-}
-
-/// What the poll loop hands to the task.
-enum Step {
-    /// The handshake completed: ask the supervisor.
-    Approve(Box<Hello>),
-    /// The session is over.
-    Closed(DownReason),
-}
-
-/// Where a connection is in its life. What runs once per connection (the
-/// dial, the approval, the end) is a boxed future; what runs per frame is
-/// the hand-written loop of [`Link::poll_link`].
-/// The supervisor's decision, once the application was told.
-type Decision = Pin<Box<dyn Future<Output = Result<PeerId, DownReason>> + Send>>;
-
-enum Phase {
-    Connecting(ConnectFuture),
-    Running(TcpStream),
-    /// The supervisor decides on the handshake; the loop waits. (Boxed
-    /// with the stream: no variant is bigger than `Running`'s, so the
-    /// phase takes half a cache line.)
-    Approving(Box<(TcpStream, Decision)>),
-    /// The goodbye, the last events, the report to the supervisor.
-    Ending(Pin<Box<dyn Future<Output = ()> + Send>>),
-    Done,
-}
-
-/// The task of one TCP connection, written out as a future rather than as
-/// an `async fn`: the state an idle heartbeat touches is then laid out
-/// together at the start of the task (nested `async` state machines
-/// scattered it, and its state tags, over the task's memory: with 10 000
-/// sessions, every line touched per heartbeat is a cache miss).
-// In declaration order: the hot fields first.
-#[repr(C)]
-pub(crate) struct ConnTask {
-    phase: Phase,
-    /// The connection's span, when a subscriber takes it (entered on each
-    /// poll).
-    span: Option<Box<Span>>,
-    link: Link,
-}
-
-impl ConnTask {
-    /// A task for an accepted connection (`Ok`) or one to dial.
-    pub(crate) fn new(
-        conn: Conn,
-        stream: Result<TcpStream, ConnectFuture>,
-        addr: SocketAddr,
-        span: Span,
-    ) -> ConnTask {
-        let phase = match stream {
-            Ok(s) => {
-                tune(&s, conn.session.heartbeat_timeout);
-                Phase::Running(s)
-            }
-            Err(connect) => Phase::Connecting(connect),
-        };
-        ConnTask {
-            phase,
-            span: (!span.is_disabled()).then(|| Box::new(span)),
-            link: Link::new(clock::now(), conn, addr),
-        }
-    }
-}
-
-impl Future for ConnTask {
-    type Output = ();
-
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-        let this = &mut *self;
-        let _entered = this.span.as_ref().map(|s| s.enter());
-        let l = &mut this.link;
-        loop {
-            // Each arm puts back the phase it leaves, or the next one.
-            this.phase = match std::mem::replace(&mut this.phase, Phase::Done) {
-                Phase::Running(mut stream) => match l.poll_link(cx, &mut stream) {
-                    Poll::Pending => {
-                        this.phase = Phase::Running(stream);
-                        return Poll::Pending;
-                    }
-                    Poll::Ready(Step::Approve(hello)) => {
-                        let approval = approve(&l.cold, hello, l.hub.events.clone());
-                        Phase::Approving(Box::new((stream, Box::pin(approval))))
-                    }
-                    Poll::Ready(Step::Closed(reason)) => {
-                        Phase::Ending(Box::pin(l.end(stream, reason)))
-                    }
-                },
-                Phase::Approving(mut waiting) => match waiting.1.as_mut().poll(cx) {
-                    Poll::Pending => {
-                        this.phase = Phase::Approving(waiting);
-                        return Poll::Pending;
-                    }
-                    Poll::Ready(Ok(p)) => {
-                        l.peer = Some(p);
-                        Phase::Running(waiting.0)
-                    }
-                    // The peer may already count the session as up (it has
-                    // our hello): a node shutting down says goodbye.
-                    Poll::Ready(Err(r)) => {
-                        let goodbye = r == DownReason::Shutdown;
-                        l.session.close(r, goodbye);
-                        Phase::Running(waiting.0)
-                    }
-                },
-                Phase::Connecting(mut connect) => match connect.as_mut().poll(cx) {
-                    Poll::Pending => {
-                        this.phase = Phase::Connecting(connect);
-                        return Poll::Pending;
-                    }
-                    Poll::Ready(Ok(stream)) => {
-                        tune(&stream, l.cold.session.heartbeat_timeout);
-                        // The handshake has its time from now on.
-                        l.session =
-                            Session::new(clock::now(), l.cold.session.clone(), l.cold.expected);
-                        Phase::Running(stream)
-                    }
-                    Poll::Ready(Err(e)) => {
-                        debug!(error = %e, "connect failed");
-                        let _ = l.cold.notes.send(Note::Ended {
-                            conn: l.cold.id,
-                            peer: None,
-                            reason: DownReason::Io(e.kind()),
-                        });
-                        return Poll::Ready(());
-                    }
-                },
-                Phase::Ending(mut end) => match end.as_mut().poll(cx) {
-                    Poll::Pending => {
-                        this.phase = Phase::Ending(end);
-                        return Poll::Pending;
-                    }
-                    Poll::Ready(()) => return Poll::Ready(()),
-                },
-                Phase::Done => return Poll::Ready(()),
-            };
-        }
-    }
-}
-
-/// What a connection uses only now and then.
-struct Cold {
-    id: u64,
-    session: Arc<SessionConfig>,
-    expected: Option<PeerId>,
-    outbound: bool,
-    addr: SocketAddr,
-    write_timeout: Duration,
-    notes: mpsc::UnboundedSender<Note>,
-    shared: Arc<Shared>,
-}
-
-/// A connection's state, kept across polls.
+/// A connection's state, kept across polls, and the loop that moves bytes
+/// and events through it.
 // In declaration order: what an idle heartbeat touches is together, the
-// session machine's hot fields (its first) right after the link's.
+// session machine's hot fields (its first) right after these (checked in
+// `layout` below).
 #[repr(C)]
-struct Link {
+pub(super) struct Connection {
     /// The time, read once per pass (a clock read per step would cost a few
     /// percent of an idle session's wake-up).
-    now: Instant,
-    read_size: u32,
-    max_frame: u32,
+    pub(super) now: Instant,
+    pub(super) read_size: u32,
+    pub(super) max_frame: u32,
     /// What the connection buffers; `None` while it buffers nothing (an
     /// idle session's heartbeat then checks one word, not three buffers).
-    bufs: Option<Box<Buffers>>,
+    pub(super) bufs: Option<Box<Buffers>>,
     /// Set when the supervisor approved the session.
-    peer: Option<PeerId>,
-    mailbox: Arc<Mailbox>,
-    /// The event stream, and the node's timer (which keeps the deadline in
-    /// `mailbox`).
-    hub: Arc<Hub>,
-    session: Session,
+    pub(super) peer: Option<PeerId>,
+    pub(super) mailbox: Arc<Mailbox>,
+    /// The event stream, the node's timer (which keeps the deadline in
+    /// `mailbox`) and the counters.
+    pub(super) node: Arc<NodeContext>,
+    pub(super) session: Session,
     /// When a write last made progress, or the write buffer last filled
     /// from empty: a write stalled since then for `write_timeout` closes
     /// the session.
-    last_write: Instant,
-    cold: Cold,
+    pub(super) last_write: Instant,
+    pub(super) params: Params,
 }
 
 /// The buffers of a connection that has something to buffer.
 #[derive(Default)]
-struct Buffers {
+pub(super) struct Buffers {
     rbuf: BytesMut,
     /// Complete frames taken off `rbuf`, not yet decoded.
     frames: Frames,
-    wbuf: BytesMut,
+    pub(super) wbuf: BytesMut,
     /// Received messages the event queue has no room for yet. While any
     /// wait, the task reads nothing more and the heartbeat timeout is
     /// suspended (the silence is ours).
-    pending: VecDeque<Event>,
+    pub(super) pending: VecDeque<Event>,
     /// Waits for room in the event queue (only while `pending` waits).
     room: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
 }
@@ -439,66 +165,26 @@ fn write_some(
     at
 }
 
-/// Asks the supervisor to approve a completed handshake; once it did, the
-/// application learns that the session is up.
-fn approve(
-    cold: &Cold,
-    hello: Box<Hello>,
-    events: Arc<Queue<VecDeque<Event>>>,
-) -> impl Future<Output = Result<PeerId, DownReason>> + Send + 'static {
-    let (tx, rx) = oneshot::channel();
-    let (peer, addr, outbound) = (hello.id, cold.addr, cold.outbound);
-    let name = hello.name.clone();
-    let note = Note::Handshaken {
-        conn: cold.id,
-        hello,
-        addr,
-        approve: tx,
-    };
-    let sent = cold.notes.send(note).is_ok();
-    async move {
-        if !sent {
-            return Err(DownReason::Shutdown);
-        }
-        match rx.await {
-            Ok(Approval::Accept) => {
-                info!(%peer, %addr, "session up");
-                let up = Event::SessionUp {
-                    peer,
-                    name,
-                    addr,
-                    outbound,
-                };
-                let _ = events.push(up).await;
-                Ok(peer)
-            }
-            Ok(Approval::Reject(v)) => Err(DownReason::ProtocolError(v)),
-            Ok(Approval::Shutdown) | Err(_) => Err(DownReason::Shutdown),
-        }
-    }
-}
-
-impl Link {
-    fn new(now: Instant, conn: Conn, addr: SocketAddr) -> Link {
-        Link {
+impl Connection {
+    pub(super) fn new(now: Instant, new: NewConnection, addr: SocketAddr) -> Connection {
+        Connection {
             now,
             read_size: READ_MIN as u32,
-            max_frame: conn.max_frame,
+            max_frame: new.max_frame,
             bufs: None,
             peer: None,
-            mailbox: conn.mailbox,
-            hub: conn.hub,
-            session: Session::new(now, conn.session.clone(), conn.expected),
+            mailbox: new.mailbox,
+            node: new.node,
+            session: Session::new(now, new.session.clone(), new.expected),
             last_write: now,
-            cold: Cold {
-                id: conn.id,
-                session: conn.session,
-                expected: conn.expected,
-                outbound: conn.outbound,
+            params: Params {
+                id: new.id,
+                session: new.session,
+                expected: new.expected,
+                outbound: new.outbound,
                 addr,
-                write_timeout: conn.write_timeout,
-                notes: conn.notes,
-                shared: conn.shared,
+                write_timeout: new.write_timeout,
+                reports: new.reports,
             },
         }
     }
@@ -520,7 +206,7 @@ impl Link {
         }
         if b.wbuf.is_empty()
             && b.wbuf.capacity() > 0
-            && (b.wbuf.capacity() <= 4096 || self.mailbox.is_empty())
+            && (b.wbuf.capacity() <= 4096 || self.mailbox.outbox().is_empty())
         {
             b.wbuf = BytesMut::new();
         }
@@ -569,22 +255,27 @@ impl Link {
     /// registered waker fires first. Written by hand rather than as a
     /// `select!` loop: an idle session answering a ping is one pass, with no
     /// futures built and dropped per wake-up.
-    fn poll_link(&mut self, cx: &mut Context<'_>, stream: &mut TcpStream) -> Poll<Step> {
+    pub(super) fn poll_session(
+        &mut self,
+        cx: &mut Context<'_>,
+        stream: &mut TcpStream,
+    ) -> Poll<LoopExit> {
         for _ in 0..MAX_PASSES {
             self.now = clock::now();
             // The supervisor asked to close (say goodbye): once.
-            if self.mailbox.closing.load(Ordering::Acquire)
+            if let Some(r) = self.mailbox.close_requested()
                 && !self.session.is_closed()
-                && let Some(r) = self.mailbox.close.get()
             {
                 self.session.close(r.clone(), true);
             }
             let mut again = self.receive(cx, stream);
             while let Some(ev) = self.session.poll_event() {
                 match ev {
-                    SessionEvent::Established(hello) => return Poll::Ready(Step::Approve(hello)),
+                    SessionEvent::Established(hello) => {
+                        return Poll::Ready(LoopExit::Handshaken(hello));
+                    }
                     SessionEvent::Rtt(rtt) => self.rtt(rtt),
-                    SessionEvent::Closed(r) => return Poll::Ready(Step::Closed(r)),
+                    SessionEvent::Closed(r) => return Poll::Ready(LoopExit::Closed(r)),
                 }
             }
             self.transmit(cx, stream);
@@ -631,7 +322,7 @@ impl Link {
     fn deliver(&mut self, cx: &mut Context<'_>) -> bool {
         match self.bufs.as_mut() {
             Some(b) if !b.pending.is_empty() => {
-                Self::deliver_pending(cx, b, &self.hub.events, &mut self.session, self.now)
+                Self::deliver_pending(cx, b, &self.node.events, &mut self.session, self.now)
             }
             _ => true,
         }
@@ -753,18 +444,18 @@ impl Link {
     /// either way (for a close request, and, when it empties the outbox,
     /// for the next message).
     fn take_outbox(&mut self, cx: &mut Context<'_>) -> bool {
-        let full = |l: &Link| {
+        let full = |l: &Connection| {
             l.bufs
                 .as_ref()
                 .is_some_and(|b| b.wbuf.len() >= WRITE_HIGH_WATER)
         };
-        if self.mailbox.is_idle() {
+        if self.mailbox.outbox().is_idle() {
             // Empty, and our waker is registered for the next message (the
             // common case of an idle session's wake-up: no lock).
             return full(self);
         }
         if full(self) || self.peer.is_none() || !self.session.can_send() {
-            self.mailbox.register(cx.waker());
+            self.mailbox.outbox().register(cx.waker());
             return full(self);
         }
         let mut sent = 0;
@@ -775,7 +466,11 @@ impl Link {
             if room == 0 {
                 break;
             }
-            let (Some(out), _) = self.mailbox.consume(Some(cx.waker()), |b| b.pop(room)) else {
+            let (Some(out), _) = self
+                .mailbox
+                .outbox()
+                .consume(Some(cx.waker()), |b| b.pop(room))
+            else {
                 break;
             };
             out.encode(self.wbuf());
@@ -783,7 +478,7 @@ impl Link {
             self.session.record_sent(self.now, out);
         }
         if sent > 0 {
-            Counters::add(&self.cold.shared.counters.messages_sent, sent);
+            Counters::add(&self.node.counters.messages_sent, sent);
         }
         full(self)
     }
@@ -827,7 +522,7 @@ impl Link {
         }
         let stack = &stack[..staged];
         // Behind them, messages are about to be taken: one write for all.
-        let n = if self.mailbox.is_idle() || self.mailbox.is_empty() {
+        let n = if self.mailbox.outbox().is_idle() || self.mailbox.outbox().is_empty() {
             write_some(cx, stream, &mut self.session, stack)
         } else {
             0
@@ -841,7 +536,7 @@ impl Link {
     /// if it has come, and returns true; otherwise leaves it with the
     /// node's timer (which wakes the task then) and returns false.
     fn poll_timer(&mut self) -> bool {
-        let stall = (!self.wbuf_empty()).then(|| self.last_write + self.cold.write_timeout);
+        let stall = (!self.wbuf_empty()).then(|| self.last_write + self.params.write_timeout);
         let deadline = [self.session.poll_timeout(), stall]
             .into_iter()
             .flatten()
@@ -856,7 +551,7 @@ impl Link {
                 true
             }
             _ => {
-                self.hub.timer.set(&self.mailbox, deadline);
+                self.node.timer.set(&self.mailbox, deadline);
                 false
             }
         }
@@ -872,10 +567,10 @@ impl Link {
             // session must keep going. It does not wake the application
             // either: the next event does, or the node's timer by its next
             // tick (once for the samples of many sessions).
-            match self.hub.events.try_push_quiet(Event::Rtt { peer: p, rtt }) {
+            match self.node.events.try_push_quiet(Event::Rtt { peer: p, rtt }) {
                 Ok(false) => {}
-                Ok(true) => self.hub.timer.nudge(self.now),
-                Err(_) => Counters::bump(&self.cold.shared.counters.rtt_events_skipped),
+                Ok(true) => self.node.timer.nudge(self.now),
+                Err(_) => Counters::bump(&self.node.counters.rtt_events_skipped),
             }
         }
     }
@@ -928,125 +623,20 @@ impl Link {
             }
         }
         if received > 0 {
-            Counters::add(&self.cold.shared.counters.messages_received, received);
+            Counters::add(&self.node.counters.messages_received, received);
         }
         exhausted
     }
-
-    /// The end of the connection, once the loop is over: what it must do
-    /// at once (the counters, the outbox closed to senders), and the rest
-    /// as a future: the goodbye flushed (briefly: the peer learns at once
-    /// instead of by timeout), the messages already received delivered,
-    /// then `SessionDown` and what was not delivered, and the report to the
-    /// supervisor.
-    fn end(
-        &mut self,
-        mut stream: TcpStream,
-        reason: DownReason,
-    ) -> impl Future<Output = ()> + Send + 'static {
-        self.hub.timer.set(&self.mailbox, None);
-        let (mut wbuf, pending) = match self.bufs.take() {
-            Some(b) => (b.wbuf, b.pending),
-            None => Default::default(),
-        };
-        while let Some(f) = self.session.poll_transmit() {
-            f.encode(&mut wbuf);
-        }
-        let flush = matches!(
-            reason,
-            DownReason::Shutdown | DownReason::Replaced | DownReason::PeerRestarted
-        ) && !wbuf.is_empty();
-        let peer = self.peer;
-        let counters = &self.cold.shared.counters;
-        match &reason {
-            DownReason::HeartbeatTimeout => Counters::bump(&counters.heartbeat_timeouts),
-            DownReason::WriteTimeout => Counters::bump(&counters.write_timeouts),
-            DownReason::ProtocolError(_) if peer.is_some() => {
-                Counters::bump(&counters.protocol_errors)
-            }
-            DownReason::HandshakeTimeout => Counters::bump(&counters.handshake_timeouts),
-            DownReason::Shutdown => {}
-            _ if peer.is_none() => Counters::bump(&counters.handshake_failures),
-            _ => {}
-        }
-        // Messages already received (and maybe acknowledged) are delivered;
-        // those sent and not acknowledged, or never sent, are handed back.
-        let mut undelivered = Vec::new();
-        if peer.is_some() {
-            undelivered = self.session.take_unacked();
-            undelivered.extend(self.mailbox.close_and_take());
-            if !undelivered.is_empty() {
-                Counters::add(&counters.messages_undelivered, undelivered.len() as u64);
-            }
-        }
-        let events = self.hub.events.clone();
-        let (notes, conn) = (self.cold.notes.clone(), self.cold.id);
-        async move {
-            if flush {
-                let _ = tokio::time::timeout(GOODBYE_FLUSH, stream.write_all(&wbuf)).await;
-            }
-            let _ = tokio::time::timeout(GOODBYE_FLUSH, stream.shutdown()).await;
-            drop(stream);
-            match peer {
-                None => debug!(%reason, "connection ended before its session was up"),
-                Some(p) => {
-                    info!(peer = %p, %reason, undelivered = undelivered.len(), "session down");
-                    for e in pending {
-                        let _ = events.push(e).await;
-                    }
-                    let down = Event::SessionDown {
-                        peer: p,
-                        reason: reason.clone(),
-                    };
-                    let _ = events.push(down).await;
-                    if !undelivered.is_empty() {
-                        let messages = undelivered;
-                        let _ = events.push(Event::Undelivered { peer: p, messages }).await;
-                    }
-                }
-            }
-            let _ = notes.send(Note::Ended { conn, peer, reason });
-        }
-    }
 }
 
-#[cfg(test)]
-mod tests {
-    use std::sync::Arc;
+/// The layout the heartbeat path relies on: the fields an idle heartbeat
+/// reads come first, and the session machine's hot fields right after.
+mod layout {
+    use std::mem::offset_of;
 
-    use super::*;
+    use super::Connection;
 
-    /// Every idle session holds its task's future: keep it small (the
-    /// 10 000-session memory budget is 4 KiB per session, all included).
-    #[test]
-    fn the_session_task_stays_small() {
-        let (notes, _nrx) = mpsc::unbounded_channel();
-        let conn = Conn {
-            id: 0,
-            session: Arc::new(crate::fuzzing_session_config()),
-            expected: None,
-            outbound: false,
-            max_frame: 1024,
-            write_timeout: Duration::from_secs(1),
-            hub: Arc::new(Hub {
-                events: Arc::new(Queue::new(1)),
-                timer: Arc::new(Timer::new(clock::now())),
-            }),
-            notes,
-            mailbox: Arc::new(Mailbox::new(4)),
-            shared: Default::default(),
-        };
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async {
-            let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-            let s = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
-            let addr = s.peer_addr().unwrap();
-            let task = ConnTask::new(conn, Ok(s), addr, Span::none());
-            let size = std::mem::size_of_val(&task);
-            assert!(size <= 1024, "session task is {size} bytes");
-        });
-    }
+    const _: () = assert!(offset_of!(Connection, now) == 0);
+    const _: () = assert!(offset_of!(Connection, session) <= 64);
+    const _: () = assert!(offset_of!(Connection, params) > offset_of!(Connection, last_write));
 }

@@ -1,0 +1,448 @@
+//! Unit tests of the discovery machine, on made-up times.
+
+use super::*;
+
+const MS: Duration = Duration::from_millis(1);
+const PORT: u16 = 5000;
+
+fn cfg(id: u64, role: Role) -> DiscoveryConfig {
+    DiscoveryConfig {
+        service: "svc".into(),
+        id: PeerId::from_u64(id),
+        instance: id * 1000,
+        name: format!("n{id}"),
+        role,
+        tcp_port: 7000 + id as u16,
+        metadata: BTreeMap::new(),
+        discovery_port: PORT,
+        probe_initial: 100 * MS,
+        probe_max: 3000 * MS,
+        probe_max_missing: 1000 * MS,
+        redial_initial: 100 * MS,
+        peer_expiry: 10_000 * MS,
+        max_peers: 8,
+        replies_per_source_per_sec: 5,
+        limits: DatagramLimits::default(),
+    }
+}
+
+fn target(host: u8) -> Target {
+    Target {
+        interface: "veth0".into(),
+        addr: Ipv4Addr::new(10, 0, 0, host),
+        prefix_len: 24,
+        broadcast: Ipv4Addr::new(10, 0, 0, 255),
+        up: true,
+    }
+}
+
+fn addr(host: u8, port: u16) -> SocketAddrV4 {
+    SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, host), port)
+}
+
+fn events(d: &mut Discovery) -> Vec<DiscoveryEvent> {
+    std::iter::from_fn(|| d.poll_event()).collect()
+}
+
+fn transmits(d: &mut Discovery) -> Vec<Transmit> {
+    std::iter::from_fn(|| d.poll_transmit()).collect()
+}
+
+fn announce_of(id: u64, instance: u64, role: Role) -> Vec<u8> {
+    Datagram::Announce(Announce {
+        service: "svc".into(),
+        id: PeerId::from_u64(id),
+        instance,
+        role,
+        name: format!("n{id}"),
+        port: 7000 + id as u16,
+        metadata: BTreeMap::new(),
+    })
+    .encode()
+}
+
+fn probe_of(id: u64) -> Vec<u8> {
+    Datagram::Probe(Probe {
+        service: "svc".into(),
+        id: PeerId::from_u64(id),
+        instance: id * 1000,
+        role: Role::Peer,
+    })
+    .encode()
+}
+
+fn started(id: u64, role: Role, now: Instant) -> Discovery {
+    let mut d = Discovery::new(cfg(id, role), id);
+    d.set_targets(now, vec![target(id as u8)]);
+    d
+}
+
+#[test]
+fn start_announces_and_probes_on_every_target() {
+    let now = Instant::now();
+    let mut d = Discovery::new(cfg(1, Role::Peer), 1);
+    let mut lo = target(1);
+    lo.interface = "lo".into();
+    lo.addr = Ipv4Addr::LOCALHOST;
+    lo.prefix_len = 8;
+    lo.broadcast = Ipv4Addr::new(127, 255, 255, 255);
+    assert!(d.set_targets(now, vec![target(1), lo]));
+    let t = transmits(&mut d);
+    assert_eq!(t.len(), 4);
+    assert_eq!(t[0].dst, addr(255, PORT));
+    assert!(matches!(
+        Datagram::decode(&t[0].payload, &DatagramLimits::default()),
+        Ok(Datagram::Announce(_))
+    ));
+    assert!(matches!(
+        Datagram::decode(&t[1].payload, &DatagramLimits::default()),
+        Ok(Datagram::Probe(_))
+    ));
+    assert_eq!(t[3].dst.ip(), &Ipv4Addr::new(127, 255, 255, 255));
+    // Same list again: nothing new.
+    assert!(!d.set_targets(now, d.targets().to_vec()));
+    assert!(transmits(&mut d).is_empty());
+}
+
+#[test]
+fn a_link_that_comes_back_up_counts_as_new() {
+    let now = Instant::now();
+    let mut d = started(1, Role::Peer, now);
+    transmits(&mut d);
+    let mut down = target(1);
+    down.up = false;
+    assert!(d.set_targets(now, vec![down.clone()]));
+    // Nothing is sent on a down link...
+    let t = now + Duration::from_secs(10);
+    d.handle_timeout(t);
+    assert!(transmits(&mut d).is_empty());
+    // ...but its subnet is still heard.
+    assert!(
+        d.handle_datagram(t, addr(2, 9), &announce_of(2, 2000, Role::Peer))
+            .is_ok()
+    );
+    assert!(d.set_targets(t, vec![target(1)]));
+    assert_eq!(transmits(&mut d).len(), 2, "announce and probe at once");
+}
+
+#[test]
+fn roles_decide_what_is_sent() {
+    let now = Instant::now();
+    let mut dev = started(1, Role::Device, now);
+    let kinds: Vec<_> = transmits(&mut dev)
+        .iter()
+        .map(|t| Datagram::decode(&t.payload, &DatagramLimits::default()).unwrap())
+        .collect();
+    assert!(matches!(kinds[..], [Datagram::Announce(_)]));
+    assert_eq!(dev.poll_timeout(), None, "a device never probes");
+    let mut ctl = started(2, Role::Controller, now);
+    let kinds: Vec<_> = transmits(&mut ctl)
+        .iter()
+        .map(|t| Datagram::decode(&t.payload, &DatagramLimits::default()).unwrap())
+        .collect();
+    assert!(matches!(kinds[..], [Datagram::Probe(_)]));
+    // A controller does not answer probes.
+    ctl.handle_datagram(now, addr(3, 999), &probe_of(3))
+        .unwrap();
+    assert!(transmits(&mut ctl).is_empty());
+}
+
+#[test]
+fn probing_backs_off_with_jitter_to_the_cap() {
+    let start = Instant::now();
+    let mut d = started(1, Role::Peer, start);
+    transmits(&mut d);
+    let mut now = start;
+    let mut gaps = Vec::new();
+    for _ in 0..12 {
+        let next = d.poll_timeout().unwrap();
+        gaps.push(next - now);
+        now = next;
+        d.handle_timeout(now);
+        assert_eq!(transmits(&mut d).len(), 1);
+    }
+    // 100, 200, 400, 800, 1600, 3000... each ±25 %.
+    let nominal = [100, 200, 400, 800, 1600, 3000, 3000, 3000];
+    for (gap, n) in gaps.iter().zip(nominal) {
+        let n = n as f64;
+        let g = gap.as_secs_f64() * 1000.0;
+        assert!(g >= n * 0.75 - 1.0 && g <= n * 1.25 + 1.0, "{gaps:?}");
+    }
+    assert!(
+        gaps[6..].iter().any(|g| *g != gaps[6]),
+        "jittered: {gaps:?}"
+    );
+}
+
+#[test]
+fn announce_discovers_and_the_smaller_id_dials() {
+    let now = Instant::now();
+    let mut small = started(1, Role::Peer, now);
+    let mut big = started(2, Role::Peer, now);
+    small
+        .handle_datagram(now, addr(2, 999), &announce_of(2, 2000, Role::Peer))
+        .unwrap();
+    big.handle_datagram(now, addr(1, 999), &announce_of(1, 1000, Role::Peer))
+        .unwrap();
+    let e = events(&mut small);
+    assert!(
+        matches!(&e[..], [DiscoveryEvent::Discovered(i)] if i.addr == "10.0.0.2:7002".parse().unwrap())
+    );
+    assert!(matches!(
+        &events(&mut big)[..],
+        [DiscoveryEvent::Discovered(_)]
+    ));
+    small.handle_timeout(now);
+    big.handle_timeout(now);
+    assert!(
+        matches!(&events(&mut small)[..], [DiscoveryEvent::Dial(i)] if i.id == PeerId::from_u64(2))
+    );
+    assert!(events(&mut big).is_empty(), "the bigger id waits");
+    assert_eq!(
+        small.peers().next().unwrap().0.interface.as_deref(),
+        Some("veth0")
+    );
+}
+
+#[test]
+fn probes_are_answered_unicast_and_rate_limited() {
+    let now = Instant::now();
+    let mut d = started(1, Role::Peer, now);
+    transmits(&mut d);
+    let mut answered = 0;
+    let mut limited = 0;
+    for _ in 0..50 {
+        match d.handle_datagram(now, addr(9, 4444), &probe_of(9)) {
+            Ok(()) => answered += 1,
+            Err(Dropped::RateLimited) => limited += 1,
+            Err(e) => panic!("{e:?}"),
+        }
+    }
+    assert_eq!((answered, limited), (10, 40), "burst of twice the rate");
+    let t = transmits(&mut d);
+    assert_eq!(t.len(), 10);
+    assert!(t.iter().all(|t| t.dst == addr(9, 4444)));
+    // One second later, five more.
+    let later = now + Duration::from_secs(1);
+    let ok = (0..50)
+        .filter(|_| {
+            d.handle_datagram(later, addr(9, 4444), &probe_of(9))
+                .is_ok()
+        })
+        .count();
+    assert_eq!(ok, 5);
+    // Another source has its own budget.
+    assert!(
+        d.handle_datagram(later, addr(8, 4444), &probe_of(8))
+            .is_ok()
+    );
+}
+
+#[test]
+fn drops_are_classified() {
+    let now = Instant::now();
+    let mut d = started(1, Role::Peer, now);
+    let own = Datagram::Probe(Probe {
+        service: "svc".into(),
+        id: PeerId::from_u64(1),
+        instance: 1000,
+        role: Role::Peer,
+    })
+    .encode();
+    assert_eq!(d.handle_datagram(now, addr(1, 1), &own), Err(Dropped::Own));
+    let other = Datagram::Probe(Probe {
+        service: "other".into(),
+        id: PeerId::from_u64(5),
+        instance: 1,
+        role: Role::Peer,
+    })
+    .encode();
+    assert_eq!(
+        d.handle_datagram(now, addr(5, 1), &other),
+        Err(Dropped::OtherService)
+    );
+    assert_eq!(
+        d.handle_datagram(
+            now,
+            SocketAddrV4::new(Ipv4Addr::new(192, 168, 1, 5), 1),
+            &probe_of(5)
+        ),
+        Err(Dropped::ForeignInterface)
+    );
+    assert_eq!(
+        d.handle_datagram(now, addr(255, 1), &probe_of(5)),
+        Err(Dropped::BadSource)
+    );
+    assert_eq!(
+        d.handle_datagram(now, addr(5, 0), &probe_of(5)),
+        Err(Dropped::BadSource)
+    );
+    assert_eq!(
+        d.handle_datagram(now, addr(5, 1), b"garbage"),
+        Err(Dropped::Invalid(DatagramError::NotLanbeat))
+    );
+    let mut v9 = probe_of(5);
+    v9[4] = 9;
+    assert_eq!(
+        d.handle_datagram(now, addr(5, 1), &v9),
+        Err(Dropped::Invalid(DatagramError::Version(9)))
+    );
+    assert!(events(&mut d).is_empty());
+}
+
+#[test]
+fn table_is_bounded() {
+    let now = Instant::now();
+    let mut d = started(1, Role::Peer, now);
+    for id in 2..10 {
+        d.handle_datagram(now, addr(id as u8, 9), &announce_of(id, id, Role::Peer))
+            .unwrap();
+    }
+    assert_eq!(
+        d.handle_datagram(now, addr(20, 9), &announce_of(20, 20, Role::Peer)),
+        Err(Dropped::TableFull)
+    );
+    assert_eq!(d.peers().count(), 8);
+}
+
+#[test]
+fn timeout_makes_peer_missing_until_it_answers_again() {
+    let now = Instant::now();
+    let mut d = started(1, Role::Peer, now);
+    d.handle_datagram(now, addr(2, 9), &announce_of(2, 2000, Role::Peer))
+        .unwrap();
+    d.handle_timeout(now);
+    let info = match &events(&mut d)[..] {
+        [DiscoveryEvent::Discovered(_), DiscoveryEvent::Dial(i)] => i.clone(),
+        e => panic!("{e:?}"),
+    };
+    d.session_up(now, info.clone());
+    transmits(&mut d);
+    // Slow probing while all is well...
+    let t = now + Duration::from_secs(30);
+    for step in 0..30 {
+        d.handle_timeout(t - Duration::from_secs(30 - step));
+    }
+    transmits(&mut d);
+    d.session_down(t, info.id, &DownReason::HeartbeatTimeout);
+    assert_eq!(d.peers().next().unwrap().1, PeerState::Missing);
+    // ...fast again: a probe now, then 100, 200, 400, 800, 1000 ms.
+    assert_eq!(d.poll_timeout(), Some(t));
+    let mut now2 = t;
+    for _ in 0..5 {
+        d.handle_timeout(now2);
+        now2 = d.poll_timeout().unwrap();
+    }
+    let spent = now2 - t;
+    assert!(
+        spent > Duration::from_millis(1800) && spent < Duration::from_millis(3200),
+        "{spent:?}"
+    );
+    assert!(events(&mut d).is_empty(), "no dial before it answers");
+    d.handle_datagram(now2, addr(2, 9), &announce_of(2, 2000, Role::Peer))
+        .unwrap();
+    d.handle_timeout(now2);
+    assert!(matches!(
+        &events(&mut d)[..],
+        [DiscoveryEvent::Discovered(_), DiscoveryEvent::Dial(_)]
+    ));
+}
+
+#[test]
+fn missing_peer_expires_and_goodbye_forgets_at_once() {
+    let now = Instant::now();
+    let mut d = started(1, Role::Peer, now);
+    d.handle_datagram(now, addr(2, 9), &announce_of(2, 2000, Role::Peer))
+        .unwrap();
+    d.handle_datagram(now, addr(3, 9), &announce_of(3, 3000, Role::Peer))
+        .unwrap();
+    events(&mut d);
+    let bye = Datagram::Goodbye(Goodbye {
+        service: "svc".into(),
+        id: PeerId::from_u64(3),
+        instance: 3000,
+    })
+    .encode();
+    d.handle_datagram(now, addr(3, 9), &bye).unwrap();
+    assert_eq!(
+        events(&mut d),
+        vec![DiscoveryEvent::Lost(PeerId::from_u64(3))]
+    );
+    d.handle_timeout(now);
+    events(&mut d);
+    // Peer 2 is dialing; the dial fails repeatedly and the peer stays
+    // silent: it is lost after peer_expiry.
+    let mut t = now;
+    while d.peers().count() > 0 {
+        if d.peers().next().unwrap().1 == PeerState::Connecting {
+            d.dial_failed(t, PeerId::from_u64(2));
+        }
+        t = d.poll_timeout().unwrap();
+        d.handle_timeout(t);
+    }
+    let e = events(&mut d);
+    assert_eq!(e.last(), Some(&DiscoveryEvent::Lost(PeerId::from_u64(2))));
+    let dials = e
+        .iter()
+        .filter(|e| matches!(e, DiscoveryEvent::Dial(_)))
+        .count();
+    assert!((8..=20).contains(&dials), "redials back off: {dials}");
+    assert!(t - now >= Duration::from_secs(10) && t - now < Duration::from_millis(10_100));
+}
+
+#[test]
+fn restarted_peer_replaces_the_old_session() {
+    let now = Instant::now();
+    let mut d = started(1, Role::Peer, now);
+    d.handle_datagram(now, addr(2, 9), &announce_of(2, 2000, Role::Peer))
+        .unwrap();
+    d.handle_timeout(now);
+    let info = match &events(&mut d)[..] {
+        [_, DiscoveryEvent::Dial(i)] => i.clone(),
+        e => panic!("{e:?}"),
+    };
+    d.session_up(now, info.clone());
+    d.handle_datagram(now, addr(2, 9), &announce_of(2, 2001, Role::Peer))
+        .unwrap();
+    let e = events(&mut d);
+    assert!(
+        matches!(&e[..], [DiscoveryEvent::Restarted(i), DiscoveryEvent::Discovered(_)] if i.instance == 2001)
+    );
+    d.session_down(now, info.id, &DownReason::PeerRestarted);
+    d.handle_timeout(now);
+    assert!(matches!(&events(&mut d)[..], [DiscoveryEvent::Dial(i)] if i.instance == 2001));
+}
+
+#[test]
+fn inbound_session_from_unknown_peer_is_discovered() {
+    let now = Instant::now();
+    let mut d = started(2, Role::Peer, now);
+    let info = PeerInfo {
+        id: PeerId::from_u64(1),
+        instance: 5,
+        name: "n1".into(),
+        addr: "10.0.0.1:7001".parse().unwrap(),
+        interface: None,
+        role: Role::Controller,
+        metadata: BTreeMap::new(),
+    };
+    d.session_up(now, info.clone());
+    assert_eq!(events(&mut d), vec![DiscoveryEvent::Discovered(info)]);
+    d.session_down(now, PeerId::from_u64(1), &DownReason::Goodbye);
+    assert_eq!(
+        events(&mut d),
+        vec![DiscoveryEvent::Lost(PeerId::from_u64(1))]
+    );
+}
+
+#[test]
+fn target_subnet_math() {
+    let t = target(1);
+    assert!(t.contains(Ipv4Addr::new(10, 0, 0, 200)));
+    assert!(!t.contains(Ipv4Addr::new(10, 0, 1, 1)));
+    let all = Target {
+        prefix_len: 0,
+        ..target(1)
+    };
+    assert!(all.contains(Ipv4Addr::new(1, 2, 3, 4)));
+}

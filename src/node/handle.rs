@@ -1,0 +1,309 @@
+//! The [`Node`] handle: starts a node and is how the application sends,
+//! looks at peers and shuts down.
+
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use serde::Serialize;
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, watch};
+use tracing::{Instrument, debug_span, info};
+
+use super::events::Events;
+use super::sender::{PeerSender, Push, check_size, try_push_message};
+use super::shared::{Command, Shared, lock};
+use super::supervisor::{Parts, Supervisor};
+#[cfg(doc)]
+use crate::Event;
+use crate::config::Config;
+use crate::discovery::machine::{Discovery, DiscoveryConfig};
+use crate::discovery::socket;
+use crate::error::Error;
+use crate::peer::{PeerId, PeerStatus};
+use crate::queue::Queue;
+use crate::session::machine::SessionConfig;
+use crate::stats::Stats;
+use crate::wire::PROTOCOL_VERSION;
+use crate::wire::frame::{DATA_OVERHEAD, Hello, LEN_PREFIX};
+
+/// Who this node is, as it tells peers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
+pub struct LocalInfo {
+    /// This node's id.
+    pub id: PeerId,
+    /// This run's instance number.
+    #[serde(serialize_with = "hex")]
+    pub instance: u64,
+    /// This node's name.
+    pub name: String,
+    /// The TCP port sessions are accepted on (0 for a controller).
+    pub tcp_port: u16,
+    /// The UDP discovery port.
+    pub discovery_port: u16,
+}
+
+fn hex<S: serde::Serializer>(v: &u64, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(&format_args!("{v:016x}"))
+}
+
+#[derive(Debug)]
+struct Inner {
+    commands: mpsc::Sender<Command>,
+    done: watch::Receiver<bool>,
+    shared: Arc<Shared>,
+    local: LocalInfo,
+    max_message: usize,
+}
+
+/// A running lanbeat node: a clonable handle.
+///
+/// [`Node::start`] binds the sockets and spawns the node's task on the
+/// current tokio runtime; events arrive on the returned [`Events`]. The node
+/// runs until [`Node::shutdown`] or until the last handle is dropped; both
+/// say goodbye to every peer.
+#[derive(Debug, Clone)]
+pub struct Node {
+    inner: Arc<Inner>,
+}
+
+impl Node {
+    /// Validates `config`, binds the discovery and TCP sockets and starts
+    /// the node. Must be called within a tokio runtime.
+    ///
+    /// # Errors
+    /// [`Error::Config`] for an invalid configuration, [`Error::Bind`] when
+    /// a socket cannot be set up.
+    pub async fn start(config: Config) -> Result<(Node, Events), Error> {
+        config.validate()?;
+        let bind_err = |what, addr| move |source| Error::Bind { what, addr, source };
+        let any = |port| SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port));
+        let shared_sock = socket::bind_shared(config.discovery_port)
+            .map_err(bind_err("discovery", any(config.discovery_port)))?;
+        let unicast = socket::bind_unicast().map_err(bind_err("probe", any(0)))?;
+        let listener = if config.role.accepts() {
+            let l = TcpListener::bind(any(config.tcp_port))
+                .await
+                .map_err(bind_err("tcp listener", any(config.tcp_port)))?;
+            Some(l)
+        } else {
+            None
+        };
+        let tcp_port = match &listener {
+            Some(l) => l
+                .local_addr()
+                .map_err(bind_err("tcp listener", any(config.tcp_port)))?
+                .port(),
+            None => 0,
+        };
+        let id = config.id.unwrap_or_else(PeerId::random);
+        let instance: u64 = rand::random();
+        let local = LocalInfo {
+            id,
+            instance,
+            name: config.name.clone(),
+            tcp_port,
+            discovery_port: config.discovery_port,
+        };
+        let disc = Discovery::new(
+            DiscoveryConfig {
+                service: config.service.clone(),
+                id,
+                instance,
+                name: config.name.clone(),
+                role: config.role,
+                tcp_port,
+                metadata: config.metadata.clone(),
+                discovery_port: config.discovery_port,
+                probe_initial: config.probe_initial,
+                probe_max: config.probe_max,
+                probe_max_missing: config.probe_max_missing,
+                redial_initial: config.redial_initial,
+                peer_expiry: config.peer_expiry,
+                max_peers: config.max_peers,
+                replies_per_source_per_sec: config.replies_per_source_per_sec,
+                limits: config.datagram_limits(),
+            },
+            rand::random(),
+        );
+        let session = SessionConfig {
+            hello: Hello {
+                protocol: PROTOCOL_VERSION,
+                service: config.service.clone(),
+                id,
+                instance,
+                name: config.name.clone(),
+                role: config.role,
+                port: tcp_port,
+                heartbeat_interval_ms: millis(config.heartbeat_interval),
+                heartbeat_timeout_ms: millis(config.heartbeat_timeout),
+                max_frame_size: config.max_frame_size,
+            },
+            heartbeat_interval: config.heartbeat_interval,
+            heartbeat_timeout: config.heartbeat_timeout,
+            handshake_timeout: config.handshake_timeout,
+            max_unacked: config.max_unacked,
+            max_unacked_bytes: config.max_unacked_bytes,
+            write_timeout: config.write_timeout,
+        };
+        let (commands, command_rx) = mpsc::channel(8);
+        let events = Arc::new(Queue::new(config.event_capacity));
+        let (done_tx, done) = watch::channel(false);
+        let shared = Arc::new(Shared::default());
+        let max_message = config.max_frame_size as usize - (DATA_OVERHEAD - LEN_PREFIX);
+        let supervisor = Supervisor::new(Parts {
+            config,
+            id,
+            discovery: disc,
+            session,
+            shared: shared.clone(),
+            shared_sock,
+            unicast,
+            listener,
+            commands: command_rx,
+            events: events.clone(),
+        });
+        tokio::spawn(supervisor.run(done_tx).instrument(debug_span!("node", %id)));
+        info!(%id, tcp_port, "node started");
+        Ok((
+            Node {
+                inner: Arc::new(Inner {
+                    commands,
+                    done,
+                    shared,
+                    local,
+                    max_message,
+                }),
+            },
+            Events::new(events),
+        ))
+    }
+
+    /// Who this node is.
+    pub fn local(&self) -> &LocalInfo {
+        &self.inner.local
+    }
+
+    /// This node's id.
+    pub fn id(&self) -> PeerId {
+        self.inner.local.id
+    }
+
+    /// Sends `message` to `peer`, waiting while its outbox is full.
+    ///
+    /// Returning `Ok` means the message is queued: it is then either
+    /// delivered in order, or handed back in [`Event::Undelivered`] if the
+    /// session dies first.
+    ///
+    /// # Errors
+    /// [`Error::NotConnected`] (with the message) when no session with the
+    /// peer is up, [`Error::MessageTooLarge`] when it exceeds the frame
+    /// limit.
+    pub async fn send(&self, peer: PeerId, message: impl Into<Bytes>) -> Result<(), Error> {
+        let message = self.check_size(message.into())?;
+        match self.inner.shared.mailbox(peer) {
+            Some(m) => Push::new(peer, &m, usize::MAX, message).await,
+            None => Err(Error::NotConnected { peer, message }),
+        }
+    }
+
+    /// Like [`Node::send`], but fails at once when the outbox is full.
+    ///
+    /// # Errors
+    /// As [`Node::send`], plus [`Error::OutboxFull`].
+    pub fn try_send(&self, peer: PeerId, message: impl Into<Bytes>) -> Result<(), Error> {
+        let message = self.check_size(message.into())?;
+        match self.inner.shared.mailbox(peer) {
+            Some(m) => try_push_message(peer, &m, message),
+            None => Err(Error::NotConnected { peer, message }),
+        }
+    }
+
+    /// A sender bound to `peer`'s current session, for streams of messages:
+    /// it skips the lookup of the peer's session that [`Node::send`] makes
+    /// per message. `None` when no session with the peer is up.
+    pub fn sender(&self, peer: PeerId) -> Option<PeerSender> {
+        Some(PeerSender {
+            peer,
+            mailbox: self.inner.shared.mailbox(peer)?,
+            max_message: self.inner.max_message,
+        })
+    }
+
+    /// Sends `value` as JSON to `peer`; see [`Node::send`].
+    ///
+    /// # Errors
+    /// As [`Node::send`], plus [`Error::Json`].
+    pub async fn send_json<T: Serialize + ?Sized>(
+        &self,
+        peer: PeerId,
+        value: &T,
+    ) -> Result<(), Error> {
+        self.send(peer, serde_json::to_vec(value)?).await
+    }
+
+    /// Sends `message` to every peer with a session, waiting for room in each
+    /// outbox in turn. Returns the peers it was queued for.
+    ///
+    /// # Errors
+    /// [`Error::MessageTooLarge`].
+    pub async fn send_all(&self, message: impl Into<Bytes>) -> Result<Vec<PeerId>, Error> {
+        let message = self.check_size(message.into())?;
+        let targets: Vec<_> = lock(&self.inner.shared.mailboxes)
+            .iter()
+            .map(|(p, (_, m))| (*p, m.clone()))
+            .collect();
+        let mut sent = Vec::with_capacity(targets.len());
+        for (peer, m) in targets {
+            if m.outbox().push(message.clone()).await.is_ok() {
+                sent.push(peer);
+            }
+        }
+        sent.sort();
+        Ok(sent)
+    }
+
+    /// Every known peer, its state and last RTT, ordered by id.
+    pub fn peers(&self) -> Vec<PeerStatus> {
+        let shared = &self.inner.shared;
+        // Peers with a session: their session's latest sample; others: the
+        // last sample of their last session.
+        let mut rtts = lock(&shared.rtts).clone();
+        for (peer, (_, m)) in lock(&shared.mailboxes).iter() {
+            if let Some(rtt) = m.last_rtt() {
+                rtts.insert(*peer, rtt);
+            }
+        }
+        lock(&shared.peers)
+            .values()
+            .map(|(info, state)| PeerStatus {
+                info: info.clone(),
+                state: *state,
+                last_rtt: rtts.get(&info.id).copied(),
+            })
+            .collect()
+    }
+
+    /// The node's counters.
+    pub fn stats(&self) -> Stats {
+        self.inner.shared.counters.snapshot()
+    }
+
+    /// Says goodbye to every peer (TCP and UDP), closes all sessions and
+    /// waits for the node's task to end. Idempotent.
+    pub async fn shutdown(&self) {
+        let _ = self.inner.commands.send(Command::Shutdown).await;
+        let mut done = self.inner.done.clone();
+        let _ = done.wait_for(|d| *d).await;
+    }
+
+    fn check_size(&self, message: Bytes) -> Result<Bytes, Error> {
+        check_size(message, self.inner.max_message)
+    }
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)
+}

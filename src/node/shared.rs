@@ -1,0 +1,45 @@
+//! What the handle, the supervisor and the senders share: the tables the
+//! supervisor keeps up to date for the handle, the node's counters, and the
+//! commands the handle sends the supervisor.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use crate::peer::{PeerId, PeerInfo, PeerMap, PeerState};
+use crate::session::mailbox::Mailbox;
+use crate::stats::Counters;
+
+/// State shared by the handle and the supervisor.
+#[derive(Debug, Default)]
+pub(crate) struct Shared {
+    /// The mailbox of each session that is up, tagged with its connection.
+    pub(crate) mailboxes: Mutex<PeerMap<(u64, Arc<Mailbox>)>>,
+    /// What discovery knows, refreshed by the supervisor.
+    pub(crate) peers: Mutex<BTreeMap<PeerId, (PeerInfo, PeerState)>>,
+    /// Latest RTT of peers whose session ended (a live session keeps its
+    /// own in its mailbox), until the peer is lost.
+    pub(crate) rtts: Mutex<PeerMap<Duration>>,
+    /// The node's counters; the connections hold them too.
+    pub(crate) counters: Arc<Counters>,
+}
+
+/// Locks one of the tables of [`Shared`].
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic elsewhere cannot leave these maps half-updated.
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl Shared {
+    /// The mailbox of `peer`'s session, if one is up.
+    pub(crate) fn mailbox(&self, peer: PeerId) -> Option<Arc<Mailbox>> {
+        lock(&self.mailboxes).get(&peer).map(|(_, m)| m.clone())
+    }
+}
+
+/// From the handle to the supervisor.
+#[derive(Debug)]
+pub(crate) enum Command {
+    /// Say goodbye to everyone and stop.
+    Shutdown,
+}

@@ -1,0 +1,569 @@
+//! The supervisor: the node's task, which ties discovery, dialing,
+//! sessions and rediscovery together.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::JoinSet;
+use tracing::{debug, debug_span, info, trace, warn};
+
+use super::events::CloseOnDrop;
+use super::shared::{Command, Shared, lock};
+use crate::clock;
+use crate::config::Config;
+use crate::discovery::machine::{Discovery, DiscoveryEvent};
+use crate::discovery::socket;
+use crate::event::{DownReason, Event, ProtocolViolation};
+use crate::peer::{PeerId, PeerInfo, PeerMap};
+use crate::queue::Queue;
+use crate::session::lifecycle;
+use crate::session::machine::SessionConfig;
+use crate::session::mailbox::Mailbox;
+use crate::session::supervision::{Approval, ConnectFuture, NewConnection, NodeContext, Report};
+use crate::session::task::ConnectionTask;
+use crate::session::timer::Timer;
+use crate::stats::Counters;
+use crate::wire::frame::Hello;
+
+/// What the supervisor keeps of each connection.
+struct ConnEntry {
+    /// Shared with the connection: close requests, and its outbox.
+    mailbox: Arc<Mailbox>,
+    outbound: bool,
+    /// The peer a dial was for.
+    expected: Option<PeerId>,
+    /// Peer and instance once the session is up.
+    up: Option<(PeerId, u64)>,
+}
+
+/// A handshake that waits for the peer's previous session to end.
+struct Waiting {
+    conn: u64,
+    hello: Box<Hello>,
+    addr: SocketAddr,
+    approve: oneshot::Sender<Approval>,
+}
+
+/// The node's task: it owns discovery and its sockets, accepts and dials
+/// connections, approves their handshakes (one session per peer), and
+/// tells discovery when sessions come and go.
+pub(crate) struct Supervisor {
+    config: Config,
+    id: PeerId,
+    disc: Discovery,
+    session: Arc<SessionConfig>,
+    shared: Arc<Shared>,
+    shared_sock: UdpSocket,
+    unicast: UdpSocket,
+    listener: Option<TcpListener>,
+    commands: mpsc::Receiver<Command>,
+    /// Given to each connection, to report to us.
+    reports_tx: mpsc::UnboundedSender<Report>,
+    reports_rx: mpsc::UnboundedReceiver<Report>,
+    events: Arc<Queue<VecDeque<Event>>>,
+    conns: HashMap<u64, ConnEntry>,
+    /// The connection of each session that is up.
+    sessions: PeerMap<u64>,
+    waiting: PeerMap<Waiting>,
+    tasks: JoinSet<()>,
+    /// Which connection each task runs.
+    task_conn: HashMap<tokio::task::Id, u64>,
+    next_conn: u64,
+    /// Connections not yet approved as sessions (dialing or in handshake).
+    handshaking: usize,
+    /// The event stream, the timer and the counters, for the connections.
+    node: Arc<NodeContext>,
+}
+
+/// What [`Node::start`](crate::Node::start) made for the supervisor.
+pub(crate) struct Parts {
+    pub(crate) config: Config,
+    pub(crate) id: PeerId,
+    pub(crate) discovery: Discovery,
+    pub(crate) session: SessionConfig,
+    pub(crate) shared: Arc<Shared>,
+    /// The discovery port's socket (probes and announces by broadcast).
+    pub(crate) shared_sock: UdpSocket,
+    /// Our own port: what we send, and the unicast answers to it.
+    pub(crate) unicast: UdpSocket,
+    pub(crate) listener: Option<TcpListener>,
+    pub(crate) commands: mpsc::Receiver<Command>,
+    pub(crate) events: Arc<Queue<VecDeque<Event>>>,
+}
+
+impl Supervisor {
+    pub(crate) fn new(p: Parts) -> Supervisor {
+        let (reports_tx, reports_rx) = mpsc::unbounded_channel();
+        let node = Arc::new(NodeContext {
+            events: p.events.clone(),
+            timer: Arc::new(Timer::new(clock::now())),
+            counters: p.shared.counters.clone(),
+        });
+        Supervisor {
+            config: p.config,
+            id: p.id,
+            disc: p.discovery,
+            session: Arc::new(p.session),
+            shared: p.shared,
+            shared_sock: p.shared_sock,
+            unicast: p.unicast,
+            listener: p.listener,
+            commands: p.commands,
+            reports_tx,
+            reports_rx,
+            events: p.events,
+            conns: HashMap::new(),
+            sessions: PeerMap::default(),
+            waiting: PeerMap::default(),
+            tasks: JoinSet::new(),
+            task_conn: HashMap::new(),
+            next_conn: 0,
+            handshaking: 0,
+            node,
+        }
+    }
+
+    /// Runs the node until shutdown, then tells `done`. However the task
+    /// ends, the event queue is closed, so that [`Events::recv`] returns
+    /// `None` instead of waiting for ever.
+    ///
+    /// [`Events::recv`]: crate::Events::recv
+    pub(crate) async fn run(self, done: watch::Sender<bool>) {
+        let _close = CloseOnDrop(self.events.clone());
+        self.serve().await;
+        let _ = done.send(true);
+    }
+
+    async fn serve(mut self) {
+        // Round-trip samples wake the application through the timer (see
+        // `Queue::try_push_quiet`).
+        let events = self.node.events.clone();
+        self.tasks
+            .spawn(self.node.timer.clone().run(move || events.wake_owed()));
+        self.rescan();
+        let mut rescan = tokio::time::interval(self.config.interface_rescan);
+        rescan.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // One byte more than the limit tells an oversized datagram apart.
+        let mut buf_a = vec![0u8; self.config.max_datagram_size + 1];
+        let mut buf_b = vec![0u8; self.config.max_datagram_size + 1];
+        loop {
+            self.flush().await;
+            let deadline = self.disc.poll_timeout();
+            tokio::select! {
+                cmd = self.commands.recv() => match cmd {
+                    Some(Command::Shutdown) | None => break,
+                },
+                r = self.shared_sock.recv_from(&mut buf_a) => self.datagram(r, &buf_a),
+                r = self.unicast.recv_from(&mut buf_b) => self.datagram(r, &buf_b),
+                r = accept(&self.listener) => self.accepted(r),
+                Some(report) = self.reports_rx.recv() => self.report(report),
+                _ = clock::sleep_until(deadline.unwrap_or_else(|| clock::now() + Duration::from_secs(3600))) => {
+                    self.disc.handle_timeout(clock::now());
+                }
+                _ = rescan.tick() => self.rescan(),
+                Some(done) = self.tasks.join_next_with_id() => self.task_done(done),
+            }
+        }
+        self.shutdown().await;
+    }
+
+    fn rescan(&mut self) {
+        match socket::scan() {
+            Ok(addrs) => {
+                let targets = socket::select_targets(&addrs, &self.config.interfaces);
+                if self.disc.set_targets(clock::now(), targets) {
+                    let names: Vec<_> = self
+                        .disc
+                        .targets()
+                        .iter()
+                        .map(|t| format!("{}={}", t.interface, t.broadcast))
+                        .collect();
+                    info!(targets = ?names, "discovery interfaces changed");
+                }
+            }
+            Err(e) => warn!(error = %e, "cannot list interfaces"),
+        }
+    }
+
+    fn datagram(&mut self, r: std::io::Result<(usize, SocketAddr)>, buf: &[u8]) {
+        let (n, from) = match r {
+            Ok(x) => x,
+            Err(e) => {
+                // ICMP errors surface here on Linux; they concern one send.
+                trace!(error = %e, "udp receive error");
+                return;
+            }
+        };
+        let c = &self.shared.counters;
+        Counters::bump(&c.datagrams_received);
+        let SocketAddr::V4(from) = from else {
+            return;
+        };
+        if let Err(why) = self.disc.handle_datagram(clock::now(), from, &buf[..n]) {
+            debug!(%from, len = n, reason = ?why, "dropped datagram");
+            c.dropped(why);
+        }
+    }
+
+    /// Sends what discovery queued and acts on its events.
+    async fn flush(&mut self) {
+        while let Some(t) = self.disc.poll_transmit() {
+            match self.unicast.send_to(&t.payload, t.dst).await {
+                Ok(_) => Counters::bump(&self.shared.counters.datagrams_sent),
+                Err(e) => {
+                    debug!(dst = %t.dst, error = %e, "cannot send datagram");
+                    Counters::bump(&self.shared.counters.datagram_send_errors);
+                }
+            }
+        }
+        while let Some(ev) = self.disc.poll_event() {
+            match ev {
+                DiscoveryEvent::Discovered(info) => {
+                    info!(peer = %info.id, addr = %info.addr, name = %info.name, "discovered");
+                    let _ = self.events.push(Event::Discovered(Box::new(info))).await;
+                }
+                DiscoveryEvent::Restarted(info) => {
+                    if let Some(&c) = self.sessions.get(&info.id) {
+                        self.close_conn(c, DownReason::PeerRestarted);
+                    }
+                }
+                DiscoveryEvent::Dial(info) => self.dial(info),
+                DiscoveryEvent::Lost(peer) => {
+                    info!(%peer, "peer lost");
+                    lock(&self.shared.rtts).remove(&peer);
+                    let _ = self.events.push(Event::PeerLost { peer }).await;
+                }
+            }
+        }
+        self.publish_peers();
+    }
+
+    /// Mirrors the peers discovery changed into the shared table that
+    /// `Node::peers` reads: only what changed, so 10 000 sessions coming up
+    /// cost 10 000 updates, not 10 000 table copies.
+    fn publish_peers(&mut self) {
+        let changed = self.disc.poll_changed();
+        if changed.is_empty() {
+            return;
+        }
+        let mut table = lock(&self.shared.peers);
+        for id in changed {
+            match self.disc.peer(id) {
+                Some((info, state)) => {
+                    table.insert(id, (info.clone(), state));
+                }
+                None => {
+                    table.remove(&id);
+                }
+            }
+        }
+    }
+
+    fn accepted(&mut self, r: std::io::Result<(TcpStream, SocketAddr)>) {
+        let (stream, addr) = match r {
+            Ok(x) => x,
+            Err(e) => {
+                warn!(error = %e, "accept failed");
+                return;
+            }
+        };
+        let handshaking = self.handshaking;
+        if handshaking >= self.config.max_handshakes
+            || self.sessions.len() >= self.config.max_sessions
+        {
+            debug!(%addr, handshaking, sessions = self.sessions.len(), "refusing connection");
+            Counters::bump(&self.shared.counters.sessions_refused);
+            return;
+        }
+        self.spawn_conn(None, addr, Ok(stream));
+    }
+
+    fn dial(&mut self, info: PeerInfo) {
+        debug!(peer = %info.id, addr = %info.addr, "dialing");
+        let connect = lifecycle::connect(info.addr, self.config.connect_timeout);
+        self.spawn_conn(Some(info.id), info.addr, Err(connect));
+    }
+
+    fn spawn_conn(
+        &mut self,
+        expected: Option<PeerId>,
+        addr: SocketAddr,
+        stream: Result<TcpStream, ConnectFuture>,
+    ) {
+        self.next_conn += 1;
+        self.handshaking += 1;
+        let id = self.next_conn;
+        let mailbox = Arc::new(Mailbox::new(self.config.outbox_capacity));
+        let outbound = expected.is_some();
+        self.conns.insert(
+            id,
+            ConnEntry {
+                mailbox: mailbox.clone(),
+                outbound,
+                expected,
+                up: None,
+            },
+        );
+        let new = NewConnection {
+            id,
+            session: self.session.clone(),
+            expected,
+            outbound,
+            max_frame: self.config.max_frame_size,
+            write_timeout: self.config.write_timeout,
+            node: self.node.clone(),
+            reports: self.reports_tx.clone(),
+            mailbox,
+        };
+        let span = match expected {
+            Some(p) => debug_span!("session", peer = %p, %addr, conn = id),
+            None => debug_span!("session", %addr, conn = id),
+        };
+        let handle = self
+            .tasks
+            .spawn(ConnectionTask::new(new, stream, addr, span));
+        self.task_conn.insert(handle.id(), id);
+    }
+
+    /// A connection task ended. Normally it reported its end already; if it
+    /// panicked (a bug), report the end for it so that the peer is looked
+    /// for again instead of being taken for connected for ever.
+    fn task_done(&mut self, done: Result<(tokio::task::Id, ()), tokio::task::JoinError>) {
+        let id = match &done {
+            Ok((id, ())) => *id,
+            Err(e) => e.id(),
+        };
+        let Some(conn) = self.task_conn.remove(&id) else {
+            return;
+        };
+        if let Err(e) = done
+            && self.conns.contains_key(&conn)
+        {
+            warn!(conn, error = %e, "session task failed");
+            let peer = self.conns[&conn].up.map(|(p, _)| p);
+            let reason = DownReason::Io(std::io::ErrorKind::Other);
+            if let Some(p) = peer {
+                let events = self.events.clone();
+                let r = reason.clone();
+                // Keep the application's view whole: the session is down.
+                self.tasks.spawn(async move {
+                    let _ = events.push(Event::SessionDown { peer: p, reason: r }).await;
+                });
+            }
+            self.ended(conn, peer, reason);
+        }
+    }
+
+    /// Asks a connection to close (with a goodbye when it is a session).
+    fn close_conn(&mut self, conn: u64, reason: DownReason) {
+        if let Some(c) = self.conns.get(&conn) {
+            c.mailbox.request_close(reason);
+        }
+    }
+
+    fn report(&mut self, report: Report) {
+        match report {
+            Report::Handshaken {
+                conn,
+                hello,
+                addr,
+                approve,
+            } => self.handshaken(conn, hello, addr, approve),
+            Report::Ended { conn, peer, reason } => self.ended(conn, peer, reason),
+        }
+    }
+
+    fn handshaken(
+        &mut self,
+        conn: u64,
+        hello: Box<Hello>,
+        addr: SocketAddr,
+        approve: oneshot::Sender<Approval>,
+    ) {
+        let peer = hello.id;
+        let Some(entry) = self.conns.get(&conn) else {
+            return;
+        };
+        let new_dialer = if entry.outbound { self.id } else { peer };
+        let Some(&old) = self.sessions.get(&peer) else {
+            if self.sessions.len() >= self.config.max_sessions {
+                Counters::bump(&self.shared.counters.sessions_refused);
+                let _ = approve.send(Approval::Reject(ProtocolViolation::Refused(
+                    "too many sessions",
+                )));
+                return;
+            }
+            self.approve(conn, *hello, addr, approve);
+            return;
+        };
+        // A session with this peer exists. Newer beats stale: a restarted
+        // peer, or the same dialer dialing again (it gave up on the old
+        // one). Two dialers at once: the smaller dialer id wins.
+        let old_entry = &self.conns[&old];
+        let (_, old_instance) = old_entry
+            .up
+            .expect("sessions holds only sessions that are up");
+        let old_dialer = if old_entry.outbound { self.id } else { peer };
+        let reason = if hello.instance != old_instance {
+            DownReason::PeerRestarted
+        } else if new_dialer <= old_dialer {
+            // Equal: the same dialer dialed again. Smaller: tie-break win.
+            DownReason::Replaced
+        } else {
+            debug!(%peer, "duplicate session lost the tie-break");
+            let _ = approve.send(Approval::Reject(ProtocolViolation::Refused(
+                "duplicate session",
+            )));
+            return;
+        };
+        debug!(%peer, %reason, "replacing session");
+        self.close_conn(old, reason);
+        if let Some(prev) = self.waiting.insert(
+            peer,
+            Waiting {
+                conn,
+                hello,
+                addr,
+                approve,
+            },
+        ) {
+            let _ = prev
+                .approve
+                .send(Approval::Reject(ProtocolViolation::Refused(
+                    "duplicate session",
+                )));
+        }
+    }
+
+    fn approve(
+        &mut self,
+        conn: u64,
+        hello: Hello,
+        addr: SocketAddr,
+        approve: oneshot::Sender<Approval>,
+    ) {
+        let peer = hello.id;
+        let Some(entry) = self.conns.get_mut(&conn) else {
+            return;
+        };
+        if approve.send(Approval::Accept).is_err() {
+            return;
+        }
+        let mailbox = entry.mailbox.clone();
+        entry.up = Some((peer, hello.instance));
+        self.handshaking -= 1;
+        let info_addr = if entry.outbound {
+            addr
+        } else {
+            SocketAddr::new(addr.ip(), hello.port)
+        };
+        self.sessions.insert(peer, conn);
+        lock(&self.shared.mailboxes).insert(peer, (conn, mailbox));
+        Counters::bump(&self.shared.counters.sessions_up);
+        let interface = match addr.ip() {
+            std::net::IpAddr::V4(ip) => self
+                .disc
+                .targets()
+                .iter()
+                .find(|t| t.contains(ip))
+                .map(|t| t.interface.clone()),
+            std::net::IpAddr::V6(_) => None,
+        };
+        self.disc.session_up(
+            clock::now(),
+            PeerInfo {
+                id: peer,
+                instance: hello.instance,
+                name: hello.name,
+                addr: info_addr,
+                interface,
+                role: hello.role,
+                metadata: BTreeMap::new(),
+            },
+        );
+        self.publish_peers();
+    }
+
+    fn ended(&mut self, conn: u64, peer: Option<PeerId>, reason: DownReason) {
+        let Some(entry) = self.conns.remove(&conn) else {
+            return;
+        };
+        if entry.up.is_none() {
+            self.handshaking -= 1;
+        }
+        let now = clock::now();
+        match (peer, entry.up) {
+            (Some(peer), Some(_)) => {
+                if self.sessions.get(&peer) == Some(&conn) {
+                    self.sessions.remove(&peer);
+                }
+                {
+                    let mut mailboxes = lock(&self.shared.mailboxes);
+                    if mailboxes.get(&peer).is_some_and(|(c, _)| *c == conn)
+                        && let Some((_, m)) = mailboxes.remove(&peer)
+                        && let Some(rtt) = m.last_rtt()
+                    {
+                        // Kept for `Node::peers` until the peer is lost.
+                        lock(&self.shared.rtts).insert(peer, rtt);
+                    }
+                }
+                if let Some(w) = self.waiting.remove(&peer) {
+                    self.approve(w.conn, *w.hello, w.addr, w.approve);
+                } else {
+                    self.disc.session_down(now, peer, &reason);
+                }
+            }
+            _ => {
+                if let Some(p) = entry.expected {
+                    debug!(peer = %p, %reason, "dial failed");
+                    Counters::bump(&self.shared.counters.dials_failed);
+                    self.disc.dial_failed(now, p);
+                }
+            }
+        }
+        self.publish_peers();
+    }
+
+    async fn shutdown(mut self) {
+        info!("shutting down");
+        let ids: Vec<u64> = self.conns.keys().copied().collect();
+        for c in ids {
+            self.close_conn(c, DownReason::Shutdown);
+        }
+        self.disc.shutdown();
+        self.flush().await;
+        for (_, w) in self.waiting.drain() {
+            let _ = w.approve.send(Approval::Shutdown);
+        }
+        // Connections say goodbye and hand back undelivered messages; give
+        // them a moment, then abort what is left.
+        let drain = async {
+            while !self.conns.is_empty() {
+                match self.reports_rx.recv().await {
+                    Some(Report::Ended { conn, .. }) => {
+                        self.conns.remove(&conn);
+                    }
+                    Some(Report::Handshaken { approve, .. }) => {
+                        let _ = approve.send(Approval::Shutdown);
+                    }
+                    None => break,
+                }
+            }
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(2), drain).await;
+        lock(&self.shared.mailboxes).clear();
+        self.tasks.shutdown().await;
+    }
+}
+
+/// The next connection of `listener`; never, without one (a controller).
+async fn accept(listener: &Option<TcpListener>) -> std::io::Result<(TcpStream, SocketAddr)> {
+    match listener {
+        Some(l) => l.accept().await,
+        None => std::future::pending().await,
+    }
+}

@@ -1,0 +1,561 @@
+//! Unit tests of the session machine, on made-up times.
+
+use bytes::BytesMut;
+
+use super::*;
+use crate::testing::hello;
+use crate::wire::frame;
+
+const MS: Duration = Duration::from_millis(1);
+
+fn cfg(id: u64, interval_ms: u64, timeout_ms: u64) -> SessionConfig {
+    crate::testing::session_config_of(id, interval_ms, timeout_ms)
+}
+
+fn drain(s: &mut Session) -> (Vec<Frame>, Vec<SessionEvent>) {
+    let mut f = Vec::new();
+    while let Some(x) = s.poll_transmit() {
+        f.push(x);
+    }
+    let mut e = Vec::new();
+    while let Some(x) = s.poll_event() {
+        e.push(x);
+    }
+    (f, e)
+}
+
+/// Two sessions joined by an in-memory link with a fixed one-way delay;
+/// `cut` drops everything in flight and later.
+struct Pair {
+    now: Instant,
+    a: Session,
+    b: Session,
+    delay: Duration,
+    to_a: VecDeque<(Instant, Frame)>,
+    to_b: VecDeque<(Instant, Frame)>,
+    events_a: Vec<(Instant, SessionEvent)>,
+    events_b: Vec<(Instant, SessionEvent)>,
+    cut: bool,
+    delivered_b: Vec<Bytes>,
+    /// Pings B sent.
+    pings_b: usize,
+    /// A's pings lose their round-trip report (a minimal peer).
+    strip_rtt: bool,
+}
+
+impl Pair {
+    fn new(a: SessionConfig, b: SessionConfig) -> Pair {
+        let now = Instant::now();
+        let expected = b.hello.id;
+        Pair {
+            now,
+            a: Session::new(now, a, Some(expected)),
+            b: Session::new(now, b, None),
+            delay: MS,
+            to_a: VecDeque::new(),
+            to_b: VecDeque::new(),
+            events_a: Vec::new(),
+            events_b: Vec::new(),
+            cut: false,
+            delivered_b: Vec::new(),
+            pings_b: 0,
+            strip_rtt: false,
+        }
+    }
+
+    fn pump(&mut self) {
+        let arrive = self.now + self.delay;
+        while let Some(mut f) = self.a.poll_transmit() {
+            if let Frame::Ping { rtt_us, .. } = &mut f
+                && self.strip_rtt
+            {
+                *rtt_us = None;
+            }
+            if !self.cut {
+                self.to_b.push_back((arrive, f));
+            }
+        }
+        while let Some(f) = self.b.poll_transmit() {
+            self.pings_b += usize::from(matches!(f, Frame::Ping { .. }));
+            if !self.cut {
+                self.to_a.push_back((arrive, f));
+            }
+        }
+        while let Some(e) = self.a.poll_event() {
+            self.events_a.push((self.now, e));
+        }
+        while let Some(e) = self.b.poll_event() {
+            self.events_b.push((self.now, e));
+        }
+    }
+
+    /// Advances virtual time to `until`, one event at a time.
+    fn run_until(&mut self, until: Instant) {
+        loop {
+            self.pump();
+            let next = [
+                self.a.poll_timeout(),
+                self.b.poll_timeout(),
+                self.to_a.front().map(|x| x.0),
+                self.to_b.front().map(|x| x.0),
+            ]
+            .into_iter()
+            .flatten()
+            .min();
+            let Some(next) = next.filter(|&t| t <= until) else {
+                self.now = until;
+                self.pump();
+                return;
+            };
+            self.now = self.now.max(next);
+            if self.cut {
+                self.to_a.clear();
+                self.to_b.clear();
+            }
+            while self.to_a.front().is_some_and(|x| x.0 <= self.now) {
+                let (_, f) = self.to_a.pop_front().unwrap();
+                self.a.handle_frame(self.now, f);
+            }
+            while self.to_b.front().is_some_and(|x| x.0 <= self.now) {
+                let (_, f) = self.to_b.pop_front().unwrap();
+                if let Some(d) = self.b.handle_frame(self.now, f) {
+                    self.delivered_b.push(d);
+                }
+            }
+            if self.a.poll_timeout().is_some_and(|t| t <= self.now) {
+                self.a.handle_timeout(self.now);
+            }
+            if self.b.poll_timeout().is_some_and(|t| t <= self.now) {
+                self.b.handle_timeout(self.now);
+            }
+        }
+    }
+
+    fn closed_at(events: &[(Instant, SessionEvent)]) -> Option<(Instant, DownReason)> {
+        events.iter().find_map(|(t, e)| match e {
+            SessionEvent::Closed(r) => Some((*t, r.clone())),
+            _ => None,
+        })
+    }
+}
+
+#[test]
+fn handshake_establishes_both_sides_and_measures_rtt() {
+    let mut p = Pair::new(cfg(1, 100, 300), cfg(2, 100, 300));
+    p.run_until(p.now + 50 * MS);
+    assert!(p.a.is_established() && p.b.is_established());
+    assert_eq!(p.a.peer(), Some(PeerId::from_u64(2)));
+    let rtts: Vec<_> = p
+        .events_a
+        .iter()
+        .filter_map(|(_, e)| match e {
+            SessionEvent::Rtt(r) => Some(*r),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(rtts, vec![2 * MS]);
+}
+
+#[test]
+fn idle_session_stays_up_for_a_long_time() {
+    let mut p = Pair::new(cfg(1, 100, 300), cfg(2, 100, 300));
+    let start = p.now;
+    p.run_until(start + Duration::from_secs(600));
+    assert!(p.a.is_established() && p.b.is_established());
+    // About one ping per interval each way, not more.
+    let rtts = p
+        .events_a
+        .iter()
+        .filter(|(_, e)| matches!(e, SessionEvent::Rtt(_)))
+        .count();
+    assert!((5900..=6001).contains(&rtts), "{rtts}");
+}
+
+fn rtts(e: &[(Instant, SessionEvent)]) -> Vec<Duration> {
+    e.iter()
+        .filter_map(|(_, e)| match e {
+            SessionEvent::Rtt(r) => Some(*r),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn the_acceptor_reports_the_dialers_rtt_and_pings_only_when_it_stops() {
+    let mut p = Pair::new(cfg(1, 100, 300), cfg(2, 100, 300));
+    p.run_until(p.now + Duration::from_secs(60));
+    // The dialer measures every interval; the acceptor reports the same
+    // samples from the dialer's pings and sends only its first ping.
+    let (a, b) = (rtts(&p.events_a), rtts(&p.events_b));
+    assert!((590..=601).contains(&a.len()), "{}", a.len());
+    assert!((589..=601).contains(&b.len()), "{}", b.len());
+    assert!(b.iter().all(|r| *r == 2 * MS), "{b:?}");
+    assert_eq!(p.pings_b, 1);
+    // If the dialer stops pinging (here: it is cut off), the acceptor
+    // still detects the silence in time.
+    let cut_at = p.now;
+    p.cut = true;
+    p.run_until(cut_at + Duration::from_secs(1));
+    let (t, r) = Pair::closed_at(&p.events_b).unwrap();
+    assert_eq!(r, DownReason::HeartbeatTimeout);
+    assert!(t - cut_at <= Duration::from_millis(400));
+}
+
+#[test]
+fn an_acceptor_measures_every_eighth_interval_if_pings_carry_no_rtt() {
+    let mut p = Pair::new(cfg(1, 100, 300), cfg(2, 100, 300));
+    p.strip_rtt = true;
+    p.run_until(p.now + Duration::from_secs(60));
+    let b = rtts(&p.events_b);
+    assert!((70..=80).contains(&b.len()), "{}", b.len());
+    assert!((70..=80).contains(&p.pings_b), "{}", p.pings_b);
+    assert!(p.a.is_established() && p.b.is_established());
+}
+
+#[test]
+fn silence_is_detected_within_timeout_plus_one_interval() {
+    for (interval, timeout) in [(100, 300), (1000, 3000), (200, 1000)] {
+        let mut p = Pair::new(cfg(1, interval, timeout), cfg(2, interval, timeout));
+        p.run_until(p.now + Duration::from_millis(5 * timeout));
+        let cut_at = p.now;
+        p.cut = true;
+        p.run_until(cut_at + Duration::from_millis(3 * timeout));
+        for events in [&p.events_a, &p.events_b] {
+            let (t, reason) = Pair::closed_at(events).expect("closed");
+            assert_eq!(reason, DownReason::HeartbeatTimeout);
+            let delay = t - cut_at;
+            assert!(
+                delay <= Duration::from_millis(timeout + interval),
+                "{delay:?}"
+            );
+            assert!(
+                delay >= Duration::from_millis(timeout - interval),
+                "{delay:?}"
+            );
+        }
+    }
+}
+
+#[test]
+fn different_settings_never_time_each_other_out() {
+    // A is slow (1 s / 3 s), B is fast (100 ms / 300 ms): A must send
+    // often enough for B.
+    let mut p = Pair::new(cfg(1, 1000, 3000), cfg(2, 100, 300));
+    p.run_until(p.now + Duration::from_secs(60));
+    assert!(p.a.is_established() && p.b.is_established());
+    assert_eq!(p.a.send_interval(), 100 * MS);
+}
+
+#[test]
+fn busy_session_needs_no_pings_but_still_gets_acks() {
+    let mut p = Pair::new(cfg(1, 100, 300), cfg(2, 100, 300));
+    p.run_until(p.now + 10 * MS);
+    let start = p.now;
+    for i in 0..100u32 {
+        if p.a.can_send() {
+            let m = Bytes::from(i.to_be_bytes().to_vec());
+            p.a.record_data_sent(p.now, m.clone());
+            p.to_b.push_back((p.now + p.delay, Frame::Data(m)));
+        }
+        p.run_until(p.now + 20 * MS);
+    }
+    assert!(p.now > start + Duration::from_secs(1));
+    assert_eq!(p.delivered_b.len(), 100);
+    assert!(p.a.take_unacked().is_empty());
+    assert!(p.a.is_established());
+}
+
+#[test]
+fn unacked_messages_are_handed_back_after_a_cut() {
+    let mut p = Pair::new(cfg(1, 100, 300), cfg(2, 100, 300));
+    p.run_until(p.now + 10 * MS);
+    p.cut = true;
+    for i in 0..4u8 {
+        assert!(p.a.can_send());
+        p.a.record_data_sent(p.now, Bytes::from(vec![i]));
+    }
+    assert!(!p.a.can_send(), "max_unacked bounds what is in flight");
+    p.run_until(p.now + Duration::from_secs(1));
+    assert_eq!(
+        Pair::closed_at(&p.events_a).unwrap().1,
+        DownReason::HeartbeatTimeout
+    );
+    let back: Vec<u8> = p.a.take_unacked().iter().map(|b| b[0]).collect();
+    assert_eq!(back, vec![0, 1, 2, 3]);
+}
+
+#[test]
+fn handshake_timeout_closes_silent_connection() {
+    let now = Instant::now();
+    let mut s = Session::new(now, cfg(1, 100, 300), None);
+    let (frames, _) = drain(&mut s);
+    assert!(matches!(frames[..], [Frame::Hello(Ok(_))]));
+    assert_eq!(s.poll_timeout(), Some(now + 500 * MS));
+    s.handle_timeout(now + 499 * MS);
+    assert!(!s.is_closed());
+    s.handle_timeout(now + 500 * MS);
+    assert_eq!(
+        drain(&mut s).1,
+        vec![SessionEvent::Closed(DownReason::HandshakeTimeout)]
+    );
+}
+
+#[test]
+fn handshake_violations_are_precise() {
+    let now = Instant::now();
+    let cases: Vec<(Option<u64>, Frame, ProtocolViolation)> = vec![
+        (
+            None,
+            Frame::Hello(Err(2)),
+            ProtocolViolation::UnsupportedVersion(2),
+        ),
+        (
+            None,
+            Frame::Ping {
+                seq: 1,
+                rtt_us: None,
+            },
+            ProtocolViolation::UnexpectedFrame("ping"),
+        ),
+        (
+            None,
+            Frame::Hello(Ok(Box::new(Hello {
+                service: "other".into(),
+                ..hello(2, 100, 300)
+            }))),
+            ProtocolViolation::ServiceMismatch,
+        ),
+        (
+            None,
+            Frame::Hello(Ok(Box::new(hello(1, 100, 300)))),
+            ProtocolViolation::SelfConnection,
+        ),
+        (
+            Some(3),
+            Frame::Hello(Ok(Box::new(hello(2, 100, 300)))),
+            ProtocolViolation::UnexpectedPeer {
+                expected: PeerId::from_u64(3),
+                got: PeerId::from_u64(2),
+            },
+        ),
+        (
+            None,
+            Frame::Hello(Ok(Box::new(hello(2, 300, 300)))),
+            ProtocolViolation::BadHeartbeat,
+        ),
+    ];
+    for (expected, frame, violation) in cases {
+        let mut s = Session::new(now, cfg(1, 100, 300), expected.map(PeerId::from_u64));
+        drain(&mut s);
+        assert_eq!(s.handle_frame(now, frame), None);
+        assert_eq!(
+            drain(&mut s),
+            (
+                vec![],
+                vec![SessionEvent::Closed(DownReason::ProtocolError(violation))]
+            )
+        );
+        assert!(s.is_closed());
+    }
+}
+
+#[test]
+fn established_violations_close() {
+    let now = Instant::now();
+    let mut s = Session::new(now, cfg(1, 100, 300), None);
+    s.handle_frame(now, Frame::Hello(Ok(Box::new(hello(2, 100, 300)))));
+    drain(&mut s);
+    s.handle_frame(now, Frame::Ack(1));
+    assert_eq!(
+        drain(&mut s).1,
+        vec![SessionEvent::Closed(DownReason::ProtocolError(
+            ProtocolViolation::BadAck
+        ))]
+    );
+}
+
+#[test]
+fn every_ping_gets_its_pong_in_order_and_samples_precede_the_close() {
+    let now = Instant::now();
+    let mut s = Session::new(now, cfg(1, 100, 300), None);
+    // The handshake and a ping fed before anything is polled: the
+    // handshake is reported first.
+    s.handle_frame(now, Frame::Hello(Ok(Box::new(hello(2, 100, 300)))));
+    let ping = |seq, rtt_us| Frame::Ping { seq, rtt_us };
+    s.handle_frame(now, ping(1, Some(40)));
+    let (frames, events) = drain(&mut s);
+    assert!(matches!(frames[0], Frame::Hello(_)), "{frames:?}");
+    assert_eq!(frames.last(), Some(&Frame::Pong(1)));
+    assert!(
+        matches!(events[..], [SessionEvent::Established(_), SessionEvent::Rtt(r)] if r == 40 * Duration::from_micros(1))
+    );
+    // Three pings at once: three pongs, in order; the latest sample.
+    for seq in 2..=4 {
+        s.handle_frame(now, ping(seq, Some(seq as u32)));
+    }
+    s.handle_frame(now, Frame::Goodbye(GoodbyeBody { reason: "x".into() }));
+    let (frames, events) = drain(&mut s);
+    assert_eq!(frames, [Frame::Pong(2), Frame::Pong(3), Frame::Pong(4)]);
+    assert_eq!(
+        events,
+        [
+            SessionEvent::Rtt(4 * Duration::from_micros(1)),
+            SessionEvent::Closed(DownReason::Goodbye)
+        ]
+    );
+    // A violation drops what was to be sent, the pong too.
+    let mut s = Session::new(now, cfg(1, 100, 300), None);
+    s.handle_frame(now, Frame::Hello(Ok(Box::new(hello(2, 100, 300)))));
+    drain(&mut s);
+    s.handle_frame(now, ping(5, None));
+    s.handle_frame(now, Frame::Hello(Ok(Box::new(hello(2, 100, 300)))));
+    assert_eq!(drain(&mut s).0, []);
+}
+
+#[test]
+fn goodbye_and_pause() {
+    let now = Instant::now();
+    let mut s = Session::new(now, cfg(1, 100, 300), None);
+    s.handle_frame(now, Frame::Hello(Ok(Box::new(hello(2, 100, 300)))));
+    drain(&mut s);
+    s.set_paused(now, true);
+    s.handle_timeout(now + Duration::from_secs(10));
+    assert!(
+        s.is_established(),
+        "no timeout while we are the ones not reading"
+    );
+    s.set_paused(now + Duration::from_secs(10), false);
+    s.handle_timeout(now + Duration::from_millis(10_200));
+    assert!(s.is_established());
+    s.handle_frame(
+        now,
+        Frame::Goodbye(GoodbyeBody {
+            reason: "shutdown".into(),
+        }),
+    );
+    assert!(
+        drain(&mut s)
+            .1
+            .contains(&SessionEvent::Closed(DownReason::Goodbye))
+    );
+}
+
+#[test]
+fn acks_can_end_inside_a_run_of_messages() {
+    let now = Instant::now();
+    let mut c = cfg(1, 100, 300);
+    c.max_unacked = 6;
+    let mut s = Session::new(now, c, None);
+    s.handle_frame(now, Frame::Hello(Ok(Box::new(hello(2, 100, 300)))));
+    drain(&mut s);
+    let mut wire = BytesMut::new();
+    for m in ["a", "b", "c", "d"] {
+        frame::encode_data(m.as_bytes(), &mut wire);
+    }
+    let run = Outgoing::Frames {
+        wire: wire.freeze(),
+        count: 4,
+    };
+    assert_eq!(s.sendable(), 6);
+    s.record_sent(now, run);
+    s.record_data_sent(now, Bytes::from_static(b"e"));
+    assert_eq!((s.sendable(), s.unacked_len()), (1, 5));
+    s.handle_frame(now, Frame::Ack(3));
+    assert_eq!((s.sendable(), s.unacked_len()), (4, 2));
+    s.handle_frame(now, Frame::Ack(4));
+    assert_eq!(s.unacked_len(), 1);
+    assert_eq!(s.take_unacked(), ["e"]);
+    // Sequence numbers go on after messages handed back; an ack of
+    // more than was sent is a violation.
+    s.record_data_sent(now, Bytes::from_static(b"f"));
+    s.handle_frame(now, Frame::Ack(7));
+    assert!(
+        drain(&mut s)
+            .1
+            .contains(&SessionEvent::Closed(DownReason::ProtocolError(
+                ProtocolViolation::BadAck
+            )))
+    );
+}
+
+#[test]
+fn a_peer_that_acknowledges_nothing_is_closed_after_the_write_timeout() {
+    // It keeps pinging (so it is alive) but never consumes our messages.
+    let now = Instant::now();
+    let mut c = cfg(1, 100, 300);
+    c.write_timeout = Duration::from_millis(1000);
+    let mut s = Session::new(now, c, None);
+    s.handle_frame(now, Frame::Hello(Ok(Box::new(hello(2, 100, 300)))));
+    drain(&mut s);
+    s.record_data_sent(now, Bytes::from_static(b"x"));
+    let mut t = now;
+    while t < now + Duration::from_millis(1500) && !s.is_closed() {
+        t += Duration::from_millis(50);
+        s.handle_frame(
+            t,
+            Frame::Ping {
+                seq: 1,
+                rtt_us: None,
+            },
+        );
+        if s.poll_timeout().is_some_and(|d| d <= t) {
+            s.handle_timeout(t);
+        }
+    }
+    assert!(s.is_closed());
+    assert!(t >= now + Duration::from_millis(1000) && t <= now + Duration::from_millis(1050));
+    let (_, e) = drain(&mut s);
+    assert!(e.contains(&SessionEvent::Closed(DownReason::WriteTimeout)));
+    assert_eq!(s.take_unacked(), vec![Bytes::from_static(b"x")]);
+}
+
+#[test]
+fn unacked_bytes_bound_what_is_in_flight() {
+    let now = Instant::now();
+    let mut c = cfg(1, 100, 300);
+    c.max_unacked = 100;
+    c.max_unacked_bytes = 1000;
+    let mut s = Session::new(now, c, None);
+    s.handle_frame(now, Frame::Hello(Ok(Box::new(hello(2, 100, 300)))));
+    s.record_data_sent(now, Bytes::from(vec![0; 600]));
+    assert!(s.can_send());
+    s.record_data_sent(now, Bytes::from(vec![0; 600]));
+    assert!(!s.can_send());
+    s.handle_frame(now, Frame::Ack(1));
+    assert!(s.can_send());
+}
+
+#[test]
+fn resets_are_closes_other_errors_are_io() {
+    let now = Instant::now();
+    let mut s = Session::new(now, cfg(1, 100, 300), None);
+    s.handle_io_error(std::io::ErrorKind::ConnectionReset);
+    assert_eq!(
+        drain(&mut s).1,
+        vec![SessionEvent::Closed(DownReason::Closed)]
+    );
+    let mut s = Session::new(now, cfg(1, 100, 300), None);
+    s.handle_io_error(std::io::ErrorKind::TimedOut);
+    assert_eq!(
+        drain(&mut s).1,
+        vec![SessionEvent::Closed(DownReason::Io(
+            std::io::ErrorKind::TimedOut
+        ))]
+    );
+}
+
+#[test]
+fn local_close_sends_goodbye() {
+    let now = Instant::now();
+    let mut s = Session::new(now, cfg(1, 100, 300), None);
+    drain(&mut s);
+    s.close(DownReason::Shutdown, true);
+    let (f, e) = drain(&mut s);
+    assert_eq!(
+        f,
+        vec![Frame::Goodbye(GoodbyeBody {
+            reason: "shutdown".into()
+        })]
+    );
+    assert_eq!(e, vec![SessionEvent::Closed(DownReason::Shutdown)]);
+}

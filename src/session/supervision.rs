@@ -1,0 +1,89 @@
+//! What a connection task and the node's supervisor tell each other, and
+//! what the supervisor gives a connection when it starts one. Neither side
+//! imports the other: both speak through these types.
+
+use std::collections::VecDeque;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, oneshot};
+
+use super::machine::SessionConfig;
+use super::mailbox::Mailbox;
+use super::timer::Timer;
+use crate::event::{DownReason, Event, ProtocolViolation};
+use crate::peer::PeerId;
+use crate::queue::Queue;
+use crate::stats::Counters;
+use crate::wire::frame::Hello;
+
+/// The supervisor's answer to a completed handshake.
+#[derive(Debug)]
+pub(crate) enum Approval {
+    /// The session is up.
+    Accept,
+    /// Refused (a duplicate, or too many sessions): the connection closes
+    /// with this violation.
+    Reject(ProtocolViolation),
+    /// The node is shutting down.
+    Shutdown,
+}
+
+/// From a connection to the supervisor.
+#[derive(Debug)]
+pub(crate) enum Report {
+    /// The handshake completed; the supervisor answers on `approve`.
+    Handshaken {
+        conn: u64,
+        hello: Box<Hello>,
+        addr: SocketAddr,
+        approve: oneshot::Sender<Approval>,
+    },
+    /// The connection is over: its socket is closed and the application
+    /// was told (the last report of a connection).
+    Ended {
+        conn: u64,
+        /// The peer, if the session was up.
+        peer: Option<PeerId>,
+        reason: DownReason,
+    },
+}
+
+/// What the supervisor gives a connection task it starts.
+pub(crate) struct NewConnection {
+    /// The supervisor's number for the connection (in every report).
+    pub(crate) id: u64,
+    pub(crate) session: Arc<SessionConfig>,
+    /// The peer a dial was for (`None` for an accepted connection).
+    pub(crate) expected: Option<PeerId>,
+    /// Whether we dialed.
+    pub(crate) outbound: bool,
+    /// The largest frame we take.
+    pub(crate) max_frame: u32,
+    /// How long a write may make no progress before the session closes.
+    pub(crate) write_timeout: Duration,
+    pub(crate) node: Arc<NodeContext>,
+    /// Where the connection reports to the supervisor.
+    pub(crate) reports: mpsc::UnboundedSender<Report>,
+    pub(crate) mailbox: Arc<Mailbox>,
+}
+
+/// What all the connections of a node share: the application's event
+/// stream, the timer that keeps their deadlines, and the node's counters.
+/// One pointer in each connection's hot state (the event stream and the
+/// timer are used on every heartbeat).
+pub(crate) struct NodeContext {
+    /// The application's event stream.
+    pub(crate) events: Arc<Queue<VecDeque<Event>>>,
+    /// The connections' deadlines.
+    pub(crate) timer: Arc<Timer<Mailbox>>,
+    /// The node's counters (also read by `Node::stats`).
+    pub(crate) counters: Arc<Counters>,
+}
+
+/// A connection being made (when we dial).
+pub(crate) type ConnectFuture = Pin<Box<dyn Future<Output = std::io::Result<TcpStream>> + Send>>;

@@ -1,5 +1,6 @@
-//! The one place the clock is read. Going through tokio's clock means paused
-//! tokio time (in tests) reaches the sans-IO machines too.
+//! The one place the clock is read. The sans-IO machines never read it:
+//! the drivers pass them the time from here. It is tokio's clock, so the
+//! machines, the node's timer and tokio's sleeps all see the same time.
 
 use std::time::Instant;
 

@@ -131,11 +131,14 @@ pub enum Dropped {
     TableFull,
 }
 
+/// Where a known peer's session stands, as discovery sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Link {
-    /// Known, no session, no dial under way.
-    Idle,
+enum SessionState {
+    /// No session, no dial under way.
+    None,
+    /// We dial it.
     Dialing,
+    /// A session is up.
     Connected,
 }
 
@@ -143,7 +146,7 @@ enum Link {
 struct Entry {
     info: PeerInfo,
     last_heard: Instant,
-    link: Link,
+    session: SessionState,
     /// Lost without a goodbye and not heard from since: discovery is
     /// looking for it and will not dial before it answers again.
     missing: bool,
@@ -153,11 +156,11 @@ struct Entry {
 
 impl Entry {
     fn state(&self) -> PeerState {
-        match self.link {
-            Link::Connected => PeerState::Connected,
-            Link::Dialing => PeerState::Connecting,
-            Link::Idle if self.missing => PeerState::Missing,
-            Link::Idle => PeerState::Discovered,
+        match self.session {
+            SessionState::Connected => PeerState::Connected,
+            SessionState::Dialing => PeerState::Connecting,
+            SessionState::None if self.missing => PeerState::Missing,
+            SessionState::None => PeerState::Discovered,
         }
     }
 }
@@ -389,12 +392,12 @@ impl Discovery {
         match self.peers.get_mut(&a.id) {
             Some(e) if e.info.instance != info.instance => {
                 // Restarted: whatever session we have is with a ghost.
-                let was_linked = e.link != Link::Idle;
+                let had_session = e.session != SessionState::None;
                 e.info = info.clone();
                 e.last_heard = now;
                 e.missing = false;
                 e.redial_backoff = self.cfg.redial_initial;
-                if was_linked {
+                if had_session {
                     // The driver closes the old session; `session_down`
                     // with `PeerRestarted` schedules the dial.
                     self.events
@@ -406,14 +409,14 @@ impl Discovery {
             }
             Some(e) => {
                 e.last_heard = now;
-                if e.link != Link::Connected {
+                if e.session != SessionState::Connected {
                     e.info.addr = info.addr;
                     e.info.interface = info.interface.clone();
                 }
                 if e.missing {
                     e.missing = false;
                     e.redial_backoff = self.cfg.redial_initial;
-                    if e.link == Link::Idle && we_dial {
+                    if e.session == SessionState::None && we_dial {
                         e.next_dial = Some(now);
                     }
                     self.events
@@ -430,7 +433,7 @@ impl Discovery {
                     Entry {
                         info: info.clone(),
                         last_heard: now,
-                        link: Link::Idle,
+                        session: SessionState::None,
                         missing: false,
                         next_dial: we_dial.then_some(now),
                         redial_backoff: self.cfg.redial_initial,
@@ -446,7 +449,7 @@ impl Discovery {
         // A connected peer's session reports its own goodbye.
         if let Some(e) = self.peers.get(&g.id)
             && e.info.instance == g.instance
-            && e.link == Link::Idle
+            && e.session == SessionState::None
         {
             self.forget(g.id);
             self.changed.push(g.id);
@@ -478,14 +481,14 @@ impl Discovery {
             let Some(e) = self.peers.get_mut(id) else {
                 continue;
             };
-            if e.link != Link::Idle {
+            if e.session != SessionState::None {
                 continue;
             }
             if now >= e.last_heard + expiry {
                 lost.push(*id);
             } else if e.next_dial.is_some_and(|t| now >= t) {
                 e.next_dial = None;
-                e.link = Link::Dialing;
+                e.session = SessionState::Dialing;
                 self.changed.push(*id);
                 self.events.push_back(DiscoveryEvent::Dial(e.info.clone()));
             }
@@ -505,9 +508,9 @@ impl Discovery {
         for (id, e) in &self.peers {
             assert_eq!(
                 self.unconnected.contains(id),
-                e.link != Link::Connected,
+                e.session != SessionState::Connected,
                 "{id} {:?}",
-                e.link
+                e.session
             );
         }
         assert!(
@@ -532,7 +535,7 @@ impl Discovery {
     pub fn poll_timeout(&self) -> Option<Instant> {
         let peers = self
             .unconnected_entries()
-            .filter(|e| e.link == Link::Idle)
+            .filter(|e| e.session == SessionState::None)
             .map(|e| {
                 let expire = e.last_heard + self.cfg.peer_expiry;
                 e.next_dial.map_or(expire, |d| d.min(expire))
@@ -558,10 +561,10 @@ impl Discovery {
         let Some(e) = self.peers.get_mut(&id) else {
             return;
         };
-        if e.link != Link::Dialing {
+        if e.session != SessionState::Dialing {
             return;
         }
-        e.link = Link::Idle;
+        e.session = SessionState::None;
         self.changed.push(id);
         let delay = e.redial_backoff;
         e.redial_backoff = (delay * 2).min(cap);
@@ -582,7 +585,7 @@ impl Discovery {
                     e.info.name = info.name;
                     e.info.role = info.role;
                 }
-                e.link = Link::Connected;
+                e.session = SessionState::Connected;
                 self.unconnected.remove(&info.id);
                 e.missing = false;
                 e.last_heard = now;
@@ -595,7 +598,7 @@ impl Discovery {
                     Entry {
                         info: info.clone(),
                         last_heard: now,
-                        link: Link::Connected,
+                        session: SessionState::Connected,
                         missing: false,
                         next_dial: None,
                         redial_backoff: self.cfg.redial_initial,
@@ -613,7 +616,7 @@ impl Discovery {
         let Some(e) = self.peers.get_mut(&id) else {
             return;
         };
-        e.link = Link::Idle;
+        e.session = SessionState::None;
         self.unconnected.insert(id);
         self.changed.push(id);
         match reason {

@@ -112,10 +112,9 @@ pub(crate) fn too_large(size: usize, limit: usize) -> Error {
 /// Queues a message, waiting for room only when the outbox is full.
 ///
 /// Written out rather than as an `async fn`: a stream of small messages
-/// builds and moves one of these per message, and the compiler's version
-/// was 128 bytes (176 inside `PeerSender::send`), whose copying took an
-/// eighth of a 64-byte stream's time. This one is four words and a boxed
-/// wait, built only when the outbox is full.
+/// builds and moves one of these per message, so its size is copying per
+/// message (the compiler's version was several times bigger). This one is
+/// four words and a boxed wait, built only when the outbox is full.
 pub(crate) struct Push<'a> {
     peer: PeerId,
     mailbox: &'a Mailbox,

@@ -47,7 +47,6 @@ const WRITE_HIGH_WATER: usize = 32 * 1024;
 /// up to 64 KiB. Not more: received messages keep their read buffer alive
 /// (they are slices of it), so each read allocates afresh, and glibc serves
 /// blocks from 128 KiB up with fresh mmap'd pages (a page fault per 4 KiB).
-/// With 256 KiB reads, 64 KiB throughput fell to 0.5x raw in half the runs.
 const READ_MIN: usize = 256;
 const READ_MAX: usize = 64 * 1024;
 /// Messages decoded per batch before they are handed to the event queue.

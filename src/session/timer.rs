@@ -1,12 +1,12 @@
 //! One timer for all the sessions of a node.
 //!
 //! A session has one deadline at a time: its machine's next timeout, or a
-//! stalled write's. With a tokio `Sleep` per session, every heartbeat moved
-//! that sleep 1.5 intervals on: the reset touched two cache lines of the
-//! timer entry, and tokio's wheel later moved the entry (touching it and its
-//! neighbours in the slot's list) to where it belonged, level by level. At
-//! 10 000 sessions that was a sixth of the library's user time per
-//! heartbeat.
+//! stalled write's, and every heartbeat moves it on. Why not a tokio
+//! `Sleep` per session: each reset touches the timer entry, and tokio's
+//! wheel later moves the entry (touching it and its neighbours in the
+//! slot's list) to where it belongs, level by level; with thousands of
+//! sessions those are cache misses on every heartbeat (docs/BENCHMARKS.md
+//! has the figures).
 //!
 //! Here a session only stores its deadline, as a tick, in a [`Deadline`]
 //! kept in the cache line of its mailbox that a heartbeat reads anyway. One

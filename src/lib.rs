@@ -69,6 +69,7 @@ pub mod peer;
 mod queue;
 pub mod session;
 mod stats;
+mod sync;
 #[cfg(any(test, fuzzing))]
 mod testing;
 pub mod wire;

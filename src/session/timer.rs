@@ -19,13 +19,14 @@
 //! session, under the wheel's lock), so no wake-up is ever late by more than
 //! a tick; one that moves later costs nothing until the old slot comes due.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::atomic::Ordering::SeqCst;
+use std::sync::{Arc, PoisonError};
 use std::time::{Duration, Instant};
 
 use tokio::sync::Notify;
 
 use crate::clock;
+use crate::sync::{AtomicBool, AtomicU64, Mutex, MutexGuard};
 
 /// The wheel's resolution: a session is woken at most this long after its
 /// deadline (plus scheduling). With 10 000 sessions some deadline falls in
@@ -470,3 +471,6 @@ mod tests {
         run.abort();
     }
 }
+
+#[cfg(all(test, lanbeat_shuttle))]
+mod model;

@@ -1,24 +1,21 @@
 //! Codec micro-benchmarks: `cargo bench --bench codec`.
 
-use std::collections::BTreeMap;
 use std::hint::black_box;
 
 use bytes::{Bytes, BytesMut};
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use lanbeat::wire::discovery::{Announce, Datagram, DatagramLimits};
+use lanbeat::wire::discovery::{Datagram, DatagramLimits};
 use lanbeat::wire::frame::{self, Frame};
-use lanbeat::{PeerId, Role};
 
 fn datagrams(c: &mut Criterion) {
-    let announce = Datagram::Announce(Announce {
-        service: "lamp-control".into(),
-        id: PeerId::from_u64(0x1234_5678_9abc_def0),
-        instance: 42,
-        role: Role::Peer,
-        name: "kitchen-hub".into(),
-        port: 40123,
-        metadata: BTreeMap::from([("fw".into(), "1.2.3".into())]),
-    });
+    // The wire types are `#[non_exhaustive]`: an announce is made the way
+    // a receiver gets one, from its bytes (docs/PROTOCOL.md).
+    let mut wire = b"LNBT\x01\x02".to_vec();
+    wire.extend_from_slice(
+        br#"{"service":"lamp-control","id":"123456789abcdef0","instance":"000000000000002a","role":"peer","name":"kitchen-hub","port":40123,"meta":{"fw":"1.2.3"}}"#,
+    );
+    let announce = Datagram::decode(&wire, &DatagramLimits::default()).unwrap();
+    assert!(matches!(announce, Datagram::Announce(_)));
     let bytes = announce.encode();
     let limits = DatagramLimits::default();
     c.bench_function("datagram/encode announce", |b| {

@@ -52,6 +52,31 @@
 //! [`discovery::machine::Discovery`] and [`session::machine::Session`], which
 //! take `(now, input)` and return what to send and when to wake; the tokio
 //! tasks around them only move bytes and timers.
+//!
+//! # Layout
+//!
+//! | module | owns |
+//! | --- | --- |
+//! | [`config`] | [`Config`], its builder, defaults and validation |
+//! | [`peer`] | [`PeerId`], [`PeerInfo`], [`Role`] |
+//! | [`event`] | [`Event`] and the reasons it carries |
+//! | [`error`] | [`Error`] and the errors of each layer |
+//! | `node` | [`Node`], [`Events`], [`PeerSender`] and the supervisor task |
+//! | [`discovery`] | the discovery machine and its sockets |
+//! | [`session`] | the session machine and the connection task that drives it |
+//! | [`wire`] | datagram and frame codecs |
+//! | `queue`, `clock`, `sync`, `stats` | the bounded queue, the one clock read, the sync primitives, the counters |
+//!
+//! # Stability
+//!
+//! What an application uses — [`Node`], [`Events`], [`PeerSender`],
+//! [`Config`], [`Event`], [`PeerId`], [`PeerInfo`], the errors and
+//! [`Stats`] — follows semantic versioning; types that may grow are
+//! `#[non_exhaustive]`. The sans-IO machines ([`discovery::machine`],
+//! [`session::machine`]) and the codecs ([`wire`]) are public so that
+//! other drivers and tests can use them, but they are **not yet stable
+//! API**: they change with the protocol (version 2 brings encrypted
+//! sessions) and may change in any 0.x release.
 
 #![forbid(unsafe_code)]
 #![deny(missing_docs, unreachable_pub)]

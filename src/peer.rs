@@ -49,6 +49,7 @@ impl fmt::Debug for PeerId {
 /// The text was not 1 to 16 hex digits.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("invalid id {0:?}: expected 1 to 16 hex digits")]
+#[non_exhaustive]
 pub struct ParseIdError(pub String);
 
 impl FromStr for PeerId {
@@ -92,6 +93,7 @@ impl<'de> Deserialize<'de> for PeerId {
 /// What a node does on the network.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
+#[non_exhaustive]
 pub enum Role {
     /// Probes, answers probes, dials and accepts (the default).
     #[default]

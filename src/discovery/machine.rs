@@ -26,6 +26,7 @@ const MAX_BUCKETS: usize = 4096;
 
 /// Settings of the discovery machine.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct DiscoveryConfig {
     /// Service name.
     pub service: String,
@@ -63,6 +64,7 @@ pub struct DiscoveryConfig {
 
 /// A local interface address discovery broadcasts on.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub struct Target {
     /// Interface name.
     pub interface: String,
@@ -90,6 +92,7 @@ impl Target {
 
 /// A datagram to send from the unicast socket.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Transmit {
     /// Destination: a broadcast address and the discovery port, or a
     /// prober's address.
@@ -100,6 +103,7 @@ pub struct Transmit {
 
 /// What discovery tells the driver.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum DiscoveryEvent {
     /// A peer was found (or found again after it went missing).
     Discovered(PeerInfo),
@@ -113,6 +117,7 @@ pub enum DiscoveryEvent {
 
 /// Why a received datagram was dropped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Dropped {
     /// It did not decode.
     Invalid(DatagramError),

@@ -31,6 +31,7 @@ const RTT_REFRESH: u32 = 8;
 
 /// Settings of one session.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct SessionConfig {
     /// Our handshake.
     pub hello: Hello,
@@ -51,6 +52,7 @@ pub struct SessionConfig {
 
 /// What the session tells its driver.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum SessionEvent {
     /// The handshake completed; this is the peer's.
     Established(Box<Hello>),

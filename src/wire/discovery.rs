@@ -23,6 +23,7 @@ const KIND_GOODBYE: u8 = 3;
 
 /// Size limits applied when decoding.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct DatagramLimits {
     /// Largest datagram accepted, header included.
     pub max_size: usize,
@@ -50,6 +51,7 @@ impl Default for DatagramLimits {
 
 /// "Who of `service` is there?" Broadcast by probing nodes.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Probe {
     /// Service name.
     pub service: String,
@@ -63,6 +65,7 @@ pub struct Probe {
 
 /// "Here I am." Unicast in reply to a probe, or broadcast once at start.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Announce {
     /// Service name.
     pub service: String,
@@ -82,6 +85,7 @@ pub struct Announce {
 
 /// "I am leaving." Broadcast by a node that stops gracefully.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Goodbye {
     /// Service name.
     pub service: String,
@@ -93,6 +97,7 @@ pub struct Goodbye {
 
 /// A decoded discovery datagram.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Datagram {
     /// See [`Probe`].
     Probe(Probe),

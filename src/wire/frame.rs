@@ -31,6 +31,7 @@ const T_GOODBYE: u8 = 6;
 
 /// The handshake, sent by both sides as their first frame.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct Hello {
     /// Protocol version (see [`PROTOCOL_VERSION`](super::PROTOCOL_VERSION)).
     pub protocol: u8,
@@ -64,6 +65,7 @@ struct HelloVersion {
 
 /// The body of a goodbye frame.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct GoodbyeBody {
     /// Why the sender leaves, e.g. `"shutdown"`.
     pub reason: String,
@@ -71,6 +73,7 @@ pub struct GoodbyeBody {
 
 /// One session frame.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Frame {
     /// Handshake; `Err(version)` when the peer speaks another protocol
     /// version (the rest was not parsed).
@@ -335,6 +338,7 @@ pub fn encode_data(payload: &[u8], dst: &mut BytesMut) {
 /// the application gave them (`Message`) and are encoded only into the
 /// write buffer. Either way a message can be handed back as it was sent.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Outgoing {
     /// `count` data frames, encoded back to back (each length prefix
     /// covers the kind byte and the payload; see [`encode_data`]).

@@ -111,6 +111,9 @@ impl<S> Queue<S> {
     /// Where the idle flag ends, from the start of the queue: a consumer
     /// that checks only it reads this many bytes (see
     /// `session::mailbox`, which keeps them in its first cache line).
+    // Used only by compile-time layout checks, which rustc before 1.89
+    // does not count as a use.
+    #[allow(dead_code)]
     pub(crate) const IDLE_END: usize = std::mem::offset_of!(Self, idle) + size_of::<AtomicBool>();
 }
 

@@ -112,12 +112,12 @@ mod layout {
     use crate::queue::Queue;
     use crate::session::outbox::Outbox;
 
-    const LINE: usize = 64;
-    const _: () = assert!(align_of::<Mailbox>() == LINE);
-    const _: () = assert!(offset_of!(Mailbox, closing) < LINE);
-    const _: () = assert!(offset_of!(Mailbox, rtt_ns) + 8 <= LINE);
+    // One cache line: 64 bytes.
+    const _: () = assert!(align_of::<Mailbox>() == 64);
+    const _: () = assert!(offset_of!(Mailbox, closing) < 64);
+    const _: () = assert!(offset_of!(Mailbox, rtt_ns) + 8 <= 64);
     const _: () = assert!(
-        offset_of!(Mailbox, deadline) + size_of::<crate::session::timer::Deadline>() <= LINE
+        offset_of!(Mailbox, deadline) + size_of::<crate::session::timer::Deadline>() <= 64
     );
-    const _: () = assert!(offset_of!(Mailbox, outbox) + Queue::<Outbox>::IDLE_END <= LINE);
+    const _: () = assert!(offset_of!(Mailbox, outbox) + Queue::<Outbox>::IDLE_END <= 64);
 }

@@ -116,8 +116,7 @@ mod layout {
     const _: () = assert!(align_of::<Mailbox>() == 64);
     const _: () = assert!(offset_of!(Mailbox, closing) < 64);
     const _: () = assert!(offset_of!(Mailbox, rtt_ns) + 8 <= 64);
-    const _: () = assert!(
-        offset_of!(Mailbox, deadline) + size_of::<crate::session::timer::Deadline>() <= 64
-    );
+    const _: () =
+        assert!(offset_of!(Mailbox, deadline) + size_of::<crate::session::timer::Deadline>() <= 64);
     const _: () = assert!(offset_of!(Mailbox, outbox) + Queue::<Outbox>::IDLE_END <= 64);
 }

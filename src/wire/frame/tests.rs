@@ -1,0 +1,232 @@
+//! Unit and property tests of the frame codec.
+
+use super::*;
+use proptest::prelude::*;
+
+fn hello() -> Hello {
+    crate::testing::hello(0xabc, 1000, 3000)
+}
+
+fn round_trip(f: Frame) {
+    let mut buf = BytesMut::new();
+    f.encode(&mut buf);
+    let len = buf.len();
+    // Every strict prefix is incomplete, never an error.
+    for cut in 0..len {
+        let mut part = BytesMut::from(&buf[..cut]);
+        assert_eq!(
+            Frame::decode(&mut part, 1 << 20),
+            Ok(None),
+            "{f:?} at {cut}"
+        );
+    }
+    assert_eq!(Frame::decode(&mut buf, 1 << 20), Ok(Some(f)));
+    assert!(buf.is_empty());
+}
+
+#[test]
+fn every_frame_round_trips() {
+    round_trip(Frame::Hello(Ok(Box::new(hello()))));
+    round_trip(Frame::Hello(Err(2)));
+    round_trip(Frame::Ping {
+        seq: 1,
+        rtt_us: None,
+    });
+    round_trip(Frame::Ping {
+        seq: 2,
+        rtt_us: Some(u32::MAX),
+    });
+    round_trip(Frame::Pong(u64::MAX));
+    round_trip(Frame::Data(Bytes::from_static(b"hello")));
+    round_trip(Frame::Data(Bytes::new()));
+    round_trip(Frame::Ack(42));
+    round_trip(Frame::Goodbye(GoodbyeBody {
+        reason: "shutdown".into(),
+    }));
+}
+
+#[test]
+fn documented_ping_bytes() {
+    let mut buf = BytesMut::new();
+    Frame::Ping {
+        seq: 1,
+        rtt_us: None,
+    }
+    .encode(&mut buf);
+    assert_eq!(&buf[..], b"\0\0\0\x09\x02\0\0\0\0\0\0\0\x01");
+    assert_eq!(buf.len(), 13);
+    buf.clear();
+    Frame::Ping {
+        seq: 2,
+        rtt_us: Some(250),
+    }
+    .encode(&mut buf);
+    assert_eq!(&buf[..], b"\0\0\0\x0d\x02\0\0\0\0\0\0\0\x02\0\0\0\xfa");
+}
+
+#[test]
+fn oversized_prefix_is_rejected_before_allocating() {
+    let mut buf = BytesMut::from(&[0xff, 0xff, 0xff, 0xff, 4][..]);
+    let cap = buf.capacity();
+    assert_eq!(
+        Frame::decode(&mut buf, 1 << 20),
+        Err(FrameError::TooLarge {
+            size: u32::MAX,
+            limit: 1 << 20
+        })
+    );
+    assert_eq!(buf.capacity(), cap);
+}
+
+#[test]
+fn bad_frames_have_precise_errors() {
+    let mut b = BytesMut::from(&[0, 0, 0, 0][..]);
+    assert_eq!(Frame::decode(&mut b, 100), Err(FrameError::Empty));
+    let mut b = BytesMut::from(&[0, 0, 0, 1, 99][..]);
+    assert_eq!(Frame::decode(&mut b, 100), Err(FrameError::UnknownType(99)));
+    let mut b = BytesMut::from(&[0, 0, 0, 3, T_PING, 1, 2][..]);
+    assert_eq!(
+        Frame::decode(&mut b, 100),
+        Err(FrameError::Malformed("ping"))
+    );
+    // A ping is 8 or 12 bytes, nothing in between.
+    let mut b = BytesMut::from(&[0, 0, 0, 11, T_PING, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0][..]);
+    assert_eq!(
+        Frame::decode(&mut b, 100),
+        Err(FrameError::Malformed("ping"))
+    );
+    // A pong is the bare sequence number: an echoed 12-byte ping is not.
+    let mut b = BytesMut::from(&[0, 0, 0, 13, T_PONG, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 9][..]);
+    assert_eq!(
+        Frame::decode(&mut b, 100),
+        Err(FrameError::Malformed("pong"))
+    );
+    let mut b = BytesMut::new();
+    json_frame(
+        &mut b,
+        T_HELLO,
+        &serde_json::json!({"protocol": 1, "id": "zz"}),
+    );
+    assert_eq!(
+        Frame::decode(&mut b, 1 << 20),
+        Err(FrameError::Malformed("hello"))
+    );
+    let mut b = BytesMut::new();
+    json_frame(
+        &mut b,
+        T_HELLO,
+        &serde_json::json!({"protocol": 9, "anything": true}),
+    );
+    assert_eq!(
+        Frame::decode(&mut b, 1 << 20),
+        Ok(Some(Frame::Hello(Err(9))))
+    );
+}
+
+/// Everything `Frame::decode` gives, one call per frame, until it needs
+/// more bytes or fails.
+fn decode_each(bytes: &[u8], max: u32) -> Vec<Result<Frame, FrameError>> {
+    let mut buf = BytesMut::from(bytes);
+    let mut out = Vec::new();
+    loop {
+        match Frame::decode(&mut buf, max) {
+            Ok(Some(f)) => out.push(Ok(f)),
+            Ok(None) => return out,
+            Err(e) => {
+                out.push(Err(e));
+                return out;
+            }
+        }
+    }
+}
+
+/// The same through `Frames`, fed in pieces of `step` bytes.
+fn decode_chunked(bytes: &[u8], max: u32, step: usize) -> Vec<Result<Frame, FrameError>> {
+    let mut buf = BytesMut::new();
+    let mut frames = Frames::default();
+    let mut out = Vec::new();
+    for piece in bytes.chunks(step.max(1)) {
+        buf.extend_from_slice(piece);
+        while frames.fill(&mut buf, max) {
+            for r in frames.by_ref() {
+                let failed = r.is_err();
+                out.push(r);
+                if failed {
+                    return out;
+                }
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn frames_decode_like_decode_and_report_errors_after_the_good_frames() {
+    let mut bytes = BytesMut::new();
+    Frame::Ping {
+        seq: 1,
+        rtt_us: Some(9),
+    }
+    .encode(&mut bytes);
+    Frame::Data(Bytes::from_static(b"abc")).encode(&mut bytes);
+    Frame::Ack(3).encode(&mut bytes);
+    bytes.extend_from_slice(&[0xff, 0xff, 0xff, 0xff, 4]);
+    // The first error ends it: a malformed ping, then anything.
+    let mut bad = BytesMut::from(&[0, 0, 0, 2, T_PING, 1][..]);
+    bad.extend_from_slice(&bytes);
+    let mut frames = Frames::default();
+    assert!(frames.fill(&mut bad, 1024));
+    assert_eq!(frames.next(), Some(Err(FrameError::Malformed("ping"))));
+    assert_eq!(frames.next(), None);
+    let want = decode_each(&bytes, 1024);
+    assert_eq!(want.len(), 4);
+    assert!(matches!(want[3], Err(FrameError::TooLarge { .. })));
+    for step in [1, 3, 13, 1000] {
+        assert_eq!(decode_chunked(&bytes, 1024, step), want, "step {step}");
+    }
+}
+
+proptest! {
+    #[test]
+    fn frames_agree_with_decode(
+        frames in proptest::collection::vec((0u8..7, proptest::collection::vec(any::<u8>(), 0..40)), 0..20),
+        junk in proptest::collection::vec(any::<u8>(), 0..16),
+        step in 1usize..64,
+    ) {
+        let mut bytes = BytesMut::new();
+        for (kind, payload) in frames {
+            match kind {
+                0 => Frame::Data(Bytes::from(payload)).encode(&mut bytes),
+                1 => Frame::Ping { seq: payload.len() as u64, rtt_us: None }.encode(&mut bytes),
+                2 => Frame::Ping { seq: 7, rtt_us: Some(payload.len() as u32) }.encode(&mut bytes),
+                3 => Frame::Pong(payload.len() as u64).encode(&mut bytes),
+                4 => Frame::Ack(payload.len() as u64).encode(&mut bytes),
+                // Raw bytes as a frame of any type, valid or not.
+                _ => {
+                    bytes.put_u32(payload.len() as u32);
+                    bytes.put_slice(&payload);
+                }
+            }
+        }
+        bytes.extend_from_slice(&junk);
+        let want = decode_each(&bytes, 48);
+        prop_assert_eq!(decode_chunked(&bytes, 48, step), want);
+    }
+
+    #[test]
+    fn data_round_trips(payload in proptest::collection::vec(any::<u8>(), 0..2000)) {
+        round_trip(Frame::Data(Bytes::from(payload)));
+    }
+
+    #[test]
+    fn garbage_never_panics_and_stays_bounded(bytes in proptest::collection::vec(any::<u8>(), 0..4096)) {
+        let mut buf = BytesMut::from(&bytes[..]);
+        loop {
+            match Frame::decode(&mut buf, 2048) {
+                Ok(Some(_)) => continue,
+                Ok(None) => { prop_assert!(buf.capacity() <= 4096 + 2048 + 8); break }
+                Err(_) => break,
+            }
+        }
+    }
+}

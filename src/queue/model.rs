@@ -57,18 +57,20 @@ fn reached(q: &Queue<VecDeque<u32>>, waker: &Waker, count: &Count, mut got: VecD
     assert_eq!(got, [1]);
 }
 
-#[test]
-fn a_push_racing_an_idle_look_wakes_the_consumer_or_is_taken() {
+/// One race: `producer` on its own thread against one pass of the
+/// consumer, which found the queue empty and waits; then the item must
+/// have reached the consumer.
+fn race(producer: fn(&Queue<VecDeque<u32>>)) {
     shuttle::check_dfs(
-        || {
+        move || {
             let (q, waker, count) = idle_queue();
-            let producer = {
+            let side = {
                 let q = q.clone();
-                thread::spawn(move || q.try_push(1).unwrap())
+                thread::spawn(move || producer(&q))
             };
             let mut got = VecDeque::new();
             consumer_pass(&q, &waker, &mut got);
-            producer.join().unwrap();
+            side.join().unwrap();
             reached(&q, &waker, &count, got);
         },
         None,
@@ -76,45 +78,24 @@ fn a_push_racing_an_idle_look_wakes_the_consumer_or_is_taken() {
 }
 
 #[test]
+fn a_push_racing_an_idle_look_wakes_the_consumer_or_is_taken() {
+    race(|q| q.try_push(1).unwrap());
+}
+
+#[test]
 fn a_batch_racing_an_idle_look_wakes_the_consumer_or_is_taken() {
-    shuttle::check_dfs(
-        || {
-            let (q, waker, count) = idle_queue();
-            let producer = {
-                let q = q.clone();
-                thread::spawn(move || assert!(!q.push_many(&mut VecDeque::from([1]))))
-            };
-            let mut got = VecDeque::new();
-            consumer_pass(&q, &waker, &mut got);
-            producer.join().unwrap();
-            reached(&q, &waker, &count, got);
-        },
-        None,
-    );
+    race(|q| assert!(!q.push_many(&mut VecDeque::from([1]))));
 }
 
 /// A quiet push leaves the consumer asleep but owes it a wake-up, which
 /// the producer's side pays with `wake_owed` (the node's timer does).
 #[test]
 fn a_quiet_push_and_its_owed_wake_reach_the_consumer() {
-    shuttle::check_dfs(
-        || {
-            let (q, waker, count) = idle_queue();
-            let producer = {
-                let q = q.clone();
-                thread::spawn(move || {
-                    if q.try_push_quiet(1).unwrap() {
-                        q.wake_owed();
-                    }
-                })
-            };
-            let mut got = VecDeque::new();
-            consumer_pass(&q, &waker, &mut got);
-            producer.join().unwrap();
-            reached(&q, &waker, &count, got);
-        },
-        None,
-    );
+    race(|q| {
+        if q.try_push_quiet(1).unwrap() {
+            q.wake_owed();
+        }
+    });
 }
 
 /// A close request (the supervisor's `wake_consumer`) racing an idle look:

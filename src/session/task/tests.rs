@@ -121,6 +121,28 @@ impl Harness {
             .expect("the task dropped its report channel")
     }
 
+    /// The connection's last report: the peer (if the session was up) and
+    /// why it ended.
+    async fn ended(&mut self) -> (Option<PeerId>, DownReason) {
+        match self.report().await {
+            Report::Ended { peer, reason, .. } => (peer, reason),
+            other => panic!("expected the end, got {other:?}"),
+        }
+    }
+
+    /// The supervisor's side of a completed handshake.
+    async fn handshaken(
+        &mut self,
+    ) -> (
+        Box<crate::wire::frame::Hello>,
+        tokio::sync::oneshot::Sender<Approval>,
+    ) {
+        match self.report().await {
+            Report::Handshaken { hello, approve, .. } => (hello, approve),
+            other => panic!("expected a handshake, got {other:?}"),
+        }
+    }
+
     /// The events queued so far.
     fn events(&self) -> Vec<Event> {
         let mut out = VecDeque::new();
@@ -183,6 +205,17 @@ impl Peer {
         }
     }
 
+    /// The next message, heartbeats and acks skipped.
+    async fn data(&mut self) -> Bytes {
+        loop {
+            match self.frame().await {
+                Some(Frame::Data(d)) => return d,
+                Some(_) => {}
+                None => panic!("closed before a message"),
+            }
+        }
+    }
+
     /// The frames up to the end of the stream, heartbeats and acks left out.
     async fn rest(&mut self) -> Vec<Frame> {
         let mut out = Vec::new();
@@ -228,13 +261,9 @@ async fn up(dial: bool) -> (Harness, Peer) {
     let (mut h, mut peer) = connected(dial).await;
     peer.expect_hello().await;
     peer.hello().await;
-    match h.report().await {
-        Report::Handshaken { hello, approve, .. } => {
-            assert_eq!(hello.id, PeerId::from_u64(PEER));
-            approve.send(Approval::Accept).unwrap();
-        }
-        other => panic!("{other:?}"),
-    }
+    let (hello, approve) = h.handshaken().await;
+    assert_eq!(hello.id, PeerId::from_u64(PEER));
+    approve.send(Approval::Accept).unwrap();
     match &h.wait_events(1).await[..] {
         [Event::SessionUp { peer, outbound, .. }] => {
             assert_eq!(*peer, PeerId::from_u64(PEER));
@@ -254,16 +283,8 @@ async fn a_dial_that_fails_is_reported_and_the_task_ends() {
         Some(PeerId::from_u64(PEER)),
         Err(lifecycle::connect(addr, WAIT)),
     );
-    match h.report().await {
-        Report::Ended { conn, peer, reason } => {
-            assert_eq!((conn, peer), (7, None));
-            assert_eq!(
-                reason,
-                DownReason::Io(std::io::ErrorKind::ConnectionRefused)
-            );
-        }
-        other => panic!("{other:?}"),
-    }
+    let refused = DownReason::Io(std::io::ErrorKind::ConnectionRefused);
+    assert_eq!(h.ended().await, (None, refused));
     assert!(h.events().is_empty(), "no session, no event");
     h.finished().await;
 }
@@ -278,10 +299,7 @@ async fn frames_after_the_handshake_wait_for_the_approval() {
     Frame::Hello(Ok(Box::new(testing::hello(PEER, 1000, 3000)))).encode(&mut out);
     Frame::Data(Bytes::from_static(b"early")).encode(&mut out);
     peer.stream.write_all(&out).await.unwrap();
-    let approve = match h.report().await {
-        Report::Handshaken { approve, .. } => approve,
-        other => panic!("{other:?}"),
-    };
+    let (_, approve) = h.handshaken().await;
     tokio::time::sleep(Duration::from_millis(50)).await;
     assert!(h.events().is_empty(), "nothing before the approval");
     approve.send(Approval::Accept).unwrap();
@@ -296,13 +314,7 @@ async fn frames_after_the_handshake_wait_for_the_approval() {
     }
     // Running: the outbox reaches the wire.
     h.mailbox.outbox().try_push(Bytes::from("hi")).unwrap();
-    loop {
-        match peer.frame().await {
-            Some(Frame::Data(d)) => break assert_eq!(d, "hi"),
-            Some(_) => {}
-            None => panic!("closed"),
-        }
-    }
+    assert_eq!(peer.data().await, "hi");
 }
 
 #[tokio::test]
@@ -311,18 +323,9 @@ async fn a_rejected_handshake_closes_without_a_session_or_goodbye() {
     peer.expect_hello().await;
     peer.hello().await;
     let why = ProtocolViolation::Refused("duplicate session");
-    match h.report().await {
-        Report::Handshaken { approve, .. } => approve.send(Approval::Reject(why.clone())).unwrap(),
-        other => panic!("{other:?}"),
-    }
-    match h.report().await {
-        Report::Ended {
-            peer: None, reason, ..
-        } => {
-            assert_eq!(reason, DownReason::ProtocolError(why));
-        }
-        other => panic!("{other:?}"),
-    }
+    let (_, approve) = h.handshaken().await;
+    approve.send(Approval::Reject(why.clone())).unwrap();
+    assert_eq!(h.ended().await, (None, DownReason::ProtocolError(why)));
     assert!(peer.rest().await.is_empty(), "closed without a goodbye");
     assert!(h.events().is_empty(), "never a session for the application");
     h.finished().await;
@@ -333,20 +336,13 @@ async fn a_shutdown_during_the_approval_says_goodbye() {
     let (mut h, mut peer) = connected(false).await;
     peer.expect_hello().await;
     peer.hello().await;
-    match h.report().await {
-        Report::Handshaken { approve, .. } => approve.send(Approval::Shutdown).unwrap(),
-        other => panic!("{other:?}"),
-    }
+    let (_, approve) = h.handshaken().await;
+    approve.send(Approval::Shutdown).unwrap();
     match &peer.rest().await[..] {
         [Frame::Goodbye(g)] => assert_eq!(g.reason, "shutdown"),
         other => panic!("{other:?}"),
     }
-    match h.report().await {
-        Report::Ended {
-            peer: None, reason, ..
-        } => assert_eq!(reason, DownReason::Shutdown),
-        other => panic!("{other:?}"),
-    }
+    assert_eq!(h.ended().await, (None, DownReason::Shutdown));
     h.finished().await;
 }
 
@@ -355,14 +351,7 @@ async fn a_silent_connection_ends_at_the_handshake_timeout() {
     let (mut h, mut peer) = connected(false).await;
     peer.expect_hello().await;
     let started = tokio::time::Instant::now();
-    match h.report().await {
-        Report::Ended {
-            peer: None, reason, ..
-        } => {
-            assert_eq!(reason, DownReason::HandshakeTimeout);
-        }
-        other => panic!("{other:?}"),
-    }
+    assert_eq!(h.ended().await, (None, DownReason::HandshakeTimeout));
     // The handshake timeout of `testing::session_config` is 500 ms.
     assert!(started.elapsed() >= Duration::from_millis(400));
     assert!(peer.rest().await.is_empty());
@@ -376,27 +365,15 @@ async fn a_close_request_says_goodbye_and_hands_back_what_was_not_acknowledged()
     let outbox = h.mailbox.outbox();
     outbox.try_push(Bytes::from("one")).unwrap();
     outbox.try_push(Bytes::from("two")).unwrap();
-    for want in ["one", "two"] {
-        loop {
-            match peer.frame().await {
-                Some(Frame::Data(d)) => break assert_eq!(d, want),
-                Some(_) => {}
-                None => panic!("closed"),
-            }
-        }
-    }
+    assert_eq!(peer.data().await, "one");
+    assert_eq!(peer.data().await, "two");
     h.mailbox.request_close(DownReason::Replaced);
     match &peer.rest().await[..] {
         [Frame::Goodbye(g)] => assert_eq!(g.reason, "replaced"),
         other => panic!("{other:?}"),
     }
-    match h.report().await {
-        Report::Ended { peer, reason, .. } => {
-            assert_eq!(peer, Some(PeerId::from_u64(PEER)));
-            assert_eq!(reason, DownReason::Replaced);
-        }
-        other => panic!("{other:?}"),
-    }
+    let peer = Some(PeerId::from_u64(PEER));
+    assert_eq!(h.ended().await, (peer, DownReason::Replaced));
     match &h.events()[..] {
         [
             Event::SessionDown { reason, .. },
@@ -421,13 +398,8 @@ async fn what_arrived_before_the_peer_closed_is_delivered_before_the_session_dow
     peer.send(Frame::Data(Bytes::from_static(b"last words")))
         .await;
     peer.stream.shutdown().await.unwrap();
-    match h.report().await {
-        Report::Ended { peer, reason, .. } => {
-            assert_eq!(peer, Some(PeerId::from_u64(PEER)));
-            assert_eq!(reason, DownReason::Closed);
-        }
-        other => panic!("{other:?}"),
-    }
+    let peer = Some(PeerId::from_u64(PEER));
+    assert_eq!(h.ended().await, (peer, DownReason::Closed));
     match &h.events()[..] {
         [
             Event::Message { data, .. },

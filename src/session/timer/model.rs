@@ -13,27 +13,13 @@
 //! protocols (SeqCst atomics, or flags written under a lock) rely on.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+use std::sync::atomic::Ordering::SeqCst;
 use std::time::{Duration, Instant};
 
 use shuttle::thread;
 
+use super::tests::Probe;
 use super::*;
-
-#[derive(Default)]
-struct Probe {
-    deadline: Deadline,
-    woken: AtomicUsize,
-}
-
-impl Timed for Probe {
-    fn deadline(&self) -> &Deadline {
-        &self.deadline
-    }
-    fn wake(&self) {
-        self.woken.fetch_add(1, SeqCst);
-    }
-}
 
 const MS: Duration = Duration::from_millis(1);
 
@@ -61,38 +47,49 @@ fn run_until_idle(timer: &Timer<Probe>, p: &Probe, mut now: Instant) -> Vec<Inst
     panic!("the timer never went idle");
 }
 
+/// One race: the session's deadlines `before` (ms after t0, set in
+/// order), then the session sets `during` on its own thread while the task
+/// advances to `task_at`. Returns when the session was woken from then on,
+/// as offsets from t0, and the probe.
+fn race(before: &[u64], during: Option<u64>, task_at: u64) -> (Vec<Duration>, Arc<Probe>) {
+    let t0 = Instant::now();
+    let timer = Arc::new(Timer::new(t0));
+    let p = Arc::new(Probe::default());
+    for ms in before {
+        timer.set(&p, Some(t0 + Duration::from_millis(*ms)));
+    }
+    let session = {
+        let (timer, p) = (timer.clone(), p.clone());
+        thread::spawn(move || timer.set(&p, during.map(|ms| t0 + Duration::from_millis(ms))))
+    };
+    let now = t0 + Duration::from_millis(task_at);
+    timer.advance(now);
+    session.join().unwrap();
+    let woken = run_until_idle(&timer, &p, now);
+    (woken.into_iter().map(|w| w - t0).collect(), p)
+}
+
+/// Woken exactly once, at `due_ms` or within a tick after.
+fn woken_once_at(woken: &[Duration], due_ms: u64) {
+    let due = Duration::from_millis(due_ms);
+    assert_eq!(woken.len(), 1, "woken once: {woken:?}");
+    assert!(
+        woken[0] >= due && woken[0] < due + TICK,
+        "woken at {:?}",
+        woken[0]
+    );
+}
+
 /// The race the timer's design is about: the task finds the session filed
-/// under a tick whose deadline has moved later, and files it again under
-/// the later one, while the session moves its deadline earlier than that.
-/// Whatever the order, the session is woken once, at its new deadline
-/// (within a tick), and not before.
+/// under a tick whose deadline has moved later (filed at 100 ms, moved to
+/// 1 s), and files it again under the later one, while the session moves
+/// its deadline earlier than that (500 ms). Whatever the order, the
+/// session is woken once, at its new deadline (within a tick), and not
+/// before.
 #[test]
 fn a_deadline_moved_earlier_while_the_task_refiles_it_is_never_missed() {
     shuttle::check_dfs(
-        || {
-            let t0 = Instant::now();
-            let timer = Arc::new(Timer::new(t0));
-            let p = Arc::new(Probe::default());
-            // Filed under 100 ms, then moved to 1 s (stays filed at 100 ms).
-            timer.set(&p, Some(t0 + 100 * MS));
-            timer.set(&p, Some(t0 + 1000 * MS));
-            let due = t0 + 500 * MS;
-            let session = {
-                let (timer, p) = (timer.clone(), p.clone());
-                thread::spawn(move || timer.set(&p, Some(due)))
-            };
-            // The task reaches the 100 ms slot.
-            let now = t0 + 104 * MS;
-            timer.advance(now);
-            session.join().unwrap();
-            let woken = run_until_idle(&timer, &p, now);
-            assert_eq!(woken.len(), 1, "woken once: {woken:?}");
-            assert!(
-                woken[0] >= due && woken[0] < due + TICK,
-                "woken at {:?}",
-                woken[0] - t0
-            );
-        },
+        || woken_once_at(&race(&[100, 1000], Some(500), 104).0, 500),
         None,
     );
 }
@@ -103,47 +100,20 @@ fn a_deadline_moved_earlier_while_the_task_refiles_it_is_never_missed() {
 fn a_deadline_cleared_while_the_task_looks_is_dropped() {
     shuttle::check_dfs(
         || {
-            let t0 = Instant::now();
-            let timer = Arc::new(Timer::new(t0));
-            let p = Arc::new(Probe::default());
-            timer.set(&p, Some(t0 + 100 * MS));
-            timer.set(&p, Some(t0 + 200 * MS));
-            let session = {
-                let (timer, p) = (timer.clone(), p.clone());
-                thread::spawn(move || timer.set(&p, None))
-            };
-            timer.advance(t0 + 104 * MS);
-            session.join().unwrap();
-            assert!(run_until_idle(&timer, &p, t0 + 104 * MS).is_empty());
+            let (woken, p) = race(&[100, 200], None, 104);
+            assert!(woken.is_empty(), "woken at {woken:?}");
             assert_eq!(Arc::strong_count(&p), 1, "the timer let go of it");
         },
         None,
     );
 }
 
-/// A deadline moved earlier while the task wakes due sessions: the
-/// earlier one is honoured, and the session is woken once for it.
+/// A deadline moved earlier (100 ms to 50 ms) while the task looks at the
+/// wheel: the earlier one is honoured, and the session is woken once for
+/// it.
 #[test]
 fn a_deadline_set_while_the_task_wakes_its_slot_is_woken_once() {
-    shuttle::check_dfs(
-        || {
-            let t0 = Instant::now();
-            let timer = Arc::new(Timer::new(t0));
-            let p = Arc::new(Probe::default());
-            timer.set(&p, Some(t0 + 100 * MS));
-            let due = t0 + 50 * MS;
-            let session = {
-                let (timer, p) = (timer.clone(), p.clone());
-                thread::spawn(move || timer.set(&p, Some(due)))
-            };
-            timer.advance(t0 + 10 * MS);
-            session.join().unwrap();
-            let woken = run_until_idle(&timer, &p, t0 + 10 * MS);
-            assert_eq!(woken.len(), 1, "woken once: {woken:?}");
-            assert!(woken[0] >= due && woken[0] < due + TICK);
-        },
-        None,
-    );
+    shuttle::check_dfs(|| woken_once_at(&race(&[100], Some(50), 10).0, 50), None);
 }
 
 /// A nudge racing the task going to sleep: either the task sees the flag

@@ -4,10 +4,12 @@ use std::sync::atomic::AtomicUsize;
 
 use super::*;
 
+/// A session as the timer sees it: a deadline, and a count of wake-ups
+/// (shared with the model tests).
 #[derive(Default)]
-struct Probe {
-    deadline: Deadline,
-    woken: AtomicUsize,
+pub(super) struct Probe {
+    pub(super) deadline: Deadline,
+    pub(super) woken: AtomicUsize,
 }
 
 impl Timed for Probe {

@@ -166,6 +166,9 @@ pub enum ProtocolViolation {
     /// The handshake carried impossible heartbeat settings.
     #[error("handshake with impossible heartbeat settings")]
     BadHeartbeat,
+    /// The handshake broke a limit of the protocol (the field is named).
+    #[error("handshake breaks a limit: {0}")]
+    BadHello(&'static str),
     /// A frame arrived that is not allowed in the current state.
     #[error("unexpected {0} frame")]
     UnexpectedFrame(&'static str),

@@ -551,3 +551,44 @@ async fn frames_cut_anywhere_and_mixed_are_all_taken_in_order() {
     }
     node.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_sends_nothing_larger_than_the_peer_advertised() {
+    // The fake takes frames of at most 1024 bytes (type byte included), the
+    // smallest limit a hello may state: the node's senders refuse a
+    // 1024-byte message for it, with the peer's limit named, instead of
+    // sending a frame the peer would close the session over.
+    let (node, mut events, addr, mut hello) = node_to_dial("fake-limit", 100, 300).await;
+    hello["max_frame_size"] = json!(1024);
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    write_frame(&mut s, 1, &serde_json::to_vec(&hello).unwrap()).await;
+    wait_for(
+        &mut events,
+        Duration::from_secs(2),
+        |e| matches!(e, Event::SessionUp { peer, .. } if *peer == fake_id()),
+    )
+    .await;
+    let too_large = |r: Result<(), lanbeat::Error>| {
+        matches!(
+            r,
+            Err(lanbeat::Error::MessageTooLarge {
+                size: 1024,
+                limit: 1023
+            })
+        )
+    };
+    assert!(too_large(node.send(fake_id(), vec![7u8; 1024]).await));
+    assert!(too_large(node.try_send(fake_id(), vec![7u8; 1024])));
+    let sender = node.sender(fake_id()).unwrap();
+    assert!(too_large(sender.send(vec![7u8; 1024]).await));
+    assert_eq!(node.send_all(vec![7u8; 1024]).await.unwrap(), vec![]);
+    // The largest message that fits arrives whole.
+    node.send(fake_id(), vec![7u8; 1023]).await.unwrap();
+    loop {
+        match timeout(Duration::from_secs(2), read_frame(&mut s)).await {
+            Ok(Some((4, payload))) => break assert_eq!(payload, vec![7u8; 1023]),
+            Ok(Some(_)) => continue,
+            other => panic!("no data frame: {other:?}"),
+        }
+    }
+}

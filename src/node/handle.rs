@@ -199,12 +199,13 @@ impl Node {
     ///
     /// # Errors
     /// [`Error::NotConnected`] (with the message) when no session with the
-    /// peer is up, [`Error::MessageTooLarge`] when it exceeds the frame
-    /// limit.
+    /// peer is up, [`Error::MessageTooLarge`] when it exceeds our frame
+    /// limit or the one the peer advertised in its handshake (the error
+    /// names the smaller).
     pub async fn send(&self, peer: PeerId, message: impl Into<Bytes>) -> Result<(), Error> {
         let message = self.check_size(message.into())?;
         match self.inner.shared.mailbox(peer) {
-            Some(m) => Push::new(peer, &m, usize::MAX, message).await,
+            Some(m) => Push::new(peer, &m, m.peer_max_message(), message).await,
             None => Err(Error::NotConnected { peer, message }),
         }
     }
@@ -216,7 +217,8 @@ impl Node {
     pub fn try_send(&self, peer: PeerId, message: impl Into<Bytes>) -> Result<(), Error> {
         let message = self.check_size(message.into())?;
         match self.inner.shared.mailbox(peer) {
-            Some(m) => try_push_message(peer, &m, message),
+            Some(m) => check_size(message, m.peer_max_message())
+                .and_then(|message| try_push_message(peer, &m, message)),
             None => Err(Error::NotConnected { peer, message }),
         }
     }
@@ -225,10 +227,11 @@ impl Node {
     /// it skips the lookup of the peer's session that [`Node::send`] makes
     /// per message. `None` when no session with the peer is up.
     pub fn sender(&self, peer: PeerId) -> Option<PeerSender> {
+        let mailbox = self.inner.shared.mailbox(peer)?;
         Some(PeerSender {
             peer,
-            mailbox: self.inner.shared.mailbox(peer)?,
-            max_message: self.inner.max_message,
+            max_message: self.inner.max_message.min(mailbox.peer_max_message()),
+            mailbox,
         })
     }
 
@@ -245,7 +248,8 @@ impl Node {
     }
 
     /// Sends `message` to every peer with a session, waiting for room in each
-    /// outbox in turn. Returns the peers it was queued for.
+    /// outbox in turn. Returns the peers it was queued for (not those whose
+    /// frame limit is below the message's size).
     ///
     /// # Errors
     /// [`Error::MessageTooLarge`].
@@ -257,7 +261,10 @@ impl Node {
             .collect();
         let mut sent = Vec::with_capacity(targets.len());
         for (peer, m) in targets {
-            if m.outbox().push(message.clone()).await.is_ok() {
+            // A peer that takes no message this large is left out.
+            if message.len() <= m.peer_max_message()
+                && m.outbox().push(message.clone()).await.is_ok()
+            {
                 sent.push(peer);
             }
         }

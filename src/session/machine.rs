@@ -16,7 +16,7 @@ use bytes::Bytes;
 use crate::error::FrameError;
 use crate::event::{DownReason, ProtocolViolation};
 use crate::peer::PeerId;
-use crate::wire::frame::{Frame, GoodbyeBody, Hello, Outgoing};
+use crate::wire::frame::{Frame, GoodbyeBody, Hello, MAX_HELLO_NAME, MIN_MAX_FRAME_SIZE, Outgoing};
 
 /// Acknowledge at the latest after this many data frames...
 const ACK_EVERY: u64 = 32;
@@ -299,8 +299,15 @@ impl Session {
                 }
                 None
             }
-            (_, Frame::Goodbye(_)) => {
-                self.close(DownReason::Goodbye, false);
+            (_, Frame::Goodbye(g)) => {
+                // A peer that replaces this connection by a newer one (or
+                // took it for a dead instance's) is not leaving: the
+                // session ends, the peer stays known.
+                let reason = match g.reason.as_str() {
+                    "replaced" | "peer_restarted" => DownReason::Replaced,
+                    _ => DownReason::Goodbye,
+                };
+                self.close(reason, false);
                 None
             }
         }
@@ -353,6 +360,10 @@ impl Session {
             || hello.heartbeat_timeout_ms > 3_600_000
         {
             Some(ProtocolViolation::BadHeartbeat)
+        } else if hello.name.len() > MAX_HELLO_NAME {
+            Some(ProtocolViolation::BadHello("name longer than 64 bytes"))
+        } else if hello.max_frame_size < MIN_MAX_FRAME_SIZE {
+            Some(ProtocolViolation::BadHello("max_frame_size below 1024"))
         } else {
             None
         };

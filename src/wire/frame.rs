@@ -19,6 +19,8 @@ pub const DATA_OVERHEAD: usize = LEN_PREFIX + 1;
 pub const MIN_MAX_FRAME_SIZE: u32 = 1024;
 /// Largest handshake frame a node accepts, whatever `max_frame_size` says.
 pub const MAX_HELLO_SIZE: usize = 1024;
+/// Longest `name` a hello may carry, in bytes (as in an announce).
+pub const MAX_HELLO_NAME: usize = 64;
 /// Largest encoding of a ping, pong or ack (see [`Frame::encode_fixed`]).
 pub const MAX_FIXED: usize = LEN_PREFIX + 13;
 

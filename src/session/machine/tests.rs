@@ -343,6 +343,24 @@ fn handshake_violations_are_precise() {
             Frame::Hello(Ok(Box::new(hello(2, 300, 300)))),
             ProtocolViolation::BadHeartbeat,
         ),
+        // Limits an independent implementation found unchecked: a name
+        // that an announce may not carry, a frame limit below the minimum.
+        (
+            None,
+            Frame::Hello(Ok(Box::new(Hello {
+                name: "n".repeat(65),
+                ..hello(2, 100, 300)
+            }))),
+            ProtocolViolation::BadHello("name longer than 64 bytes"),
+        ),
+        (
+            None,
+            Frame::Hello(Ok(Box::new(Hello {
+                max_frame_size: 100,
+                ..hello(2, 100, 300)
+            }))),
+            ProtocolViolation::BadHello("max_frame_size below 1024"),
+        ),
     ];
     for (expected, frame, violation) in cases {
         let mut s = Session::new(now, cfg(1, 100, 300), expected.map(PeerId::from_u64));
@@ -438,6 +456,31 @@ fn goodbye_and_pause() {
             .1
             .contains(&SessionEvent::Closed(DownReason::Goodbye))
     );
+}
+
+/// A goodbye that says the connection is being replaced (or was taken for
+/// a dead instance's) ends the session as `replaced`: the peer is not
+/// leaving, so discovery keeps it.
+#[test]
+fn a_replacing_goodbye_is_not_a_departure() {
+    let now = Instant::now();
+    for (said, reason) in [
+        ("replaced", DownReason::Replaced),
+        ("peer_restarted", DownReason::Replaced),
+        ("shutdown", DownReason::Goodbye),
+        ("anything else", DownReason::Goodbye),
+    ] {
+        let mut s = Session::new(now, cfg(1, 100, 300), None);
+        s.handle_frame(now, Frame::Hello(Ok(Box::new(hello(2, 100, 300)))));
+        drain(&mut s);
+        s.handle_frame(
+            now,
+            Frame::Goodbye(GoodbyeBody {
+                reason: said.into(),
+            }),
+        );
+        assert_eq!(drain(&mut s).1, [SessionEvent::Closed(reason)], "{said}");
+    }
 }
 
 #[test]

@@ -82,6 +82,17 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
+    /// The configuration names one interface, and the node's sockets cannot
+    /// be bound to it: it does not exist (check the name), or the process
+    /// may not bind to it. Nothing was started.
+    #[error("cannot bind to interface {name:?}: {source}")]
+    Interface {
+        /// The interface named in the configuration.
+        name: String,
+        /// The operating system's error.
+        #[source]
+        source: io::Error,
+    },
     /// No session with that peer is up. The message is handed back.
     #[error("no session with peer {peer}")]
     NotConnected {

@@ -61,6 +61,9 @@ counters! {
     sessions_up,
     /// Connections refused at once: too many sessions or handshakes.
     sessions_refused,
+    /// Connections refused at once: named interfaces are selected and the
+    /// connection came from outside their subnets.
+    refused_foreign_interface,
     /// Connections closed for not completing the handshake in time.
     handshake_timeouts,
     /// Connections that failed their handshake (bad hello, duplicate...).

@@ -418,3 +418,59 @@ fn s10_messages_sent_during_a_cut_are_handed_back_none_lost() {
         (0..10).map(|i| format!("during {i}")).collect::<Vec<_>>()
     );
 }
+
+/// Whether a TCP connection from `lab`'s host `from` to `addr:port` is
+/// accepted (bash's `/dev/tcp`, inside the host's namespace).
+fn tcp_reaches(lab: &Lab, from: usize, addr: &str, port: u16) -> bool {
+    std::process::Command::new("ip")
+        .args(["netns", "exec", lab.ns(from), "timeout", "5", "bash", "-c"])
+        .arg(format!("exec 3<>/dev/tcp/{addr}/{port}"))
+        .stderr(std::process::Stdio::null())
+        .status()
+        .expect("run bash in the namespace")
+        .success()
+}
+
+/// The attack of issue 14: a client on another host opened a session to a
+/// node configured for loopback only, whose listener was bound to every
+/// address. Now a node that names one interface binds its sockets to it:
+/// from another host the port is closed, on the node's own host it is
+/// open, and the loopback-only nodes still find each other.
+#[test]
+fn s11_a_loopback_only_node_is_unreachable_from_another_host() {
+    let Some(lab) = Lab::new("s11", 2) else {
+        return;
+    };
+    let mut a = lab.peer(0, "a", &["--interface", "lo"]);
+    let mut b = lab.peer(0, "b", &["--interface", "lo"]);
+    both_up(&mut a, 0, &mut b, 0, Duration::from_secs(3));
+    let open = lab.peer(0, "open", &[]);
+    let h0 = lab.ip(0).to_string();
+    // The probe itself works: a node on every interface is reachable.
+    assert!(tcp_reaches(&lab, 1, &h0, open.tcp_port));
+    for p in [&a, &b] {
+        assert!(
+            !tcp_reaches(&lab, 1, &h0, p.tcp_port),
+            "{} reachable from another host",
+            p.name
+        );
+        assert!(tcp_reaches(&lab, 0, "127.0.0.1", p.tcp_port), "{}", p.name);
+    }
+    // And nothing of the other host's discovery reaches them.
+    let mut far = lab.peer(1, "far", &[]);
+    std::thread::sleep(Duration::from_secs(1));
+    for p in [&mut a, &mut b] {
+        assert!(
+            p.matching(0, |v| v["event"] == "discovered"
+                && v["peer"] == far.id.as_str())
+                .is_empty(),
+            "{} discovered the far host",
+            p.name
+        );
+    }
+    assert!(
+        far.matching(0, |v| v["event"] == "discovered")
+            .iter()
+            .all(|(_, v)| v["peer"] == open.id.as_str())
+    );
+}

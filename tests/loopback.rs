@@ -403,3 +403,27 @@ async fn a_slow_application_pushes_back_without_loss_or_timeout() {
         assert!(!matches!(e, Event::SessionDown { .. }), "{e:?}");
     }
 }
+
+#[cfg(any(target_os = "linux", target_os = "android"))]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_interface_that_does_not_exist_fails_the_start_and_is_named() {
+    // One named interface: the node's sockets are bound to it (Linux), so
+    // a name that does not exist cannot start a node that would hear and
+    // send nothing.
+    let cfg = lanbeat::Config::builder("t-nope")
+        .interface("nope0")
+        .discovery_port(free_port())
+        .build()
+        .unwrap();
+    match Node::start(cfg).await {
+        Err(e @ Error::Interface { .. }) => {
+            let Error::Interface { name, .. } = &e else {
+                unreachable!()
+            };
+            assert_eq!(name, "nope0");
+            assert!(e.to_string().contains("nope0"), "{e}");
+        }
+        Err(e) => panic!("wrong error: {e}"),
+        Ok(_) => panic!("a node started on an interface that does not exist"),
+    }
+}

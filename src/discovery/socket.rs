@@ -4,7 +4,7 @@ use std::io;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 
 use socket2::{Domain, Protocol, Socket, Type};
-use tokio::net::UdpSocket;
+use tokio::net::{TcpListener, UdpSocket};
 
 use super::machine::Target;
 use crate::config::InterfaceSelection;
@@ -92,12 +92,16 @@ pub(crate) fn select_targets(addrs: &[IfaceAddr], sel: &InterfaceSelection) -> V
 /// kernel hands each broadcast to all of them. A unicast datagram to the port
 /// would reach only one, which is why replies never go there (see
 /// [`bind_unicast`]).
-pub(crate) fn bind_shared(port: u16) -> io::Result<UdpSocket> {
+///
+/// With `device` (see [`bound_device`]) the socket takes only what arrives
+/// on that interface.
+pub(crate) fn bind_shared(port: u16, device: Option<&str>) -> io::Result<UdpSocket> {
     let addr = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port));
     let s = udp_socket()?;
     s.set_reuse_address(true)?;
     #[cfg(all(unix, not(any(target_os = "solaris", target_os = "illumos"))))]
     s.set_reuse_port(true)?;
+    bind_to_device(&s, device)?;
     s.bind(&addr.into())?;
     UdpSocket::from_std(s.into())
 }
@@ -105,10 +109,59 @@ pub(crate) fn bind_shared(port: u16) -> io::Result<UdpSocket> {
 /// The node's own socket on an ephemeral port: it sends probes, announces
 /// and goodbyes, and receives the unicast replies to its probes, which
 /// therefore always reach the node that asked.
-pub(crate) fn bind_unicast() -> io::Result<UdpSocket> {
+pub(crate) fn bind_unicast(device: Option<&str>) -> io::Result<UdpSocket> {
     let s = udp_socket()?;
+    bind_to_device(&s, device)?;
     s.bind(&SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0)).into())?;
     UdpSocket::from_std(s.into())
+}
+
+/// The TCP listener sessions are accepted on; with `device`, only
+/// connections arriving on that interface reach it (others are reset by
+/// the kernel).
+pub(crate) fn bind_listener(port: u16, device: Option<&str>) -> io::Result<TcpListener> {
+    let addr = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port));
+    let s = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))?;
+    // As std and tokio do: a restarted node can take its port again at once.
+    #[cfg(unix)]
+    s.set_reuse_address(true)?;
+    s.set_nonblocking(true)?;
+    bind_to_device(&s, device)?;
+    s.bind(&addr.into())?;
+    s.listen(1024)?;
+    TcpListener::from_std(s.into())
+}
+
+/// The interface a node's sockets are bound to: the one interface the
+/// configuration names, on the platforms that bind a socket to a device
+/// (Linux and Android, `SO_BINDTODEVICE`). With several named interfaces,
+/// or elsewhere, the sockets are not bound and the node filters instead:
+/// datagrams and connections from outside the selected subnets are
+/// dropped (see `Supervisor::accepted`).
+pub(crate) fn bound_device(sel: &InterfaceSelection) -> Option<&str> {
+    match sel.include.as_slice() {
+        [one] if cfg!(any(target_os = "linux", target_os = "android")) => Some(one),
+        _ => None,
+    }
+}
+
+/// Whether sockets can be bound to `device`: it exists, and the process
+/// may (Linux before 5.7 asks for `CAP_NET_RAW`).
+pub(crate) fn check_device(device: &str) -> io::Result<()> {
+    bind_to_device(&udp_socket()?, Some(device))
+}
+
+#[cfg(any(target_os = "linux", target_os = "android"))]
+fn bind_to_device(s: &Socket, device: Option<&str>) -> io::Result<()> {
+    match device {
+        Some(d) => s.bind_device(Some(d.as_bytes())),
+        None => Ok(()),
+    }
+}
+
+#[cfg(not(any(target_os = "linux", target_os = "android")))]
+fn bind_to_device(_: &Socket, _: Option<&str>) -> io::Result<()> {
+    Ok(())
 }
 
 fn udp_socket() -> io::Result<Socket> {

@@ -7,7 +7,6 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use serde::Serialize;
-use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 use tracing::{Instrument, debug_span, info};
 
@@ -74,18 +73,28 @@ impl Node {
     /// the node. Must be called within a tokio runtime.
     ///
     /// # Errors
-    /// [`Error::Config`] for an invalid configuration, [`Error::Bind`] when
-    /// a socket cannot be set up.
+    /// [`Error::Config`] for an invalid configuration, [`Error::Interface`]
+    /// when the one interface the configuration names does not exist (or
+    /// sockets may not be bound to it), [`Error::Bind`] when a socket cannot
+    /// be set up.
     pub async fn start(config: Config) -> Result<(Node, Events), Error> {
         config.validate()?;
         let bind_err = |what, addr| move |source| Error::Bind { what, addr, source };
         let any = |port| SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port));
-        let shared_sock = socket::bind_shared(config.discovery_port)
+        // One named interface: every socket is bound to it, so nothing from
+        // another interface reaches the node.
+        let device = socket::bound_device(&config.interfaces);
+        if let Some(name) = device {
+            socket::check_device(name).map_err(|source| Error::Interface {
+                name: name.to_owned(),
+                source,
+            })?;
+        }
+        let shared_sock = socket::bind_shared(config.discovery_port, device)
             .map_err(bind_err("discovery", any(config.discovery_port)))?;
-        let unicast = socket::bind_unicast().map_err(bind_err("probe", any(0)))?;
+        let unicast = socket::bind_unicast(device).map_err(bind_err("probe", any(0)))?;
         let listener = if config.role.accepts() {
-            let l = TcpListener::bind(any(config.tcp_port))
-                .await
+            let l = socket::bind_listener(config.tcp_port, device)
                 .map_err(bind_err("tcp listener", any(config.tcp_port)))?;
             Some(l)
         } else {

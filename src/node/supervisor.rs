@@ -2,7 +2,7 @@
 //! sessions and rediscovery together.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,7 +15,7 @@ use super::events::CloseOnDrop;
 use super::shared::{Command, Shared, lock};
 use crate::clock;
 use crate::config::Config;
-use crate::discovery::machine::{Discovery, DiscoveryEvent};
+use crate::discovery::machine::{Discovery, DiscoveryEvent, Target};
 use crate::discovery::socket;
 use crate::event::{DownReason, Event, ProtocolViolation};
 use crate::peer::{PeerId, PeerInfo, PeerMap};
@@ -271,6 +271,16 @@ impl Supervisor {
                 return;
             }
         };
+        // Named interfaces: only their subnets may connect (one named
+        // interface is enforced by the kernel already: the listener is
+        // bound to it).
+        if !self.config.interfaces.include.is_empty()
+            && !from_selected(self.disc.targets(), addr.ip())
+        {
+            debug!(%addr, "refusing a connection from outside the selected interfaces");
+            Counters::bump(&self.shared.counters.refused_foreign_interface);
+            return;
+        }
         let handshaking = self.handshaking;
         if handshaking >= self.config.max_handshakes
             || self.sessions.len() >= self.config.max_sessions
@@ -560,10 +570,55 @@ impl Supervisor {
     }
 }
 
+/// Whether `ip` is in the subnet of one of `targets` (the selected
+/// interfaces' addresses).
+fn from_selected(targets: &[Target], ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(ip) => targets.iter().any(|t| t.contains(ip)),
+        IpAddr::V6(ip) => ip
+            .to_ipv4_mapped()
+            .is_some_and(|ip| targets.iter().any(|t| t.contains(ip))),
+    }
+}
+
 /// The next connection of `listener`; never, without one (a controller).
 async fn accept(listener: &Option<TcpListener>) -> std::io::Result<(TcpStream, SocketAddr)> {
     match listener {
         Some(l) => l.accept().await,
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::Ipv4Addr;
+
+    use super::*;
+
+    fn target(addr: [u8; 4], prefix_len: u8) -> Target {
+        Target {
+            interface: "eth0".into(),
+            addr: Ipv4Addr::from(addr),
+            prefix_len,
+            broadcast: Ipv4Addr::BROADCAST,
+            up: true,
+        }
+    }
+
+    #[test]
+    fn only_the_selected_subnets_may_connect() {
+        let targets = [target([127, 0, 0, 1], 8), target([10, 77, 0, 1], 24)];
+        for (ip, ok) in [
+            ("127.0.0.1", true),
+            ("127.9.9.9", true),
+            ("10.77.0.200", true),
+            ("10.77.1.2", false),
+            ("192.168.1.5", false),
+            ("::ffff:10.77.0.9", true),
+            ("::1", false),
+        ] {
+            assert_eq!(from_selected(&targets, ip.parse().unwrap()), ok, "{ip}");
+        }
+        assert!(!from_selected(&[], "127.0.0.1".parse().unwrap()));
     }
 }

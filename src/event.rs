@@ -80,6 +80,20 @@ pub enum Event {
         /// The peer.
         peer: PeerId,
     },
+    /// Two live nodes use one id (an identity or configuration copied to a
+    /// second device): they were heard in turns. For the next minute the
+    /// node keeps what it has with the one at `kept` and ignores the other
+    /// (its announces and connections), so the session does not flap; the
+    /// event comes again each minute while both are there. Fix by giving
+    /// one of them its own id.
+    DuplicateId {
+        /// The shared id.
+        peer: PeerId,
+        /// Where the node that is kept was heard from.
+        kept: std::net::SocketAddr,
+        /// Where the other one was heard from.
+        other: std::net::SocketAddr,
+    },
 }
 
 /// Why a session ended.

@@ -57,6 +57,12 @@ counters! {
     dropped_rate_limited,
     /// Dropped: an announce of a new peer while the peer table is full.
     dropped_table_full,
+    /// Dropped: an announce of a second live node with a known id, while
+    /// that duplicate is held down.
+    dropped_duplicate_id,
+    /// Times two live nodes were found sharing one id (each also an
+    /// `Event::DuplicateId`).
+    duplicate_ids,
     /// Sessions that came up.
     sessions_up,
     /// Connections refused at once: too many sessions or handshakes.
@@ -109,6 +115,7 @@ impl Counters {
             Dropped::BadSource => &self.dropped_bad_source,
             Dropped::RateLimited => &self.dropped_rate_limited,
             Dropped::TableFull => &self.dropped_table_full,
+            Dropped::DuplicateId => &self.dropped_duplicate_id,
         });
     }
 }

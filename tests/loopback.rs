@@ -427,3 +427,54 @@ async fn an_interface_that_does_not_exist_fails_the_start_and_is_named() {
         Ok(_) => panic!("a node started on an interface that does not exist"),
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_duplicated_id_is_reported_and_its_session_stops_flapping() {
+    // Two nodes started from one copied configuration share id 0x20; a
+    // third (0x10, so it dials) sees them answer in turns. It must say so
+    // and keep one session instead of replacing it on every announce.
+    trace();
+    let port = free_port();
+    let dup = lanbeat::PeerId::from_u64(0x20);
+    let (observer, mut events) = Node::start(
+        config("dup", port)
+            .name("observer")
+            .id(lanbeat::PeerId::from_u64(0x10))
+            .build()
+            .unwrap(),
+    )
+    .await
+    .unwrap();
+    let (_a1, _e1) = Node::start(config("dup", port).name("a1").id(dup).build().unwrap())
+        .await
+        .unwrap();
+    wait_up(&mut events, dup, Duration::from_secs(5)).await;
+    let (_a2, _e2) = Node::start(config("dup", port).name("a2").id(dup).build().unwrap())
+        .await
+        .unwrap();
+    let e = wait_for(&mut events, Duration::from_secs(10), |e| {
+        matches!(e, Event::DuplicateId { .. })
+    })
+    .await;
+    let Event::DuplicateId { peer, kept, other } = e else {
+        unreachable!()
+    };
+    assert_eq!(peer, dup);
+    assert_ne!(kept, other, "two nodes, two addresses");
+    assert!(observer.stats().duplicate_ids >= 1);
+    // Let what was under way settle, then watch: no more flapping.
+    sleep(Duration::from_secs(1)).await;
+    while events.try_recv().is_some() {}
+    let quiet_until = Instant::now() + Duration::from_secs(4);
+    let mut changes = Vec::new();
+    while let Ok(Some(e)) = tokio::time::timeout_at(quiet_until, events.recv()).await {
+        if matches!(&e, Event::SessionUp { peer, .. } | Event::SessionDown { peer, .. } if *peer == dup)
+        {
+            changes.push(e);
+        }
+    }
+    assert!(changes.is_empty(), "still flapping: {changes:?}");
+    let state = observer.peers().into_iter().find(|p| p.info.id == dup);
+    assert_eq!(state.map(|p| p.state), Some(PeerState::Connected));
+    assert!(observer.stats().dropped_duplicate_id > 0);
+}

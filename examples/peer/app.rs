@@ -229,6 +229,11 @@ impl Printer {
                 json!({"event": "lost", "peer": peer}),
                 format!("lost {}", name(peer, names)),
             ),
+            Event::DuplicateId { peer, kept, other } => self.line(
+                json!({"event": "duplicate_id", "peer": peer,
+                       "kept": kept.to_string(), "other": other.to_string()}),
+                format!("two nodes use id {peer}: keeping {kept}, ignoring {other}"),
+            ),
             _ => {}
         }
     }

@@ -23,6 +23,13 @@ use crate::wire::discovery::{Announce, Datagram, DatagramLimits, Goodbye, Probe}
 
 /// Rate-limit buckets remembered at most (one per source IP).
 const MAX_BUCKETS: usize = 4096;
+/// An id whose instance changes back to the one it had within this long is
+/// held by two live nodes (a real restart never brings an instance back).
+pub const DUPLICATE_WINDOW: Duration = Duration::from_secs(60);
+/// How long, once a duplicate id is detected, the other instance is
+/// ignored: at most one session change per this period instead of one per
+/// announce.
+pub const DUPLICATE_HOLD: Duration = Duration::from_secs(60);
 
 /// Settings of the discovery machine.
 #[derive(Debug, Clone)]
@@ -113,6 +120,19 @@ pub enum DiscoveryEvent {
     Dial(PeerInfo),
     /// The peer is forgotten.
     Lost(PeerId),
+    /// Two live instances share the peer's id (a copied identity or
+    /// configuration): they were heard in turns. For the hold-down period
+    /// the instance that holds the entry keeps it, and the other one is
+    /// ignored (its announces dropped, its handshakes refused), so sessions
+    /// do not flap. Reported once per hold-down.
+    Duplicate {
+        /// The shared id.
+        id: PeerId,
+        /// Where the instance that keeps the entry was last heard from.
+        kept: SocketAddr,
+        /// Where the other instance was heard from.
+        other: SocketAddr,
+    },
 }
 
 /// Why a received datagram was dropped.
@@ -134,6 +154,9 @@ pub enum Dropped {
     RateLimited,
     /// An announce of a new peer while the table is full.
     TableFull,
+    /// An announce of a second live instance of a known id, during the
+    /// hold-down after that was detected (see [`DiscoveryEvent::Duplicate`]).
+    DuplicateId,
 }
 
 /// Where a known peer's session stands, as discovery sees it.
@@ -157,9 +180,28 @@ struct Entry {
     missing: bool,
     next_dial: Option<Instant>,
     redial_backoff: Duration,
+    /// The instance this entry had before its latest change, and when it
+    /// changed: a change back to it soon after is a second live instance.
+    prev_instance: Option<(u64, Instant)>,
+    /// Until then, other instances of this id are ignored (a duplicate
+    /// was detected).
+    duplicate_until: Option<Instant>,
 }
 
 impl Entry {
+    fn new(info: PeerInfo, now: Instant, session: SessionState, redial: Duration) -> Entry {
+        Entry {
+            info,
+            last_heard: now,
+            session,
+            missing: false,
+            next_dial: None,
+            redial_backoff: redial,
+            prev_instance: None,
+            duplicate_until: None,
+        }
+    }
+
     fn state(&self) -> PeerState {
         match self.session {
             SessionState::Connected => PeerState::Connected,
@@ -392,6 +434,9 @@ impl Discovery {
             role: a.role,
             metadata: a.metadata,
         };
+        if self.duplicate_instance(now, a.id, a.instance, info.addr) {
+            return Err(Dropped::DuplicateId);
+        }
         let we_dial = self.we_dial(&info);
         self.changed.push(a.id);
         match self.peers.get_mut(&a.id) {
@@ -433,21 +478,59 @@ impl Discovery {
                     return Err(Dropped::TableFull);
                 }
                 self.unconnected.insert(a.id);
-                self.peers.insert(
-                    a.id,
-                    Entry {
-                        info: info.clone(),
-                        last_heard: now,
-                        session: SessionState::None,
-                        missing: false,
-                        next_dial: we_dial.then_some(now),
-                        redial_backoff: self.cfg.redial_initial,
-                    },
+                let mut e = Entry::new(
+                    info.clone(),
+                    now,
+                    SessionState::None,
+                    self.cfg.redial_initial,
                 );
+                e.next_dial = we_dial.then_some(now);
+                self.peers.insert(a.id, e);
                 self.events.push_back(DiscoveryEvent::Discovered(info));
             }
         }
         Ok(())
+    }
+
+    /// Whether `instance` of `id`, heard from `addr`, is a second live
+    /// instance to ignore. The entry's instance changing to another one and
+    /// back within [`DUPLICATE_WINDOW`] means two nodes share the id: then
+    /// [`DiscoveryEvent::Duplicate`] is reported, and for
+    /// [`DUPLICATE_HOLD`] every other instance is ignored. A real restart
+    /// (a new instance that stays) is not.
+    ///
+    /// The driver asks this for a handshake whose instance differs from
+    /// the live session's too (and refuses it when true).
+    pub fn duplicate_instance(
+        &mut self,
+        now: Instant,
+        id: PeerId,
+        instance: u64,
+        addr: SocketAddr,
+    ) -> bool {
+        let Some(e) = self.peers.get_mut(&id) else {
+            return false;
+        };
+        if e.info.instance == instance {
+            return false;
+        }
+        if e.duplicate_until.is_some_and(|t| now < t) {
+            return true;
+        }
+        if e.prev_instance
+            .is_some_and(|(p, t)| p == instance && now < t + DUPLICATE_WINDOW)
+        {
+            e.duplicate_until = Some(now + DUPLICATE_HOLD);
+            e.prev_instance = None;
+            self.events.push_back(DiscoveryEvent::Duplicate {
+                id,
+                kept: e.info.addr,
+                other: addr,
+            });
+            return true;
+        }
+        e.prev_instance = Some((e.info.instance, now));
+        false
     }
 
     fn handle_goodbye(&mut self, g: &Goodbye) {
@@ -598,17 +681,13 @@ impl Discovery {
                 e.redial_backoff = self.cfg.redial_initial;
             }
             None => {
-                self.peers.insert(
-                    info.id,
-                    Entry {
-                        info: info.clone(),
-                        last_heard: now,
-                        session: SessionState::Connected,
-                        missing: false,
-                        next_dial: None,
-                        redial_backoff: self.cfg.redial_initial,
-                    },
+                let e = Entry::new(
+                    info.clone(),
+                    now,
+                    SessionState::Connected,
+                    self.cfg.redial_initial,
                 );
+                self.peers.insert(info.id, e);
                 self.events.push_back(DiscoveryEvent::Discovered(info));
             }
         }

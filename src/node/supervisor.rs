@@ -237,6 +237,16 @@ impl Supervisor {
                     lock(&self.shared.rtts).remove(&peer);
                     let _ = self.events.push(Event::PeerLost { peer }).await;
                 }
+                DiscoveryEvent::Duplicate { id, kept, other } => {
+                    warn!(peer = %id, %kept, %other, "two nodes share one id; the second is ignored for a while");
+                    Counters::bump(&self.shared.counters.duplicate_ids);
+                    let e = Event::DuplicateId {
+                        peer: id,
+                        kept,
+                        other,
+                    };
+                    let _ = self.events.push(e).await;
+                }
             }
         }
         self.publish_peers();
@@ -418,7 +428,17 @@ impl Supervisor {
             .up
             .expect("sessions holds only sessions that are up");
         let old_dialer = if old_entry.outbound { self.id } else { peer };
-        let reason = if hello.instance != old_instance {
+        let reason = if hello.instance != old_instance
+            && self
+                .disc
+                .duplicate_instance(clock::now(), peer, hello.instance, addr)
+        {
+            // A second live node with this id, not a restart: the session
+            // stays, the newcomer is refused (see `DiscoveryEvent::Duplicate`).
+            debug!(%peer, %addr, "refusing a second instance of a duplicated id");
+            let _ = approve.send(Approval::Reject(ProtocolViolation::Refused("duplicate id")));
+            return;
+        } else if hello.instance != old_instance {
             DownReason::PeerRestarted
         } else if new_dialer <= old_dialer {
             // Equal: the same dialer dialed again. Smaller: tie-break win.

@@ -446,3 +446,97 @@ fn target_subnet_math() {
     };
     assert!(all.contains(Ipv4Addr::new(1, 2, 3, 4)));
 }
+
+/// Two live nodes with id 2 (instances 2000 at .2 and 2001 at .3) answer
+/// in turns: the change back to 2000 is a duplicate, reported once; for the
+/// hold-down the entry stays with 2001 and 2000 is dropped, so the session
+/// is replaced once, not on every announce. A real restart (a new instance
+/// that stays) is never taken for one.
+#[test]
+fn a_duplicated_id_is_reported_once_and_held_down() {
+    let t0 = Instant::now();
+    let mut d = started(1, Role::Peer, t0);
+    let (first, second) = (addr(2, 9), addr(3, 9));
+    d.handle_datagram(t0, first, &announce_of(2, 2000, Role::Peer))
+        .unwrap();
+    d.handle_timeout(t0);
+    let info = match &events(&mut d)[..] {
+        [_, DiscoveryEvent::Dial(i)] => i.clone(),
+        e => panic!("{e:?}"),
+    };
+    d.session_up(t0, info.clone());
+    // The second node: looks like a restart, once.
+    let t1 = t0 + 500 * MS;
+    d.handle_datagram(t1, second, &announce_of(2, 2001, Role::Peer))
+        .unwrap();
+    assert!(matches!(&events(&mut d)[..], [DiscoveryEvent::Restarted(i), _] if i.instance == 2001));
+    // The first one again: a duplicate.
+    let t2 = t1 + 500 * MS;
+    assert_eq!(
+        d.handle_datagram(t2, first, &announce_of(2, 2000, Role::Peer)),
+        Err(Dropped::DuplicateId)
+    );
+    match &events(&mut d)[..] {
+        [DiscoveryEvent::Duplicate { id, kept, other }] => {
+            assert_eq!(*id, PeerId::from_u64(2));
+            assert_eq!(kept.ip(), std::net::IpAddr::V4(*second.ip()));
+            assert_eq!(*other, SocketAddr::V4(SocketAddrV4::new(*first.ip(), 7002)));
+        }
+        e => panic!("{e:?}"),
+    }
+    // Held down: the first is ignored, silently; the second is kept; the
+    // handshake path is refused the same way.
+    for k in 1..20u32 {
+        let t = t2 + k * 1000 * MS;
+        assert_eq!(
+            d.handle_datagram(t, first, &announce_of(2, 2000, Role::Peer)),
+            Err(Dropped::DuplicateId)
+        );
+        d.handle_datagram(t, second, &announce_of(2, 2001, Role::Peer))
+            .unwrap();
+    }
+    let hello_addr = SocketAddr::V4(first);
+    assert!(d.duplicate_instance(t2 + 20_000 * MS, PeerId::from_u64(2), 2000, hello_addr));
+    assert!(!d.duplicate_instance(t2 + 20_000 * MS, PeerId::from_u64(2), 2001, hello_addr));
+    assert!(
+        events(&mut d).iter().all(|e| !matches!(
+            e,
+            DiscoveryEvent::Restarted(_) | DiscoveryEvent::Duplicate { .. }
+        )),
+        "no restart, no second report during the hold-down"
+    );
+    // After the hold-down, the first one again: one change, then reported
+    // again on the change back.
+    let t3 = t2 + DUPLICATE_HOLD + 1000 * MS;
+    d.handle_datagram(t3, first, &announce_of(2, 2000, Role::Peer))
+        .unwrap();
+    assert!(matches!(
+        &events(&mut d)[..],
+        [DiscoveryEvent::Restarted(_), _]
+    ));
+    assert_eq!(
+        d.handle_datagram(t3 + 100 * MS, second, &announce_of(2, 2001, Role::Peer)),
+        Err(Dropped::DuplicateId)
+    );
+    assert!(matches!(
+        &events(&mut d)[..],
+        [DiscoveryEvent::Duplicate { .. }]
+    ));
+}
+
+#[test]
+fn restarts_are_never_taken_for_duplicates() {
+    let t0 = Instant::now();
+    let mut d = started(1, Role::Peer, t0);
+    // Three restarts in a row, seconds apart: each a new instance.
+    for (k, instance) in [2000u64, 2001, 2002, 2003].into_iter().enumerate() {
+        let t = t0 + (k as u32) * 2000 * MS;
+        d.handle_datagram(t, addr(2, 9), &announce_of(2, instance, Role::Peer))
+            .unwrap();
+    }
+    assert!(
+        events(&mut d)
+            .iter()
+            .all(|e| !matches!(e, DiscoveryEvent::Duplicate { .. }))
+    );
+}

@@ -129,6 +129,12 @@ pub struct Config {
     /// Most connections still in their handshake; more are refused at once.
     /// Default: 64.
     pub max_handshakes: usize,
+    /// Most dials started per second (a burst of as many): an announce
+    /// flood naming made-up peers cannot make the node connect to the
+    /// addresses it names faster than this. Peers heard twice are dialed
+    /// first. Raise it for a gateway that must dial hundreds of devices at
+    /// once. Default: 20.
+    pub max_dials_per_sec: u32,
     /// Most peers tracked by discovery; announces of further peers are
     /// dropped and counted. Default: 1024.
     pub max_peers: usize,
@@ -176,6 +182,7 @@ impl Config {
             event_capacity: 4096,
             max_sessions: 1024,
             max_handshakes: 64,
+            max_dials_per_sec: 20,
             max_peers: 1024,
             replies_per_source_per_sec: 20,
         }
@@ -240,6 +247,7 @@ impl Config {
             ("event_capacity", self.event_capacity),
             ("max_sessions", self.max_sessions),
             ("max_handshakes", self.max_handshakes),
+            ("max_dials_per_sec", self.max_dials_per_sec as usize),
             ("max_peers", self.max_peers),
             (
                 "replies_per_source_per_sec",
@@ -448,6 +456,10 @@ impl ConfigBuilder {
     setter!(
         /// Sets [`Config::max_handshakes`].
         max_handshakes: usize
+    );
+    setter!(
+        /// Sets [`Config::max_dials_per_sec`].
+        max_dials_per_sec: u32
     );
     setter!(
         /// Sets [`Config::max_peers`].

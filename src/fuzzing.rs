@@ -232,6 +232,7 @@ pub fn discovery(data: &[u8]) {
         redial_initial: Duration::from_millis(100),
         peer_expiry: Duration::from_secs(10),
         max_peers: 4,
+        dials_per_sec: 20,
         replies_per_source_per_sec: 2,
         limits: DatagramLimits::default(),
     };

@@ -57,6 +57,9 @@ counters! {
     dropped_rate_limited,
     /// Dropped: an announce of a new peer while the peer table is full.
     dropped_table_full,
+    /// Held back: an announce of an unknown peer beyond the admission rate
+    /// (20 new peers a second); the peer enters when heard again.
+    dropped_unconfirmed,
     /// Dropped: an announce of a second live node with a known id, while
     /// that duplicate is held down.
     dropped_duplicate_id,
@@ -116,6 +119,7 @@ impl Counters {
             Dropped::RateLimited => &self.dropped_rate_limited,
             Dropped::TableFull => &self.dropped_table_full,
             Dropped::DuplicateId => &self.dropped_duplicate_id,
+            Dropped::Unconfirmed => &self.dropped_unconfirmed,
         });
     }
 }

@@ -378,3 +378,116 @@ async fn node_survives_an_attack_while_holding_a_real_session() {
     assert_eq!(got_at_a, sent);
     println!("real session carried {sent} messages each way through the attack");
 }
+
+fn open_fds() -> usize {
+    std::fs::read_dir("/proc/self/fd").unwrap().count()
+}
+
+/// An announce flood (issue 14): 2 000 made-up ids a second for 3 s, each
+/// pointing at the attacker's own listener. The node must not connect to
+/// the named address faster than its dial rate (20 a second, a burst of as
+/// many), its file descriptors stay bounded, and a real node started in
+/// the middle of the flood still gets its session within 3 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_announce_flood_drives_no_connects_and_locks_no_one_out() {
+    trace();
+    let port = free_port();
+    let cfg = config("flood", port)
+        .id(PeerId::from_u64(1))
+        .max_peers(256)
+        .build()
+        .unwrap();
+    let service = cfg.service.clone();
+    let (a, mut ea) = lanbeat::Node::start(cfg).await.unwrap();
+    let fds_before = open_fds();
+    // Every connect the flood provokes lands here.
+    let sink = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let sink_port = sink.local_addr().unwrap().port();
+    let connects = Arc::new(AtomicU64::new(0));
+    let counter = {
+        let connects = connects.clone();
+        tokio::spawn(async move {
+            while let Ok((s, _)) = sink.accept().await {
+                connects.fetch_add(1, Ordering::Relaxed);
+                drop(s);
+            }
+        })
+    };
+    let flood = tokio::spawn(async move {
+        // Broadcast, as on a LAN: every node on the port gets each one
+        // (a unicast to 127.0.0.1 would reach only one of them).
+        let sock = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        sock.set_broadcast(true).unwrap();
+        let mut rng = rand::rngs::SmallRng::seed_from_u64(14);
+        let start = Instant::now();
+        let mut sent = 0u64;
+        while start.elapsed() < Duration::from_secs(3) {
+            for _ in 0..20 {
+                let id: u64 = rng.random_range(2..u64::MAX);
+                let body = serde_json::json!({
+                    "service": service, "id": format!("{id:016x}"),
+                    "instance": format!("{:016x}", rng.random::<u64>()),
+                    "role": "peer", "name": "fake", "port": sink_port,
+                });
+                let mut d = b"LNBT\x01\x02".to_vec();
+                d.extend(serde_json::to_vec(&body).unwrap());
+                let _ = sock.send_to(&d, ("127.255.255.255", port)).await;
+                sent += 1;
+            }
+            sleep(Duration::from_millis(10)).await;
+        }
+        sent
+    });
+    sleep(Duration::from_secs(1)).await;
+    let started = Instant::now();
+    // A device (it never dials, so every connect the sink counts is the
+    // attacked node's): it announces once at start and is heard again only
+    // when the attacked node probes.
+    let (b, _eb) = lanbeat::Node::start(
+        config("flood", port)
+            .name("b")
+            .id(PeerId::from_u64(2))
+            .role(lanbeat::Role::Device)
+            .build()
+            .unwrap(),
+    )
+    .await
+    .unwrap();
+    loop {
+        match timeout(
+            Duration::from_secs(3).saturating_sub(started.elapsed()),
+            ea.recv(),
+        )
+        .await
+        {
+            Ok(Some(Event::SessionUp { peer, .. })) if peer == b.id() => break,
+            Ok(Some(_)) => {}
+            other => panic!("no session with the real peer within 3 s: {other:?}"),
+        }
+    }
+    let joined = started.elapsed();
+    let sent = flood.await.unwrap();
+    sleep(Duration::from_millis(200)).await;
+    let connects = connects.load(Ordering::Relaxed);
+    let stats = a.stats();
+    println!(
+        "ATTACK: flood of {sent} announces in 3 s: real peer joined after {:.0} ms, \
+         {connects} connects to the named address, {} held back, fds {fds_before} -> {}",
+        joined.as_secs_f64() * 1e3,
+        stats.dropped_unconfirmed,
+        open_fds()
+    );
+    assert!(
+        sent >= 4000,
+        "the flood was too slow to mean anything ({sent})"
+    );
+    // 20 at once, then 20 a second, for 3 s.
+    assert!(connects <= 20 + 3 * 20 + 5, "{connects} connects");
+    assert!(stats.dropped_unconfirmed > sent / 2);
+    assert!(
+        open_fds() <= fds_before + 100,
+        "fds {fds_before} -> {}",
+        open_fds()
+    );
+    counter.abort();
+}

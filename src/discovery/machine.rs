@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use rand::rngs::SmallRng;
 use rand::{RngExt, SeedableRng};
 
+use super::admission::{Admission, TokenBucket};
 use crate::error::DatagramError;
 use crate::event::DownReason;
 use crate::peer::{PeerId, PeerInfo, PeerMap, PeerSet, PeerState, Role, should_dial};
@@ -23,13 +24,11 @@ use crate::wire::discovery::{Announce, Datagram, DatagramLimits, Goodbye, Probe}
 
 /// Rate-limit buckets remembered at most (one per source IP).
 const MAX_BUCKETS: usize = 4096;
-/// An id whose instance changes back to the one it had within this long is
-/// held by two live nodes (a real restart never brings an instance back).
-pub const DUPLICATE_WINDOW: Duration = Duration::from_secs(60);
-/// How long, once a duplicate id is detected, the other instance is
-/// ignored: at most one session change per this period instead of one per
-/// announce.
-pub const DUPLICATE_HOLD: Duration = Duration::from_secs(60);
+
+/// While unknown peers are held for a second hearing, probes go out at
+/// least this often (so a real one answers soon, and a flood costs at most
+/// two broadcasts a second).
+const CANDIDATE_PROBE_GAP: Duration = Duration::from_millis(500);
 
 /// Settings of the discovery machine.
 #[derive(Debug, Clone)]
@@ -61,6 +60,8 @@ pub struct DiscoveryConfig {
     pub redial_initial: Duration,
     /// See [`Config::peer_expiry`](crate::Config::peer_expiry).
     pub peer_expiry: Duration,
+    /// See [`Config::max_dials_per_sec`](crate::Config::max_dials_per_sec).
+    pub dials_per_sec: u32,
     /// See [`Config::max_peers`](crate::Config::max_peers).
     pub max_peers: usize,
     /// See [`Config::replies_per_source_per_sec`](crate::Config::replies_per_source_per_sec).
@@ -154,6 +155,9 @@ pub enum Dropped {
     RateLimited,
     /// An announce of a new peer while the table is full.
     TableFull,
+    /// An announce of an unknown id beyond the admission rate: remembered,
+    /// entered once heard again (see `discovery::admission`).
+    Unconfirmed,
     /// An announce of a second live instance of a known id, during the
     /// hold-down after that was detected (see [`DiscoveryEvent::Duplicate`]).
     DuplicateId,
@@ -186,6 +190,9 @@ struct Entry {
     /// Until then, other instances of this id are ignored (a duplicate
     /// was detected).
     duplicate_until: Option<Instant>,
+    /// Heard twice from its address with this instance, or had a session:
+    /// dialed before entries that were heard once.
+    verified: bool,
 }
 
 impl Entry {
@@ -199,6 +206,7 @@ impl Entry {
             redial_backoff: redial,
             prev_instance: None,
             duplicate_until: None,
+            verified: session == SessionState::Connected,
         }
     }
 
@@ -210,12 +218,6 @@ impl Entry {
             SessionState::None => PeerState::Discovered,
         }
     }
-}
-
-#[derive(Debug, Clone, Copy)]
-struct Bucket {
-    tokens: f64,
-    at: Instant,
 }
 
 /// The discovery state of one node.
@@ -232,7 +234,11 @@ pub struct Discovery {
     unconnected: PeerSet,
     probe_interval: Duration,
     next_probe: Option<Instant>,
-    buckets: HashMap<Ipv4Addr, Bucket>,
+    /// When we last probed.
+    last_probe: Option<Instant>,
+    buckets: HashMap<Ipv4Addr, TokenBucket>,
+    /// New ids and dials, limited (see `admission`).
+    admission: Admission,
     transmits: VecDeque<Transmit>,
     events: VecDeque<DiscoveryEvent>,
     /// Peers whose entry changed (or went) since the last `poll_changed`.
@@ -261,6 +267,7 @@ impl Discovery {
             metadata: cfg.metadata.clone(),
         })
         .encode();
+        let admission = Admission::new(cfg.dials_per_sec, cfg.max_peers);
         Discovery {
             probe_interval: cfg.probe_initial,
             cfg,
@@ -269,7 +276,9 @@ impl Discovery {
             peers: PeerMap::default(),
             unconnected: PeerSet::default(),
             next_probe: None,
+            last_probe: None,
             buckets: HashMap::new(),
+            admission,
             transmits: VecDeque::new(),
             events: VecDeque::new(),
             changed: Vec::new(),
@@ -353,10 +362,18 @@ impl Discovery {
     }
 
     fn handle_probe(&mut self, now: Instant, src: SocketAddrV4, p: &Probe) -> Result<(), Dropped> {
-        if let Some(e) = self.peers.get_mut(&p.id)
-            && e.info.instance == p.instance
+        let from = std::net::IpAddr::V4(*src.ip());
+        if let Some(e) = self.peers.get_mut(&p.id) {
+            if e.info.instance == p.instance {
+                e.last_heard = now;
+                e.verified |= e.info.addr.ip() == from;
+            }
+        } else if self.pairs_with(p.role)
+            && let Some(info) = self.admission.probe(p.id, p.instance, from)
         {
-            e.last_heard = now;
+            // Its announce came first, beyond the admission rate: now it
+            // is heard twice.
+            self.admit(now, info, true)?;
         }
         if !self.cfg.role.accepts() {
             return Ok(());
@@ -386,25 +403,13 @@ impl Discovery {
         if !self.buckets.contains_key(&ip) && self.buckets.len() >= MAX_BUCKETS {
             // Forget sources whose bucket has refilled: they are no different
             // from new ones.
-            self.buckets.retain(|_, b| {
-                b.tokens + now.saturating_duration_since(b.at).as_secs_f64() * rate < burst
-            });
+            self.buckets
+                .retain(|_, b| b.level(now, rate, burst) < burst);
             if self.buckets.len() >= MAX_BUCKETS {
                 return false;
             }
         }
-        let b = self.buckets.entry(ip).or_insert(Bucket {
-            tokens: burst,
-            at: now,
-        });
-        b.tokens = (b.tokens + now.saturating_duration_since(b.at).as_secs_f64() * rate).min(burst);
-        b.at = now;
-        if b.tokens >= 1.0 {
-            b.tokens -= 1.0;
-            true
-        } else {
-            false
-        }
+        self.buckets.entry(ip).or_default().take(now, rate, burst)
     }
 
     fn pairs_with(&self, role: Role) -> bool {
@@ -459,6 +464,7 @@ impl Discovery {
             }
             Some(e) => {
                 e.last_heard = now;
+                e.verified |= e.info.addr.ip() == info.addr.ip();
                 if e.session != SessionState::Connected {
                     e.info.addr = info.addr;
                     e.info.interface = info.interface.clone();
@@ -474,63 +480,22 @@ impl Discovery {
                 }
             }
             None => {
-                if self.peers.len() >= self.cfg.max_peers {
-                    return Err(Dropped::TableFull);
-                }
-                self.unconnected.insert(a.id);
-                let mut e = Entry::new(
-                    info.clone(),
-                    now,
-                    SessionState::None,
-                    self.cfg.redial_initial,
-                );
-                e.next_dial = we_dial.then_some(now);
-                self.peers.insert(a.id, e);
-                self.events.push_back(DiscoveryEvent::Discovered(info));
+                let Some((info, verified)) = self.admission.announce(now, info) else {
+                    // Held until heard again: a probe soon asks it (and
+                    // every other candidate) to answer, at most one per
+                    // `CANDIDATE_PROBE_GAP` however many arrive.
+                    if self.cfg.role.dials() {
+                        let soon = self
+                            .last_probe
+                            .map_or(now, |t| (t + CANDIDATE_PROBE_GAP).max(now));
+                        self.next_probe = Some(self.next_probe.map_or(soon, |t| t.min(soon)));
+                    }
+                    return Err(Dropped::Unconfirmed);
+                };
+                self.admit(now, info, verified)?;
             }
         }
         Ok(())
-    }
-
-    /// Whether `instance` of `id`, heard from `addr`, is a second live
-    /// instance to ignore. The entry's instance changing to another one and
-    /// back within [`DUPLICATE_WINDOW`] means two nodes share the id: then
-    /// [`DiscoveryEvent::Duplicate`] is reported, and for
-    /// [`DUPLICATE_HOLD`] every other instance is ignored. A real restart
-    /// (a new instance that stays) is not.
-    ///
-    /// The driver asks this for a handshake whose instance differs from
-    /// the live session's too (and refuses it when true).
-    pub fn duplicate_instance(
-        &mut self,
-        now: Instant,
-        id: PeerId,
-        instance: u64,
-        addr: SocketAddr,
-    ) -> bool {
-        let Some(e) = self.peers.get_mut(&id) else {
-            return false;
-        };
-        if e.info.instance == instance {
-            return false;
-        }
-        if e.duplicate_until.is_some_and(|t| now < t) {
-            return true;
-        }
-        if e.prev_instance
-            .is_some_and(|(p, t)| p == instance && now < t + DUPLICATE_WINDOW)
-        {
-            e.duplicate_until = Some(now + DUPLICATE_HOLD);
-            e.prev_instance = None;
-            self.events.push_back(DiscoveryEvent::Duplicate {
-                id,
-                kept: e.info.addr,
-                other: addr,
-            });
-            return true;
-        }
-        e.prev_instance = Some((e.info.instance, now));
-        false
     }
 
     fn handle_goodbye(&mut self, g: &Goodbye) {
@@ -562,11 +527,13 @@ impl Discovery {
             let gap = self.probe_interval.min(cap);
             self.probe_interval = (gap * 2).min(cap);
             self.next_probe = Some(now + self.jitter(gap));
+            self.last_probe = Some(now);
         }
         let expiry = self.cfg.peer_expiry;
         let mut lost = Vec::new();
+        let mut due = Vec::new();
         for id in &self.unconnected {
-            let Some(e) = self.peers.get_mut(id) else {
+            let Some(e) = self.peers.get(id) else {
                 continue;
             };
             if e.session != SessionState::None {
@@ -575,9 +542,20 @@ impl Discovery {
             if now >= e.last_heard + expiry {
                 lost.push(*id);
             } else if e.next_dial.is_some_and(|t| now >= t) {
+                due.push((!e.verified, e.next_dial, *id));
+            }
+        }
+        // As many dials as the rate allows; peers heard twice first, then
+        // the longest waiting. The others stay due.
+        due.sort();
+        for (_, _, id) in due {
+            if !self.admission.take_dial(now) {
+                break;
+            }
+            if let Some(e) = self.peers.get_mut(&id) {
                 e.next_dial = None;
                 e.session = SessionState::Dialing;
-                self.changed.push(*id);
+                self.changed.push(id);
                 self.events.push_back(DiscoveryEvent::Dial(e.info.clone()));
             }
         }
@@ -621,12 +599,15 @@ impl Discovery {
     /// When [`Discovery::handle_timeout`] next has work.
     #[must_use]
     pub fn poll_timeout(&self) -> Option<Instant> {
+        // A due dial waits for the dial rate's next token.
+        let token = self.admission.next_dial();
         let peers = self
             .unconnected_entries()
             .filter(|e| e.session == SessionState::None)
             .map(|e| {
                 let expire = e.last_heard + self.cfg.peer_expiry;
-                e.next_dial.map_or(expire, |d| d.min(expire))
+                let dial = e.next_dial.map(|d| token.map_or(d, |t| d.max(t)));
+                dial.map_or(expire, |d| d.min(expire))
             });
         self.next_probe.into_iter().chain(peers).min()
     }
@@ -768,5 +749,9 @@ impl Discovery {
     }
 }
 
+mod admit;
+mod duplicates;
 #[cfg(test)]
 mod tests;
+
+pub use duplicates::{DUPLICATE_HOLD, DUPLICATE_WINDOW};

@@ -1,4 +1,6 @@
-//! Discovery: the sans-IO [`machine`] and its socket setup.
+//! Discovery: the sans-IO [`machine`], the limits on who enters its table
+//! and how fast it dials (`admission`), and its socket setup.
 
+pub(crate) mod admission;
 pub mod machine;
 pub(crate) mod socket;

@@ -132,6 +132,7 @@ impl Node {
                 redial_initial: config.redial_initial,
                 peer_expiry: config.peer_expiry,
                 max_peers: config.max_peers,
+                dials_per_sec: config.max_dials_per_sec,
                 replies_per_source_per_sec: config.replies_per_source_per_sec,
                 limits: config.datagram_limits(),
             },

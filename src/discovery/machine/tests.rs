@@ -21,6 +21,7 @@ fn cfg(id: u64, role: Role) -> DiscoveryConfig {
         redial_initial: 100 * MS,
         peer_expiry: 10_000 * MS,
         max_peers: 8,
+        dials_per_sec: 20,
         replies_per_source_per_sec: 5,
         limits: DatagramLimits::default(),
     }
@@ -291,18 +292,110 @@ fn drops_are_classified() {
 }
 
 #[test]
-fn table_is_bounded() {
-    let now = Instant::now();
-    let mut d = started(1, Role::Peer, now);
-    for id in 2..10 {
-        d.handle_datagram(now, addr(id as u8, 9), &announce_of(id, id, Role::Peer))
+fn table_is_bounded_and_a_newcomer_takes_the_place_of_the_oldest_idle_peer() {
+    let t0 = Instant::now();
+    // Node 20 does not dial the smaller ids: their entries stay idle.
+    let mut d = started(20, Role::Peer, t0);
+    for id in 2..10u64 {
+        let t = t0 + (id as u32) * MS;
+        d.handle_datagram(t, addr(id as u8, 9), &announce_of(id, id, Role::Peer))
             .unwrap();
     }
+    events(&mut d);
+    // Full (8): the oldest idle peer, heard once, makes room.
+    let t = t0 + 100 * MS;
+    d.handle_datagram(t, addr(30, 9), &announce_of(30, 30, Role::Peer))
+        .unwrap();
+    assert_eq!(d.peers().count(), 8);
+    let e = events(&mut d);
+    assert!(
+        matches!(&e[..], [DiscoveryEvent::Lost(gone), DiscoveryEvent::Discovered(i)]
+            if *gone == PeerId::from_u64(2) && i.id == PeerId::from_u64(30)),
+        "{e:?}"
+    );
+    // Peers with a session are never dropped: with every place taken by
+    // one, the newcomer is.
+    let mut d = started(1, Role::Peer, t0);
+    for id in 2..10u64 {
+        d.handle_datagram(t0, addr(id as u8, 9), &announce_of(id, id, Role::Peer))
+            .unwrap();
+    }
+    d.handle_timeout(t0);
+    for e in events(&mut d) {
+        if let DiscoveryEvent::Dial(i) = e {
+            d.session_up(t0, i);
+        }
+    }
     assert_eq!(
-        d.handle_datagram(now, addr(20, 9), &announce_of(20, 20, Role::Peer)),
+        d.handle_datagram(t0, addr(40, 9), &announce_of(40, 40, Role::Peer)),
         Err(Dropped::TableFull)
     );
     assert_eq!(d.peers().count(), 8);
+}
+
+/// An announce flood: 2 000 made-up ids in 2 s, each heard once. At most
+/// the admission rate enters the table, dials stay within the dial rate,
+/// and a real node that starts during the flood (announce and probe, as
+/// every node sends at start) enters at once and is dialed first.
+#[test]
+fn an_announce_flood_neither_locks_out_a_real_peer_nor_drives_dials() {
+    let t0 = Instant::now();
+    let mut cfg = cfg(1, Role::Peer);
+    cfg.max_peers = 64;
+    let mut d = Discovery::new(cfg, 1);
+    d.set_targets(t0, vec![target(1)]);
+    let (mut discovered, mut dials, mut held) = (0, 0, 0);
+    let mut real_dialed = None;
+    let real = 999_999u64;
+    for k in 0..2000u32 {
+        let now = t0 + k * MS;
+        let fake = 1_000 + u64::from(k);
+        match d.handle_datagram(now, addr(77, 9), &announce_of(fake, fake, Role::Peer)) {
+            Ok(()) => {}
+            Err(Dropped::Unconfirmed) => held += 1,
+            Err(e) => panic!("{e:?}"),
+        }
+        if k == 1000 {
+            let (a, p) = (announce_of(real, 5, Role::Peer), {
+                let mut p = Datagram::decode(&probe_of(real), &DatagramLimits::default()).unwrap();
+                if let Datagram::Probe(ref mut p) = p {
+                    p.instance = 5;
+                }
+                p.encode()
+            });
+            // Beyond the admission rate: held, then entered by its probe.
+            assert_eq!(
+                d.handle_datagram(now, addr(50, 9), &a),
+                Err(Dropped::Unconfirmed)
+            );
+            d.handle_datagram(now, addr(50, 9), &p).unwrap();
+        }
+        d.handle_timeout(now);
+        for e in events(&mut d) {
+            match e {
+                DiscoveryEvent::Discovered(_) => discovered += 1,
+                DiscoveryEvent::Dial(i) => {
+                    dials += 1;
+                    if i.id == PeerId::from_u64(real) {
+                        real_dialed.get_or_insert(now);
+                    }
+                    d.dial_failed(now, i.id);
+                }
+                _ => {}
+            }
+        }
+    }
+    // 20 at once, then 20 a second, over 2 s: 60, the real one included.
+    assert!(discovered <= 61, "{discovered} entered");
+    assert!(held >= 1900, "{held} held back");
+    assert!(dials <= 61, "{dials} dials in 2 s");
+    let dialed = real_dialed.expect("the real peer was dialed");
+    assert!(
+        dialed - (t0 + 1000 * MS) <= 60 * MS,
+        "dialed after {:?}",
+        dialed - t0
+    );
+    assert!(d.admission.candidates() <= 64, "candidates are bounded");
 }
 
 #[test]

@@ -474,3 +474,124 @@ fn s11_a_loopback_only_node_is_unreachable_from_another_host() {
             .all(|(_, v)| v["peer"] == open.id.as_str())
     );
 }
+
+/// A lanbeat announce of `service` for a made-up node.
+fn fake_announce(service: &str, id: u64, instance: u64, port: u16) -> Vec<u8> {
+    let body = serde_json::json!({
+        "service": service, "id": format!("{id:016x}"), "instance": format!("{instance:016x}"),
+        "role": "peer", "name": "fake", "port": port,
+    });
+    let mut d = b"LNBT\x01\x02".to_vec();
+    d.extend(serde_json::to_vec(&body).unwrap());
+    d
+}
+
+/// An announce flood from another host (issue 14): 2 000 made-up ids a
+/// second for 3 s, broadcast, each naming a port on the sending host (a
+/// receiver takes the address from the datagram's source; a spoofed
+/// source would name a third party, at the same rate). The attacked node
+/// connects there at most at its dial rate (20 a second after a burst of
+/// 20), and a real node that starts in the middle of the flood still has
+/// its session within 3 s.
+#[test]
+fn s12_an_announce_flood_drives_no_connects_and_locks_no_one_out() {
+    let Some(lab) = Lab::new("s12", 3) else {
+        return;
+    };
+    let service = "lanbeat-demo";
+    let mut victim = lab.peer(0, "victim", &["--id", "0000000000000001"]);
+    // Counts every connection the flood provokes from the victim (the
+    // real node hears the flood too, and dials on its own budget).
+    let victim_ip = std::net::IpAddr::V4(lab.ip(0));
+    let counted = lab.inside(1, move || {
+        let l = std::net::TcpListener::bind("0.0.0.0:4711").unwrap();
+        l.set_nonblocking(true).unwrap();
+        let end = Instant::now() + Duration::from_secs(5);
+        let mut n = 0u32;
+        while Instant::now() < end {
+            match l.accept() {
+                Ok((_, from)) if from.ip() == victim_ip => n += 1,
+                Ok(_) => {}
+                Err(_) => std::thread::sleep(Duration::from_millis(1)),
+            }
+        }
+        n
+    });
+    let flood = lab.inside(1, move || {
+        let s = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+        s.set_broadcast(true).unwrap();
+        let mut sent = 0u64;
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(3) {
+            for _ in 0..20 {
+                sent += 1;
+                let id = 0x1000_0000 + sent;
+                let d = fake_announce(service, id, sent, 4711);
+                let _ = s.send_to(&d, ("10.77.0.255", lanbeat::DEFAULT_DISCOVERY_PORT));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        sent
+    });
+    std::thread::sleep(Duration::from_secs(1));
+    let m = victim.mark();
+    let t0 = Instant::now();
+    let real = lab.peer(2, "real", &[]);
+    let (up, _) = victim.wait(
+        m,
+        Duration::from_secs(3),
+        about("session_up", &real.id.clone()),
+    );
+    let sent = flood.join().unwrap();
+    let connects = counted.join().unwrap();
+    println!(
+        "LAB: s12 flood of {sent} announces in 3 s: real peer up {:.0} ms after its start, {connects} connects to the named address in 5 s",
+        ms(up - t0)
+    );
+    assert!(sent >= 4000, "flood too slow ({sent})");
+    // Over the counter's 5 s (made-up peers that entered are redialed
+    // after the flood too, until they expire): the burst, then 20 a second.
+    assert!(
+        connects <= 20 + 5 * 20 + 5,
+        "{connects} connects to the named address in 5 s"
+    );
+    // The flood did reach the node: it dialed some of the made-up peers.
+    assert!(
+        connects >= 20,
+        "only {connects} connects: did the flood arrive?"
+    );
+}
+
+/// Two hosts run one copied identity (the same `--id`): the third sees
+/// them answer in turns. It must report it and hold its session with one
+/// of them instead of flapping (issue 14: about 43 changes a minute
+/// before).
+#[test]
+fn s13_a_duplicated_id_is_reported_and_does_not_flap() {
+    let Some(lab) = Lab::new("s13", 3) else {
+        return;
+    };
+    let mut observer = lab.peer(0, "observer", &["--id", "0000000000000010"]);
+    let _a = lab.peer(1, "a", &["--id", "0000000000000020"]);
+    observer.wait(
+        0,
+        Duration::from_secs(3),
+        about("session_up", "0000000000000020"),
+    );
+    let _b = lab.peer(2, "b", &["--id", "0000000000000020"]);
+    let (_, dup) = observer.wait(0, Duration::from_secs(10), |v| v["event"] == "duplicate_id");
+    assert_eq!(dup["peer"], "0000000000000020");
+    assert_ne!(dup["kept"], dup["other"]);
+    std::thread::sleep(Duration::from_secs(1));
+    let m = observer.mark();
+    std::thread::sleep(Duration::from_secs(5));
+    let changes = observer.matching(m, |v| {
+        (v["event"] == "session_up" || v["event"] == "session_down")
+            && v["peer"] == "0000000000000020"
+    });
+    println!(
+        "LAB: s13 duplicate id: reported; {} session changes in the 5 s after",
+        changes.len()
+    );
+    assert!(changes.is_empty(), "still flapping: {changes:?}");
+}

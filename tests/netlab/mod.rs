@@ -175,6 +175,23 @@ impl Lab {
         &self.hosts[i]
     }
 
+    /// Runs `f` on a thread of its own inside host `i`'s network
+    /// namespace: the sockets it opens are that host's (for attackers and
+    /// probes that no example peer plays).
+    pub fn inside<T: Send + 'static>(
+        &self,
+        i: usize,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> std::thread::JoinHandle<T> {
+        let path = format!("/run/netns/{}", self.ns(i));
+        std::thread::spawn(move || {
+            let ns = std::fs::File::open(&path).expect("open the namespace");
+            nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET)
+                .expect("enter the namespace");
+            f()
+        })
+    }
+
     /// The address of host `i`.
     pub fn ip(&self, i: usize) -> Ipv4Addr {
         Ipv4Addr::new(10, 77, 0, i as u8 + 1)

@@ -50,9 +50,16 @@ pub struct Config {
     /// A human-readable name for this node, sent to peers. Up to 64 bytes.
     /// Default: the host name, or `"lanbeat"`.
     pub name: String,
-    /// This node's id. Default: `None`, a random id for each start. Store and
-    /// pass back an id to keep it across restarts.
+    /// This node's id. Default: `None`, a random id for each start (or the
+    /// identity's, with [`Config::identity`]). Store and pass back an id to
+    /// keep it across restarts; better, keep an identity. Not together
+    /// with `identity`.
     pub id: Option<PeerId>,
+    /// This node's long-term key pair; the id derives from its public key
+    /// ([`Identity::peer_id`](crate::Identity::peer_id)). Keep it in a file
+    /// with [`Identity::load_or_create`](crate::Identity::load_or_create) so
+    /// that the node keeps its id across restarts. Default: `None`.
+    pub identity: Option<crate::Identity>,
     /// Probe/answer/dial/accept behaviour. Default: [`Role::Peer`].
     pub role: Role,
     /// Small key/values announced to peers (firmware version, room...).
@@ -158,6 +165,7 @@ impl Config {
             service: service.into(),
             name: default_name(),
             id: None,
+            identity: None,
             role: Role::Peer,
             metadata: BTreeMap::new(),
             discovery_port: DEFAULT_DISCOVERY_PORT,
@@ -193,6 +201,14 @@ impl Config {
     /// # Errors
     /// The first problem found, as a [`ConfigError`] naming the field.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        if let (Some(id), Some(identity)) = (self.id, &self.identity)
+            && id != identity.peer_id()
+        {
+            return Err(ConfigError::IdAndIdentity {
+                id,
+                identity: identity.peer_id(),
+            });
+        }
         let limits = self.datagram_limits();
         if self.service.is_empty() || self.service.len() > limits.max_text_len {
             return Err(ConfigError::Service(self.service.len()));
@@ -333,6 +349,18 @@ impl ConfigBuilder {
     /// Sets [`Config::id`].
     pub fn id(mut self, id: PeerId) -> Self {
         self.config.id = Some(id);
+        self
+    }
+
+    /// Sets [`Config::identity`]: the node's id becomes the identity's.
+    ///
+    /// ```
+    /// let identity = lanbeat::Identity::generate();
+    /// let config = lanbeat::Config::builder("lamps").identity(identity.clone()).build().unwrap();
+    /// assert_eq!(config.identity.unwrap().peer_id(), identity.peer_id());
+    /// ```
+    pub fn identity(mut self, identity: crate::Identity) -> Self {
+        self.config.identity = Some(identity);
         self
     }
 
@@ -526,6 +554,25 @@ mod tests {
             Config::builder("s").max_frame_size(10).build(),
             Err(ConfigError::MaxFrameSize(10))
         ));
+        // An id and an identity that disagree: which one is meant?
+        let identity = crate::Identity::generate();
+        match Config::builder("s")
+            .id(PeerId::from_u64(1))
+            .identity(identity.clone())
+            .build()
+        {
+            Err(ConfigError::IdAndIdentity { id, identity: i }) => {
+                assert_eq!((id, i), (PeerId::from_u64(1), identity.peer_id()));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(
+            Config::builder("s")
+                .id(identity.peer_id())
+                .identity(identity)
+                .build()
+                .is_ok()
+        );
         assert!(matches!(
             Config::builder("s")
                 .peer_expiry(Duration::from_secs(1))

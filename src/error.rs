@@ -16,6 +16,15 @@ pub enum ConfigError {
     /// The service name must be 1 to 64 bytes.
     #[error("service name must be 1 to 64 bytes, got {0}")]
     Service(usize),
+    /// An id and an identity were both set, and the identity's id is
+    /// another: the id comes from the identity; leave the id unset.
+    #[error("id {id} was set, but the identity's id is {identity}: set one of them")]
+    IdAndIdentity {
+        /// The id set.
+        id: PeerId,
+        /// The identity's id.
+        identity: PeerId,
+    },
     /// The node name must be at most 64 bytes.
     #[error("node name must be at most 64 bytes, got {0}")]
     Name(usize),

@@ -89,6 +89,7 @@ pub mod event;
 #[cfg(any(test, fuzzing))]
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod identity;
 mod node;
 pub mod peer;
 mod queue;
@@ -103,6 +104,7 @@ pub use bytes::Bytes;
 pub use config::{Config, ConfigBuilder, DEFAULT_DISCOVERY_PORT, InterfaceSelection};
 pub use error::{ConfigError, DatagramError, Error, FrameError};
 pub use event::{DownReason, Event, ProtocolViolation};
+pub use identity::{Identity, IdentityError};
 pub use node::{Events, LocalInfo, Node, PeerSender};
 pub use peer::{PeerId, PeerInfo, PeerState, PeerStatus, Role};
 pub use stats::Stats;

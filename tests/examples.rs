@@ -70,8 +70,13 @@ struct JsonPeer {
 
 impl JsonPeer {
     fn start(name: &str, port: u16, service: &str) -> JsonPeer {
+        Self::start_with(name, port, service, &[])
+    }
+
+    fn start_with(name: &str, port: u16, service: &str, extra: &[&str]) -> JsonPeer {
         let mut child = Command::new(example("peer"))
             .args(["--name", name, "--service", service, "--interface", "lo"])
+            .args(extra)
             .args(["--discovery-port", &port.to_string()])
             .args([
                 "--heartbeat-interval-ms",
@@ -170,4 +175,61 @@ fn example_peer_keeps_its_json_contract() {
     a.expect("lost", |v| v["peer"] == b_id);
     b.expect("stopped", |_| true);
     assert!(wait_exit(&mut b.child.0, Duration::from_secs(5)).success());
+}
+
+#[test]
+fn example_peer_keeps_its_id_in_its_identity_file() {
+    let port = std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let service = format!("t-identity-{}", std::process::id());
+    let dir = std::env::temp_dir().join(format!("lanbeat-ex-identity-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("node.key");
+    let _ = std::fs::remove_file(&file);
+    let path = file.to_str().unwrap();
+    let mut ids = Vec::new();
+    for _ in 0..2 {
+        let mut p = JsonPeer::start_with("kay", port, &service, &["--identity", path]);
+        let started = p.expect("started", |_| true);
+        assert!(
+            started["fingerprint"]
+                .as_str()
+                .is_some_and(|f| f.len() == 39),
+            "{started}"
+        );
+        ids.push((started["id"].clone(), started["fingerprint"].clone()));
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(p.child.0.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .unwrap();
+        assert!(wait_exit(&mut p.child.0, Duration::from_secs(5)).success());
+    }
+    assert_eq!(ids[0], ids[1], "same file, same id");
+    // A file that is not an identity: the peer refuses to start, names the
+    // file, and leaves it alone.
+    std::fs::write(&file, "not a key\n").unwrap();
+    let out = Command::new(example("peer"))
+        .args([
+            "--service",
+            &service,
+            "--interface",
+            "lo",
+            "--identity",
+            path,
+        ])
+        .args(["--discovery-port", &port.to_string()])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("node.key") && err.contains("not a lanbeat identity"),
+        "{err}"
+    );
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), "not a key\n");
+    std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -25,6 +25,10 @@ pub struct Args {
     /// Node id (16 hex digits) to keep across restarts; default: random.
     #[arg(long)]
     pub id: Option<lanbeat::PeerId>,
+    /// Identity file: the node's key pair, created if missing (mode 0600);
+    /// the same file gives the same id on every start.
+    #[arg(long)]
+    pub identity: Option<std::path::PathBuf>,
     /// TCP port to accept sessions on (0 = any).
     #[arg(long, default_value_t = 0)]
     pub port: u16,
@@ -90,6 +94,9 @@ pub async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     if let Some(id) = args.id {
         b = b.id(id);
     }
+    if let Some(path) = &args.identity {
+        b = b.identity(lanbeat::Identity::load_or_create(path)?);
+    }
     for i in &args.interfaces {
         b = b.interface(i);
     }
@@ -101,10 +108,18 @@ pub async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let me = node.local().clone();
     out.line(
         json!({"event": "started", "id": me.id, "instance": format!("{:016x}", me.instance),
-               "name": me.name, "tcp_port": me.tcp_port, "discovery_port": me.discovery_port}),
+               "name": me.name, "tcp_port": me.tcp_port, "discovery_port": me.discovery_port,
+               "fingerprint": me.fingerprint}),
         format!(
-            "started {} ({}) tcp port {}, discovery port {}",
-            me.name, me.id, me.tcp_port, me.discovery_port
+            "started {} ({}) tcp port {}, discovery port {}{}",
+            me.name,
+            me.id,
+            me.tcp_port,
+            me.discovery_port,
+            me.fingerprint
+                .as_deref()
+                .map(|f| format!(", fingerprint {f}"))
+                .unwrap_or_default()
         ),
     );
     let mut names = std::collections::HashMap::new();

@@ -42,6 +42,9 @@ pub struct LocalInfo {
     pub tcp_port: u16,
     /// The UDP discovery port.
     pub discovery_port: u16,
+    /// The fingerprint of this node's identity, if it has one (see
+    /// [`Identity::fingerprint`](crate::Identity::fingerprint)).
+    pub fingerprint: Option<String>,
 }
 
 fn hex<S: serde::Serializer>(v: &u64, s: S) -> Result<S::Ok, S::Error> {
@@ -107,7 +110,10 @@ impl Node {
                 .port(),
             None => 0,
         };
-        let id = config.id.unwrap_or_else(PeerId::random);
+        let id = match &config.identity {
+            Some(identity) => identity.peer_id(),
+            None => config.id.unwrap_or_else(PeerId::random),
+        };
         let instance: u64 = rand::random();
         let local = LocalInfo {
             id,
@@ -115,6 +121,7 @@ impl Node {
             name: config.name.clone(),
             tcp_port,
             discovery_port: config.discovery_port,
+            fingerprint: config.identity.as_ref().map(|i| i.fingerprint()),
         };
         let disc = Discovery::new(
             DiscoveryConfig {

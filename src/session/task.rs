@@ -190,13 +190,13 @@ mod layout {
 
     use super::{ConnectionTask, Phase};
 
-    const WORD: usize = size_of::<usize>();
     const _: () = assert!(offset_of!(ConnectionTask, phase) == 0);
     // `Approving` and `Ending` are boxed so that no phase is bigger than
     // `Running`: the stream and the tag.
-    const _: () = assert!(size_of::<Phase>() <= size_of::<TcpStream>() + WORD);
+    const _: () = assert!(size_of::<Phase>() <= size_of::<TcpStream>() + size_of::<usize>());
     // Then the span (one word), then the loop's state.
-    const _: () = assert!(offset_of!(ConnectionTask, conn) <= size_of::<Phase>() + WORD);
+    const _: () =
+        assert!(offset_of!(ConnectionTask, conn) <= size_of::<Phase>() + size_of::<usize>());
 }
 
 #[cfg(test)]

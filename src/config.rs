@@ -310,14 +310,13 @@ fn nonzero(field: &'static str, d: Duration) -> Result<(), ConfigError> {
     }
 }
 
+/// The host's name (from the operating system, on every platform), or
+/// `"lanbeat"` if it has none that fits the name limit.
 fn default_name() -> String {
-    std::env::var("HOSTNAME")
+    gethostname::gethostname()
+        .into_string()
         .ok()
-        .or_else(|| {
-            std::fs::read_to_string("/etc/hostname")
-                .ok()
-                .map(|s| s.trim().to_owned())
-        })
+        .map(|s| s.trim().to_owned())
         .filter(|s| !s.is_empty() && s.len() <= 64)
         .unwrap_or_else(|| "lanbeat".to_owned())
 }

@@ -68,6 +68,10 @@ pub(crate) fn select_targets(addrs: &[IfaceAddr], sel: &InterfaceSelection) -> V
             !a.p2p && (!a.loopback || sel.loopback)
         })
         .filter(|a| a.prefix_len < 31)
+        // No broadcast address (a cellular link, Android's CLAT): nobody to
+        // reach by broadcast, and sending would wake the modem for nothing.
+        // Loopback has none either, and is used when asked for.
+        .filter(|a| a.broadcast.is_some() || a.loopback)
         .map(|a| {
             let host_mask = u32::MAX >> a.prefix_len;
             let computed = Ipv4Addr::from(u32::from(a.ip) | host_mask);
@@ -175,12 +179,15 @@ fn udp_socket() -> io::Result<Socket> {
 mod tests {
     use super::*;
 
+    /// An address as the scan reports it: loopback without a broadcast
+    /// address, the others with their subnet's.
     fn a(name: &str, ip: [u8; 4], prefix: u8) -> IfaceAddr {
+        let host_mask = u32::MAX.checked_shr(u32::from(prefix)).unwrap_or(0);
         IfaceAddr {
             name: name.into(),
             ip: ip.into(),
             prefix_len: prefix,
-            broadcast: None,
+            broadcast: (name != "lo").then(|| Ipv4Addr::from(u32::from_be_bytes(ip) | host_mask)),
             loopback: name == "lo",
             up: true,
             p2p: false,
@@ -225,6 +232,20 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(select_targets(&addrs, &sel)[0].interface, "lo");
+    }
+
+    #[test]
+    fn interfaces_without_a_broadcast_address_are_skipped() {
+        // A cellular link: an address, no broadcast. Named or not, nothing
+        // is broadcast on it.
+        let mut rmnet = a("rmnet0", [100, 64, 3, 7], 24);
+        rmnet.broadcast = None;
+        assert!(select_targets(&[rmnet.clone()], &InterfaceSelection::default()).is_empty());
+        let named = InterfaceSelection {
+            include: vec!["rmnet0".into()],
+            ..Default::default()
+        };
+        assert!(select_targets(&[rmnet], &named).is_empty());
     }
 
     #[test]

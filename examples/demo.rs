@@ -134,7 +134,7 @@ fn demo() -> Result<(), String> {
     for name in NAMES {
         let mut child = Command::new(&exe)
             .arg("--peer-child")
-            .args(["--service", &service, "--name", name, "--interface", "lo"])
+            .args(["--service", &service, "--name", name, "--loopback"])
             .args(["--discovery-port", &port.to_string()])
             .args(["--heartbeat-interval-ms", &INTERVAL_MS.to_string()])
             .args(["--heartbeat-timeout-ms", &TIMEOUT_MS.to_string()])

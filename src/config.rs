@@ -23,6 +23,18 @@ pub struct InterfaceSelection {
     /// Use loopback interfaces even when `include` is empty. Off by default:
     /// discovery over loopback finds only nodes on this host.
     pub loopback: bool,
+    /// Use the loopback interfaces only, whatever their name (`lo` on
+    /// Linux, `lo0` on macOS): recognised by their flag. Off by default.
+    pub loopback_only: bool,
+}
+
+impl InterfaceSelection {
+    /// Whether the node is confined to the interfaces chosen: named ones,
+    /// or loopback only. Then its sockets are bound to the interface if
+    /// there is one, and connections from elsewhere are refused.
+    pub fn is_restricted(&self) -> bool {
+        self.loopback_only || !self.include.is_empty()
+    }
 }
 
 /// Everything a [`Node`](crate::Node) needs to start.
@@ -389,13 +401,16 @@ impl ConfigBuilder {
         self
     }
 
-    /// Discovery on the loopback interface `lo` only: every node on this host,
-    /// nothing beyond it. What tests and the local demo use.
+    /// Discovery on the loopback interface only (found by its flag, so
+    /// `lo` on Linux and `lo0` on macOS alike): every node on this host,
+    /// nothing beyond it, and the node unreachable from other hosts. What
+    /// tests and the local demo use.
     pub fn loopback_only(mut self) -> Self {
         self.config.interfaces = InterfaceSelection {
-            include: vec!["lo".to_owned()],
+            include: Vec::new(),
             exclude: Vec::new(),
             loopback: true,
+            loopback_only: true,
         };
         self
     }

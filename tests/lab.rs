@@ -441,8 +441,9 @@ fn s11_a_loopback_only_node_is_unreachable_from_another_host() {
     let Some(lab) = Lab::new("s11", 2) else {
         return;
     };
+    // One by name, one by flag: both mean the same.
     let mut a = lab.peer(0, "a", &["--interface", "lo"]);
-    let mut b = lab.peer(0, "b", &["--interface", "lo"]);
+    let mut b = lab.peer(0, "b", &["--loopback"]);
     both_up(&mut a, 0, &mut b, 0, Duration::from_secs(3));
     let open = lab.peer(0, "open", &[]);
     let h0 = lab.ip(0).to_string();

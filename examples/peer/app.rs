@@ -35,6 +35,10 @@ pub struct Args {
     /// UDP discovery port, the same on every peer.
     #[arg(long, default_value_t = lanbeat::DEFAULT_DISCOVERY_PORT)]
     pub discovery_port: u16,
+    /// Use the loopback interface only (whatever its name): peers on this
+    /// host, unreachable from others.
+    #[arg(long)]
+    pub loopback: bool,
     /// Use only this interface (repeatable). Default: every usable one.
     #[arg(long = "interface")]
     pub interfaces: Vec<String>,
@@ -96,6 +100,9 @@ pub async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     }
     if let Some(path) = &args.identity {
         b = b.identity(lanbeat::Identity::load_or_create(path)?);
+    }
+    if args.loopback {
+        b = b.loopback_only();
     }
     for i in &args.interfaces {
         b = b.interface(i);

@@ -62,6 +62,9 @@ pub(crate) fn select_targets(addrs: &[IfaceAddr], sel: &InterfaceSelection) -> V
             if sel.exclude.contains(&a.name) {
                 return false;
             }
+            if sel.loopback_only {
+                return a.loopback;
+            }
             if !sel.include.is_empty() {
                 return sel.include.contains(&a.name);
             }
@@ -142,9 +145,18 @@ pub(crate) fn bind_listener(port: u16, device: Option<&str>) -> io::Result<TcpLi
 /// or elsewhere, the sockets are not bound and the node filters instead:
 /// datagrams and connections from outside the selected subnets are
 /// dropped (see `Supervisor::accepted`).
-pub(crate) fn bound_device(sel: &InterfaceSelection) -> Option<&str> {
+///
+/// Loopback only: the loopback interface of `addrs` (the scan at start),
+/// found by its flag.
+pub(crate) fn bound_device(sel: &InterfaceSelection, addrs: &[IfaceAddr]) -> Option<String> {
+    if !cfg!(any(target_os = "linux", target_os = "android")) {
+        return None;
+    }
+    if sel.loopback_only {
+        return addrs.iter().find(|a| a.loopback).map(|a| a.name.clone());
+    }
     match sel.include.as_slice() {
-        [one] if cfg!(any(target_os = "linux", target_os = "android")) => Some(one),
+        [one] => Some(one.clone()),
         _ => None,
     }
 }
@@ -232,6 +244,30 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(select_targets(&addrs, &sel)[0].interface, "lo");
+    }
+
+    #[test]
+    fn loopback_only_goes_by_the_flag_not_the_name() {
+        // macOS calls it lo0.
+        let mut lo0 = a("lo0", [127, 0, 0, 1], 8);
+        lo0.loopback = true;
+        lo0.broadcast = None;
+        let addrs = vec![lo0, a("en0", [192, 168, 1, 9], 24)];
+        let sel = InterfaceSelection {
+            loopback: true,
+            loopback_only: true,
+            ..Default::default()
+        };
+        let t = select_targets(&addrs, &sel);
+        assert_eq!(t.len(), 1);
+        assert_eq!(t[0].interface, "lo0");
+        assert!(sel.is_restricted());
+        if cfg!(any(target_os = "linux", target_os = "android")) {
+            assert_eq!(bound_device(&sel, &addrs).as_deref(), Some("lo0"));
+        }
+        let open = InterfaceSelection::default();
+        assert!(!open.is_restricted());
+        assert_eq!(bound_device(&open, &addrs), None);
     }
 
     #[test]

@@ -86,7 +86,9 @@ impl Node {
         let any = |port| SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port));
         // One named interface: every socket is bound to it, so nothing from
         // another interface reaches the node.
-        let device = socket::bound_device(&config.interfaces);
+        let scanned = socket::scan().unwrap_or_default();
+        let device = socket::bound_device(&config.interfaces, &scanned);
+        let device = device.as_deref();
         if let Some(name) = device {
             socket::check_device(name).map_err(|source| Error::Interface {
                 name: name.to_owned(),

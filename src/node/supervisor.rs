@@ -284,8 +284,7 @@ impl Supervisor {
         // Named interfaces: only their subnets may connect (one named
         // interface is enforced by the kernel already: the listener is
         // bound to it).
-        if !self.config.interfaces.include.is_empty()
-            && !from_selected(self.disc.targets(), addr.ip())
+        if self.config.interfaces.is_restricted() && !from_selected(self.disc.targets(), addr.ip())
         {
             debug!(%addr, "refusing a connection from outside the selected interfaces");
             Counters::bump(&self.shared.counters.refused_foreign_interface);

@@ -148,6 +148,13 @@ pub struct Config {
     /// Most connections still in their handshake; more are refused at once.
     /// Default: 64.
     pub max_handshakes: usize,
+    /// Whether sessions report their round-trip samples as `Event::Rtt`
+    /// (about once per heartbeat interval per session: five a second at
+    /// 200 ms). Off, the latest sample is still in [`Node::peers`].
+    /// Default: on.
+    ///
+    /// [`Node::peers`]: crate::Node::peers
+    pub rtt_events: bool,
     /// Most dials started per second (a burst of as many): an announce
     /// flood naming made-up peers cannot make the node connect to the
     /// addresses it names faster than this. Peers heard twice are dialed
@@ -203,6 +210,7 @@ impl Config {
             max_sessions: 1024,
             max_handshakes: 64,
             max_dials_per_sec: 20,
+            rtt_events: true,
             max_peers: 1024,
             replies_per_source_per_sec: 20,
         }
@@ -284,6 +292,30 @@ impl Config {
         ] {
             if value == 0 {
                 return Err(ConfigError::Zero(field));
+            }
+        }
+        // What every receiver checks, checked here first: a node whose
+        // announce breaks a limit would start and never be discovered.
+        if self.metadata.len() > limits.max_meta_entries {
+            return Err(ConfigError::MetadataEntries {
+                count: self.metadata.len(),
+                limit: limits.max_meta_entries,
+            });
+        }
+        for (key, value) in &self.metadata {
+            if key.len() > limits.max_meta_key {
+                return Err(ConfigError::MetadataKey {
+                    key: key.clone(),
+                    len: key.len(),
+                    limit: limits.max_meta_key,
+                });
+            }
+            if value.len() > limits.max_meta_value {
+                return Err(ConfigError::MetadataValue {
+                    key: key.clone(),
+                    len: value.len(),
+                    limit: limits.max_meta_value,
+                });
             }
         }
         // The announce must fit the datagram limit with the longest values.
@@ -504,6 +536,10 @@ impl ConfigBuilder {
         max_dials_per_sec: u32
     );
     setter!(
+        /// Sets [`Config::rtt_events`].
+        rtt_events: bool
+    );
+    setter!(
         /// Sets [`Config::max_peers`].
         max_peers: usize
     );
@@ -593,11 +629,60 @@ mod tests {
                 .build(),
             Err(ConfigError::Order { .. })
         ));
+        // Within each limit, but together too large for a datagram.
+        let mut big = Config::builder("s");
+        for i in 0..10 {
+            big = big.metadata(format!("key{i}"), "x".repeat(200));
+        }
         assert!(matches!(
-            Config::builder("s")
-                .metadata("blob", "x".repeat(2000))
-                .build(),
+            big.build(),
             Err(ConfigError::AnnounceTooLarge { .. })
         ));
+        // Each limit receivers check, with its own error (issue 17: these
+        // built and started, and the node was never discovered).
+        let mut many = Config::builder("s");
+        for i in 0..17 {
+            many = many.metadata(format!("k{i}"), "v");
+        }
+        assert!(matches!(
+            many.build(),
+            Err(ConfigError::MetadataEntries {
+                count: 17,
+                limit: 16
+            })
+        ));
+        match Config::builder("s").metadata("k".repeat(65), "v").build() {
+            Err(ConfigError::MetadataKey {
+                len: 65, limit: 64, ..
+            }) => {}
+            other => panic!("{other:?}"),
+        }
+        match Config::builder("s").metadata("fw", "v".repeat(257)).build() {
+            Err(
+                e @ ConfigError::MetadataValue {
+                    len: 257,
+                    limit: 256,
+                    ..
+                },
+            ) => {
+                assert!(e.to_string().contains("\"fw\""), "{e}");
+            }
+            other => panic!("{other:?}"),
+        }
+        // At the limits, it builds.
+        let mut full = Config::builder("s");
+        for i in 0..16 {
+            full = full.metadata(format!("{i:0>64}"), "v");
+        }
+        assert!(
+            full.build().is_err(),
+            "16 keys of 64 bytes do not fit a 1200-byte announce"
+        );
+        assert!(
+            Config::builder("s")
+                .metadata("k".repeat(64), "v".repeat(256))
+                .build()
+                .is_ok()
+        );
     }
 }

@@ -16,6 +16,34 @@ pub enum ConfigError {
     /// The service name must be 1 to 64 bytes.
     #[error("service name must be 1 to 64 bytes, got {0}")]
     Service(usize),
+    /// More metadata entries than an announce may carry.
+    #[error("{count} metadata entries, more than the {limit} an announce may carry")]
+    MetadataEntries {
+        /// Entries configured.
+        count: usize,
+        /// The most an announce may carry.
+        limit: usize,
+    },
+    /// A metadata key longer than an announce may carry.
+    #[error("metadata key {key:?} is {len} bytes, over the limit of {limit}")]
+    MetadataKey {
+        /// The key.
+        key: String,
+        /// Its length in bytes.
+        len: usize,
+        /// The longest allowed.
+        limit: usize,
+    },
+    /// A metadata value longer than an announce may carry.
+    #[error("metadata value of {key:?} is {len} bytes, over the limit of {limit}")]
+    MetadataValue {
+        /// The key whose value is too long.
+        key: String,
+        /// The value's length in bytes.
+        len: usize,
+        /// The longest allowed.
+        limit: usize,
+    },
     /// An id and an identity were both set, and the identity's id is
     /// another: the id comes from the identity; leave the id unset.
     #[error("id {id} was set, but the identity's id is {identity}: set one of them")]

@@ -51,6 +51,9 @@ pub enum Event {
     /// next other event, or at most one tick of the node's timer (8 ms)
     /// after it was measured. With thousands of sessions, that is one
     /// wake-up per tick for all their samples instead of one per sample.
+    ///
+    /// Not sent at all with [`Config::rtt_events`](crate::Config::rtt_events)
+    /// off; the latest sample is then still in `Node::peers`.
     Rtt {
         /// The peer.
         peer: PeerId,

@@ -478,3 +478,43 @@ async fn a_duplicated_id_is_reported_and_its_session_stops_flapping() {
     assert_eq!(state.map(|p| p.state), Some(PeerState::Connected));
     assert!(observer.stats().dropped_duplicate_id > 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rtt_events_can_be_turned_off_and_json_goes_to_everyone() {
+    trace();
+    let port = free_port();
+    let ((a, mut ea), (b, mut eb)) = connected_pair(
+        config("quiet-rtt", port)
+            .name("a")
+            .rtt_events(false)
+            .build()
+            .unwrap(),
+        config("quiet-rtt", port).name("b").build().unwrap(),
+    )
+    .await;
+    // Heartbeats every 100 ms: a second is ten samples each way.
+    let sent = a
+        .send_all_json(&serde_json::json!({"lamp": "on"}))
+        .await
+        .unwrap();
+    assert_eq!(sent, vec![b.id()]);
+    let until = Instant::now() + Duration::from_secs(1);
+    let mut rtt_a = 0;
+    while let Ok(Some(e)) = tokio::time::timeout_at(until, ea.recv()).await {
+        rtt_a += usize::from(matches!(e, Event::Rtt { .. }));
+    }
+    assert_eq!(rtt_a, 0, "no Rtt events with rtt_events(false)");
+    let peer = a.peers().into_iter().find(|p| p.info.id == b.id()).unwrap();
+    assert!(peer.last_rtt.is_some(), "the sample is still kept");
+    let mut rtt_b = 0;
+    let mut got = None;
+    while let Some(e) = eb.try_recv() {
+        match e {
+            Event::Rtt { .. } => rtt_b += 1,
+            Event::Message { data, .. } => got = Some(data),
+            _ => {}
+        }
+    }
+    assert!(rtt_b > 0, "the other node still reports them");
+    assert_eq!(got.as_deref(), Some(&br#"{"lamp":"on"}"#[..]));
+}

@@ -36,6 +36,9 @@ impl Events {
     /// one), and returns how many; 0 once the node has shut down and every
     /// event was taken (or when `limit` is 0). One call per burst instead of
     /// one per event, like tokio's `mpsc::Receiver::recv_many`.
+    ///
+    /// # Cancel safety
+    /// Cancel-safe: events are moved into `buf` only when it returns.
     pub async fn recv_many(&mut self, buf: &mut Vec<Event>, limit: usize) -> usize {
         if limit == 0 {
             return 0;

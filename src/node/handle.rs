@@ -80,6 +80,10 @@ impl Node {
     /// when the one interface the configuration names does not exist (or
     /// sockets may not be bound to it), [`Error::Bind`] when a socket cannot
     /// be set up.
+    ///
+    /// # Cancel safety
+    /// Dropping the future before it completes leaves no node running (the
+    /// sockets bound so far are closed).
     pub async fn start(config: Config) -> Result<(Node, Events), Error> {
         config.validate()?;
         let bind_err = |what, addr| move |source| Error::Bind { what, addr, source };
@@ -221,6 +225,13 @@ impl Node {
     /// peer is up, [`Error::MessageTooLarge`] when it exceeds our frame
     /// limit or the one the peer advertised in its handshake (the error
     /// names the smaller).
+    ///
+    /// # Cancel safety
+    /// Dropping the future before it completes (a `select!` with a
+    /// timeout) means the message was not queued: it is neither sent nor
+    /// handed back, and goes with the future. Keep a clone (a `Bytes` clone
+    /// is a reference count) to send it again. A message is accepted only
+    /// when the future returns `Ok`.
     pub async fn send(&self, peer: PeerId, message: impl Into<Bytes>) -> Result<(), Error> {
         let message = self.check_size(message.into())?;
         match self.inner.shared.mailbox(peer) {
@@ -258,6 +269,9 @@ impl Node {
     ///
     /// # Errors
     /// As [`Node::send`], plus [`Error::Json`].
+    ///
+    /// # Cancel safety
+    /// As [`Node::send`].
     pub async fn send_json<T: Serialize + ?Sized>(
         &self,
         peer: PeerId,
@@ -266,12 +280,33 @@ impl Node {
         self.send(peer, serde_json::to_vec(value)?).await
     }
 
+    /// Sends `value` as JSON to every peer with a session; see
+    /// [`Node::send_all`].
+    ///
+    /// # Errors
+    /// As [`Node::send_all`], plus [`Error::Json`].
+    ///
+    /// # Cancel safety
+    /// As [`Node::send_all`].
+    pub async fn send_all_json<T: Serialize + ?Sized>(
+        &self,
+        value: &T,
+    ) -> Result<Vec<PeerId>, Error> {
+        self.send_all(serde_json::to_vec(value)?).await
+    }
+
     /// Sends `message` to every peer with a session, waiting for room in each
     /// outbox in turn. Returns the peers it was queued for (not those whose
     /// frame limit is below the message's size).
     ///
     /// # Errors
     /// [`Error::MessageTooLarge`].
+    ///
+    /// # Cancel safety
+    /// Not cancel-safe as a whole: dropped midway, the message was queued
+    /// for the peers before the one whose outbox it waited for (and is
+    /// delivered or handed back to those as usual), not for the others, and
+    /// which ones is not reported.
     pub async fn send_all(&self, message: impl Into<Bytes>) -> Result<Vec<PeerId>, Error> {
         let message = self.check_size(message.into())?;
         let targets: Vec<_> = lock(&self.inner.shared.mailboxes)
@@ -319,6 +354,11 @@ impl Node {
 
     /// Says goodbye to every peer (TCP and UDP), closes all sessions and
     /// waits for the node's task to end. Idempotent.
+    ///
+    /// # Cancel safety
+    /// Once the future has been polled and the node's task took the
+    /// command, the shutdown goes on without it; dropped before that, the
+    /// node keeps running (call it again).
     pub async fn shutdown(&self) {
         let _ = self.inner.commands.send(Command::Shutdown).await;
         let mut done = self.inner.done.clone();

@@ -43,6 +43,10 @@ impl PeerSender {
     ///
     /// # Errors
     /// As [`Node::send`]; [`Error::NotConnected`] once the session ended.
+    ///
+    /// # Cancel safety
+    /// As [`Node::send`]: a message is accepted only when the future
+    /// returns `Ok`.
     #[inline]
     pub fn send(
         &self,
@@ -64,6 +68,11 @@ impl PeerSender {
     /// [`Error::MessageTooLarge`] for the first message over the limit
     /// (then nothing was queued); [`Error::NotConnected`] once the session
     /// ended.
+    ///
+    /// # Cancel safety
+    /// Cancel-safe: what was queued before the future was dropped is
+    /// queued (delivered or handed back as usual) and gone from `batch`;
+    /// the rest is still in `batch`.
     pub async fn send_batch(&self, batch: &mut VecDeque<Bytes>) -> Result<(), Error> {
         if let Some(m) = batch.iter().find(|m| m.len() > self.max_message) {
             return Err(Error::MessageTooLarge {
@@ -250,6 +259,30 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    /// A send dropped while it waits for room was never queued: the
+    /// outbox holds only what completed (the documented cancel safety).
+    #[tokio::test]
+    async fn a_cancelled_send_queued_nothing() {
+        let to = PeerSender {
+            peer: PeerId::from_u64(8),
+            mailbox: Arc::new(Mailbox::new(1)),
+            max_message: 16,
+        };
+        to.send("kept").await.unwrap();
+        {
+            let mut waiting = std::pin::pin!(to.send("cancelled"));
+            assert!(poll_once(waiting.as_mut()).await.is_pending());
+        }
+        let (out, _) = to.mailbox.outbox().consume(None, |b| b.pop(8));
+        let mut taken = Vec::new();
+        out.expect("queued").into_messages(&mut taken);
+        assert_eq!(taken, ["kept"]);
+        assert!(
+            to.mailbox.outbox().is_empty(),
+            "the cancelled one never arrives"
+        );
     }
 
     /// Polls `fut` once.

@@ -102,6 +102,7 @@ impl Supervisor {
             events: p.events.clone(),
             timer: Arc::new(Timer::new(clock::now())),
             counters: p.shared.counters.clone(),
+            rtt_events: p.config.rtt_events,
         });
         Supervisor {
             config: p.config,

@@ -564,6 +564,9 @@ impl Connection {
     fn rtt(&self, rtt: Duration) {
         if let Some(p) = self.peer {
             self.mailbox.record_rtt(rtt);
+            if !self.node.rtt_events {
+                return;
+            }
             // A sample is skipped (and counted), never waited for: the
             // session must keep going. It does not wake the application
             // either: the next event does, or the node's timer by its next

@@ -83,6 +83,8 @@ pub(crate) struct NodeContext {
     pub(crate) timer: Arc<Timer<Mailbox>>,
     /// The node's counters (also read by `Node::stats`).
     pub(crate) counters: Arc<Counters>,
+    /// Whether round-trip samples become `Event::Rtt`.
+    pub(crate) rtt_events: bool,
 }
 
 /// A connection being made (when we dial).

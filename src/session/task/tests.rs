@@ -59,6 +59,7 @@ fn the_session_task_stays_small() {
             events: Arc::new(Queue::new(1)),
             timer: Arc::new(Timer::new(clock::now())),
             counters: Default::default(),
+            rtt_events: true,
         });
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let s = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
@@ -99,6 +100,7 @@ impl Harness {
             events: events.clone(),
             timer: timer.clone(),
             counters: Default::default(),
+            rtt_events: true,
         });
         let timer = tokio::spawn(timer.run(|| {}));
         let new = new_connection(tx, node, expected);

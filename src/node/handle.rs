@@ -8,7 +8,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use serde::Serialize;
 use tokio::sync::{mpsc, watch};
-use tracing::{Instrument, debug_span, info};
+use tracing::{Instrument, debug_span, info, warn};
 
 use super::events::Events;
 use super::sender::{PeerSender, Push, check_size, try_push_message};
@@ -92,12 +92,25 @@ impl Node {
         // another interface reaches the node.
         let scanned = socket::scan().unwrap_or_default();
         let device = socket::bound_device(&config.interfaces, &scanned);
-        let device = device.as_deref();
+        let mut device = device.as_deref();
         if let Some(name) = device {
-            socket::check_device(name).map_err(|source| Error::Interface {
-                name: name.to_owned(),
-                source,
-            })?;
+            match socket::check_device(name) {
+                Ok(()) => {}
+                // Linux before 5.7 (older Android among them) lets only
+                // privileged processes bind to a device: the node still
+                // refuses connections and datagrams from outside the
+                // interface's subnet, it just cannot have the kernel do it.
+                Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+                    warn!(interface = name, error = %e, "cannot bind to the interface; filtering by subnet instead");
+                    device = None;
+                }
+                Err(source) => {
+                    return Err(Error::Interface {
+                        name: name.to_owned(),
+                        source,
+                    });
+                }
+            }
         }
         let shared_sock = socket::bind_shared(config.discovery_port, device)
             .map_err(bind_err("discovery", any(config.discovery_port)))?;

@@ -668,5 +668,17 @@ fn takeover(send_interval: Duration) -> Duration {
     send_interval + send_interval / 2
 }
 
+/// The layout an idle heartbeat relies on: the fields it touches (state
+/// and flags, the ping and pong bookkeeping, the timers, the in-flight
+/// counts) in the first three cache lines, in declaration order.
+mod layout {
+    use std::mem::offset_of;
+
+    use super::Session;
+
+    const _: () = assert!(offset_of!(Session, state) == 0);
+    const _: () = assert!(offset_of!(Session, unacked_bytes) + size_of::<usize>() <= 3 * 64);
+}
+
 #[cfg(test)]
 mod tests;

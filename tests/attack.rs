@@ -491,3 +491,94 @@ async fn an_announce_flood_drives_no_connects_and_locks_no_one_out() {
     );
     counter.abort();
 }
+
+/// A spoofed announce (issue 14): a host claims the id of a node with a
+/// live session, with a new instance, pointing at itself, ten times a
+/// second. Discovery is only a hint: the live session stays, every message
+/// still goes to the real peer, and the node only dials the claimed address
+/// (where no handshake completes), within its dial rate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spoofed_announce_drops_no_session_and_diverts_no_message() {
+    trace();
+    let port = free_port();
+    let ((a, mut ea), (b, mut eb)) = connected_pair(
+        config("spoof", port)
+            .name("a")
+            .id(PeerId::from_u64(1))
+            .build()
+            .unwrap(),
+        config("spoof", port)
+            .name("b")
+            .id(PeerId::from_u64(2))
+            .build()
+            .unwrap(),
+    )
+    .await;
+    let service = format!("t-spoof-{}", std::process::id());
+    // The attacker's listener: accepts, reads what it is sent, closes.
+    let sink = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let sink_port = sink.local_addr().unwrap().port();
+    let got = Arc::new(AtomicU64::new(0));
+    let connects = Arc::new(AtomicU64::new(0));
+    let listener = {
+        let (got, connects) = (got.clone(), connects.clone());
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = sink.accept().await {
+                connects.fetch_add(1, Ordering::Relaxed);
+                let mut buf = vec![0u8; 65536];
+                if let Ok(Ok(n)) = timeout(Duration::from_millis(50), s.read(&mut buf)).await {
+                    got.fetch_add(n as u64, Ordering::Relaxed);
+                }
+            }
+        })
+    };
+    let spoofer = tokio::spawn(async move {
+        let sock = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        sock.set_broadcast(true).unwrap();
+        for i in 0..20u64 {
+            let body = serde_json::json!({
+                "service": service, "id": "0000000000000002",
+                "instance": format!("{:016x}", 0xbad0_0000 + i),
+                "role": "peer", "name": "b", "port": sink_port,
+            });
+            let mut d = b"LNBT\x01\x02".to_vec();
+            d.extend(serde_json::to_vec(&body).unwrap());
+            sock.send_to(&d, ("127.255.255.255", port)).await.unwrap();
+            sleep(Duration::from_millis(100)).await;
+        }
+    });
+    // Messages all along.
+    for i in 0..40u32 {
+        a.send(b.id(), i.to_be_bytes().to_vec()).await.unwrap();
+        sleep(Duration::from_millis(50)).await;
+    }
+    spoofer.await.unwrap();
+    sleep(Duration::from_millis(200)).await;
+    let mut received = Vec::new();
+    while let Some(e) = eb.try_recv() {
+        match e {
+            Event::Message { data, .. } => {
+                received.push(u32::from_be_bytes(data[..].try_into().unwrap()))
+            }
+            Event::SessionDown { reason, .. } => panic!("b's session went down: {reason}"),
+            _ => {}
+        }
+    }
+    while let Some(e) = ea.try_recv() {
+        if let Event::SessionDown { peer, reason } = e {
+            panic!("a's session with {peer} went down: {reason}");
+        }
+    }
+    assert_eq!(
+        received,
+        (0..40).collect::<Vec<_>>(),
+        "every message to the real peer, in order"
+    );
+    let connects = connects.load(Ordering::Relaxed);
+    println!(
+        "ATTACK: 20 spoofed announces: {connects} dials to the claimed address, {} bytes sent there, no session dropped",
+        got.load(Ordering::Relaxed)
+    );
+    assert!(connects <= 20, "{connects} dials");
+    listener.abort();
+}

@@ -115,8 +115,6 @@ pub struct Transmit {
 pub enum DiscoveryEvent {
     /// A peer was found (or found again after it went missing).
     Discovered(PeerInfo),
-    /// A peer restarted: any session with its old instance is stale.
-    Restarted(PeerInfo),
     /// Open a session to this peer now; report the outcome.
     Dial(PeerInfo),
     /// The peer is forgotten.
@@ -193,6 +191,9 @@ struct Entry {
     /// Heard twice from its address with this instance, or had a session:
     /// dialed before entries that were heard once.
     verified: bool,
+    /// A dial to an announced new instance is under way while the session
+    /// is up (at most one at a time).
+    restart_dial: bool,
 }
 
 impl Entry {
@@ -207,6 +208,7 @@ impl Entry {
             prev_instance: None,
             duplicate_until: None,
             verified: session == SessionState::Connected,
+            restart_dial: false,
         }
     }
 
@@ -445,19 +447,27 @@ impl Discovery {
         let we_dial = self.we_dial(&info);
         self.changed.push(a.id);
         match self.peers.get_mut(&a.id) {
+            Some(e) if e.info.instance != info.instance && e.session == SessionState::Connected => {
+                // A new instance while a session is up: a restart, or a
+                // datagram anyone could have sent. Discovery is only a
+                // hint: the live session stays, and the entry keeps what
+                // the session proved. If we dial this peer, we dial the
+                // announced address once (within the dial rate); only a
+                // handshake there with the new instance replaces the
+                // session (the driver does that, as `PeerRestarted`). If
+                // the peer dials us, a restarted one will.
+                if we_dial && !e.restart_dial && self.admission.take_dial(now) {
+                    e.restart_dial = true;
+                    self.events.push_back(DiscoveryEvent::Dial(info));
+                }
+            }
             Some(e) if e.info.instance != info.instance => {
-                // Restarted: whatever session we have is with a ghost.
-                let had_session = e.session != SessionState::None;
+                // Restarted, and no session to keep: the entry follows.
                 e.info = info.clone();
                 e.last_heard = now;
                 e.missing = false;
                 e.redial_backoff = self.cfg.redial_initial;
-                if had_session {
-                    // The driver closes the old session; `session_down`
-                    // with `PeerRestarted` schedules the dial.
-                    self.events
-                        .push_back(DiscoveryEvent::Restarted(info.clone()));
-                } else {
+                if e.session == SessionState::None {
                     e.next_dial = we_dial.then_some(now);
                 }
                 self.events.push_back(DiscoveryEvent::Discovered(info));
@@ -630,6 +640,9 @@ impl Discovery {
         let Some(e) = self.peers.get_mut(&id) else {
             return;
         };
+        // A dial to a new instance's address while the session was up
+        // (see `handle_announce`) failed: the session stays.
+        e.restart_dial = false;
         if e.session != SessionState::Dialing {
             return;
         }
@@ -650,10 +663,13 @@ impl Discovery {
         match self.peers.get_mut(&info.id) {
             Some(e) => {
                 if e.info.instance != info.instance {
+                    // Proven by the handshake now.
                     e.info.instance = info.instance;
                     e.info.name = info.name;
                     e.info.role = info.role;
+                    e.info.addr = info.addr;
                 }
+                e.restart_dial = false;
                 e.session = SessionState::Connected;
                 self.unconnected.remove(&info.id);
                 e.missing = false;

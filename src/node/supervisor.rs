@@ -227,11 +227,6 @@ impl Supervisor {
                     info!(peer = %info.id, addr = %info.addr, name = %info.name, "discovered");
                     let _ = self.events.push(Event::Discovered(Box::new(info))).await;
                 }
-                DiscoveryEvent::Restarted(info) => {
-                    if let Some(&c) = self.sessions.get(&info.id) {
-                        self.close_conn(c, DownReason::PeerRestarted);
-                    }
-                }
                 DiscoveryEvent::Dial(info) => self.dial(info),
                 DiscoveryEvent::Lost(peer) => {
                     info!(%peer, "peer lost");

@@ -483,8 +483,13 @@ fn missing_peer_expires_and_goodbye_forgets_at_once() {
     assert!(t - now >= Duration::from_secs(10) && t - now < Duration::from_millis(10_100));
 }
 
+/// An announce of a new instance while the session is up is only a hint:
+/// the session stays and the entry keeps what the session proved; the node
+/// dials the announced address once, and only a handshake there with the
+/// new instance (`session_up`) makes the entry follow. A failed dial
+/// changes nothing; a later announce may try again.
 #[test]
-fn restarted_peer_replaces_the_old_session() {
+fn a_new_instance_while_the_session_is_up_is_dialed_not_believed() {
     let now = Instant::now();
     let mut d = started(1, Role::Peer, now);
     d.handle_datagram(now, addr(2, 9), &announce_of(2, 2000, Role::Peer))
@@ -495,15 +500,36 @@ fn restarted_peer_replaces_the_old_session() {
         e => panic!("{e:?}"),
     };
     d.session_up(now, info.clone());
-    d.handle_datagram(now, addr(2, 9), &announce_of(2, 2001, Role::Peer))
-        .unwrap();
-    let e = events(&mut d);
-    assert!(
-        matches!(&e[..], [DiscoveryEvent::Restarted(i), DiscoveryEvent::Discovered(_)] if i.instance == 2001)
+    // Claimed from elsewhere: dialed there, once.
+    for _ in 0..3 {
+        d.handle_datagram(now, addr(9, 9), &announce_of(2, 2001, Role::Peer))
+            .unwrap();
+    }
+    let dialed = match &events(&mut d)[..] {
+        [DiscoveryEvent::Dial(i)] => i.clone(),
+        e => panic!("{e:?}"),
+    };
+    assert_eq!(
+        (dialed.instance, dialed.addr.ip()),
+        (2001, std::net::IpAddr::V4(*addr(9, 9).ip()))
     );
-    d.session_down(now, info.id, &DownReason::PeerRestarted);
-    d.handle_timeout(now);
-    assert!(matches!(&events(&mut d)[..], [DiscoveryEvent::Dial(i)] if i.instance == 2001));
+    let (kept, state) = d.peer(info.id).unwrap();
+    assert_eq!((kept.instance, kept.addr), (2000, info.addr));
+    assert_eq!(state, PeerState::Connected);
+    // Nobody there: the session stays; the next claim is dialed again.
+    d.dial_failed(now, info.id);
+    assert_eq!(d.peer(info.id).unwrap().1, PeerState::Connected);
+    d.handle_datagram(
+        now + 100 * MS,
+        addr(9, 9),
+        &announce_of(2, 2001, Role::Peer),
+    )
+    .unwrap();
+    assert!(matches!(&events(&mut d)[..], [DiscoveryEvent::Dial(_)]));
+    // A real restart: the handshake there proves the new instance.
+    d.session_up(now, dialed.clone());
+    let (now_info, _) = d.peer(info.id).unwrap();
+    assert_eq!((now_info.instance, now_info.addr), (2001, dialed.addr));
 }
 
 #[test]
@@ -558,11 +584,17 @@ fn a_duplicated_id_is_reported_once_and_held_down() {
         e => panic!("{e:?}"),
     };
     d.session_up(t0, info.clone());
-    // The second node: looks like a restart, once.
+    // The second node: looks like a restart, once. It is dialed, its
+    // handshake is not a duplicate yet, and it replaces the session.
     let t1 = t0 + 500 * MS;
     d.handle_datagram(t1, second, &announce_of(2, 2001, Role::Peer))
         .unwrap();
-    assert!(matches!(&events(&mut d)[..], [DiscoveryEvent::Restarted(i), _] if i.instance == 2001));
+    let restarted = match &events(&mut d)[..] {
+        [DiscoveryEvent::Dial(i)] if i.instance == 2001 => i.clone(),
+        e => panic!("{e:?}"),
+    };
+    assert!(!d.duplicate_instance(t1, restarted.id, 2001, restarted.addr));
+    d.session_up(t1, restarted);
     // The first one again: a duplicate.
     let t2 = t1 + 500 * MS;
     assert_eq!(
@@ -594,19 +626,22 @@ fn a_duplicated_id_is_reported_once_and_held_down() {
     assert!(
         events(&mut d).iter().all(|e| !matches!(
             e,
-            DiscoveryEvent::Restarted(_) | DiscoveryEvent::Duplicate { .. }
+            DiscoveryEvent::Dial(_) | DiscoveryEvent::Duplicate { .. }
         )),
         "no restart, no second report during the hold-down"
     );
-    // After the hold-down, the first one again: one change, then reported
-    // again on the change back.
+    // After the hold-down, the first one again: one change (dialed, its
+    // handshake replaces the session), then reported again on the change
+    // back.
     let t3 = t2 + DUPLICATE_HOLD + 1000 * MS;
     d.handle_datagram(t3, first, &announce_of(2, 2000, Role::Peer))
         .unwrap();
-    assert!(matches!(
-        &events(&mut d)[..],
-        [DiscoveryEvent::Restarted(_), _]
-    ));
+    let back = match &events(&mut d)[..] {
+        [DiscoveryEvent::Dial(i)] => i.clone(),
+        e => panic!("{e:?}"),
+    };
+    assert!(!d.duplicate_instance(t3, back.id, 2000, back.addr));
+    d.session_up(t3, back);
     assert_eq!(
         d.handle_datagram(t3 + 100 * MS, second, &announce_of(2, 2001, Role::Peer)),
         Err(Dropped::DuplicateId)

@@ -351,6 +351,12 @@ async fn send_errors_hand_the_message_back() {
     ));
     let counts: HashMap<_, _> = [("sent", a.stats().messages_sent)].into();
     assert_eq!(counts["sent"], 0);
+    // After shutdown, sending says so (not "not connected").
+    a.shutdown().await;
+    assert!(matches!(a.send(nobody, "late").await, Err(Error::Shutdown)));
+    assert!(matches!(a.try_send(nobody, "late"), Err(Error::Shutdown)));
+    assert!(matches!(a.send_all("late").await, Err(Error::Shutdown)));
+    assert!(a.sender(nobody).is_none());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -423,6 +429,18 @@ async fn an_interface_that_does_not_exist_fails_the_start_and_is_named() {
             assert_eq!(name, "nope0");
             assert!(e.to_string().contains("nope0"), "{e}");
         }
+        Err(e) => panic!("wrong error: {e}"),
+        Ok(_) => panic!("a node started on an interface that does not exist"),
+    }
+    // One of several: the same, naming the missing one.
+    let cfg = lanbeat::Config::builder("t-nope2")
+        .interface("lo")
+        .interface("nope1")
+        .discovery_port(free_port())
+        .build()
+        .unwrap();
+    match Node::start(cfg).await {
+        Err(Error::Interface { name, .. }) => assert_eq!(name, "nope1"),
         Err(e) => panic!("wrong error: {e}"),
         Ok(_) => panic!("a node started on an interface that does not exist"),
     }

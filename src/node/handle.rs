@@ -55,6 +55,8 @@ fn hex<S: serde::Serializer>(v: &u64, s: S) -> Result<S::Ok, S::Error> {
 struct Inner {
     commands: mpsc::Sender<Command>,
     done: watch::Receiver<bool>,
+    /// `shutdown` was called: sends fail with `Error::Shutdown`.
+    closing: std::sync::atomic::AtomicBool,
     shared: Arc<Shared>,
     local: LocalInfo,
     max_message: usize,
@@ -93,6 +95,21 @@ impl Node {
         let scanned = socket::scan().unwrap_or_default();
         let device = socket::bound_device(&config.interfaces, &scanned);
         let mut device = device.as_deref();
+        // Several named interfaces: no socket can be bound to all of them,
+        // but each must exist (where the platform can tell).
+        if device.is_none() && cfg!(any(target_os = "linux", target_os = "android")) {
+            for name in &config.interfaces.include {
+                match socket::check_device(name) {
+                    Err(e) if e.kind() != std::io::ErrorKind::PermissionDenied => {
+                        return Err(Error::Interface {
+                            name: name.clone(),
+                            source: e,
+                        });
+                    }
+                    _ => {}
+                }
+            }
+        }
         if let Some(name) = device {
             match socket::check_device(name) {
                 Ok(()) => {}
@@ -208,6 +225,7 @@ impl Node {
                 inner: Arc::new(Inner {
                     commands,
                     done,
+                    closing: Default::default(),
                     shared,
                     local,
                     max_message,
@@ -237,7 +255,8 @@ impl Node {
     /// [`Error::NotConnected`] (with the message) when no session with the
     /// peer is up, [`Error::MessageTooLarge`] when it exceeds our frame
     /// limit or the one the peer advertised in its handshake (the error
-    /// names the smaller).
+    /// names the smaller), [`Error::Shutdown`] once [`Node::shutdown`] was
+    /// called (the node sends nothing more).
     ///
     /// # Cancel safety
     /// Dropping the future before it completes (a `select!` with a
@@ -373,12 +392,24 @@ impl Node {
     /// command, the shutdown goes on without it; dropped before that, the
     /// node keeps running (call it again).
     pub async fn shutdown(&self) {
+        self.inner
+            .closing
+            .store(true, std::sync::atomic::Ordering::Relaxed);
         let _ = self.inner.commands.send(Command::Shutdown).await;
         let mut done = self.inner.done.clone();
         let _ = done.wait_for(|d| *d).await;
     }
 
+    /// `message`, if the node runs and it is within our frame limit.
     fn check_size(&self, message: Bytes) -> Result<Bytes, Error> {
+        if self
+            .inner
+            .closing
+            .load(std::sync::atomic::Ordering::Relaxed)
+            || *self.inner.done.borrow()
+        {
+            return Err(Error::Shutdown);
+        }
         check_size(message, self.inner.max_message)
     }
 }

@@ -18,6 +18,10 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, UdpSocket};
 use tokio::time::{Instant, sleep, timeout};
 
+/// The tests here measure the whole process (RSS, open descriptors): they
+/// run one at a time.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 fn rss_kib() -> u64 {
     let status = std::fs::read_to_string("/proc/self/status").unwrap();
     status
@@ -53,6 +57,7 @@ fn frame(ty: u8, payload: &[u8]) -> Vec<u8> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn node_survives_an_attack_while_holding_a_real_session() {
+    let _serial = SERIAL.lock().await;
     trace();
     let port = free_port();
     let handshake_timeout = Duration::from_millis(500);
@@ -390,6 +395,7 @@ fn open_fds() -> usize {
 /// the middle of the flood still gets its session within 3 s.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_announce_flood_drives_no_connects_and_locks_no_one_out() {
+    let _serial = SERIAL.lock().await;
     trace();
     let port = free_port();
     let cfg = config("flood", port)
@@ -499,6 +505,7 @@ async fn an_announce_flood_drives_no_connects_and_locks_no_one_out() {
 /// (where no handshake completes), within its dial rate.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_spoofed_announce_drops_no_session_and_diverts_no_message() {
+    let _serial = SERIAL.lock().await;
     trace();
     let port = free_port();
     let ((a, mut ea), (b, mut eb)) = connected_pair(

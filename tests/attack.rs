@@ -407,7 +407,7 @@ async fn an_announce_flood_drives_no_connects_and_locks_no_one_out() {
     let (a, mut ea) = lanbeat::Node::start(cfg).await.unwrap();
     let fds_before = open_fds();
     // Every connect the flood provokes lands here.
-    let sink = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let sink = tokio::net::TcpListener::bind("127.0.0.2:0").await.unwrap();
     let sink_port = sink.local_addr().unwrap().port();
     let connects = Arc::new(AtomicU64::new(0));
     let counter = {
@@ -421,8 +421,9 @@ async fn an_announce_flood_drives_no_connects_and_locks_no_one_out() {
     };
     let flood = tokio::spawn(async move {
         // Broadcast, as on a LAN: every node on the port gets each one
-        // (a unicast to 127.0.0.1 would reach only one of them).
-        let sock = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        // (a unicast to 127.0.0.1 would reach only one of them). From an
+        // address of its own, as another host would be.
+        let sock = UdpSocket::bind("127.0.0.2:0").await.unwrap();
         sock.set_broadcast(true).unwrap();
         let mut rng = rand::rngs::SmallRng::seed_from_u64(14);
         let start = Instant::now();

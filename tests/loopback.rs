@@ -216,10 +216,7 @@ async fn graceful_shutdown_is_seen_as_goodbye_long_before_the_timeout() {
         }
     }
     assert!(saw_shutdown);
-    assert!(matches!(
-        b.send(a.id(), "late").await,
-        Err(Error::NotConnected { .. })
-    ));
+    assert!(matches!(b.send(a.id(), "late").await, Err(Error::Shutdown)));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

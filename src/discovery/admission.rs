@@ -122,18 +122,32 @@ impl Admission {
         self.candidates.remove(&id).map(|c| c.info)
     }
 
+    /// Keeps `info` as a candidate. When full, the oldest candidate of the
+    /// source address that holds the most goes: a flood from one address
+    /// pushes out its own candidates, not a real node's from another.
     fn remember(&mut self, now: Instant, info: PeerInfo) {
         if self.candidates.len() >= self.cap
-            && let Some(oldest) = self
-                .candidates
-                .iter()
-                .min_by_key(|(_, c)| c.heard)
-                .map(|(id, _)| *id)
+            && !self.candidates.contains_key(&info.id)
+            && let Some(victim) = self.victim()
         {
-            self.candidates.remove(&oldest);
+            self.candidates.remove(&victim);
         }
         self.candidates
             .insert(info.id, Candidate { info, heard: now });
+    }
+
+    /// The candidate to forget: the oldest of the busiest source.
+    fn victim(&self) -> Option<PeerId> {
+        let mut per_source: std::collections::HashMap<IpAddr, usize> = Default::default();
+        for c in self.candidates.values() {
+            *per_source.entry(c.info.addr.ip()).or_default() += 1;
+        }
+        let busiest = per_source.into_iter().max_by_key(|&(_, n)| n)?.0;
+        self.candidates
+            .iter()
+            .filter(|(_, c)| c.info.addr.ip() == busiest)
+            .min_by_key(|(_, c)| c.heard)
+            .map(|(id, _)| *id)
     }
 
     /// Takes the right to start one dial now.

@@ -668,3 +668,41 @@ fn restarts_are_never_taken_for_duplicates() {
             .all(|e| !matches!(e, DiscoveryEvent::Duplicate { .. }))
     );
 }
+
+/// Under a flood from one address, a real node's once-heard announce from
+/// another address is not pushed out of the bounded candidates: its
+/// confirming probe, half a second and hundreds of made-up ids later,
+/// still finds it.
+#[test]
+fn a_flood_from_one_address_cannot_push_out_another_addresss_candidate() {
+    let t0 = Instant::now();
+    let mut cfg = cfg(1, Role::Peer);
+    cfg.max_peers = 16;
+    let mut d = Discovery::new(cfg, 1);
+    d.set_targets(t0, vec![target(1)]);
+    let mut fake = 10_000u64;
+    let mut flood = |d: &mut Discovery, n: u32, at: Instant| {
+        for _ in 0..n {
+            fake += 1;
+            let _ = d.handle_datagram(at, addr(77, 9), &announce_of(fake, fake, Role::Peer));
+        }
+    };
+    flood(&mut d, 100, t0);
+    let real = 999u64;
+    assert_eq!(
+        d.handle_datagram(t0, addr(50, 9), &announce_of(real, 5, Role::Peer)),
+        Err(Dropped::Unconfirmed)
+    );
+    flood(&mut d, 500, t0 + 100 * MS);
+    assert!(d.admission.candidates() <= 16);
+    let mut probe = Datagram::decode(&probe_of(real), &DatagramLimits::default()).unwrap();
+    if let Datagram::Probe(ref mut p) = probe {
+        p.instance = 5;
+    }
+    d.handle_datagram(t0 + 500 * MS, addr(50, 9), &probe.encode())
+        .unwrap();
+    assert!(
+        d.peer(PeerId::from_u64(real)).is_some(),
+        "the real node entered"
+    );
+}

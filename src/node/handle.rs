@@ -267,7 +267,7 @@ impl Node {
     pub async fn send(&self, peer: PeerId, message: impl Into<Bytes>) -> Result<(), Error> {
         let message = self.check_size(message.into())?;
         match self.inner.shared.mailbox(peer) {
-            Some(m) => Push::new(peer, &m, m.peer_max_message(), message).await,
+            Some((m, limit)) => Push::new(peer, &m, limit, message).await,
             None => Err(Error::NotConnected { peer, message }),
         }
     }
@@ -279,8 +279,9 @@ impl Node {
     pub fn try_send(&self, peer: PeerId, message: impl Into<Bytes>) -> Result<(), Error> {
         let message = self.check_size(message.into())?;
         match self.inner.shared.mailbox(peer) {
-            Some(m) => check_size(message, m.peer_max_message())
-                .and_then(|message| try_push_message(peer, &m, message)),
+            Some((m, limit)) => {
+                check_size(message, limit).and_then(|message| try_push_message(peer, &m, message))
+            }
             None => Err(Error::NotConnected { peer, message }),
         }
     }
@@ -289,10 +290,10 @@ impl Node {
     /// it skips the lookup of the peer's session that [`Node::send`] makes
     /// per message. `None` when no session with the peer is up.
     pub fn sender(&self, peer: PeerId) -> Option<PeerSender> {
-        let mailbox = self.inner.shared.mailbox(peer)?;
+        let (mailbox, limit) = self.inner.shared.mailbox(peer)?;
         Some(PeerSender {
             peer,
-            max_message: self.inner.max_message.min(mailbox.peer_max_message()),
+            max_message: self.inner.max_message.min(limit),
             mailbox,
         })
     }
@@ -343,14 +344,12 @@ impl Node {
         let message = self.check_size(message.into())?;
         let targets: Vec<_> = lock(&self.inner.shared.mailboxes)
             .iter()
-            .map(|(p, (_, m))| (*p, m.clone()))
+            .map(|(peer, p)| (*peer, p.mailbox.clone(), p.max_message))
             .collect();
         let mut sent = Vec::with_capacity(targets.len());
-        for (peer, m) in targets {
+        for (peer, m, limit) in targets {
             // A peer that takes no message this large is left out.
-            if message.len() <= m.peer_max_message()
-                && m.outbox().push(message.clone()).await.is_ok()
-            {
+            if message.len() <= limit && m.outbox().push(message.clone()).await.is_ok() {
                 sent.push(peer);
             }
         }
@@ -364,8 +363,8 @@ impl Node {
         // Peers with a session: their session's latest sample; others: the
         // last sample of their last session.
         let mut rtts = lock(&shared.rtts).clone();
-        for (peer, (_, m)) in lock(&shared.mailboxes).iter() {
-            if let Some(rtt) = m.last_rtt() {
+        for (peer, p) in lock(&shared.mailboxes).iter() {
+            if let Some(rtt) = p.mailbox.last_rtt() {
                 rtts.insert(*peer, rtt);
             }
         }

@@ -14,7 +14,7 @@ use crate::stats::Counters;
 #[derive(Debug, Default)]
 pub(crate) struct Shared {
     /// The mailbox of each session that is up, tagged with its connection.
-    pub(crate) mailboxes: Mutex<PeerMap<(u64, Arc<Mailbox>)>>,
+    pub(crate) mailboxes: Mutex<PeerMap<Published>>,
     /// What discovery knows, refreshed by the supervisor.
     pub(crate) peers: Mutex<BTreeMap<PeerId, (PeerInfo, PeerState)>>,
     /// Latest RTT of peers whose session ended (a live session keeps its
@@ -31,10 +31,25 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Shared {
-    /// The mailbox of `peer`'s session, if one is up.
-    pub(crate) fn mailbox(&self, peer: PeerId) -> Option<Arc<Mailbox>> {
-        lock(&self.mailboxes).get(&peer).map(|(_, m)| m.clone())
+    /// The mailbox of `peer`'s session, if one is up, and the largest
+    /// message the peer takes.
+    pub(crate) fn mailbox(&self, peer: PeerId) -> Option<(Arc<Mailbox>, usize)> {
+        lock(&self.mailboxes)
+            .get(&peer)
+            .map(|p| (p.mailbox.clone(), p.max_message))
     }
+}
+
+/// A session as senders see it.
+#[derive(Debug)]
+pub(crate) struct Published {
+    /// The supervisor's number for the connection.
+    pub(crate) conn: u64,
+    pub(crate) mailbox: Arc<Mailbox>,
+    /// The largest message the peer takes: its hello's `max_frame_size`
+    /// less the type byte (kept here, not in the mailbox, whose size every
+    /// idle session pays).
+    pub(crate) max_message: usize,
 }
 
 /// From the handle to the supervisor.

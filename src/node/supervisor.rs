@@ -12,7 +12,7 @@ use tokio::task::JoinSet;
 use tracing::{debug, debug_span, info, trace, warn};
 
 use super::events::CloseOnDrop;
-use super::shared::{Command, Shared, lock};
+use super::shared::{Command, Published, Shared, lock};
 use crate::clock;
 use crate::config::Config;
 use crate::discovery::machine::{Discovery, DiscoveryEvent, Target};
@@ -27,7 +27,7 @@ use crate::session::supervision::{Approval, ConnectFuture, NewConnection, NodeCo
 use crate::session::task::ConnectionTask;
 use crate::session::timer::Timer;
 use crate::stats::Counters;
-use crate::wire::frame::Hello;
+use crate::wire::frame::{DATA_OVERHEAD, Hello, LEN_PREFIX};
 
 /// What the supervisor keeps of each connection.
 struct ConnEntry {
@@ -487,7 +487,14 @@ impl Supervisor {
             SocketAddr::new(addr.ip(), hello.port)
         };
         self.sessions.insert(peer, conn);
-        lock(&self.shared.mailboxes).insert(peer, (conn, mailbox));
+        let max_message =
+            (hello.max_frame_size as usize).saturating_sub(DATA_OVERHEAD - LEN_PREFIX);
+        let published = Published {
+            conn,
+            mailbox,
+            max_message,
+        };
+        lock(&self.shared.mailboxes).insert(peer, published);
         Counters::bump(&self.shared.counters.sessions_up);
         let interface = match addr.ip() {
             std::net::IpAddr::V4(ip) => self
@@ -528,9 +535,9 @@ impl Supervisor {
                 }
                 {
                     let mut mailboxes = lock(&self.shared.mailboxes);
-                    if mailboxes.get(&peer).is_some_and(|(c, _)| *c == conn)
-                        && let Some((_, m)) = mailboxes.remove(&peer)
-                        && let Some(rtt) = m.last_rtt()
+                    if mailboxes.get(&peer).is_some_and(|p| p.conn == conn)
+                        && let Some(p) = mailboxes.remove(&peer)
+                        && let Some(rtt) = p.mailbox.last_rtt()
                     {
                         // Kept for `Node::peers` until the peer is lost.
                         lock(&self.shared.rtts).insert(peer, rtt);

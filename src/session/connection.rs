@@ -271,8 +271,6 @@ impl Connection {
             while let Some(ev) = self.session.poll_event() {
                 match ev {
                     SessionEvent::Established(hello) => {
-                        // Before the supervisor publishes the mailbox.
-                        self.mailbox.set_peer_max_frame(hello.max_frame_size);
                         return Poll::Ready(LoopExit::Handshaken(hello));
                     }
                     SessionEvent::Rtt(rtt) => self.rtt(rtt),

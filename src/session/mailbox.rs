@@ -7,14 +7,13 @@
 //! node's timer.
 
 use std::sync::OnceLock;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use super::outbox::Outbox;
 use super::timer::{Deadline, Timed};
 use crate::event::DownReason;
 use crate::queue::Queue;
-use crate::wire::frame::{DATA_OVERHEAD, LEN_PREFIX};
 
 /// What a connection shares with the node, in one allocation.
 ///
@@ -35,9 +34,6 @@ pub(crate) struct Mailbox {
     outbox: Queue<Outbox>,
     /// Close with a goodbye, for this reason.
     close: OnceLock<DownReason>,
-    /// The largest message the peer takes (its `max_frame_size` less the
-    /// type byte); `usize::MAX` until its hello arrived.
-    peer_max_message: AtomicUsize,
 }
 
 impl Mailbox {
@@ -49,20 +45,7 @@ impl Mailbox {
             deadline: Deadline::default(),
             outbox: Queue::new(capacity),
             close: OnceLock::new(),
-            peer_max_message: AtomicUsize::new(usize::MAX),
         }
-    }
-
-    /// The largest message the peer takes. Set before the mailbox is
-    /// published to senders, so a sender always sees the peer's limit.
-    pub(crate) fn peer_max_message(&self) -> usize {
-        self.peer_max_message.load(Ordering::Relaxed)
-    }
-
-    /// Records the frame limit the peer's hello advertised.
-    pub(crate) fn set_peer_max_frame(&self, max_frame_size: u32) {
-        let max = (max_frame_size as usize).saturating_sub(DATA_OVERHEAD - LEN_PREFIX);
-        self.peer_max_message.store(max, Ordering::Relaxed);
     }
 
     /// The messages queued for the session: senders push, the connection
@@ -136,4 +119,6 @@ mod layout {
     const _: () =
         assert!(offset_of!(Mailbox, deadline) + size_of::<crate::session::timer::Deadline>() <= 64);
     const _: () = assert!(offset_of!(Mailbox, outbox) + Queue::<Outbox>::IDLE_END <= 64);
+    // Four lines in all: what an idle session pays for it.
+    const _: () = assert!(size_of::<Mailbox>() <= 4 * 64);
 }

@@ -180,6 +180,21 @@ async fn node_to_dial(
     (node, events, addr, hello)
 }
 
+/// Dials the node at `addr` as the fake, sends `hello`, and waits until the
+/// node reports the session (no Nagle delay: tests cut segments by hand).
+async fn dial_with(addr: SocketAddrV4, hello: &Value, events: &mut lanbeat::Events) -> TcpStream {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.set_nodelay(true).unwrap();
+    write_frame(&mut s, 1, &serde_json::to_vec(hello).unwrap()).await;
+    wait_for(
+        events,
+        Duration::from_secs(2),
+        |e| matches!(e, Event::SessionUp { peer, .. } if *peer == fake_id()),
+    )
+    .await;
+    s
+}
+
 fn fake_id() -> PeerId {
     FAKE_ID.parse().unwrap()
 }
@@ -490,15 +505,7 @@ async fn frames_cut_anywhere_and_mixed_are_all_taken_in_order() {
     // read, and buffers only the rest: pings, messages and partial frames
     // mixed in one segment, or cut at any byte, must all come out right.
     let (node, mut events, addr, hello) = node_to_dial("fake-cut", 1000, 3000).await;
-    let mut s = TcpStream::connect(addr).await.unwrap();
-    s.set_nodelay(true).unwrap();
-    write_frame(&mut s, 1, &serde_json::to_vec(&hello).unwrap()).await;
-    wait_for(
-        &mut events,
-        Duration::from_secs(2),
-        |e| matches!(e, Event::SessionUp { peer, .. } if *peer == fake_id()),
-    )
-    .await;
+    let mut s = dial_with(addr, &hello, &mut events).await;
     let big: Vec<u8> = (0..700u32).map(|i| i as u8).collect();
     let mut frames = Vec::new();
     let mut sent = Vec::new();
@@ -560,14 +567,7 @@ async fn a_node_sends_nothing_larger_than_the_peer_advertised() {
     // sending a frame the peer would close the session over.
     let (node, mut events, addr, mut hello) = node_to_dial("fake-limit", 100, 300).await;
     hello["max_frame_size"] = json!(1024);
-    let mut s = TcpStream::connect(addr).await.unwrap();
-    write_frame(&mut s, 1, &serde_json::to_vec(&hello).unwrap()).await;
-    wait_for(
-        &mut events,
-        Duration::from_secs(2),
-        |e| matches!(e, Event::SessionUp { peer, .. } if *peer == fake_id()),
-    )
-    .await;
+    let mut s = dial_with(addr, &hello, &mut events).await;
     let too_large = |r: Result<(), lanbeat::Error>| {
         matches!(
             r,

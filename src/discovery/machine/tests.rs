@@ -63,10 +63,16 @@ fn announce_of(id: u64, instance: u64, role: Role) -> Vec<u8> {
 }
 
 fn probe_of(id: u64) -> Vec<u8> {
+    probe_with(id, id * 1000)
+}
+
+/// The probe node `id` sends with its start announce, as instance
+/// `instance`.
+fn probe_with(id: u64, instance: u64) -> Vec<u8> {
     Datagram::Probe(Probe {
         service: "svc".into(),
         id: PeerId::from_u64(id),
-        instance: id * 1000,
+        instance,
         role: Role::Peer,
     })
     .encode()
@@ -356,13 +362,7 @@ fn an_announce_flood_neither_locks_out_a_real_peer_nor_drives_dials() {
             Err(e) => panic!("{e:?}"),
         }
         if k == 1000 {
-            let (a, p) = (announce_of(real, 5, Role::Peer), {
-                let mut p = Datagram::decode(&probe_of(real), &DatagramLimits::default()).unwrap();
-                if let Datagram::Probe(ref mut p) = p {
-                    p.instance = 5;
-                }
-                p.encode()
-            });
+            let (a, p) = (announce_of(real, 5, Role::Peer), probe_with(real, 5));
             // Beyond the admission rate: held, then entered by its probe.
             assert_eq!(
                 d.handle_datagram(now, addr(50, 9), &a),
@@ -695,11 +695,7 @@ fn a_flood_from_one_address_cannot_push_out_another_addresss_candidate() {
     );
     flood(&mut d, 500, t0 + 100 * MS);
     assert!(d.admission.candidates() <= 16);
-    let mut probe = Datagram::decode(&probe_of(real), &DatagramLimits::default()).unwrap();
-    if let Datagram::Probe(ref mut p) = probe {
-        p.instance = 5;
-    }
-    d.handle_datagram(t0 + 500 * MS, addr(50, 9), &probe.encode())
+    d.handle_datagram(t0 + 500 * MS, addr(50, 9), &probe_with(real, 5))
         .unwrap();
     assert!(
         d.peer(PeerId::from_u64(real)).is_some(),

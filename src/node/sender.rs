@@ -209,15 +209,21 @@ pub(crate) fn try_push_message(
 mod tests {
     use super::*;
 
+    /// A sender to peer `id` over an outbox of `capacity`, taking messages
+    /// up to `max_message` bytes.
+    fn sender(id: u64, capacity: usize, max_message: usize) -> PeerSender {
+        PeerSender {
+            peer: PeerId::from_u64(id),
+            mailbox: Arc::new(Mailbox::new(capacity)),
+            max_message,
+        }
+    }
+
     /// A stream of small messages builds and moves one send future per
     /// message: it must stay a few words (see `Push`).
     #[test]
     fn the_send_future_stays_small() {
-        let to = PeerSender {
-            peer: PeerId::from_u64(1),
-            mailbox: Arc::new(Mailbox::new(4)),
-            max_message: 10,
-        };
+        let to = sender(1, 4, 10);
         let fut = to.send(Bytes::new());
         let size = std::mem::size_of_val(&fut);
         assert!(size <= 64, "PeerSender::send future is {size} bytes");
@@ -225,11 +231,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_send_waits_for_room_and_hands_the_message_back_if_the_session_ends() {
-        let to = PeerSender {
-            peer: PeerId::from_u64(7),
-            mailbox: Arc::new(Mailbox::new(1)),
-            max_message: 4,
-        };
+        let to = sender(7, 1, 4);
         match to.send("12345").await {
             Err(Error::MessageTooLarge { size: 5, limit: 4 }) => {}
             other => panic!("{other:?}"),
@@ -265,11 +267,7 @@ mod tests {
     /// outbox holds only what completed (the documented cancel safety).
     #[tokio::test]
     async fn a_cancelled_send_queued_nothing() {
-        let to = PeerSender {
-            peer: PeerId::from_u64(8),
-            mailbox: Arc::new(Mailbox::new(1)),
-            max_message: 16,
-        };
+        let to = sender(8, 1, 16);
         to.send("kept").await.unwrap();
         {
             let mut waiting = std::pin::pin!(to.send("cancelled"));

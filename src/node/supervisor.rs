@@ -23,7 +23,9 @@ use crate::queue::Queue;
 use crate::session::lifecycle;
 use crate::session::machine::SessionConfig;
 use crate::session::mailbox::Mailbox;
-use crate::session::supervision::{Approval, ConnectFuture, NewConnection, NodeContext, Report};
+use crate::session::supervision::{
+    Approval, ConnectFuture, ConnectionParams, NewConnection, NodeContext, Report,
+};
 use crate::session::task::ConnectionTask;
 use crate::session::timer::Timer;
 use crate::stats::Counters;
@@ -324,23 +326,24 @@ impl Supervisor {
             },
         );
         let new = NewConnection {
-            id,
-            session: self.session.clone(),
-            expected,
-            outbound,
+            params: ConnectionParams {
+                id,
+                session: self.session.clone(),
+                expected,
+                outbound,
+                addr,
+                write_timeout: self.config.write_timeout,
+                reports: self.reports_tx.clone(),
+            },
             max_frame: self.config.max_frame_size,
-            write_timeout: self.config.write_timeout,
             node: self.node.clone(),
-            reports: self.reports_tx.clone(),
             mailbox,
         };
         let span = match expected {
             Some(p) => debug_span!("session", peer = %p, %addr, conn = id),
             None => debug_span!("session", %addr, conn = id),
         };
-        let handle = self
-            .tasks
-            .spawn(ConnectionTask::new(new, stream, addr, span));
+        let handle = self.tasks.spawn(ConnectionTask::new(new, stream, span));
         self.task_conn.insert(handle.id(), id);
     }
 

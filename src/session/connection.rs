@@ -6,7 +6,6 @@
 
 use std::collections::VecDeque;
 use std::future::Future;
-use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -15,12 +14,11 @@ use std::time::{Duration, Instant};
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
-use tokio::sync::mpsc;
 use tracing::{trace, warn};
 
-use super::machine::{Session, SessionConfig, SessionEvent};
+use super::machine::{Session, SessionEvent};
 use super::mailbox::Mailbox;
-use super::supervision::{NewConnection, NodeContext, Report};
+use super::supervision::{ConnectionParams, NewConnection, NodeContext};
 use crate::clock;
 use crate::event::{DownReason, Event};
 use crate::peer::PeerId;
@@ -56,22 +54,6 @@ const MAX_PASSES: usize = 16;
 /// Reads per pass (each read is followed by decoding what it brought).
 const MAX_READS: usize = 2;
 
-/// What a connection uses only now and then: who it is, its settings, and
-/// its line to the supervisor (kept apart from the hot state).
-pub(super) struct Params {
-    /// The supervisor's number for the connection.
-    pub(super) id: u64,
-    pub(super) session: Arc<SessionConfig>,
-    /// The peer a dial was for.
-    pub(super) expected: Option<PeerId>,
-    /// Whether we dialed.
-    pub(super) outbound: bool,
-    /// The peer's address.
-    pub(super) addr: SocketAddr,
-    pub(super) write_timeout: Duration,
-    pub(super) reports: mpsc::UnboundedSender<Report>,
-}
-
 /// A connection's state, kept across polls, and the loop that moves bytes
 /// and events through it.
 // In declaration order: what an idle heartbeat touches is together, the
@@ -98,7 +80,7 @@ pub(super) struct Connection {
     /// from empty: a write stalled since then for `write_timeout` closes
     /// the session.
     pub(super) last_write: Instant,
-    pub(super) params: Params,
+    pub(super) params: ConnectionParams,
 }
 
 /// The buffers of a connection that has something to buffer.
@@ -165,7 +147,7 @@ fn write_some(
 }
 
 impl Connection {
-    pub(super) fn new(now: Instant, new: NewConnection, addr: SocketAddr) -> Connection {
+    pub(super) fn new(now: Instant, new: NewConnection) -> Connection {
         Connection {
             now,
             read_size: READ_MIN as u32,
@@ -174,17 +156,9 @@ impl Connection {
             peer: None,
             mailbox: new.mailbox,
             node: new.node,
-            session: Session::new(now, new.session.clone(), new.expected),
+            session: Session::new(now, new.params.session.clone(), new.params.expected),
             last_write: now,
-            params: Params {
-                id: new.id,
-                session: new.session,
-                expected: new.expected,
-                outbound: new.outbound,
-                addr,
-                write_timeout: new.write_timeout,
-                reports: new.reports,
-            },
+            params: new.params,
         }
     }
 

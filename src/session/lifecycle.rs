@@ -14,8 +14,8 @@ use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 use tracing::{debug, info};
 
-use super::connection::{Connection, Params};
-use super::supervision::{Approval, ConnectFuture, Report};
+use super::connection::Connection;
+use super::supervision::{Approval, ConnectFuture, ConnectionParams, Report};
 use crate::event::{DownReason, Event};
 use crate::peer::PeerId;
 use crate::queue::Queue;
@@ -38,7 +38,7 @@ pub(crate) fn connect(addr: SocketAddr, timeout: Duration) -> ConnectFuture {
 /// Asks the supervisor to approve a completed handshake; once it did, the
 /// application learns that the session is up.
 pub(super) fn approve(
-    params: &Params,
+    params: &ConnectionParams,
     hello: Box<Hello>,
     events: Arc<Queue<VecDeque<Event>>>,
 ) -> impl Future<Output = Result<PeerId, DownReason>> + Send + 'static {

@@ -55,6 +55,18 @@ pub(crate) enum Report {
 
 /// What the supervisor gives a connection task it starts.
 pub(crate) struct NewConnection {
+    /// Who the connection is and its line to the supervisor (kept by the
+    /// connection as it is, apart from its hot state).
+    pub(crate) params: ConnectionParams,
+    /// The largest frame we take.
+    pub(crate) max_frame: u32,
+    pub(crate) node: Arc<NodeContext>,
+    pub(crate) mailbox: Arc<Mailbox>,
+}
+
+/// What a connection uses only now and then: who it is, its settings, and
+/// its line to the supervisor.
+pub(crate) struct ConnectionParams {
     /// The supervisor's number for the connection (in every report).
     pub(crate) id: u64,
     pub(crate) session: Arc<SessionConfig>,
@@ -62,14 +74,12 @@ pub(crate) struct NewConnection {
     pub(crate) expected: Option<PeerId>,
     /// Whether we dialed.
     pub(crate) outbound: bool,
-    /// The largest frame we take.
-    pub(crate) max_frame: u32,
+    /// The peer's address.
+    pub(crate) addr: SocketAddr,
     /// How long a write may make no progress before the session closes.
     pub(crate) write_timeout: Duration,
-    pub(crate) node: Arc<NodeContext>,
     /// Where the connection reports to the supervisor.
     pub(crate) reports: mpsc::UnboundedSender<Report>,
-    pub(crate) mailbox: Arc<Mailbox>,
 }
 
 /// What all the connections of a node share: the application's event

@@ -4,7 +4,6 @@
 //! runs once per connection is in [`super::lifecycle`].
 
 use std::future::Future;
-use std::net::SocketAddr;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -86,12 +85,11 @@ impl ConnectionTask {
     pub(crate) fn new(
         new: NewConnection,
         stream: Result<TcpStream, ConnectFuture>,
-        addr: SocketAddr,
         span: Span,
     ) -> ConnectionTask {
         let phase = match stream {
             Ok(s) => {
-                tune(&s, new.session.heartbeat_timeout);
+                tune(&s, new.params.session.heartbeat_timeout);
                 Phase::Running(s)
             }
             Err(connect) => Phase::Connecting(connect),
@@ -99,7 +97,7 @@ impl ConnectionTask {
         ConnectionTask {
             phase,
             span: (!span.is_disabled()).then(|| Box::new(span)),
-            conn: Connection::new(clock::now(), new, addr),
+            conn: Connection::new(clock::now(), new),
         }
     }
 }

@@ -18,7 +18,7 @@ use crate::event::{Event, ProtocolViolation};
 use crate::queue::{PushError, Queue};
 use crate::session::lifecycle;
 use crate::session::mailbox::Mailbox;
-use crate::session::supervision::{Approval, NodeContext};
+use crate::session::supervision::{Approval, ConnectionParams, NodeContext};
 use crate::session::timer::Timer;
 use crate::testing;
 use crate::wire::frame::Frame;
@@ -33,14 +33,17 @@ fn new_connection(
     expected: Option<PeerId>,
 ) -> NewConnection {
     NewConnection {
-        id: 7,
-        session: Arc::new(testing::session_config()),
-        expected,
-        outbound: expected.is_some(),
+        params: ConnectionParams {
+            id: 7,
+            session: Arc::new(testing::session_config()),
+            expected,
+            outbound: expected.is_some(),
+            addr: "127.0.0.1:1".parse().unwrap(),
+            write_timeout: Duration::from_secs(3),
+            reports,
+        },
         max_frame: 1 << 20,
-        write_timeout: Duration::from_secs(3),
         node,
-        reports,
         mailbox: Arc::new(Mailbox::new(8)),
     }
 }
@@ -63,13 +66,7 @@ fn the_session_task_stays_small() {
         });
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let s = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
-        let addr = s.peer_addr().unwrap();
-        let task = ConnectionTask::new(
-            new_connection(reports, node, None),
-            Ok(s),
-            addr,
-            Span::none(),
-        );
+        let task = ConnectionTask::new(new_connection(reports, node, None), Ok(s), Span::none());
         let size = std::mem::size_of_val(&task);
         assert!(size <= 1024, "session task is {size} bytes");
     });
@@ -105,8 +102,7 @@ impl Harness {
         let timer = tokio::spawn(timer.run(|| {}));
         let new = new_connection(tx, node, expected);
         let mailbox = new.mailbox.clone();
-        let addr = "127.0.0.1:1".parse().unwrap();
-        let task = tokio::spawn(ConnectionTask::new(new, stream, addr, Span::none()));
+        let task = tokio::spawn(ConnectionTask::new(new, stream, Span::none()));
         Harness {
             reports,
             events,

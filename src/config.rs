@@ -37,6 +37,23 @@ impl InterfaceSelection {
     }
 }
 
+/// How a node's sessions are protected.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Security {
+    /// Protocol 2: every session starts with a Noise handshake
+    /// (`Noise_XX_25519_ChaChaPoly_BLAKE2s`) that proves both sides' ids,
+    /// and runs encrypted and authenticated. Needs no setup: a node without
+    /// a configured [`Identity`](crate::Identity) makes one at start.
+    #[default]
+    Noise,
+    /// Protocol 1: sessions in plaintext, ids unproven. Any host on the LAN
+    /// can read them, inject messages, and take a session over by claiming
+    /// a peer's id. Only for devices that cannot afford Noise, on a link
+    /// nobody else can reach. Nodes of the two modes do not see each other.
+    InsecurePlaintext,
+}
+
 /// Everything a [`Node`](crate::Node) needs to start.
 ///
 /// Build one with [`Config::builder`]; every field has a default chosen for
@@ -62,16 +79,19 @@ pub struct Config {
     /// A human-readable name for this node, sent to peers. Up to 64 bytes.
     /// Default: the host name, or `"lanbeat"`.
     pub name: String,
-    /// This node's id. Default: `None`, a random id for each start (or the
-    /// identity's, with [`Config::identity`]). Store and pass back an id to
-    /// keep it across restarts; better, keep an identity. Not together
-    /// with `identity`.
+    /// This node's id, in [`Security::InsecurePlaintext`] mode. Default:
+    /// `None`, a random id for each start (or the identity's, with
+    /// [`Config::identity`]). With Noise an id must be proven by its key:
+    /// keep an identity instead (an id without one is refused).
     pub id: Option<PeerId>,
     /// This node's long-term key pair; the id derives from its public key
     /// ([`Identity::peer_id`](crate::Identity::peer_id)). Keep it in a file
     /// with [`Identity::load_or_create`](crate::Identity::load_or_create) so
     /// that the node keeps its id across restarts. Default: `None`.
     pub identity: Option<crate::Identity>,
+    /// How sessions are protected. Default: [`Security::Noise`], encrypted
+    /// and mutually authenticated.
+    pub security: Security,
     /// Probe/answer/dial/accept behaviour. Default: [`Role::Peer`].
     pub role: Role,
     /// Small key/values announced to peers (firmware version, room...).
@@ -185,6 +205,7 @@ impl Config {
             name: default_name(),
             id: None,
             identity: None,
+            security: Security::Noise,
             role: Role::Peer,
             metadata: BTreeMap::new(),
             discovery_port: DEFAULT_DISCOVERY_PORT,
@@ -228,6 +249,9 @@ impl Config {
                 id,
                 identity: identity.peer_id(),
             });
+        }
+        if self.security == Security::Noise && self.id.is_some() && self.identity.is_none() {
+            return Err(ConfigError::IdWithoutIdentity);
         }
         let limits = self.datagram_limits();
         if self.service.is_empty() || self.service.len() > limits.max_text_len {
@@ -338,9 +362,18 @@ impl Config {
         Ok(())
     }
 
+    /// The protocol version the node speaks.
+    pub(crate) fn protocol(&self) -> u8 {
+        match self.security {
+            Security::Noise => crate::wire::PROTOCOL_VERSION,
+            Security::InsecurePlaintext => crate::wire::PLAINTEXT_PROTOCOL_VERSION,
+        }
+    }
+
     pub(crate) fn datagram_limits(&self) -> DatagramLimits {
         DatagramLimits {
             max_size: self.max_datagram_size,
+            protocol: self.protocol(),
             ..DatagramLimits::default()
         }
     }
@@ -444,6 +477,13 @@ impl ConfigBuilder {
             loopback: true,
             loopback_only: true,
         };
+        self
+    }
+
+    /// Sessions in plaintext, ids unproven: [`Security::InsecurePlaintext`]
+    /// (read its warning).
+    pub fn insecure_plaintext(mut self) -> Self {
+        self.config.security = Security::InsecurePlaintext;
         self
     }
 

@@ -44,6 +44,13 @@ pub enum ConfigError {
         /// The longest allowed.
         limit: usize,
     },
+    /// An id was set without an identity, and sessions use Noise: no key
+    /// could prove it. Keep an [`Identity`](crate::Identity) (the id derives
+    /// from it), or choose insecure plaintext sessions.
+    #[error(
+        "an id without an identity cannot be proven to peers: set an identity (its id derives from its key), or choose insecure plaintext sessions"
+    )]
+    IdWithoutIdentity,
     /// An id and an identity were both set, and the identity's id is
     /// another: the id comes from the identity; leave the id unset.
     #[error("id {id} was set, but the identity's id is {identity}: set one of them")]

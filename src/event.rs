@@ -192,6 +192,27 @@ pub enum ProtocolViolation {
     /// The peer acknowledged more messages than were sent.
     #[error("acknowledgement beyond what was sent")]
     BadAck,
+    /// The Noise handshake failed (the step is named): the peer holds
+    /// another fleet key, is of another service, or is not a lanbeat node
+    /// of protocol 2.
+    #[error("noise handshake failed: {0}")]
+    Handshake(&'static str),
+    /// The peer speaks protocol 1, unencrypted, and this node requires
+    /// encryption (or the other way round).
+    #[error("peer speaks the other protocol (plaintext against encrypted)")]
+    PlaintextPeer,
+    /// An encrypted record was tampered with, replayed, reordered, cut
+    /// short or forged (which is named).
+    #[error("bad record: {0}")]
+    BadRecord(&'static str),
+    /// The hello claims another id than the one the peer's key proves.
+    #[error("hello claims {claimed}, the key proves {proven}")]
+    Unauthenticated {
+        /// The id in the hello.
+        claimed: PeerId,
+        /// The id of the key the peer proved in the handshake.
+        proven: PeerId,
+    },
     /// Refused by this node: too many sessions, or a duplicate that lost
     /// the tie-break.
     #[error("refused: {0}")]

@@ -101,7 +101,7 @@ mod testing;
 pub mod wire;
 
 pub use bytes::Bytes;
-pub use config::{Config, ConfigBuilder, DEFAULT_DISCOVERY_PORT, InterfaceSelection};
+pub use config::{Config, ConfigBuilder, DEFAULT_DISCOVERY_PORT, InterfaceSelection, Security};
 pub use error::{ConfigError, DatagramError, Error, FrameError};
 pub use event::{DownReason, Event, ProtocolViolation};
 pub use identity::{Identity, IdentityError};

@@ -11,8 +11,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use common::{config, connected_pair, free_port, trace};
-use lanbeat::{DownReason, Error, Event, PeerId};
+use common::{config, connected_pair, free_port, noise, trace};
+use lanbeat::{DownReason, Error, Event};
 use rand::{Rng, RngExt, SeedableRng};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, UdpSocket};
@@ -81,7 +81,9 @@ async fn node_survives_an_attack_while_holding_a_real_session() {
     )
     .await;
     let (aid, bid) = (a.id(), b.id());
-    let fake_id = PeerId::from_u64(0xdead);
+    // The attacker's own key pair: it can complete a handshake, as itself.
+    let fake_secret = noise::secret(0xde);
+    let fake_id = noise::id_of(&fake_secret);
 
     // The real session carries messages both ways all along.
     let stop = Arc::new(AtomicBool::new(false));
@@ -168,9 +170,9 @@ async fn node_survives_an_attack_while_holding_a_real_session() {
         let oversized = vec![b'L'; 1500];
         let mut version = b"LNBT\x07\x01".to_vec();
         version.extend_from_slice(br#"{"service":"x","id":"1","instance":"1"}"#);
-        let mut malformed = b"LNBT\x01\x02".to_vec();
+        let mut malformed = b"LNBT\x02\x02".to_vec();
         malformed.extend_from_slice(&random[..random.len().min(40)]);
-        let mut probe = b"LNBT\x01\x01".to_vec();
+        let mut probe = b"LNBT\x02\x01".to_vec();
         probe.extend_from_slice(
             format!(
                 r#"{{"service":"{service}","id":"{:x}","instance":"1"}}"#,
@@ -266,24 +268,18 @@ async fn node_survives_an_attack_while_holding_a_real_session() {
     assert!(*slowest <= handshake_timeout + Duration::from_millis(300));
 
     // 5. A peer that completes the handshake, keeps pinging, never reads.
-    let mut s = TcpStream::connect(tcp).await.unwrap();
-    let hello = serde_json::json!({
-        "protocol": 1, "service": service, "id": format!("{:016x}", 0xdead), "instance": "1",
-        "name": "sloth", "role": "peer", "port": 0,
-        "heartbeat_interval_ms": 100, "heartbeat_timeout_ms": 1000, "max_frame_size": 1048576,
-    });
-    s.write_all(&frame(1, &serde_json::to_vec(&hello).unwrap()))
+    let s = TcpStream::connect(tcp).await.unwrap();
+    let mut conn = noise::handshake(s, &service, &fake_secret, true)
         .await
         .unwrap();
-    let mut len = [0u8; 4];
-    s.read_exact(&mut len).await.unwrap();
-    let mut theirs = vec![0u8; u32::from_be_bytes(len) as usize];
-    s.read_exact(&mut theirs).await.unwrap();
-    assert_eq!(theirs[0], 1, "hello");
-    let (_rd, mut wr) = s.into_split();
+    let theirs = conn
+        .exchange_hellos(&noise::hello(&service, fake_id, "sloth"))
+        .await;
+    assert_eq!(theirs["id"], aid.to_string());
     let pinger = tokio::spawn(async move {
         for i in 0u64.. {
-            if wr.write_all(&frame(2, &i.to_be_bytes())).await.is_err() {
+            let ping = conn.seal(&frame(2, &i.to_be_bytes()));
+            if conn.tcp.write_all(&ping).await.is_err() {
                 break;
             }
             sleep(Duration::from_millis(100)).await;
@@ -398,11 +394,7 @@ async fn an_announce_flood_drives_no_connects_and_locks_no_one_out() {
     let _serial = SERIAL.lock().await;
     trace();
     let port = free_port();
-    let cfg = config("flood", port)
-        .id(PeerId::from_u64(1))
-        .max_peers(256)
-        .build()
-        .unwrap();
+    let cfg = config("flood", port).max_peers(256).build().unwrap();
     let service = cfg.service.clone();
     let (a, mut ea) = lanbeat::Node::start(cfg).await.unwrap();
     let fds_before = open_fds();
@@ -436,7 +428,7 @@ async fn an_announce_flood_drives_no_connects_and_locks_no_one_out() {
                     "instance": format!("{:016x}", rng.random::<u64>()),
                     "role": "peer", "name": "fake", "port": sink_port,
                 });
-                let mut d = b"LNBT\x01\x02".to_vec();
+                let mut d = b"LNBT\x02\x02".to_vec();
                 d.extend(serde_json::to_vec(&body).unwrap());
                 let _ = sock.send_to(&d, ("127.255.255.255", port)).await;
                 sent += 1;
@@ -453,7 +445,6 @@ async fn an_announce_flood_drives_no_connects_and_locks_no_one_out() {
     let (b, _eb) = lanbeat::Node::start(
         config("flood", port)
             .name("b")
-            .id(PeerId::from_u64(2))
             .role(lanbeat::Role::Device)
             .build()
             .unwrap(),
@@ -510,16 +501,8 @@ async fn a_spoofed_announce_drops_no_session_and_diverts_no_message() {
     trace();
     let port = free_port();
     let ((a, mut ea), (b, mut eb)) = connected_pair(
-        config("spoof", port)
-            .name("a")
-            .id(PeerId::from_u64(1))
-            .build()
-            .unwrap(),
-        config("spoof", port)
-            .name("b")
-            .id(PeerId::from_u64(2))
-            .build()
-            .unwrap(),
+        config("spoof", port).name("a").build().unwrap(),
+        config("spoof", port).name("b").build().unwrap(),
     )
     .await;
     let service = format!("t-spoof-{}", std::process::id());
@@ -540,12 +523,13 @@ async fn a_spoofed_announce_drops_no_session_and_diverts_no_message() {
             }
         })
     };
+    let victim = b.id().to_string();
     let spoofer = tokio::spawn(async move {
         let sock = UdpSocket::bind("127.0.0.1:0").await.unwrap();
         sock.set_broadcast(true).unwrap();
         for i in 0..20u64 {
             let body = serde_json::json!({
-                "service": service, "id": "0000000000000002",
+                "service": service, "id": victim,
                 "instance": format!("{:016x}", 0xbad0_0000 + i),
                 "role": "peer", "name": "b", "port": sink_port,
             });

@@ -1,7 +1,9 @@
-//! A peer written from `docs/PROTOCOL.md` alone — raw bytes and JSON, none
-//! of the crate's wire code — talks to a real node on loopback. It proves the
-//! document is complete enough, and lets the test misbehave on purpose:
-//! go silent, send garbage, speak another version.
+//! A peer of protocol 1 (plaintext) written from `docs/PROTOCOL.md` alone —
+//! raw bytes and JSON, none of the crate's wire code — talks to a real node
+//! in insecure plaintext mode on loopback. It proves the document is
+//! complete enough, and lets the test misbehave on purpose: go silent, send
+//! garbage, speak another version. Protocol 2 (Noise) has its own such
+//! peer in `noise_peer.rs`, which runs the frames below inside records.
 
 mod common;
 
@@ -169,7 +171,10 @@ async fn node_to_dial(
     timeout_ms: u64,
 ) -> (Node, lanbeat::Events, SocketAddrV4, Value) {
     trace();
-    let cfg = config(name, free_port()).build().unwrap();
+    let cfg = config(name, free_port())
+        .insecure_plaintext()
+        .build()
+        .unwrap();
     let hello = json!({
         "protocol": 1, "service": cfg.service, "id": FAKE_ID, "instance": "2", "name": "dialer",
         "role": "peer", "port": 0, "heartbeat_interval_ms": interval_ms,
@@ -205,6 +210,7 @@ async fn silent_peer_times_out_then_is_found_again() {
     let port = free_port();
     let (interval, to) = (100u64, 300u64);
     let cfg = config("fake-silent", port)
+        .insecure_plaintext()
         .heartbeat(Duration::from_millis(interval), Duration::from_millis(to))
         .build()
         .unwrap();
@@ -286,7 +292,10 @@ async fn silent_peer_times_out_then_is_found_again() {
 async fn oversized_length_prefix_closes_the_session() {
     trace();
     let port = free_port();
-    let cfg = config("fake-huge", port).build().unwrap();
+    let cfg = config("fake-huge", port)
+        .insecure_plaintext()
+        .build()
+        .unwrap();
     let fake = Fake::new(&cfg.service, port).await;
     let (node, mut events) = Node::start(cfg).await.unwrap();
     fake.answer_probe().await;
@@ -331,6 +340,7 @@ async fn bad_handshakes_never_become_sessions() {
     trace();
     let port = free_port();
     let cfg = config("fake-hello", port)
+        .insecure_plaintext()
         .handshake_timeout(Duration::from_millis(300))
         .build()
         .unwrap();
@@ -379,7 +389,10 @@ async fn bad_handshakes_never_become_sessions() {
 async fn malformed_datagrams_are_dropped_and_counted() {
     trace();
     let port = free_port();
-    let cfg = config("fake-dgram", port).build().unwrap();
+    let cfg = config("fake-dgram", port)
+        .insecure_plaintext()
+        .build()
+        .unwrap();
     let service = cfg.service.clone();
     let (node, _events) = Node::start(cfg).await.unwrap();
     sleep(Duration::from_millis(100)).await;

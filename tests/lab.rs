@@ -179,8 +179,10 @@ fn s06_sigkill_is_seen_at_once_and_the_restart_is_rediscovered() {
         return;
     };
     let mut a = lab.peer(0, "a", &[]);
-    let id = "00000000000b0b06";
-    let mut b = lab.peer(1, "b", &["--id", id]);
+    // The restarted node keeps its identity, so its id.
+    let key = KeyFile::new("s06", "b", &lanbeat::Identity::generate());
+    let id = key.id.as_str();
+    let mut b = lab.peer(1, "b", &["--identity", key.arg()]);
     both_up(&mut a, 0, &mut b, 0, Duration::from_secs(5));
     let old_port = b.tcp_port;
     let am = a.mark();
@@ -196,7 +198,7 @@ fn s06_sigkill_is_seen_at_once_and_the_restart_is_rediscovered() {
     assert!(t - t0 <= Duration::from_millis(300));
     drop(b);
     let restart = Instant::now();
-    let mut b2 = lab.peer(1, "b", &["--id", id]);
+    let mut b2 = lab.peer(1, "b", &["--identity", key.arg()]);
     assert_ne!(b2.tcp_port, old_port);
     let (_, d) = a.wait(am, Duration::from_secs(3), |v| {
         v["event"] == "discovered"
@@ -482,9 +484,40 @@ fn fake_announce(service: &str, id: u64, instance: u64, port: u16) -> Vec<u8> {
         "service": service, "id": format!("{id:016x}"), "instance": format!("{instance:016x}"),
         "role": "peer", "name": "fake", "port": port,
     });
-    let mut d = b"LNBT\x01\x02".to_vec();
+    let mut d = b"LNBT\x02\x02".to_vec();
     d.extend(serde_json::to_vec(&body).unwrap());
     d
+}
+
+/// An identity file for a lab peer (`--identity`), deleted on drop.
+struct KeyFile {
+    path: std::path::PathBuf,
+    id: String,
+}
+
+impl KeyFile {
+    fn new(lab: &str, who: &str, identity: &lanbeat::Identity) -> KeyFile {
+        let path = std::env::temp_dir().join(format!(
+            "lanbeat-lab-{lab}-{who}-{}.key",
+            std::process::id()
+        ));
+        let _ = std::fs::remove_file(&path);
+        identity.save(&path).unwrap();
+        KeyFile {
+            path,
+            id: identity.peer_id().to_string(),
+        }
+    }
+
+    fn arg(&self) -> &str {
+        self.path.to_str().unwrap()
+    }
+}
+
+impl Drop for KeyFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
 }
 
 /// An announce flood from another host (issue 14): 2 000 made-up ids a
@@ -500,7 +533,7 @@ fn s12_an_announce_flood_drives_no_connects_and_locks_no_one_out() {
         return;
     };
     let service = "lanbeat-demo";
-    let mut victim = lab.peer(0, "victim", &["--id", "0000000000000001"]);
+    let mut victim = lab.peer(0, "victim", &[]);
     // Counts every connection the flood provokes from the victim (the
     // real node hears the flood too, and dials on its own budget).
     let victim_ip = std::net::IpAddr::V4(lab.ip(0));
@@ -526,7 +559,9 @@ fn s12_an_announce_flood_drives_no_connects_and_locks_no_one_out() {
         while start.elapsed() < Duration::from_secs(3) {
             for _ in 0..20 {
                 sent += 1;
-                let id = 0x1000_0000 + sent;
+                // Above the victim's id (but for odds of 2^-32), so the
+                // victim is the one to dial them.
+                let id = 0xffff_ffff_0000_0000 + sent;
                 let d = fake_announce(service, id, sent, 4711);
                 let _ = s.send_to(&d, ("10.77.0.255", lanbeat::DEFAULT_DISCOVERY_PORT));
             }
@@ -563,7 +598,7 @@ fn s12_an_announce_flood_drives_no_connects_and_locks_no_one_out() {
     );
 }
 
-/// Two hosts run one copied identity (the same `--id`): the third sees
+/// Two hosts run one copied identity (the same `--identity` file): the third sees
 /// them answer in turns. It must report it and hold its session with one
 /// of them instead of flapping (issue 14: about 43 changes a minute
 /// before).
@@ -572,23 +607,25 @@ fn s13_a_duplicated_id_is_reported_and_does_not_flap() {
     let Some(lab) = Lab::new("s13", 3) else {
         return;
     };
-    let mut observer = lab.peer(0, "observer", &["--id", "0000000000000010"]);
-    let _a = lab.peer(1, "a", &["--id", "0000000000000020"]);
-    observer.wait(
-        0,
-        Duration::from_secs(3),
-        about("session_up", "0000000000000020"),
-    );
-    let _b = lab.peer(2, "b", &["--id", "0000000000000020"]);
-    let (_, dup) = observer.wait(0, Duration::from_secs(10), |v| v["event"] == "duplicate_id");
-    assert_eq!(dup["peer"], "0000000000000020");
-    assert_ne!(dup["kept"], dup["other"]);
+    // The lower id dials: the observer gets the lower of two identities.
+    let mut keys = [lanbeat::Identity::generate(), lanbeat::Identity::generate()];
+    keys.sort_by_key(|k| k.peer_id());
+    let mine = KeyFile::new("s13", "observer", &keys[0]);
+    let copied = KeyFile::new("s13", "copied", &keys[1]);
+    let dup = copied.id.as_str();
+    let mut observer = lab.peer(0, "observer", &["--identity", mine.arg()]);
+    let _a = lab.peer(1, "a", &["--identity", copied.arg()]);
+    observer.wait(0, Duration::from_secs(3), about("session_up", dup));
+    let _b = lab.peer(2, "b", &["--identity", copied.arg()]);
+    let (_, dup_event) =
+        observer.wait(0, Duration::from_secs(10), |v| v["event"] == "duplicate_id");
+    assert_eq!(dup_event["peer"], dup);
+    assert_ne!(dup_event["kept"], dup_event["other"]);
     std::thread::sleep(Duration::from_secs(1));
     let m = observer.mark();
     std::thread::sleep(Duration::from_secs(5));
     let changes = observer.matching(m, |v| {
-        (v["event"] == "session_up" || v["event"] == "session_down")
-            && v["peer"] == "0000000000000020"
+        (v["event"] == "session_up" || v["event"] == "session_down") && v["peer"] == dup
     });
     println!(
         "LAB: s13 duplicate id: reported; {} session changes in the 5 s after",

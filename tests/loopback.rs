@@ -445,28 +445,35 @@ async fn an_interface_that_does_not_exist_fails_the_start_and_is_named() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_duplicated_id_is_reported_and_its_session_stops_flapping() {
-    // Two nodes started from one copied configuration share id 0x20; a
-    // third (0x10, so it dials) sees them answer in turns. It must say so
+    // Two nodes started from one copied identity share its id; a third
+    // (with a lower id, so it dials) sees them answer in turns. It must say so
     // and keep one session instead of replacing it on every announce.
     trace();
     let port = free_port();
-    let dup = lanbeat::PeerId::from_u64(0x20);
+    // The lower id dials: the observer gets the lower of two identities.
+    let mut keys = [lanbeat::Identity::generate(), lanbeat::Identity::generate()];
+    keys.sort_by_key(|k| k.peer_id());
+    let [mine, copied] = keys;
+    let dup = copied.peer_id();
     let (observer, mut events) = Node::start(
         config("dup", port)
             .name("observer")
-            .id(lanbeat::PeerId::from_u64(0x10))
+            .identity(mine)
             .build()
             .unwrap(),
     )
     .await
     .unwrap();
-    let (_a1, _e1) = Node::start(config("dup", port).name("a1").id(dup).build().unwrap())
-        .await
-        .unwrap();
+    let node = |name: &str| {
+        config("dup", port)
+            .name(name)
+            .identity(copied.clone())
+            .build()
+            .unwrap()
+    };
+    let (_a1, _e1) = Node::start(node("a1")).await.unwrap();
     wait_up(&mut events, dup, Duration::from_secs(5)).await;
-    let (_a2, _e2) = Node::start(config("dup", port).name("a2").id(dup).build().unwrap())
-        .await
-        .unwrap();
+    let (_a2, _e2) = Node::start(node("a2")).await.unwrap();
     let e = wait_for(&mut events, Duration::from_secs(10), |e| {
         matches!(e, Event::DuplicateId { .. })
     })

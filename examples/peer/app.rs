@@ -22,9 +22,14 @@ pub struct Args {
     /// This peer's name (default: the host name).
     #[arg(long)]
     pub name: Option<String>,
-    /// Node id (16 hex digits) to keep across restarts; default: random.
+    /// Node id (16 hex digits), with --insecure-plaintext only (with
+    /// encryption an id must be proven by a key: use --identity).
     #[arg(long)]
     pub id: Option<lanbeat::PeerId>,
+    /// Sessions in plaintext, ids unproven (protocol 1): anyone on the LAN
+    /// can read and hijack them. Default: encrypted and authenticated.
+    #[arg(long)]
+    pub insecure_plaintext: bool,
     /// Identity file: the node's key pair, created if missing (mode 0600);
     /// the same file gives the same id on every start.
     #[arg(long)]
@@ -97,6 +102,9 @@ pub async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     }
     if let Some(id) = args.id {
         b = b.id(id);
+    }
+    if args.insecure_plaintext {
+        b = b.insecure_plaintext();
     }
     if let Some(path) = &args.identity {
         b = b.identity(lanbeat::Identity::load_or_create(path)?);

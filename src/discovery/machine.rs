@@ -258,7 +258,7 @@ impl Discovery {
             instance: cfg.instance,
             role: cfg.role,
         })
-        .encode();
+        .encode_as(cfg.limits.protocol);
         let announce_bytes = Datagram::Announce(Announce {
             service: cfg.service.clone(),
             id: cfg.id,
@@ -268,7 +268,7 @@ impl Discovery {
             port: cfg.tcp_port,
             metadata: cfg.metadata.clone(),
         })
-        .encode();
+        .encode_as(cfg.limits.protocol);
         let admission = Admission::new(cfg.dials_per_sec, cfg.max_peers);
         Discovery {
             probe_interval: cfg.probe_initial,
@@ -735,7 +735,7 @@ impl Discovery {
             id: self.cfg.id,
             instance: self.cfg.instance,
         })
-        .encode();
+        .encode_as(self.cfg.limits.protocol);
         for t in self.targets.iter().filter(|t| t.up) {
             self.transmits.push_back(Transmit {
                 dst: SocketAddrV4::new(t.broadcast, self.cfg.discovery_port),

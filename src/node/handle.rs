@@ -16,15 +16,16 @@ use super::shared::{Command, Shared, lock};
 use super::supervisor::{Parts, Supervisor};
 #[cfg(doc)]
 use crate::Event;
-use crate::config::Config;
+use crate::config::{Config, Security};
 use crate::discovery::machine::{Discovery, DiscoveryConfig};
 use crate::discovery::socket;
 use crate::error::Error;
+use crate::identity::Identity;
 use crate::peer::{PeerId, PeerStatus};
 use crate::queue::Queue;
 use crate::session::machine::SessionConfig;
+use crate::session::noise::NoiseKeys;
 use crate::stats::Stats;
-use crate::wire::PROTOCOL_VERSION;
 use crate::wire::frame::{DATA_OVERHEAD, Hello, LEN_PREFIX};
 
 /// Who this node is, as it tells peers.
@@ -146,9 +147,22 @@ impl Node {
                 .port(),
             None => 0,
         };
-        let id = match &config.identity {
+        // With Noise every node has a key pair: one made now if none is
+        // configured (the id then changes with each start, as a random id
+        // would).
+        let identity = match (config.security, &config.identity) {
+            (Security::Noise, None) => Some(Identity::generate()),
+            (_, identity) => identity.clone(),
+        };
+        let id = match &identity {
             Some(identity) => identity.peer_id(),
             None => config.id.unwrap_or_else(PeerId::random),
+        };
+        let noise = match (config.security, &identity) {
+            (Security::Noise, Some(i)) => {
+                Some(NoiseKeys::new(i.secret_key(), None, &config.service))
+            }
+            _ => None,
         };
         let instance: u64 = rand::random();
         let local = LocalInfo {
@@ -157,7 +171,7 @@ impl Node {
             name: config.name.clone(),
             tcp_port,
             discovery_port: config.discovery_port,
-            fingerprint: config.identity.as_ref().map(|i| i.fingerprint()),
+            fingerprint: identity.as_ref().map(|i| i.fingerprint()),
         };
         let disc = Discovery::new(
             DiscoveryConfig {
@@ -183,7 +197,7 @@ impl Node {
         );
         let session = SessionConfig {
             hello: Hello {
-                protocol: PROTOCOL_VERSION,
+                protocol: config.protocol(),
                 service: config.service.clone(),
                 id,
                 instance,
@@ -209,6 +223,7 @@ impl Node {
         let supervisor = Supervisor::new(Parts {
             config,
             id,
+            noise,
             discovery: disc,
             session,
             shared: shared.clone(),

@@ -23,6 +23,7 @@ use crate::queue::Queue;
 use crate::session::lifecycle;
 use crate::session::machine::SessionConfig;
 use crate::session::mailbox::Mailbox;
+use crate::session::noise::NoiseKeys;
 use crate::session::supervision::{
     Approval, ConnectFuture, ConnectionParams, NewConnection, NodeContext, Report,
 };
@@ -85,6 +86,8 @@ pub(crate) struct Supervisor {
 pub(crate) struct Parts {
     pub(crate) config: Config,
     pub(crate) id: PeerId,
+    /// The Noise keys, unless sessions are plaintext.
+    pub(crate) noise: Option<NoiseKeys>,
     pub(crate) discovery: Discovery,
     pub(crate) session: SessionConfig,
     pub(crate) shared: Arc<Shared>,
@@ -105,6 +108,7 @@ impl Supervisor {
             timer: Arc::new(Timer::new(clock::now())),
             counters: p.shared.counters.clone(),
             rtt_events: p.config.rtt_events,
+            noise: p.noise,
         });
         Supervisor {
             config: p.config,

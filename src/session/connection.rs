@@ -13,11 +13,11 @@ use std::time::{Duration, Instant};
 
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
-use tokio::net::TcpStream;
 use tracing::{trace, warn};
 
 use super::machine::{Session, SessionEvent};
 use super::mailbox::Mailbox;
+use super::stream::{Stream, violation_of};
 use super::supervision::{ConnectionParams, NewConnection, NodeContext};
 use crate::clock;
 use crate::event::{DownReason, Event};
@@ -45,7 +45,8 @@ const WRITE_HIGH_WATER: usize = 32 * 1024;
 /// up to 64 KiB. Not more: received messages keep their read buffer alive
 /// (they are slices of it), so each read allocates afresh, and glibc serves
 /// blocks from 128 KiB up with fresh mmap'd pages (a page fault per 4 KiB).
-const READ_MIN: usize = 256;
+const READ_MIN: usize = 1 << READ_MIN_SHIFT;
+const READ_MIN_SHIFT: u8 = 8;
 const READ_MAX: usize = 64 * 1024;
 /// Messages decoded per batch before they are handed to the event queue.
 const DELIVER_BATCH: usize = 1024;
@@ -64,7 +65,11 @@ pub(super) struct Connection {
     /// The time, read once per pass (a clock read per step would cost a few
     /// percent of an idle session's wake-up).
     pub(super) now: Instant,
-    pub(super) read_size: u32,
+    /// The read size is `1 << read_shift` bytes.
+    pub(super) read_shift: u8,
+    /// Sealed records wait in the stream to be written (Noise): a flush is
+    /// due, and counts as a write waiting.
+    pub(super) unflushed: bool,
     pub(super) max_frame: u32,
     /// What the connection buffers; `None` while it buffers nothing (an
     /// idle session's heartbeat then checks one word, not three buffers).
@@ -121,6 +126,15 @@ fn reject(session: &mut Session, e: crate::error::FrameError) {
     session.handle_decode_error(e);
 }
 
+/// A read or write failed: a broken record is a protocol violation, the
+/// rest socket errors.
+fn failed(session: &mut Session, e: std::io::Error) {
+    match violation_of(&e) {
+        Some(v) => session.handle_violation(v),
+        None => session.handle_io_error(e.kind()),
+    }
+}
+
 /// Whether the handshake completed and the supervisor has not answered.
 fn awaiting_approval(peer: Option<PeerId>, session: &Session) -> bool {
     peer.is_none() && session.is_established()
@@ -130,7 +144,7 @@ fn awaiting_approval(peer: Option<PeerId>, session: &Session) -> bool {
 /// closes on an error). Returns how many bytes were written.
 fn write_some(
     cx: &mut Context<'_>,
-    stream: &mut TcpStream,
+    stream: &mut Stream,
     session: &mut Session,
     buf: &[u8],
 ) -> usize {
@@ -140,7 +154,7 @@ fn write_some(
             Poll::Pending => break,
             Poll::Ready(Ok(0)) => session.handle_io_error(std::io::ErrorKind::WriteZero),
             Poll::Ready(Ok(n)) => at += n,
-            Poll::Ready(Err(e)) => session.handle_io_error(e.kind()),
+            Poll::Ready(Err(e)) => failed(session, e),
         }
     }
     at
@@ -150,8 +164,9 @@ impl Connection {
     pub(super) fn new(now: Instant, new: NewConnection) -> Connection {
         Connection {
             now,
-            read_size: READ_MIN as u32,
+            read_shift: READ_MIN_SHIFT,
             max_frame: new.max_frame,
+            unflushed: false,
             bufs: None,
             peer: None,
             mailbox: new.mailbox,
@@ -168,7 +183,7 @@ impl Connection {
         let Some(b) = self.bufs.as_mut() else {
             return;
         };
-        let idle_reads = self.read_size == READ_MIN as u32;
+        let idle_reads = self.read_shift == READ_MIN_SHIFT;
         if b.rbuf.is_empty() && idle_reads && b.rbuf.capacity() > 0 {
             b.rbuf = BytesMut::new();
         }
@@ -195,17 +210,21 @@ impl Connection {
 
     /// Whether nothing waits to be written.
     fn wbuf_empty(&self) -> bool {
-        self.bufs.as_ref().is_none_or(|b| b.wbuf.is_empty())
+        !self.unflushed && self.bufs.as_ref().is_none_or(|b| b.wbuf.is_empty())
+    }
+
+    fn read_size(&self) -> usize {
+        1 << self.read_shift
     }
 
     /// Grows the read size for a busy peer (a read filled it), shrinks it
     /// back for an idle one.
     fn adapt_read_size(&mut self, n: usize) {
-        let size = self.read_size as usize;
+        let size = self.read_size();
         if n >= size && size < READ_MAX {
-            self.read_size *= 2;
+            self.read_shift += 1;
         } else if n < READ_MIN && size > READ_MIN {
-            self.read_size = READ_MIN as u32;
+            self.read_shift = READ_MIN_SHIFT;
         }
     }
 
@@ -231,7 +250,7 @@ impl Connection {
     pub(super) fn poll_session(
         &mut self,
         cx: &mut Context<'_>,
-        stream: &mut TcpStream,
+        stream: &mut Stream,
     ) -> Poll<LoopExit> {
         for _ in 0..MAX_PASSES {
             self.now = clock::now();
@@ -257,6 +276,7 @@ impl Connection {
             again |= self.poll_timer();
             if !again {
                 self.release_idle_buffers();
+                stream.release_idle();
                 return Poll::Pending;
             }
         }
@@ -269,7 +289,7 @@ impl Connection {
     /// whether there is more to do without waiting (a full batch decoded);
     /// otherwise a waker is registered (socket or event-queue room), or the
     /// session is closed or waits for approval.
-    fn receive(&mut self, cx: &mut Context<'_>, stream: &mut TcpStream) -> bool {
+    fn receive(&mut self, cx: &mut Context<'_>, stream: &mut Stream) -> bool {
         let mut reads = 0;
         loop {
             if !self.deliver(cx) || self.session.is_closed() || self.awaiting_approval() {
@@ -330,9 +350,9 @@ impl Connection {
 
     /// Reads what the socket has. `Pending` (waker registered) when it has
     /// nothing; an end of stream or error goes to the machine.
-    fn poll_read(&mut self, cx: &mut Context<'_>, stream: &mut TcpStream) -> Poll<()> {
+    fn poll_read(&mut self, cx: &mut Context<'_>, stream: &mut Stream) -> Poll<()> {
         let rbuf_empty = self.bufs.as_ref().is_none_or(|b| b.rbuf.is_empty());
-        if rbuf_empty && self.read_size == READ_MIN as u32 {
+        if rbuf_empty && self.read_shift == READ_MIN_SHIFT {
             return self.poll_read_idle(cx, stream);
         }
         match stream.poll_read_ready(cx) {
@@ -344,7 +364,7 @@ impl Connection {
             Poll::Ready(Ok(())) => {}
         }
         // The buffer is allocated only now that there is data.
-        let size = self.read_size as usize;
+        let size = self.read_size();
         let rbuf = &mut self.bufs().rbuf;
         if rbuf.capacity() - rbuf.len() < size / 2 {
             rbuf.reserve(size);
@@ -354,7 +374,7 @@ impl Connection {
             Poll::Pending => return Poll::Pending,
             Poll::Ready(Ok(0)) => self.session.handle_eof(),
             Poll::Ready(Ok(n)) => self.adapt_read_size(n),
-            Poll::Ready(Err(e)) => self.session.handle_io_error(e.kind()),
+            Poll::Ready(Err(e)) => failed(&mut self.session, e),
         }
         Poll::Ready(())
     }
@@ -364,19 +384,19 @@ impl Connection {
     /// what they cannot take (a data frame, a partial frame, what follows
     /// the handshake) is copied to the read buffer. An idle session's ping
     /// then costs no allocation.
-    fn poll_read_idle(&mut self, cx: &mut Context<'_>, stream: &mut TcpStream) -> Poll<()> {
+    fn poll_read_idle(&mut self, cx: &mut Context<'_>, stream: &mut Stream) -> Poll<()> {
         let mut stack = [std::mem::MaybeUninit::uninit(); READ_MIN];
         let mut read = ReadBuf::uninit(&mut stack);
         match Pin::new(stream).poll_read(cx, &mut read) {
             Poll::Pending => return Poll::Pending,
-            Poll::Ready(Err(e)) => self.session.handle_io_error(e.kind()),
+            Poll::Ready(Err(e)) => failed(&mut self.session, e),
             Poll::Ready(Ok(())) if read.filled().is_empty() => self.session.handle_eof(),
             Poll::Ready(Ok(())) => {
                 let read = read.filled();
                 self.adapt_read_size(read.len());
                 let taken = self.decode_control(read);
                 if taken < read.len() {
-                    let size = (self.read_size as usize).max(read.len() - taken);
+                    let size = self.read_size().max(read.len() - taken);
                     let rbuf = &mut self.bufs().rbuf;
                     rbuf.reserve(size);
                     rbuf.extend_from_slice(&read[taken..]);
@@ -458,12 +478,21 @@ impl Connection {
 
     /// Writes what is buffered until the socket takes no more. Returns
     /// whether anything was written.
-    fn write(&mut self, cx: &mut Context<'_>, stream: &mut TcpStream) -> bool {
-        let Some(b) = self.bufs.as_mut().filter(|b| !b.wbuf.is_empty()) else {
-            return false;
-        };
-        let n = write_some(cx, stream, &mut self.session, &b.wbuf);
-        b.wbuf.advance(n);
+    fn write(&mut self, cx: &mut Context<'_>, stream: &mut Stream) -> bool {
+        let mut n = 0;
+        if let Some(b) = self.bufs.as_mut().filter(|b| !b.wbuf.is_empty()) {
+            n = write_some(cx, stream, &mut self.session, &b.wbuf);
+            b.wbuf.advance(n);
+        }
+        // Sealed records the socket did not take yet (Noise).
+        let sealed = stream.unwritten();
+        if sealed > 0 && !self.session.is_closed() {
+            if let Poll::Ready(Err(e)) = Pin::new(&mut *stream).poll_flush(cx) {
+                failed(&mut self.session, e);
+            }
+            n += sealed - stream.unwritten().min(sealed);
+        }
+        self.unflushed = stream.unwritten() > 0;
         if n > 0 {
             self.last_write = self.now;
         }
@@ -474,7 +503,7 @@ impl Connection {
     /// waits to be written, heartbeats and acks are encoded on the stack
     /// and written from there: an idle session's pong costs no allocation.
     /// What the socket does not take goes to the write buffer.
-    fn transmit(&mut self, cx: &mut Context<'_>, stream: &mut TcpStream) {
+    fn transmit(&mut self, cx: &mut Context<'_>, stream: &mut Stream) {
         let mut stack = [0; 4 * MAX_FIXED];
         let mut staged = 0;
         while let Some(f) = self.session.poll_transmit() {

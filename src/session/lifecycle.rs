@@ -15,6 +15,7 @@ use tokio::sync::oneshot;
 use tracing::{debug, info};
 
 use super::connection::Connection;
+use super::stream::Stream;
 use super::supervision::{Approval, ConnectFuture, ConnectionParams, Report};
 use crate::event::{DownReason, Event};
 use crate::peer::PeerId;
@@ -83,7 +84,7 @@ impl Connection {
     /// supervisor.
     pub(super) fn end(
         &mut self,
-        mut stream: TcpStream,
+        stream: Option<Stream>,
         reason: DownReason,
     ) -> impl Future<Output = ()> + Send + 'static {
         self.node.timer.set(&self.mailbox, None);
@@ -124,11 +125,12 @@ impl Connection {
         let events = self.node.events.clone();
         let (reports, conn) = (self.params.reports.clone(), self.params.id);
         async move {
-            if flush {
-                let _ = tokio::time::timeout(GOODBYE_FLUSH, stream.write_all(&wbuf)).await;
+            if let Some(mut stream) = stream {
+                if flush {
+                    let _ = tokio::time::timeout(GOODBYE_FLUSH, stream.write_all(&wbuf)).await;
+                }
+                let _ = tokio::time::timeout(GOODBYE_FLUSH, stream.shutdown()).await;
             }
-            let _ = tokio::time::timeout(GOODBYE_FLUSH, stream.shutdown()).await;
-            drop(stream);
             match peer {
                 None => debug!(%reason, "connection ended before its session was up"),
                 Some(p) => {

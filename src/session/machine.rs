@@ -119,6 +119,8 @@ pub struct Session {
     transmits: VecDeque<Frame>,
     events: VecDeque<SessionEvent>,
     expected: Option<PeerId>,
+    /// The id the peer's key proved, with Noise.
+    proven: Option<PeerId>,
     /// The peer's id, once established (its whole handshake goes to the
     /// driver in `Established`; keeping a copy would cost every session).
     peer: Option<PeerId>,
@@ -157,6 +159,7 @@ impl Session {
             cfg,
             state: State::Handshake,
             expected,
+            proven: None,
             peer: None,
             last_rx: now,
             last_ping_or_data: now,
@@ -188,6 +191,18 @@ impl Session {
         let hello = Box::new(s.cfg.hello.clone());
         s.push_transmit(Frame::Hello(Ok(hello)));
         s
+    }
+
+    /// Sets the id the peer proved in the Noise handshake: a hello that
+    /// claims another is refused.
+    pub fn set_proven(&mut self, id: PeerId) {
+        self.proven = Some(id);
+    }
+
+    /// The peer broke the protocol below the frames (in the encrypted
+    /// records): the session closes.
+    pub fn handle_violation(&mut self, v: ProtocolViolation) {
+        self.violation(v);
     }
 
     /// The peer's id, once established.
@@ -346,7 +361,14 @@ impl Session {
             Err(version) => return self.violation(ProtocolViolation::UnsupportedVersion(version)),
         };
         let ours = &self.cfg.hello;
-        let violation = if hello.service != ours.service {
+        let violation = if hello.protocol != ours.protocol {
+            Some(ProtocolViolation::UnsupportedVersion(hello.protocol))
+        } else if let Some(proven) = self.proven.filter(|p| *p != hello.id) {
+            Some(ProtocolViolation::Unauthenticated {
+                claimed: hello.id,
+                proven,
+            })
+        } else if hello.service != ours.service {
             Some(ProtocolViolation::ServiceMismatch)
         } else if hello.id == ours.id {
             Some(ProtocolViolation::SelfConnection)

@@ -6,6 +6,8 @@
 //! | `task.rs` | the connection's task: a future going through its phases |
 //! | `connection.rs` | the running phase: the per-frame loop |
 //! | `lifecycle.rs` | what runs once per connection: dial, approval, end |
+//! | `noise.rs` | protocol 2's Noise handshake (with `snow`) |
+//! | `stream.rs` | the stream frames run on: plaintext TCP, or Noise records |
 //! | `mailbox.rs` | what a connection shares with its node (outbox, close request, RTT, deadline) |
 //! | `outbox.rs` | how the outbox stores messages (small ones encoded as sent) |
 //! | `supervision.rs` | what a connection and the supervisor tell each other |
@@ -15,7 +17,9 @@ mod connection;
 pub(crate) mod lifecycle;
 pub mod machine;
 pub(crate) mod mailbox;
+pub(crate) mod noise;
 pub(crate) mod outbox;
+pub(crate) mod stream;
 pub(crate) mod supervision;
 pub(crate) mod task;
 pub(crate) mod timer;

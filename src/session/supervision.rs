@@ -95,6 +95,8 @@ pub(crate) struct NodeContext {
     pub(crate) counters: Arc<Counters>,
     /// Whether round-trip samples become `Event::Rtt`.
     pub(crate) rtt_events: bool,
+    /// The keys of the Noise handshake; `None` for plaintext sessions.
+    pub(crate) noise: Option<super::noise::NoiseKeys>,
 }
 
 /// A connection being made (when we dial).

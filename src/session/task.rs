@@ -5,6 +5,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -15,7 +16,9 @@ use tracing::{Span, debug};
 use super::connection::{Connection, LoopExit};
 use super::lifecycle;
 use super::machine::Session;
-use super::supervision::{ConnectFuture, NewConnection, Report};
+use super::noise::{self, NoiseKeys};
+use super::stream::{NoiseStream, Stream};
+use super::supervision::{ConnectFuture, NewConnection, NodeContext, Report};
 use crate::clock;
 use crate::event::DownReason;
 use crate::peer::PeerId;
@@ -48,18 +51,42 @@ pub(crate) fn tune(stream: &TcpStream, timeout: Duration) {
 /// (see [`lifecycle::approve`]): the peer, or why the session may not start.
 type Decision = Pin<Box<dyn Future<Output = Result<PeerId, DownReason>> + Send>>;
 
+/// The Noise handshake (see [`noise::handshake`]): the secured stream and
+/// the key the peer proved.
+type Securing = Pin<Box<dyn Future<Output = Result<(NoiseStream, [u8; 32]), DownReason>> + Send>>;
+
+/// The phase a connected stream starts in: the Noise handshake, or (for
+/// plaintext sessions) the hellos straight away.
+fn secure_or_run(
+    node: &Arc<NodeContext>,
+    tcp: TcpStream,
+    initiator: bool,
+    timeout: Duration,
+) -> Phase {
+    if node.noise.is_none() {
+        return Phase::Running(Stream::Plain(tcp));
+    }
+    let node = node.clone();
+    Phase::Securing(Box::pin(async move {
+        let keys: &NoiseKeys = node.noise.as_ref().expect("checked above");
+        noise::handshake(tcp, keys, initiator, timeout).await
+    }))
+}
+
 /// Where a connection is in its life. What runs once per connection (the
 /// dial, the approval, the end) is a boxed future; what runs per frame is
 /// the hand-written loop of [`Connection::poll_session`].
 enum Phase {
     /// We dial.
     Connecting(ConnectFuture),
-    /// Handshake, then session: the per-frame loop.
-    Running(TcpStream),
+    /// The Noise handshake.
+    Securing(Securing),
+    /// Hellos, then session: the per-frame loop.
+    Running(Stream),
     /// The supervisor decides on the handshake; the loop waits. (Boxed
     /// with the stream: no variant is bigger than `Running`'s, so the
     /// phase is five words.)
-    Approving(Box<(TcpStream, Decision)>),
+    Approving(Box<(Stream, Decision)>),
     /// The goodbye, the last events, the report to the supervisor.
     Ending(Pin<Box<dyn Future<Output = ()> + Send>>),
     Done,
@@ -89,8 +116,9 @@ impl ConnectionTask {
     ) -> ConnectionTask {
         let phase = match stream {
             Ok(s) => {
-                tune(&s, new.params.session.heartbeat_timeout);
-                Phase::Running(s)
+                let session = &new.params.session;
+                tune(&s, session.heartbeat_timeout);
+                secure_or_run(&new.node, s, false, session.handshake_timeout)
             }
             Err(connect) => Phase::Connecting(connect),
         };
@@ -122,7 +150,7 @@ impl Future for ConnectionTask {
                         Phase::Approving(Box::new((stream, Box::pin(approval))))
                     }
                     Poll::Ready(LoopExit::Closed(reason)) => {
-                        Phase::Ending(Box::pin(c.end(stream, reason)))
+                        Phase::Ending(Box::pin(c.end(Some(stream), reason)))
                     }
                 },
                 Phase::Approving(mut waiting) => match waiting.1.as_mut().poll(cx) {
@@ -148,11 +176,11 @@ impl Future for ConnectionTask {
                         return Poll::Pending;
                     }
                     Poll::Ready(Ok(stream)) => {
-                        tune(&stream, c.params.session.heartbeat_timeout);
+                        let session = &c.params.session;
+                        tune(&stream, session.heartbeat_timeout);
                         // The handshake has its time from now on.
-                        c.session =
-                            Session::new(clock::now(), c.params.session.clone(), c.params.expected);
-                        Phase::Running(stream)
+                        c.session = Session::new(clock::now(), session.clone(), c.params.expected);
+                        secure_or_run(&c.node, stream, true, session.handshake_timeout)
                     }
                     Poll::Ready(Err(e)) => {
                         debug!(error = %e, "connect failed");
@@ -162,6 +190,20 @@ impl Future for ConnectionTask {
                             reason: DownReason::Io(e.kind()),
                         });
                         return Poll::Ready(());
+                    }
+                },
+                Phase::Securing(mut securing) => match securing.as_mut().poll(cx) {
+                    Poll::Pending => {
+                        this.phase = Phase::Securing(securing);
+                        return Poll::Pending;
+                    }
+                    Poll::Ready(Ok((stream, key))) => {
+                        c.session.set_proven(PeerId::from_public_key(&key));
+                        Phase::Running(Stream::Noise(Box::new(stream)))
+                    }
+                    Poll::Ready(Err(reason)) => {
+                        debug!(%reason, "noise handshake failed");
+                        Phase::Ending(Box::pin(c.end(None, reason)))
                     }
                 },
                 Phase::Ending(mut end) => match end.as_mut().poll(cx) {
@@ -184,14 +226,12 @@ impl Future for ConnectionTask {
 mod layout {
     use std::mem::offset_of;
 
-    use tokio::net::TcpStream;
-
-    use super::{ConnectionTask, Phase};
+    use super::{ConnectionTask, Phase, Stream};
 
     const _: () = assert!(offset_of!(ConnectionTask, phase) == 0);
     // `Approving` and `Ending` are boxed so that no phase is bigger than
     // `Running`: the stream and the tag.
-    const _: () = assert!(size_of::<Phase>() <= size_of::<TcpStream>() + size_of::<usize>());
+    const _: () = assert!(size_of::<Phase>() <= size_of::<Stream>() + size_of::<usize>());
     // Then the span (one word), then the loop's state.
     const _: () =
         assert!(offset_of!(ConnectionTask, conn) <= size_of::<Phase>() + size_of::<usize>());

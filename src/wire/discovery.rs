@@ -35,6 +35,9 @@ pub struct DatagramLimits {
     pub max_meta_key: usize,
     /// Longest metadata value, in bytes.
     pub max_meta_value: usize,
+    /// The protocol version accepted (a node's own): datagrams of another
+    /// are dropped.
+    pub protocol: u8,
 }
 
 impl Default for DatagramLimits {
@@ -45,6 +48,7 @@ impl Default for DatagramLimits {
             max_meta_entries: 16,
             max_meta_key: 64,
             max_meta_value: 256,
+            protocol: PROTOCOL_VERSION,
         }
     }
 }
@@ -144,8 +148,15 @@ impl Datagram {
         }
     }
 
-    /// Encodes into a new buffer.
+    /// Encodes into a new buffer, as protocol version 2
+    /// ([`PROTOCOL_VERSION`]).
     pub fn encode(&self) -> Vec<u8> {
+        self.encode_as(PROTOCOL_VERSION)
+    }
+
+    /// Encodes into a new buffer, with the given protocol version in the
+    /// header (the body is the same in versions 1 and 2).
+    pub fn encode_as(&self, protocol: u8) -> Vec<u8> {
         let (kind, body) = match self {
             Datagram::Probe(p) => (
                 KIND_PROBE,
@@ -186,7 +197,7 @@ impl Datagram {
         };
         let mut out = Vec::with_capacity(128);
         out.extend_from_slice(&MAGIC);
-        out.push(PROTOCOL_VERSION);
+        out.push(protocol);
         out.push(kind);
         serde_json::to_writer(&mut out, &body)
             .expect("serializing strings and numbers cannot fail");
@@ -204,7 +215,7 @@ impl Datagram {
         if buf.len() < HEADER_LEN || buf[..4] != MAGIC {
             return Err(DatagramError::NotLanbeat);
         }
-        if buf[4] != PROTOCOL_VERSION {
+        if buf[4] != limits.protocol {
             return Err(DatagramError::Version(buf[4]));
         }
         let kind = buf[5];
@@ -283,7 +294,7 @@ mod tests {
     #[test]
     fn documented_example_decodes() {
         // The worked example of docs/PROTOCOL.md.
-        let mut bytes = b"LNBT\x01\x02".to_vec();
+        let mut bytes = b"LNBT\x02\x02".to_vec();
         bytes.extend_from_slice(br#"{"service":"lamps","id":"0000000000001234","instance":"ffffffffffffffff","role":"device","name":"kitchen","port":4242,"meta":{"fw":"1.2"}}"#);
         let d = Datagram::decode(&bytes, &DatagramLimits::default()).unwrap();
         assert_eq!(d, Datagram::Announce(announce()));
@@ -303,9 +314,22 @@ mod tests {
             Datagram::decode(b"HTTP/1.1", &l),
             Err(DatagramError::NotLanbeat)
         );
-        let mut v2 = good.clone();
-        v2[4] = 2;
-        assert_eq!(Datagram::decode(&v2, &l), Err(DatagramError::Version(2)));
+        let mut v3 = good.clone();
+        v3[4] = 3;
+        assert_eq!(Datagram::decode(&v3, &l), Err(DatagramError::Version(3)));
+        // A plaintext node (protocol 1) and an encrypted one ignore each
+        // other's datagrams.
+        let plain = DatagramLimits { protocol: 1, ..l };
+        assert_eq!(
+            Datagram::decode(&good, &plain),
+            Err(DatagramError::Version(2))
+        );
+        let v1 = Datagram::Announce(announce()).encode_as(1);
+        assert_eq!(Datagram::decode(&v1, &l), Err(DatagramError::Version(1)));
+        assert_eq!(
+            Datagram::decode(&v1, &plain),
+            Ok(Datagram::Announce(announce()))
+        );
         let mut k = good.clone();
         k[5] = 9;
         assert_eq!(Datagram::decode(&k, &l), Err(DatagramError::Kind(9)));
@@ -317,7 +341,7 @@ mod tests {
             );
         }
         let no_port =
-            b"LNBT\x01\x02{\"service\":\"s\",\"id\":\"1\",\"instance\":\"1\",\"name\":\"n\"}";
+            b"LNBT\x02\x02{\"service\":\"s\",\"id\":\"1\",\"instance\":\"1\",\"name\":\"n\"}";
         assert_eq!(Datagram::decode(no_port, &l), Err(DatagramError::Malformed));
         let long_name = Datagram::Announce(Announce {
             name: "x".repeat(65),
@@ -332,7 +356,7 @@ mod tests {
 
     #[test]
     fn unknown_fields_are_ignored() {
-        let d = b"LNBT\x01\x01{\"service\":\"s\",\"id\":\"a\",\"instance\":\"b\",\"future\":[1,2]}";
+        let d = b"LNBT\x02\x01{\"service\":\"s\",\"id\":\"a\",\"instance\":\"b\",\"future\":[1,2]}";
         let p = Datagram::decode(d, &DatagramLimits::default()).unwrap();
         assert_eq!(p.id(), PeerId::from_u64(10));
     }

@@ -175,7 +175,7 @@ impl Frame {
                 let Ok(v) = serde_json::from_slice::<HelloVersion>(body) else {
                     return Some(Err(FrameError::Malformed("hello")));
                 };
-                if v.protocol != super::PROTOCOL_VERSION {
+                if !super::KNOWN_VERSIONS.contains(&v.protocol) {
                     Frame::Hello(Err(v.protocol))
                 } else {
                     match serde_json::from_slice::<Hello>(body) {

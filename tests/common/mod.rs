@@ -3,6 +3,8 @@
 //! parallel never see each other and nothing leaves the machine.
 #![allow(dead_code)]
 
+pub mod noise;
+
 use std::net::UdpSocket;
 use std::path::PathBuf;
 use std::process::Command;

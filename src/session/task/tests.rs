@@ -63,6 +63,7 @@ fn the_session_task_stays_small() {
             timer: Arc::new(Timer::new(clock::now())),
             counters: Default::default(),
             rtt_events: true,
+            noise: None,
         });
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let s = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
@@ -98,6 +99,7 @@ impl Harness {
             timer: timer.clone(),
             counters: Default::default(),
             rtt_events: true,
+            noise: None,
         });
         let timer = tokio::spawn(timer.run(|| {}));
         let new = new_connection(tx, node, expected);

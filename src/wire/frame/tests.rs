@@ -27,7 +27,7 @@ fn round_trip(f: Frame) {
 #[test]
 fn every_frame_round_trips() {
     round_trip(Frame::Hello(Ok(Box::new(hello()))));
-    round_trip(Frame::Hello(Err(2)));
+    round_trip(Frame::Hello(Err(3)));
     round_trip(Frame::Ping {
         seq: 1,
         rtt_us: None,

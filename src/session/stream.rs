@@ -1,0 +1,340 @@
+//! The byte stream a connection's frames run on: the TCP stream itself
+//! (protocol 1, plaintext) or, after the Noise handshake, records over it
+//! (protocol 2): a 2-byte big-endian length, then that many bytes of one
+//! Noise transport message (ciphertext and its 16-byte tag). The frames of
+//! protocol 1 are the concatenated plaintext of the records; a record
+//! boundary means nothing to them.
+//!
+//! Records are sealed per write and opened per read, straight between the
+//! caller's buffer and the socket where they fit: an idle session's ping
+//! and pong go through the stack, with no buffer held between them.
+
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+
+use bytes::{Buf, BufMut, BytesMut};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+
+use crate::event::ProtocolViolation;
+
+/// The length prefix of a record.
+pub(crate) const RECORD_HEADER: usize = 2;
+/// The authentication tag at the end of each record.
+pub(crate) const TAG: usize = 16;
+/// The largest Noise message, so the largest record body.
+pub(crate) const MAX_RECORD: usize = 65535;
+/// The most plaintext one record carries.
+pub(crate) const MAX_RECORD_PLAINTEXT: usize = MAX_RECORD - TAG;
+/// What a record adds to its plaintext.
+const OVERHEAD: usize = RECORD_HEADER + TAG;
+/// Most plaintext sealed per write call (so the sealed, unwritten records
+/// stay below 64 KiB plus two records' overhead).
+const WRITE_CHUNK: usize = 64 * 1024;
+/// Reads and writes this small go through the stack.
+const STACK: usize = 512;
+/// Most ciphertext read per call.
+const READ_MAX: usize = 128 * 1024;
+
+/// A connection's stream: plaintext, or Noise records.
+pub(crate) enum Stream {
+    /// Protocol 1: frames straight on TCP.
+    Plain(TcpStream),
+    /// Protocol 2: frames inside Noise records.
+    Noise(Box<NoiseStream>),
+}
+
+/// TCP with the Noise transport keys of a completed handshake.
+pub(crate) struct NoiseStream {
+    tcp: TcpStream,
+    state: snow::TransportState,
+    /// Ciphertext read, not yet a whole record.
+    rx: BytesMut,
+    /// Plaintext opened, not yet taken by the reader (the part of a record
+    /// that did not fit its buffer).
+    plain: BytesMut,
+    /// Records sealed, not yet written.
+    tx: BytesMut,
+}
+
+/// A record that breaks the protocol, as an I/O error that carries the
+/// violation (see [`violation_of`]).
+fn violation(v: ProtocolViolation) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, v)
+}
+
+/// The protocol violation an I/O error of a [`Stream`] stands for, if any.
+pub(crate) fn violation_of(e: &io::Error) -> Option<ProtocolViolation> {
+    e.get_ref()?.downcast_ref::<ProtocolViolation>().cloned()
+}
+
+/// Opens the whole records at the front of `src` into `out`; a record that
+/// does not fit is opened into `plain` (empty on entry), and `out` filled
+/// from it. Returns how many bytes of `src` were used.
+fn open(
+    state: &mut snow::TransportState,
+    src: &[u8],
+    out: &mut ReadBuf<'_>,
+    plain: &mut BytesMut,
+) -> io::Result<usize> {
+    let mut at = 0;
+    while out.remaining() > 0 {
+        let rest = &src[at..];
+        let Some(len) = rest.get(..RECORD_HEADER) else {
+            break;
+        };
+        let len = u16::from_be_bytes([len[0], len[1]]) as usize;
+        if len < TAG {
+            return Err(violation(ProtocolViolation::BadRecord(
+                "record shorter than its tag",
+            )));
+        }
+        let Some(record) = rest.get(RECORD_HEADER..RECORD_HEADER + len) else {
+            break;
+        };
+        let n = len - TAG;
+        let failed = |_| violation(ProtocolViolation::BadRecord("record failed authentication"));
+        if out.remaining() >= n {
+            state
+                .read_message(record, out.initialize_unfilled_to(n))
+                .map_err(failed)?;
+            out.advance(n);
+        } else {
+            plain.resize(n, 0);
+            state.read_message(record, plain).map_err(failed)?;
+            let k = out.remaining();
+            out.put_slice(&plain[..k]);
+            plain.advance(k);
+        }
+        at += RECORD_HEADER + len;
+    }
+    Ok(at)
+}
+
+/// Seals `src` as records at the end of `dst`.
+fn seal(state: &mut snow::TransportState, src: &[u8], dst: &mut BytesMut) -> io::Result<()> {
+    for chunk in src.chunks(MAX_RECORD_PLAINTEXT) {
+        let len = chunk.len() + TAG;
+        dst.reserve(RECORD_HEADER + len);
+        dst.put_u16(len as u16);
+        let at = dst.len();
+        dst.resize(at + len, 0);
+        state
+            .write_message(chunk, &mut dst[at..])
+            .map_err(|e| io::Error::other(format!("cannot seal a record: {e}")))?;
+    }
+    Ok(())
+}
+
+/// How many more bytes the partial record at the front of `rx` needs.
+fn record_need(rx: &[u8]) -> usize {
+    match rx {
+        [a, b, ..] => {
+            (RECORD_HEADER + u16::from_be_bytes([*a, *b]) as usize).saturating_sub(rx.len())
+        }
+        _ => RECORD_HEADER - rx.len(),
+    }
+}
+
+impl NoiseStream {
+    pub(crate) fn new(tcp: TcpStream, state: snow::TransportState) -> NoiseStream {
+        NoiseStream {
+            tcp,
+            state,
+            rx: BytesMut::new(),
+            plain: BytesMut::new(),
+            tx: BytesMut::new(),
+        }
+    }
+
+    /// Moves opened plaintext to `out`.
+    fn take_plain(&mut self, out: &mut ReadBuf<'_>) {
+        if self.plain.is_empty() {
+            return;
+        }
+        let n = self.plain.len().min(out.remaining());
+        out.put_slice(&self.plain[..n]);
+        self.plain.advance(n);
+    }
+
+    /// Whether a read can make progress without the socket.
+    fn has_buffered(&self) -> bool {
+        !self.plain.is_empty() || (!self.rx.is_empty() && record_need(&self.rx) == 0)
+    }
+
+    fn poll_read(&mut self, cx: &mut Context<'_>, out: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let before = out.remaining();
+        loop {
+            self.take_plain(out);
+            if !self.rx.is_empty() && out.remaining() > 0 {
+                let used = open(&mut self.state, &self.rx, out, &mut self.plain)?;
+                self.rx.advance(used);
+            }
+            if out.remaining() < before || out.remaining() == 0 {
+                return Poll::Ready(Ok(()));
+            }
+            // Nothing to give yet: more ciphertext. A small read with
+            // nothing pending goes through the stack.
+            if self.rx.is_empty() && out.remaining() + OVERHEAD <= STACK {
+                let mut stack = [0; STACK];
+                let mut read = ReadBuf::new(&mut stack[..out.remaining() + OVERHEAD]);
+                ready!(Pin::new(&mut self.tcp).poll_read(cx, &mut read))?;
+                let got = read.filled();
+                if got.is_empty() {
+                    return Poll::Ready(Ok(()));
+                }
+                let used = open(&mut self.state, got, out, &mut self.plain)?;
+                self.rx.extend_from_slice(&got[used..]);
+                continue;
+            }
+            let want = record_need(&self.rx)
+                .max(out.remaining() + OVERHEAD)
+                .min(READ_MAX);
+            self.rx.reserve(want);
+            ready!(self.tcp.poll_read_ready(cx))?;
+            match self.tcp.try_read_buf(&mut self.rx) {
+                Ok(0) if self.rx.is_empty() => return Poll::Ready(Ok(())),
+                Ok(0) => {
+                    return Poll::Ready(Err(violation(ProtocolViolation::BadRecord(
+                        "connection ended inside a record",
+                    ))));
+                }
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+    }
+
+    /// Writes sealed records until none is left (`Ready`) or the socket
+    /// takes no more (`Pending`).
+    fn poll_drain(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while !self.tx.is_empty() {
+            match ready!(Pin::new(&mut self.tcp).poll_write(cx, &self.tx))? {
+                0 => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                n => self.tx.advance(n),
+            }
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_write(&mut self, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        ready!(self.poll_drain(cx))?;
+        let src = &buf[..buf.len().min(WRITE_CHUNK)];
+        if src.is_empty() {
+            return Poll::Ready(Ok(0));
+        }
+        if src.len() + OVERHEAD <= STACK {
+            // One small record (a heartbeat, an ack): sealed on the stack
+            // and written from there; only what the socket does not take
+            // is kept.
+            let mut stack = [0; STACK];
+            let len = src.len() + TAG;
+            stack[..RECORD_HEADER].copy_from_slice(&(len as u16).to_be_bytes());
+            self.state
+                .write_message(src, &mut stack[RECORD_HEADER..RECORD_HEADER + len])
+                .map_err(|e| io::Error::other(format!("cannot seal a record: {e}")))?;
+            let record = &stack[..RECORD_HEADER + len];
+            // The record is sealed (its nonce used): it must go out, now
+            // or later.
+            let written = match Pin::new(&mut self.tcp).poll_write(cx, record) {
+                Poll::Ready(Ok(n)) => n,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => 0,
+            };
+            self.tx.extend_from_slice(&record[written..]);
+        } else {
+            seal(&mut self.state, src, &mut self.tx)?;
+            if let Poll::Ready(Err(e)) = self.poll_drain(cx) {
+                return Poll::Ready(Err(e));
+            }
+        }
+        Poll::Ready(Ok(src.len()))
+    }
+}
+
+impl Stream {
+    /// The TCP stream underneath.
+    pub(crate) fn tcp(&self) -> &TcpStream {
+        match self {
+            Stream::Plain(s) => s,
+            Stream::Noise(n) => &n.tcp,
+        }
+    }
+
+    /// `Ready` when a read may make progress (the socket is readable, or
+    /// records wait to be opened).
+    pub(crate) fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self {
+            Stream::Noise(n) if n.has_buffered() => Poll::Ready(Ok(())),
+            s => s.tcp().poll_read_ready(cx),
+        }
+    }
+
+    /// How many bytes of sealed records wait to be written (a flush writes
+    /// them).
+    pub(crate) fn unwritten(&self) -> usize {
+        match self {
+            Stream::Plain(_) => 0,
+            Stream::Noise(n) => n.tx.len(),
+        }
+    }
+
+    /// Gives back the memory of empty buffers (an idle session holds none).
+    pub(crate) fn release_idle(&mut self) {
+        if let Stream::Noise(n) = self {
+            for b in [&mut n.rx, &mut n.plain, &mut n.tx] {
+                if b.is_empty() && b.capacity() > 0 {
+                    *b = BytesMut::new();
+                }
+            }
+        }
+    }
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Stream::Noise(n) => n.poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Stream::Noise(n) => n.poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_flush(cx),
+            Stream::Noise(n) => n.poll_drain(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Stream::Noise(n) => {
+                ready!(n.poll_drain(cx))?;
+                Pin::new(&mut n.tcp).poll_shutdown(cx)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

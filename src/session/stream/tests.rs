@@ -1,0 +1,275 @@
+//! The record layer against a real loopback connection: what is written
+//! arrives whole and in order at any size, and a record that was tampered
+//! with, replayed, reordered or cut short ends the stream with the
+//! violation that names it. Also the handshake's refusals.
+
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+use super::{MAX_RECORD_PLAINTEXT, NoiseStream, RECORD_HEADER, Stream, TAG, violation_of};
+use crate::event::{DownReason, ProtocolViolation};
+use crate::peer::PeerId;
+use crate::session::noise::{NoiseKeys, handshake};
+
+const T: Duration = Duration::from_secs(5);
+
+async fn tcp_pair() -> (TcpStream, TcpStream) {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let dial = TcpStream::connect(l.local_addr().unwrap());
+    let (a, b) = tokio::join!(dial, l.accept());
+    (a.unwrap(), b.unwrap().0)
+}
+
+fn keys(secret: u8, psk: Option<[u8; 32]>, service: &str) -> NoiseKeys {
+    NoiseKeys::new([secret; 32], psk, service)
+}
+
+/// Both sides' handshake results, initiator first.
+async fn shake(
+    a: NoiseKeys,
+    b: NoiseKeys,
+) -> (
+    Result<(NoiseStream, [u8; 32]), DownReason>,
+    Result<(NoiseStream, [u8; 32]), DownReason>,
+) {
+    let (ta, tb) = tcp_pair().await;
+    tokio::join!(handshake(ta, &a, true, T), handshake(tb, &b, false, T))
+}
+
+async fn pair() -> (NoiseStream, NoiseStream) {
+    let (a, b) = shake(keys(1, None, "s"), keys(2, None, "s")).await;
+    (a.unwrap().0, b.unwrap().0)
+}
+
+/// Reads until the end of the stream or an error.
+async fn read_to_end(s: &mut Stream) -> (Vec<u8>, Option<std::io::Error>) {
+    let mut got = Vec::new();
+    let mut buf = vec![0; 3000];
+    loop {
+        match s.read(&mut buf).await {
+            Ok(0) => return (got, None),
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) => return (got, Some(e)),
+        }
+    }
+}
+
+fn sealed(state: &mut snow::TransportState, plain: &[u8]) -> Vec<u8> {
+    let mut out = vec![0; RECORD_HEADER + plain.len() + TAG];
+    let n = state
+        .write_message(plain, &mut out[RECORD_HEADER..])
+        .unwrap();
+    out[..RECORD_HEADER].copy_from_slice(&(n as u16).to_be_bytes());
+    out
+}
+
+#[tokio::test]
+async fn what_is_written_arrives_whole_and_in_order_at_any_size() {
+    let (a, b) = pair().await;
+    let (mut a, mut b) = (Stream::Noise(Box::new(a)), Stream::Noise(Box::new(b)));
+    // Sizes around the stack path, one record, and many records.
+    let sizes = [
+        1,
+        13,
+        400,
+        494,
+        495,
+        4096,
+        MAX_RECORD_PLAINTEXT,
+        65536,
+        300_000,
+    ];
+    let data: Vec<u8> = (0..sizes.iter().sum::<usize>())
+        .map(|i| (i * 7 % 251) as u8)
+        .collect();
+    let writer = {
+        let data = data.clone();
+        tokio::spawn(async move {
+            let mut at = 0;
+            for n in sizes {
+                a.write_all(&data[at..at + n]).await.unwrap();
+                at += n;
+            }
+            a.shutdown().await.unwrap();
+            assert_eq!(a.unwritten(), 0);
+        })
+    };
+    let (got, err) = read_to_end(&mut b).await;
+    writer.await.unwrap();
+    assert!(err.is_none(), "{err:?}");
+    assert_eq!(got.len(), data.len());
+    assert!(got == data, "the bytes differ");
+}
+
+#[tokio::test]
+async fn idle_streams_hold_no_buffers() {
+    let (a, b) = pair().await;
+    let (mut a, mut b) = (Stream::Noise(Box::new(a)), Stream::Noise(Box::new(b)));
+    a.write_all(&[7; 13]).await.unwrap();
+    let mut buf = [0; 256];
+    assert_eq!(b.read(&mut buf).await.unwrap(), 13);
+    a.write_all(&vec![1; 200_000]).await.unwrap();
+    let mut left = 200_000;
+    let mut big = vec![0; 65536];
+    while left > 0 {
+        left -= b.read(&mut big).await.unwrap();
+    }
+    for s in [&mut a, &mut b] {
+        s.release_idle();
+        let Stream::Noise(n) = s else { unreachable!() };
+        assert_eq!(
+            (n.rx.capacity(), n.plain.capacity(), n.tx.capacity()),
+            (0, 0, 0)
+        );
+    }
+}
+
+/// The violation the reader ends with after `raw` arrives in place of
+/// the records the peer would send.
+async fn violation_after(
+    raw: impl FnOnce(&mut snow::TransportState) -> Vec<u8>,
+) -> ProtocolViolation {
+    let (a, b) = pair().await;
+    let mut reader = Stream::Noise(Box::new(a));
+    let NoiseStream {
+        mut tcp, mut state, ..
+    } = b;
+    let bytes = raw(&mut state);
+    tcp.write_all(&bytes).await.unwrap();
+    tcp.shutdown().await.unwrap();
+    let (_, err) = read_to_end(&mut reader).await;
+    violation_of(&err.expect("the stream must fail")).expect("a protocol violation")
+}
+
+#[tokio::test]
+async fn a_tampered_record_ends_the_stream() {
+    let v = violation_after(|s| {
+        let mut r = sealed(s, b"turn the lamp on");
+        r[RECORD_HEADER + 3] ^= 1;
+        r
+    })
+    .await;
+    assert_eq!(
+        v,
+        ProtocolViolation::BadRecord("record failed authentication")
+    );
+}
+
+#[tokio::test]
+async fn a_replayed_record_ends_the_stream() {
+    let v = violation_after(|s| {
+        let r = sealed(s, b"unlock");
+        [r.clone(), r].concat()
+    })
+    .await;
+    assert_eq!(
+        v,
+        ProtocolViolation::BadRecord("record failed authentication")
+    );
+}
+
+#[tokio::test]
+async fn reordered_records_end_the_stream() {
+    let v = violation_after(|s| {
+        let first = sealed(s, b"one");
+        let second = sealed(s, b"two");
+        [second, first].concat()
+    })
+    .await;
+    assert_eq!(
+        v,
+        ProtocolViolation::BadRecord("record failed authentication")
+    );
+}
+
+#[tokio::test]
+async fn a_record_cut_short_ends_the_stream() {
+    let v = violation_after(|s| {
+        let r = sealed(s, b"half of this arrives");
+        r[..r.len() / 2].to_vec()
+    })
+    .await;
+    assert_eq!(
+        v,
+        ProtocolViolation::BadRecord("connection ended inside a record")
+    );
+}
+
+#[tokio::test]
+async fn a_record_shorter_than_its_tag_ends_the_stream() {
+    let v = violation_after(|_| vec![0, 5, 1, 2, 3, 4, 5]).await;
+    assert_eq!(
+        v,
+        ProtocolViolation::BadRecord("record shorter than its tag")
+    );
+}
+
+#[tokio::test]
+async fn each_side_proves_its_key() {
+    let (a, b) = shake(keys(1, None, "s"), keys(2, None, "s")).await;
+    let (a_saw, b_saw) = (a.unwrap().1, b.unwrap().1);
+    let public = |s: u8| crate::Identity::from_secret([s; 32]).public_key();
+    assert_eq!((a_saw, b_saw), (public(2), public(1)));
+    assert_eq!(
+        PeerId::from_public_key(&a_saw),
+        crate::Identity::from_secret([2; 32]).peer_id()
+    );
+}
+
+fn handshake_failed(r: Result<(NoiseStream, [u8; 32]), DownReason>) -> DownReason {
+    r.err().expect("the handshake must fail")
+}
+
+#[tokio::test]
+async fn another_service_or_fleet_key_fails_the_handshake() {
+    let psk = Some([9; 32]);
+    for (a, b) in [
+        (keys(1, None, "lamps"), keys(2, None, "locks")),
+        (keys(1, psk, "s"), keys(2, Some([8; 32]), "s")),
+        (keys(1, psk, "s"), keys(2, None, "s")),
+        (keys(1, None, "s"), keys(2, psk, "s")),
+    ] {
+        let (ra, rb) = shake(a, b).await;
+        // The side that cannot authenticate what it read names the step;
+        // the other sees the connection end.
+        let reasons = [handshake_failed(ra), handshake_failed(rb)];
+        assert!(
+            reasons.contains(&DownReason::ProtocolError(ProtocolViolation::Handshake(
+                "handshake message failed authentication"
+            ))),
+            "{reasons:?}"
+        );
+    }
+    let (ra, rb) = shake(keys(1, psk, "s"), keys(2, psk, "s")).await;
+    assert!(ra.is_ok() && rb.is_ok());
+}
+
+#[tokio::test]
+async fn a_plaintext_peer_is_named() {
+    let (ta, mut tb) = tcp_pair().await;
+    // Protocol 1 opens with a hello frame: a 4-byte length below 64 KiB.
+    tb.write_all(&[0, 0, 0, 40, 1]).await.unwrap();
+    let r = handshake(ta, &keys(1, None, "s"), false, T).await;
+    assert_eq!(
+        handshake_failed(r),
+        DownReason::ProtocolError(ProtocolViolation::PlaintextPeer)
+    );
+}
+
+#[tokio::test]
+async fn an_oversized_or_silent_handshake_is_refused() {
+    let (ta, mut tb) = tcp_pair().await;
+    tb.write_all(&[0x10, 0x00]).await.unwrap();
+    let r = handshake(ta, &keys(1, None, "s"), false, T).await;
+    assert_eq!(
+        handshake_failed(r),
+        DownReason::ProtocolError(ProtocolViolation::Handshake(
+            "handshake message longer than 1024 bytes"
+        ))
+    );
+    let (ta, _tb) = tcp_pair().await;
+    let r = handshake(ta, &keys(1, None, "s"), false, Duration::from_millis(50)).await;
+    assert_eq!(handshake_failed(r), DownReason::HandshakeTimeout);
+}

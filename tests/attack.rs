@@ -574,3 +574,107 @@ async fn a_spoofed_announce_drops_no_session_and_diverts_no_message() {
     assert!(connects <= 20, "{connects} dials");
     listener.abort();
 }
+
+/// A forged hello (issue 14): a host that can complete a Noise handshake
+/// with its own key connects to A every 0.3 s and claims B's id in its
+/// hello; between those, a plaintext client claims it too. Before Noise
+/// each such connection replaced the real session and took A's messages.
+/// Now each is refused (the key does not prove the id), A's session with
+/// B stays, and not one message reaches the attacker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forged_hello_is_refused_and_diverts_no_message() {
+    let _serial = SERIAL.lock().await;
+    trace();
+    let port = free_port();
+    let ((a, mut ea), (b, mut eb)) = connected_pair(
+        config("forge", port).name("a").build().unwrap(),
+        config("forge", port).name("b").build().unwrap(),
+    )
+    .await;
+    let service = format!("t-forge-{}", std::process::id());
+    let tcp = std::net::SocketAddr::from(([127, 0, 0, 1], a.local().tcp_port));
+    let before = a.stats();
+    let (aid, bid) = (a.id(), b.id());
+    let attacker = tokio::spawn(async move {
+        let mut data_frames = 0;
+        let mut attempts = 0;
+        for round in 0..10u8 {
+            // With its own key, claiming B's id.
+            let s = TcpStream::connect(tcp).await.unwrap();
+            let mut conn = noise::handshake(s, &service, &noise::secret(0x66 + round), true)
+                .await
+                .expect("anyone may complete a handshake, as itself");
+            assert_eq!(
+                noise::id_of_key(&conn.remote_key),
+                aid,
+                "A proves its own id"
+            );
+            let forged = noise::hello(&service, bid, "b");
+            conn.send(&frame(1, &serde_json::to_vec(&forged).unwrap()))
+                .await
+                .unwrap();
+            while let Ok(Some((ty, _))) = timeout(Duration::from_secs(2), conn.recv_frame()).await {
+                if ty == 4 {
+                    data_frames += 1;
+                }
+            }
+            // In plaintext (protocol 1), claiming B's id.
+            let mut s = TcpStream::connect(tcp).await.unwrap();
+            let mut hello = noise::hello(&service, bid, "b");
+            hello["protocol"] = 1.into();
+            let _ = s
+                .write_all(&frame(1, &serde_json::to_vec(&hello).unwrap()))
+                .await;
+            let mut buf = [0u8; 4096];
+            while let Ok(Ok(n)) = timeout(Duration::from_secs(2), s.read(&mut buf)).await {
+                if n == 0 {
+                    break;
+                }
+            }
+            attempts += 2;
+            sleep(Duration::from_millis(300)).await;
+        }
+        (attempts, data_frames)
+    });
+    let mut sent = 0u32;
+    while !attacker.is_finished() {
+        a.send(bid, sent.to_be_bytes().to_vec()).await.unwrap();
+        sent += 1;
+        sleep(Duration::from_millis(20)).await;
+    }
+    let (attempts, diverted) = attacker.await.unwrap();
+    sleep(Duration::from_millis(200)).await;
+    let mut received = 0u32;
+    while let Some(e) = eb.try_recv() {
+        match e {
+            Event::Message { data, .. } => {
+                assert_eq!(u32::from_be_bytes(data[..].try_into().unwrap()), received);
+                received += 1;
+            }
+            Event::SessionDown { reason, .. } => panic!("b's session went down: {reason}"),
+            _ => {}
+        }
+    }
+    while let Some(e) = ea.try_recv() {
+        match e {
+            Event::SessionDown { peer, reason } => {
+                panic!("a's session with {peer} went down: {reason}")
+            }
+            Event::SessionUp { peer, .. } => panic!("a session with {peer} came up"),
+            _ => {}
+        }
+    }
+    let refused = a.stats().handshake_failures - before.handshake_failures;
+    println!(
+        "ATTACK: {attempts} forged hellos (Noise and plaintext): {refused} refused, {diverted} messages diverted, {received}/{sent} delivered to the real peer"
+    );
+    assert_eq!(diverted, 0);
+    assert_eq!(
+        received, sent,
+        "every message reached the real peer, in order"
+    );
+    assert_eq!(
+        refused, attempts as u64,
+        "each forged connection was refused and counted"
+    );
+}

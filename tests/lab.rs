@@ -633,3 +633,73 @@ fn s13_a_duplicated_id_is_reported_and_does_not_flap() {
     );
     assert!(changes.is_empty(), "still flapping: {changes:?}");
 }
+
+/// Every frame that crosses the bridge for `d`: an `AF_PACKET` socket in
+/// the bridge's namespace sees each port's traffic, headers and all.
+fn capture(d: Duration) -> (usize, Vec<u8>) {
+    use socket2::{Domain, Protocol, Socket, Type};
+    use std::io::Read;
+    // ETH_P_ALL, in network byte order.
+    let mut s = Socket::new(Domain::PACKET, Type::RAW, Some(Protocol::from(0x0300))).unwrap();
+    s.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+    let end = Instant::now() + d;
+    let (mut frames, mut bytes) = (0, Vec::new());
+    let mut buf = vec![0u8; 65536];
+    while Instant::now() < end {
+        if let Ok(n) = s.read(&mut buf) {
+            frames += 1;
+            bytes.extend_from_slice(&buf[..n]);
+        }
+    }
+    (frames, bytes)
+}
+
+/// Nothing a message says can be read off the wire (issue 14): a capture
+/// on the bridge of everything two hosts exchange never holds the
+/// message's marker. The same capture of two peers in insecure plaintext
+/// mode does: the capture sees what it must.
+#[test]
+fn s14_a_capture_of_the_wire_never_holds_a_message() {
+    let Some(lab) = Lab::new("s14", 4) else {
+        return;
+    };
+    const MARKER: &str = "MARKER-c0ffee-turn-the-lamp-on";
+    let mut seen = Vec::new();
+    for (hosts, args) in [((0, 1), &[][..]), ((2, 3), &["--insecure-plaintext"][..])] {
+        let cap = lab.inside_bridge(|| capture(Duration::from_secs(3)));
+        std::thread::sleep(Duration::from_millis(100));
+        let mut a = lab.peer(hosts.0, "a", args);
+        let mut b = lab.peer(hosts.1, "b", args);
+        both_up(&mut a, 0, &mut b, 0, Duration::from_secs(2));
+        for i in 0..20 {
+            a.say(&format!("{MARKER} {i}"));
+        }
+        b.wait(0, Duration::from_secs(1), |v| {
+            v["event"] == "message" && v["data"] == format!("{MARKER} 19")
+        });
+        let (frames, bytes) = cap.join().unwrap();
+        let found = bytes
+            .windows(MARKER.len())
+            .filter(|w| *w == MARKER.as_bytes())
+            .count();
+        println!(
+            "LAB: s14 {}: {frames} frames ({} bytes) captured, marker found {found} times",
+            if args.is_empty() {
+                "encrypted"
+            } else {
+                "plaintext"
+            },
+            bytes.len()
+        );
+        seen.push((frames, found));
+    }
+    let [(enc_frames, enc_found), (_, plain_found)] = seen[..] else {
+        unreachable!()
+    };
+    assert!(enc_frames > 20, "the capture saw the session");
+    assert_eq!(enc_found, 0, "a message was readable on the wire");
+    assert!(
+        plain_found >= 20,
+        "the capture missed the plaintext messages"
+    );
+}

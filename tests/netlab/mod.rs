@@ -183,15 +183,32 @@ impl Lab {
         i: usize,
         f: impl FnOnce() -> T + Send + 'static,
     ) -> std::thread::JoinHandle<T> {
-        let path = format!("/run/netns/{}", self.ns(i));
-        std::thread::spawn(move || {
-            let ns = std::fs::File::open(&path).expect("open the namespace");
-            nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET)
-                .expect("enter the namespace");
-            f()
-        })
+        in_namespace(self.ns(i), f)
     }
 
+    /// Runs `f` on a thread of its own inside the bridge's namespace (to
+    /// capture what crosses the wire).
+    pub fn inside_bridge<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> std::thread::JoinHandle<T> {
+        in_namespace(&self.bridge_ns(), f)
+    }
+}
+
+fn in_namespace<T: Send + 'static>(
+    ns: &str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> std::thread::JoinHandle<T> {
+    let path = format!("/run/netns/{ns}");
+    std::thread::spawn(move || {
+        let ns = std::fs::File::open(&path).expect("open the namespace");
+        nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET).expect("enter the namespace");
+        f()
+    })
+}
+
+impl Lab {
     /// The address of host `i`.
     pub fn ip(&self, i: usize) -> Ipv4Addr {
         Ipv4Addr::new(10, 77, 0, i as u8 + 1)

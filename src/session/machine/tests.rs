@@ -378,6 +378,44 @@ fn handshake_violations_are_precise() {
 }
 
 #[test]
+fn a_hello_must_claim_the_id_the_key_proved_and_our_protocol() {
+    let now = Instant::now();
+    let mut s = Session::new(now, cfg(1, 100, 300), None);
+    s.set_proven(PeerId::from_u64(7));
+    drain(&mut s);
+    s.handle_frame(now, Frame::Hello(Ok(Box::new(hello(2, 100, 300)))));
+    let refused = ProtocolViolation::Unauthenticated {
+        claimed: PeerId::from_u64(2),
+        proven: PeerId::from_u64(7),
+    };
+    assert_eq!(
+        drain(&mut s),
+        (
+            vec![],
+            vec![SessionEvent::Closed(DownReason::ProtocolError(refused))]
+        )
+    );
+    // The proven id is accepted.
+    let mut s = Session::new(now, cfg(1, 100, 300), None);
+    s.set_proven(PeerId::from_u64(2));
+    s.handle_frame(now, Frame::Hello(Ok(Box::new(hello(2, 100, 300)))));
+    assert!(s.is_established());
+    // A hello of the other known protocol (plaintext against Noise).
+    let mut s = Session::new(now, cfg(1, 100, 300), None);
+    let v1 = Hello {
+        protocol: crate::wire::PLAINTEXT_PROTOCOL_VERSION,
+        ..hello(2, 100, 300)
+    };
+    s.handle_frame(now, Frame::Hello(Ok(Box::new(v1))));
+    assert_eq!(
+        drain(&mut s).1,
+        vec![SessionEvent::Closed(DownReason::ProtocolError(
+            ProtocolViolation::UnsupportedVersion(1)
+        ))]
+    );
+}
+
+#[test]
 fn established_violations_close() {
     let now = Instant::now();
     let mut s = Session::new(now, cfg(1, 100, 300), None);

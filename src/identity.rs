@@ -3,10 +3,10 @@
 //!
 //! Why: an id that comes from a key can be kept across restarts by keeping
 //! the key (a file), and it is what the encrypted sessions of protocol
-//! version 2 will prove: only the holder of the private key can complete a
+//! version 2 prove: only the holder of the private key can complete a
 //! Noise handshake under that public key, so only it can present the id.
-//! Until then (sessions are still plaintext, see `docs/HARDENING.md`) an
-//! identity gives a stable id and a fingerprint to compare, not proof.
+//! (In insecure plaintext mode an identity gives a stable id and a
+//! fingerprint to compare, not proof.)
 //!
 //! The id is the first 8 bytes, big-endian, of BLAKE2s-256 of the 32-byte
 //! public key (`docs/PROTOCOL.md`, "Identities"). The key file holds the
@@ -262,6 +262,9 @@ mod tests {
         let hash = Blake2s256::digest(id.public_key());
         let expected = u64::from_be_bytes(hash[..8].try_into().unwrap());
         assert_eq!(id.peer_id(), PeerId::from_u64(expected));
+        // As docs/PROTOCOL.md §5 shows them.
+        assert_eq!(id.peer_id().to_string(), "156c329c9ca9dea7");
+        assert_eq!(id.fingerprint(), "156c-329c-9ca9-dea7-d5cd-d2c4-e5c3-b25f");
         let fp = id.fingerprint();
         assert_eq!(fp.len(), 8 * 4 + 7);
         assert!(fp.starts_with(&format!("{:02x}{:02x}-", hash[0], hash[1])));

@@ -5,7 +5,7 @@
 //! cargo run --release --example bench -- lifecycle [--trials N]
 //! cargo run --release --example bench -- rtt [--n N]
 //! cargo run --release --example bench -- throughput [--scale F]
-//! cargo run --release --example bench -- scale [--sessions 1000,10000] [--secs 30] [--rounds 1] [--paired [--pin] [--timeout-baseline]]
+//! cargo run --release --example bench -- scale [--sessions 1000,10000] [--secs 30] [--rounds 1] [--paired [--pin] [--timeout-baseline | --noise]]
 //! cargo run --release --example bench -- discovery [--trials 50]   (namespaces need root)
 //! cargo run --release --example bench -- detect [--trials 20]      (root)
 //! cargo run --release --example bench -- soak [--minutes 10]
@@ -65,6 +65,10 @@ struct Args {
     /// read timeout.
     #[arg(long)]
     timeout_baseline: bool,
+    /// Scale, with `--paired`: compare lanbeat with Noise against
+    /// plaintext lanbeat.
+    #[arg(long)]
+    noise: bool,
 }
 
 fn main() {
@@ -102,8 +106,14 @@ fn main() {
         "rtt" => msg::rtt(args.n),
         "throughput" => msg::throughput(args.scale),
         "scale" if args.paired => {
-            let (pin, timeout) = (args.pin, args.timeout_baseline);
-            scale::scale_paired(&args.sessions, args.secs, args.rounds, pin, timeout)
+            let pairing = if args.noise {
+                scale::Pairing::Noise
+            } else {
+                scale::Pairing::Raw {
+                    timeout: args.timeout_baseline,
+                }
+            };
+            scale::scale_paired(&args.sessions, args.secs, args.rounds, args.pin, pairing)
         }
         "scale" => scale::scale(&args.sessions, args.secs, args.rounds),
         "discovery" => net::discovery(args.trials.max(50)),

@@ -13,6 +13,7 @@ use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
+use crate::common::noise;
 use crate::util::{Helper, arg, cpu_times, rss_kib};
 
 fn frame(ty: u8, payload: &[u8]) -> Vec<u8> {
@@ -27,12 +28,14 @@ pub(crate) async fn child(role: &str, args: &[String]) -> bool {
     match role {
         "raw-hb-server" => raw_server(false).await,
         "raw-hb-server-timeout" => raw_server(true).await,
-        "lb-hb-server" => lb_server(arg(args, "--sessions")).await,
+        "lb-hb-server" => lb_server(arg(args, "--sessions"), false).await,
+        "lb-hb-server-noise" => lb_server(arg(args, "--sessions"), true).await,
         "hb-client" => {
             client(
                 arg(args, "--port"),
                 arg(args, "--sessions"),
                 arg(args, "--lanbeat"),
+                arg(args, "--noise"),
             )
             .await
         }
@@ -70,8 +73,14 @@ async fn raw_server(timeout: bool) {
     }
 }
 
-async fn lb_server(sessions: usize) {
-    let config = Config::builder("scale")
+/// A lanbeat node accepting the sessions: in plaintext (protocol 1, what
+/// the raw servers are compared with), or with `noise` (the default).
+async fn lb_server(sessions: usize, noise: bool) {
+    let mut config = Config::builder("scale");
+    if !noise {
+        config = config.insecure_plaintext();
+    }
+    let config = config
         .loopback_only()
         .discovery_port(crate::util::free_port())
         .max_sessions(sessions + 16)
@@ -85,8 +94,11 @@ async fn lb_server(sessions: usize) {
 
 /// Opens `n` connections; on each, pings once a second (13 bytes; 17 with
 /// the round-trip report of a lanbeat dialer). Speaks the lanbeat handshake
-/// when `lanbeat`.
-async fn client(port: u16, n: usize, lanbeat: bool) {
+/// when `lanbeat`, after a Noise handshake and in records with `noise`.
+async fn client(port: u16, n: usize, lanbeat: bool, noise: bool) {
+    if noise {
+        return noise_client(port, n).await;
+    }
     let mut tasks = Vec::new();
     for i in 0..n {
         let mut s = loop {
@@ -152,6 +164,64 @@ async fn client(port: u16, n: usize, lanbeat: bool) {
                 }
             }
             writer.abort();
+        }));
+        if i % 256 == 255 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+    println!("connected");
+    futures_pending().await;
+}
+
+/// The client of a Noise server: the same pings as [`client`]'s, in
+/// records (one per ping), after the handshake and the hellos.
+async fn noise_client(port: u16, n: usize) {
+    let mut tasks = Vec::new();
+    for i in 0..n {
+        let s = loop {
+            match TcpStream::connect(("127.0.0.1", port)).await {
+                Ok(s) => break s,
+                Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+            }
+        };
+        let mut secret = [0u8; 32];
+        secret[..8].copy_from_slice(&(i as u64 + 1).to_be_bytes());
+        let mut conn = noise::handshake(s, "scale", &secret, true).await.unwrap();
+        let mut hello = noise::hello("scale", noise::id_of(&secret), "c");
+        hello["role"] = "controller".into();
+        hello["heartbeat_interval_ms"] = 1000.into();
+        hello["heartbeat_timeout_ms"] = 3000.into();
+        conn.exchange_hellos(&hello).await;
+        let phase = Duration::from_micros((i as u64 * 1_000_000 / n as u64) % 1_000_000);
+        tasks.push(tokio::spawn(async move {
+            tokio::time::sleep(phase).await;
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            // As the plaintext client: each ping after the first reports
+            // the last round trip, so the server stays passive.
+            let (mut sent_at, mut rtt_us) = (Instant::now(), 0u32);
+            for seq in 1u64.. {
+                tokio::select! {
+                    _ = tick.tick() => {
+                        let mut payload = seq.to_be_bytes().to_vec();
+                        if rtt_us > 0 {
+                            payload.extend_from_slice(&rtt_us.to_be_bytes());
+                        }
+                        let ping = conn.seal(&frame(2, &payload));
+                        sent_at = Instant::now();
+                        if conn.tcp.write_all(&ping).await.is_err() {
+                            break;
+                        }
+                    }
+                    // One frame per record: a read is whole.
+                    f = conn.recv_frame() => match f {
+                        Some((3, _)) => {
+                            rtt_us = sent_at.elapsed().as_micros().clamp(1, u32::MAX as u128) as u32;
+                        }
+                        Some(_) => {}
+                        None => break,
+                    },
+                }
+            }
         }));
         if i % 256 == 255 {
             tokio::time::sleep(Duration::from_millis(5)).await;
@@ -233,7 +303,8 @@ struct Running {
 impl Running {
     /// With `pin`, the server runs on CPU 0 and its client on CPU 1.
     fn start(role: &str, n: usize, pin: bool) -> Running {
-        let lanbeat = role == "lb-hb-server";
+        let lanbeat = role.starts_with("lb-");
+        let noise = role == "lb-hb-server-noise";
         let mut server = Helper::start(
             &[role.into(), "--sessions".into(), n.to_string()],
             pin.then_some(0),
@@ -251,6 +322,8 @@ impl Running {
                 n.to_string(),
                 "--lanbeat".into(),
                 lanbeat.to_string(),
+                "--noise".into(),
+                noise.to_string(),
             ],
             pin.then_some(1),
             None,
@@ -340,14 +413,27 @@ impl Window {
 ///
 /// With `timeout`, the baseline is the raw server with a 3 s read timeout:
 /// the least a heartbeat that notices a silent peer must do.
+/// What `scale --paired` puts side by side: a baseline and lanbeat.
+#[derive(Clone, Copy)]
+pub(crate) enum Pairing {
+    /// Raw tokio (or with `timeout`, raw tokio with a read timeout) and
+    /// plaintext lanbeat.
+    Raw { timeout: bool },
+    /// Plaintext lanbeat and lanbeat with Noise.
+    Noise,
+}
+
 pub(crate) fn scale_paired(
     sessions: &[usize],
     secs: u64,
     windows: usize,
     pin: bool,
-    timeout: bool,
+    pairing: Pairing,
 ) {
-    let (role, what) = SERVERS[usize::from(timeout)];
+    let ((role, what), candidate) = match pairing {
+        Pairing::Raw { timeout } => (SERVERS[usize::from(timeout)], "lb-hb-server"),
+        Pairing::Noise => (("lb-hb-server", "lanbeat plaintext"), "lb-hb-server-noise"),
+    };
     println!("idle sessions at 1 Hz heartbeat; {what} and lanbeat servers side by side,");
     println!("CPU sampled over the same {windows} window(s) of {secs} s");
     if pin {
@@ -360,7 +446,7 @@ pub(crate) fn scale_paired(
     println!("| --- | --- | --- | --- | --- | --- |");
     for &n in sessions {
         let raw = Running::start(role, n, pin);
-        let lb = Running::start("lb-hb-server", n, pin);
+        let lb = Running::start(candidate, n, pin);
         let mut ratios = Vec::new();
         let mut cpus = (Vec::new(), Vec::new());
         for w in 1..=windows.max(1) {

@@ -161,3 +161,73 @@ pub(crate) async fn handshake(
     };
     Ok((NoiseStream::new(tcp, state), key))
 }
+
+#[cfg(test)]
+mod tests {
+    //! The worked example of docs/PROTOCOL.md §6, byte for byte: with the
+    //! documented static and ephemeral keys, any Noise library produces
+    //! these messages.
+
+    use super::{PATTERN, prologue};
+
+    fn hex(b: &[u8]) -> String {
+        b.iter().map(|x| format!("{x:02x}")).collect()
+    }
+
+    fn unhex(s: &str) -> Vec<u8> {
+        (0..s.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
+            .collect()
+    }
+
+    /// RFC 7748's Alice and Bob as the static keys; ephemerals of all
+    /// 0x11 and all 0x22 bytes.
+    const ALICE: &str = "77076d0a7318a57d3c16c17251b26645df4c2f87ebc0992ab177fba51db92c2a";
+    const BOB: &str = "5dab087e624a8a4b79e17f8b83800ee66f3bb1292618b6fd1c2f8b27ff88e0eb";
+
+    #[test]
+    fn the_worked_example_of_the_spec() {
+        let (alice, bob) = (unhex(ALICE), unhex(BOB));
+        let (ea, eb) = ([0x11; 32], [0x22; 32]);
+        let p = prologue("lamps");
+        fn build<'a>(s: &'a [u8], e: &'a [u8], p: &'a [u8]) -> snow::Builder<'a> {
+            snow::Builder::new(PATTERN.parse().unwrap())
+                .local_private_key(s)
+                .unwrap()
+                .fixed_ephemeral_key_for_testing_only(e)
+                .prologue(p)
+                .unwrap()
+        }
+        let mut i = build(&alice, &ea, &p).build_initiator().unwrap();
+        let mut r = build(&bob, &eb, &p).build_responder().unwrap();
+        let (mut buf, mut out) = ([0u8; 200], [0u8; 200]);
+        let mut msgs = Vec::new();
+        for turn in 0..3 {
+            let (w, rd) = if turn % 2 == 0 {
+                (&mut i, &mut r)
+            } else {
+                (&mut r, &mut i)
+            };
+            let n = w.write_message(&[], &mut buf).unwrap();
+            rd.read_message(&buf[..n], &mut out).unwrap();
+            msgs.push(hex(&buf[..n]));
+        }
+        let mut i = i.into_transport_mode().unwrap();
+        let mut r = r.into_transport_mode().unwrap();
+        // The initiator's first frame after the handshake, as a record: a
+        // ping, seq 1 (a hello is sealed the same way).
+        let ping = [0, 0, 0, 9, 2, 0, 0, 0, 0, 0, 0, 0, 1];
+        let n = i.write_message(&ping, &mut buf).unwrap();
+        let record = hex(&buf[..n]);
+        assert_eq!(r.read_message(&buf[..n], &mut out).unwrap(), 13);
+        let got = [msgs[0].as_str(), &msgs[1], &msgs[2], &record];
+        let want = [EXAMPLE_MSG1, EXAMPLE_MSG2, EXAMPLE_MSG3, EXAMPLE_PING];
+        assert_eq!(got, want, "docs/PROTOCOL.md §6 must be updated");
+    }
+
+    const EXAMPLE_MSG1: &str = "7b4e909bbe7ffe44c465a220037d608ee35897d31ef972f07f74892cb0f73f13";
+    const EXAMPLE_MSG2: &str = "0faa684ed28867b97f4a6a2dee5df8ce974e76b7018e3f22a1c4cf2678570f208103467573e75d654adf3b58cf04eda48ca3994a50c47b0dee5d2e1cc1e039f95b7b6bf018a12da76d59b9b2776514167996c726e04393ab0d44679428423b49";
+    const EXAMPLE_MSG3: &str = "612e4d559ac8a4809b345c048078a8fce9c1e0f71d3be0a51aff0d06e1b8715ac2a2d606e347bfa42a280ff9fca30c12f98d4b96e06070d30e7af8efa2218e21";
+    const EXAMPLE_PING: &str = "659463df2912fee1296164f7b29c2980b2c307b3005057ac334ee9aa10";
+}

@@ -92,6 +92,13 @@ pub struct Config {
     /// How sessions are protected. Default: [`Security::Noise`], encrypted
     /// and mutually authenticated.
     pub security: Security,
+    /// A key shared by the fleet: sessions only with nodes that hold it
+    /// (see [`FleetKey`](crate::FleetKey)). Needs [`Security::Noise`].
+    /// Discovery datagrams are not authenticated by it yet: a node without
+    /// the key still sees announces, but gets no session. Default: `None`
+    /// (open: any node of the service may open a session, under its own
+    /// proven id).
+    pub fleet_key: Option<crate::FleetKey>,
     /// Probe/answer/dial/accept behaviour. Default: [`Role::Peer`].
     pub role: Role,
     /// Small key/values announced to peers (firmware version, room...).
@@ -206,6 +213,7 @@ impl Config {
             id: None,
             identity: None,
             security: Security::Noise,
+            fleet_key: None,
             role: Role::Peer,
             metadata: BTreeMap::new(),
             discovery_port: DEFAULT_DISCOVERY_PORT,
@@ -252,6 +260,9 @@ impl Config {
         }
         if self.security == Security::Noise && self.id.is_some() && self.identity.is_none() {
             return Err(ConfigError::IdWithoutIdentity);
+        }
+        if self.security == Security::InsecurePlaintext && self.fleet_key.is_some() {
+            return Err(ConfigError::FleetKeyWithoutNoise);
         }
         let limits = self.datagram_limits();
         if self.service.is_empty() || self.service.len() > limits.max_text_len {
@@ -477,6 +488,12 @@ impl ConfigBuilder {
             loopback: true,
             loopback_only: true,
         };
+        self
+    }
+
+    /// Sets [`Config::fleet_key`]: sessions only with holders of `key`.
+    pub fn fleet_key(mut self, key: crate::FleetKey) -> Self {
+        self.config.fleet_key = Some(key);
         self
     }
 

@@ -51,6 +51,10 @@ pub enum ConfigError {
         "an id without an identity cannot be proven to peers: set an identity (its id derives from its key), or choose insecure plaintext sessions"
     )]
     IdWithoutIdentity,
+    /// A fleet key was set with insecure plaintext sessions, which cannot
+    /// use it: it would protect nothing.
+    #[error("a fleet key needs Noise sessions; insecure plaintext sessions cannot use it")]
+    FleetKeyWithoutNoise,
     /// An id and an identity were both set, and the identity's id is
     /// another: the id comes from the identity; leave the id unset.
     #[error("id {id} was set, but the identity's id is {identity}: set one of them")]

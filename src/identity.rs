@@ -55,6 +55,67 @@ pub enum IdentityError {
         /// What is wrong with it.
         why: &'static str,
     },
+    /// A fleet key file that does not hold a key.
+    #[error("fleet key file {path}: {why}")]
+    FleetKey {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        why: &'static str,
+    },
+}
+
+/// A pre-shared key for a fleet: with one in [`Config::fleet_key`], a node
+/// opens sessions only with nodes that hold the same key (it is mixed into
+/// the Noise handshake, `Noise_XXpsk0`: a node without it cannot complete
+/// or even start one). 32 random bytes, shared out of band.
+///
+/// [`Config::fleet_key`]: crate::Config::fleet_key
+#[derive(Clone, PartialEq, Eq)]
+pub struct FleetKey([u8; 32]);
+
+impl FleetKey {
+    /// A new random key (to share with the other nodes of the fleet).
+    pub fn generate() -> FleetKey {
+        FleetKey(rand::random())
+    }
+
+    /// The key from its 32 bytes.
+    pub fn from_bytes(key: [u8; 32]) -> FleetKey {
+        FleetKey(key)
+    }
+
+    /// The key's 32 bytes.
+    pub fn to_bytes(&self) -> [u8; 32] {
+        self.0
+    }
+
+    /// Loads a key kept in a file as 64 hex digits (surrounding white
+    /// space ignored).
+    ///
+    /// # Errors
+    /// [`IdentityError::Io`] when the file cannot be read,
+    /// [`IdentityError::FleetKey`] when it does not hold 64 hex digits.
+    pub fn load(path: impl AsRef<Path>) -> Result<FleetKey, IdentityError> {
+        let path = path.as_ref();
+        let text = std::fs::read_to_string(path).map_err(|source| IdentityError::Io {
+            path: path.to_owned(),
+            source,
+        })?;
+        parse_hex32(text.trim())
+            .map(FleetKey)
+            .ok_or_else(|| IdentityError::FleetKey {
+                path: path.to_owned(),
+                why: "not 64 hex digits",
+            })
+    }
+}
+
+/// Never shows the key.
+impl fmt::Debug for FleetKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("FleetKey(..)")
+    }
 }
 
 impl Identity {

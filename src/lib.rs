@@ -104,7 +104,7 @@ pub use bytes::Bytes;
 pub use config::{Config, ConfigBuilder, DEFAULT_DISCOVERY_PORT, InterfaceSelection, Security};
 pub use error::{ConfigError, DatagramError, Error, FrameError};
 pub use event::{DownReason, Event, ProtocolViolation};
-pub use identity::{Identity, IdentityError};
+pub use identity::{FleetKey, Identity, IdentityError};
 pub use node::{Events, LocalInfo, Node, PeerSender};
 pub use peer::{PeerId, PeerInfo, PeerState, PeerStatus, Role};
 pub use stats::Stats;

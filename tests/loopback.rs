@@ -540,3 +540,56 @@ async fn rtt_events_can_be_turned_off_and_json_goes_to_everyone() {
     assert!(rtt_b > 0, "the other node still reports them");
     assert_eq!(got.as_deref(), Some(&br#"{"lamp":"on"}"#[..]));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_holders_of_the_fleet_key_get_sessions() {
+    // Three nodes of one service: two share a fleet key, the third holds
+    // another, a fourth none. Only the two with the same key pair; the
+    // others' attempts fail in the handshake and are counted.
+    trace();
+    let port = free_port();
+    let fleet = lanbeat::FleetKey::generate();
+    let node = |name: &str, key: Option<lanbeat::FleetKey>| {
+        let mut b = config("fleet", port).name(name);
+        if let Some(k) = key {
+            b = b.fleet_key(k);
+        }
+        b.build().unwrap()
+    };
+    let ((a, mut ea), (b, mut eb)) =
+        connected_pair(node("a", Some(fleet.clone())), node("b", Some(fleet))).await;
+    let (other, mut eo) = Node::start(node("other", Some(lanbeat::FleetKey::generate())))
+        .await
+        .unwrap();
+    let (open, mut en) = Node::start(node("open", None)).await.unwrap();
+    // Long enough for every pair to discover and dial each other.
+    sleep(Duration::from_secs(2)).await;
+    for (who, events) in [("other", &mut eo), ("open", &mut en)] {
+        while let Some(e) = events.try_recv() {
+            assert!(
+                !matches!(e, Event::SessionUp { .. }),
+                "{who} got a session: {e:?}"
+            );
+        }
+    }
+    for events in [&mut ea, &mut eb] {
+        while let Some(e) = events.try_recv() {
+            if let Event::SessionUp { peer, .. } = e {
+                panic!("a session with {peer}, who lacks the key");
+            }
+        }
+    }
+    let failures: u64 = [&a, &b, &other, &open]
+        .iter()
+        .map(|n| n.stats().handshake_failures)
+        .sum();
+    assert!(failures > 0, "the others did try");
+    assert!(a.sender(b.id()).is_some(), "the key holders stay connected");
+    assert!(matches!(
+        lanbeat::Config::builder("x")
+            .insecure_plaintext()
+            .fleet_key(lanbeat::FleetKey::generate())
+            .build(),
+        Err(lanbeat::ConfigError::FleetKeyWithoutNoise)
+    ));
+}

@@ -30,6 +30,10 @@ pub struct Args {
     /// can read and hijack them. Default: encrypted and authenticated.
     #[arg(long)]
     pub insecure_plaintext: bool,
+    /// Fleet key file (64 hex digits): sessions only with peers that hold
+    /// the same key.
+    #[arg(long)]
+    pub psk_file: Option<std::path::PathBuf>,
     /// Identity file: the node's key pair, created if missing (mode 0600);
     /// the same file gives the same id on every start.
     #[arg(long)]
@@ -105,6 +109,9 @@ pub async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     }
     if args.insecure_plaintext {
         b = b.insecure_plaintext();
+    }
+    if let Some(path) = &args.psk_file {
+        b = b.fleet_key(lanbeat::FleetKey::load(path)?);
     }
     if let Some(path) = &args.identity {
         b = b.identity(lanbeat::Identity::load_or_create(path)?);

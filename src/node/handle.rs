@@ -160,7 +160,8 @@ impl Node {
         };
         let noise = match (config.security, &identity) {
             (Security::Noise, Some(i)) => {
-                Some(NoiseKeys::new(i.secret_key(), None, &config.service))
+                let psk = config.fleet_key.as_ref().map(|k| k.to_bytes());
+                Some(NoiseKeys::new(i.secret_key(), psk, &config.service))
             }
             _ => None,
         };

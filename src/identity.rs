@@ -98,10 +98,7 @@ impl FleetKey {
     /// [`IdentityError::FleetKey`] when it does not hold 64 hex digits.
     pub fn load(path: impl AsRef<Path>) -> Result<FleetKey, IdentityError> {
         let path = path.as_ref();
-        let text = std::fs::read_to_string(path).map_err(|source| IdentityError::Io {
-            path: path.to_owned(),
-            source,
-        })?;
+        let text = read(path)?;
         parse_hex32(text.trim())
             .map(FleetKey)
             .ok_or_else(|| IdentityError::FleetKey {
@@ -160,10 +157,7 @@ impl Identity {
     /// [`IdentityError::Malformed`] when it is not an identity file.
     pub fn load(path: impl AsRef<Path>) -> Result<Identity, IdentityError> {
         let path = path.as_ref();
-        let text = std::fs::read_to_string(path).map_err(|source| IdentityError::Io {
-            path: path.to_owned(),
-            source,
-        })?;
+        let text = read(path)?;
         let bad = |why| IdentityError::Malformed {
             path: path.to_owned(),
             why,
@@ -267,6 +261,14 @@ pub fn fingerprint(public_key: &[u8; 32]) -> String {
         .map(|c| format!("{:02x}{:02x}", c[0], c[1]))
         .collect::<Vec<_>>()
         .join("-")
+}
+
+/// A key file's text.
+fn read(path: &Path) -> Result<String, IdentityError> {
+    std::fs::read_to_string(path).map_err(|source| IdentityError::Io {
+        path: path.to_owned(),
+        source,
+    })
 }
 
 fn parse_hex32(s: &str) -> Option<[u8; 32]> {

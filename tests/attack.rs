@@ -380,6 +380,32 @@ async fn node_survives_an_attack_while_holding_a_real_session() {
     println!("real session carried {sent} messages each way through the attack");
 }
 
+/// The messages waiting in `events` (each a big-endian u32), in order;
+/// panics if a session went down meanwhile (or, with `no_new`, came up).
+fn messages_and_no_session_down(events: &mut lanbeat::Events, who: &str, no_new: bool) -> Vec<u32> {
+    let mut received = Vec::new();
+    while let Some(e) = events.try_recv() {
+        match e {
+            Event::Message { data, .. } => {
+                received.push(u32::from_be_bytes(data[..].try_into().unwrap()))
+            }
+            Event::SessionDown { peer, reason } => {
+                panic!("{who}'s session with {peer} went down: {reason}")
+            }
+            Event::SessionUp { peer, .. } if no_new => {
+                panic!("{who} got a new session with {peer}")
+            }
+            _ => {}
+        }
+    }
+    received
+}
+
+/// Panics if a session in `events` went down (or, with `no_new`, came up).
+fn no_session_down(events: &mut lanbeat::Events, who: &str, no_new: bool) {
+    messages_and_no_session_down(events, who, no_new);
+}
+
 fn open_fds() -> usize {
     std::fs::read_dir("/proc/self/fd").unwrap().count()
 }
@@ -546,21 +572,8 @@ async fn a_spoofed_announce_drops_no_session_and_diverts_no_message() {
     }
     spoofer.await.unwrap();
     sleep(Duration::from_millis(200)).await;
-    let mut received = Vec::new();
-    while let Some(e) = eb.try_recv() {
-        match e {
-            Event::Message { data, .. } => {
-                received.push(u32::from_be_bytes(data[..].try_into().unwrap()))
-            }
-            Event::SessionDown { reason, .. } => panic!("b's session went down: {reason}"),
-            _ => {}
-        }
-    }
-    while let Some(e) = ea.try_recv() {
-        if let Event::SessionDown { peer, reason } = e {
-            panic!("a's session with {peer} went down: {reason}");
-        }
-    }
+    let received = messages_and_no_session_down(&mut eb, "b", false);
+    no_session_down(&mut ea, "a", false);
     assert_eq!(
         received,
         (0..40).collect::<Vec<_>>(),
@@ -644,26 +657,13 @@ async fn a_forged_hello_is_refused_and_diverts_no_message() {
     }
     let (attempts, diverted) = attacker.await.unwrap();
     sleep(Duration::from_millis(200)).await;
-    let mut received = 0u32;
-    while let Some(e) = eb.try_recv() {
-        match e {
-            Event::Message { data, .. } => {
-                assert_eq!(u32::from_be_bytes(data[..].try_into().unwrap()), received);
-                received += 1;
-            }
-            Event::SessionDown { reason, .. } => panic!("b's session went down: {reason}"),
-            _ => {}
-        }
-    }
-    while let Some(e) = ea.try_recv() {
-        match e {
-            Event::SessionDown { peer, reason } => {
-                panic!("a's session with {peer} went down: {reason}")
-            }
-            Event::SessionUp { peer, .. } => panic!("a session with {peer} came up"),
-            _ => {}
-        }
-    }
+    let received = messages_and_no_session_down(&mut eb, "b", false);
+    assert!(
+        received.iter().copied().eq(0..sent),
+        "every message reached the real peer, in order"
+    );
+    let received = received.len() as u32;
+    no_session_down(&mut ea, "a", true);
     let refused = a.stats().handshake_failures - before.handshake_failures;
     println!(
         "ATTACK: {attempts} forged hellos (Noise and plaintext): {refused} refused, {diverted} messages diverted, {received}/{sent} delivered to the real peer"

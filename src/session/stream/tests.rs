@@ -143,67 +143,55 @@ async fn violation_after(
     violation_of(&err.expect("the stream must fail")).expect("a protocol violation")
 }
 
+/// What the reader must end with after each kind of broken record.
 #[tokio::test]
-async fn a_tampered_record_ends_the_stream() {
-    let v = violation_after(|s| {
-        let mut r = sealed(s, b"turn the lamp on");
-        r[RECORD_HEADER + 3] ^= 1;
-        r
-    })
-    .await;
-    assert_eq!(
-        v,
-        ProtocolViolation::BadRecord("record failed authentication")
-    );
-}
-
-#[tokio::test]
-async fn a_replayed_record_ends_the_stream() {
-    let v = violation_after(|s| {
-        let r = sealed(s, b"unlock");
-        [r.clone(), r].concat()
-    })
-    .await;
-    assert_eq!(
-        v,
-        ProtocolViolation::BadRecord("record failed authentication")
-    );
-}
-
-#[tokio::test]
-async fn reordered_records_end_the_stream() {
-    let v = violation_after(|s| {
-        let first = sealed(s, b"one");
-        let second = sealed(s, b"two");
-        [second, first].concat()
-    })
-    .await;
-    assert_eq!(
-        v,
-        ProtocolViolation::BadRecord("record failed authentication")
-    );
-}
-
-#[tokio::test]
-async fn a_record_cut_short_ends_the_stream() {
-    let v = violation_after(|s| {
-        let r = sealed(s, b"half of this arrives");
-        r[..r.len() / 2].to_vec()
-    })
-    .await;
-    assert_eq!(
-        v,
-        ProtocolViolation::BadRecord("connection ended inside a record")
-    );
-}
-
-#[tokio::test]
-async fn a_record_shorter_than_its_tag_ends_the_stream() {
-    let v = violation_after(|_| vec![0, 5, 1, 2, 3, 4, 5]).await;
-    assert_eq!(
-        v,
-        ProtocolViolation::BadRecord("record shorter than its tag")
-    );
+async fn broken_records_end_the_stream_with_the_named_violation() {
+    type Raw = fn(&mut snow::TransportState) -> Vec<u8>;
+    let cases: [(&str, Raw, &str); 5] = [
+        (
+            "tampered",
+            |s| {
+                let mut r = sealed(s, b"turn the lamp on");
+                r[RECORD_HEADER + 3] ^= 1;
+                r
+            },
+            "record failed authentication",
+        ),
+        (
+            "replayed",
+            |s| {
+                let r = sealed(s, b"unlock");
+                [r.clone(), r].concat()
+            },
+            "record failed authentication",
+        ),
+        (
+            "reordered",
+            |s| {
+                let first = sealed(s, b"one");
+                let second = sealed(s, b"two");
+                [second, first].concat()
+            },
+            "record failed authentication",
+        ),
+        (
+            "cut short",
+            |s| {
+                let r = sealed(s, b"half of this arrives");
+                r[..r.len() / 2].to_vec()
+            },
+            "connection ended inside a record",
+        ),
+        (
+            "shorter than its tag",
+            |_| vec![0, 5, 1, 2, 3, 4, 5],
+            "record shorter than its tag",
+        ),
+    ];
+    for (what, raw, why) in cases {
+        let v = violation_after(raw).await;
+        assert_eq!(v, ProtocolViolation::BadRecord(why), "{what}");
+    }
 }
 
 #[tokio::test]

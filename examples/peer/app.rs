@@ -122,6 +122,9 @@ pub async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     for i in &args.interfaces {
         b = b.interface(i);
     }
+    // Before `started` is printed: a SIGTERM right after it must be a
+    // graceful stop, not the default kill.
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let (node, mut events) = Node::start(b.build()?).await?;
     let out = Printer {
         json: args.json,
@@ -147,7 +150,6 @@ pub async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let mut names = std::collections::HashMap::new();
     let mut stdin = BufReader::new(tokio::io::stdin()).lines();
     let mut stdin_open = true;
-    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut stopping = false;
     loop {
         tokio::select! {

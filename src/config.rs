@@ -92,12 +92,11 @@ pub struct Config {
     /// How sessions are protected. Default: [`Security::Noise`], encrypted
     /// and mutually authenticated.
     pub security: Security,
-    /// A key shared by the fleet: sessions only with nodes that hold it
-    /// (see [`FleetKey`](crate::FleetKey)). Needs [`Security::Noise`].
-    /// Discovery datagrams are not authenticated by it yet: a node without
-    /// the key still sees announces, but gets no session. Default: `None`
-    /// (open: any node of the service may open a session, under its own
-    /// proven id).
+    /// A key shared by the fleet: discovery and sessions only with nodes
+    /// that hold it (see [`FleetKey`](crate::FleetKey)): datagrams carry a
+    /// MAC and a sequence number, the handshake mixes the key in. Needs
+    /// [`Security::Noise`]. Default: `None` (open: any node of the service
+    /// may open a session, under its own proven id).
     pub fleet_key: Option<crate::FleetKey>,
     /// Probe/answer/dial/accept behaviour. Default: [`Role::Peer`].
     pub role: Role,
@@ -363,7 +362,13 @@ impl Config {
             port: u16::MAX,
             metadata: self.metadata.clone(),
         };
-        let size = probe.encoded_len();
+        // A fleet key adds a sequence number and a MAC to each datagram.
+        let trailer = if self.fleet_key.is_some() {
+            crate::discovery::auth::TRAILER
+        } else {
+            0
+        };
+        let size = probe.encoded_len() + trailer;
         if size > self.max_datagram_size {
             return Err(ConfigError::AnnounceTooLarge {
                 size,

@@ -235,6 +235,8 @@ pub fn discovery(data: &[u8]) {
         dials_per_sec: 20,
         replies_per_source_per_sec: 2,
         limits: DatagramLimits::default(),
+        fleet_key: None,
+        first_seq: 0,
     };
     let mut d = Discovery::new(cfg, 0);
     d.set_targets(

@@ -66,9 +66,10 @@ pub enum IdentityError {
 }
 
 /// A pre-shared key for a fleet: with one in [`Config::fleet_key`], a node
-/// opens sessions only with nodes that hold the same key (it is mixed into
-/// the Noise handshake, `Noise_XXpsk0`: a node without it cannot complete
-/// or even start one). 32 random bytes, shared out of band.
+/// hears, answers and opens sessions with nodes that hold the same key
+/// only (discovery datagrams carry a MAC under a key derived from it; it
+/// is mixed into the Noise handshake, `Noise_XXpsk0`, so a node without it
+/// cannot complete or even start one). 32 random bytes, shared out of band.
 ///
 /// [`Config::fleet_key`]: crate::Config::fleet_key
 #[derive(Clone, PartialEq, Eq)]

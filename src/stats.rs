@@ -63,6 +63,12 @@ counters! {
     /// Dropped: an announce of a second live node with a known id, while
     /// that duplicate is held down.
     dropped_duplicate_id,
+    /// Dropped, with a fleet key: a datagram without a valid MAC (its
+    /// sender lacks the key, or it was altered).
+    dropped_unauthenticated,
+    /// Dropped, with a fleet key: a datagram whose sequence number was
+    /// seen already or is too old (a replay).
+    dropped_replayed,
     /// Times two live nodes were found sharing one id (each also an
     /// `Event::DuplicateId`).
     duplicate_ids,
@@ -120,6 +126,8 @@ impl Counters {
             Dropped::TableFull => &self.dropped_table_full,
             Dropped::DuplicateId => &self.dropped_duplicate_id,
             Dropped::Unconfirmed => &self.dropped_unconfirmed,
+            Dropped::Unauthenticated => &self.dropped_unauthenticated,
+            Dropped::Replayed => &self.dropped_replayed,
         });
     }
 }

@@ -703,3 +703,90 @@ fn s14_a_capture_of_the_wire_never_holds_a_message() {
         "the capture missed the plaintext messages"
     );
 }
+
+/// A key file (64 hex digits) for `--psk-file`, deleted on drop.
+struct PskFile(std::path::PathBuf);
+
+impl PskFile {
+    fn new(lab: &str, who: &str, key: &lanbeat::FleetKey) -> PskFile {
+        let path = std::env::temp_dir().join(format!(
+            "lanbeat-lab-{lab}-{who}-{}.psk",
+            std::process::id()
+        ));
+        let hex: String = key.to_bytes().iter().map(|b| format!("{b:02x}")).collect();
+        std::fs::write(&path, hex + "\n").unwrap();
+        PskFile(path)
+    }
+
+    fn arg(&self) -> &str {
+        self.0.to_str().unwrap()
+    }
+}
+
+impl Drop for PskFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// A fleet key between hosts (issue 14): two hosts with the key pair; a
+/// third with another key and a bare prober without any get no answer and
+/// no session, and learn nothing of the two.
+#[test]
+fn s15_without_the_fleet_key_no_reply_and_no_session() {
+    let Some(lab) = Lab::new("s15", 4) else {
+        return;
+    };
+    let fleet = PskFile::new("s15", "fleet", &lanbeat::FleetKey::generate());
+    let wrong = PskFile::new("s15", "wrong", &lanbeat::FleetKey::generate());
+    let mut a = lab.peer(0, "a", &["--psk-file", fleet.arg()]);
+    let mut b = lab.peer(1, "b", &["--psk-file", fleet.arg()]);
+    both_up(&mut a, 0, &mut b, 0, Duration::from_secs(3));
+    let mut c = lab.peer(2, "c", &["--psk-file", wrong.arg()]);
+    // A prober without the key, as the protocol describes it (no trailer).
+    let probe_from_3 = |lab: &Lab| {
+        lab.inside(3, || {
+            let s = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+            s.set_broadcast(true).unwrap();
+            s.set_read_timeout(Some(Duration::from_millis(200)))
+                .unwrap();
+            let body = br#"{"service":"lanbeat-demo","id":"00000000000000ee","instance":"1"}"#;
+            let probe = [&b"LNBT\x02\x01"[..], body].concat();
+            let mut replies = 0;
+            let mut buf = [0u8; 2048];
+            for _ in 0..10 {
+                s.send_to(&probe, ("10.77.0.255", lanbeat::DEFAULT_DISCOVERY_PORT))
+                    .unwrap();
+                while s.recv_from(&mut buf).is_ok() {
+                    replies += 1;
+                }
+            }
+            replies
+        })
+        .join()
+        .unwrap()
+    };
+    let replies = probe_from_3(&lab);
+    std::thread::sleep(Duration::from_secs(2));
+    let c_saw = c.matching(0, |v| {
+        ["discovered", "session_up"].contains(&v["event"].as_str().unwrap_or(""))
+    });
+    let a_saw = a.matching(0, |v| v["event"] == "discovered" && v["peer"] != b.id);
+    // The control: an open node on the third host answers the same probe.
+    drop(c);
+    let _open = lab.peer(2, "open", &[]);
+    std::thread::sleep(Duration::from_millis(300));
+    let control = probe_from_3(&lab);
+    println!(
+        "LAB: s15 fleet key: {replies} replies to 10 unkeyed probes ({control} from an open node); \
+         the wrong-key host saw {} events of the others",
+        c_saw.len()
+    );
+    assert!(
+        control > 0,
+        "the probe itself is wrong: an open node did not answer"
+    );
+    assert_eq!(replies, 0, "a node answered a probe without the key");
+    assert!(c_saw.is_empty(), "the wrong-key host learned of: {c_saw:?}");
+    assert!(a_saw.is_empty(), "a key holder learned of: {a_saw:?}");
+}

@@ -17,10 +17,13 @@ use rand::rngs::SmallRng;
 use rand::{RngExt, SeedableRng};
 
 use super::admission::{Admission, TokenBucket};
+use super::auth::DatagramAuth;
 use crate::error::DatagramError;
 use crate::event::DownReason;
 use crate::peer::{PeerId, PeerInfo, PeerMap, PeerSet, PeerState, Role, should_dial};
 use crate::wire::discovery::{Announce, Datagram, DatagramLimits, Goodbye, Probe};
+
+pub use dropped::Dropped;
 
 /// Rate-limit buckets remembered at most (one per source IP).
 const MAX_BUCKETS: usize = 4096;
@@ -68,6 +71,13 @@ pub struct DiscoveryConfig {
     pub replies_per_source_per_sec: u32,
     /// Decoding limits.
     pub limits: DatagramLimits,
+    /// The fleet key: every datagram sent is sealed with a sequence number
+    /// and a MAC, every one received must carry a valid one, once.
+    pub fleet_key: Option<crate::FleetKey>,
+    /// The first sequence number of sealed datagrams: the clock in
+    /// microseconds since the Unix epoch, so a restarted node goes on
+    /// above its old numbers.
+    pub first_seq: u64,
 }
 
 /// A local interface address discovery broadcasts on.
@@ -132,33 +142,6 @@ pub enum DiscoveryEvent {
         /// Where the other instance was heard from.
         other: SocketAddr,
     },
-}
-
-/// Why a received datagram was dropped.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum Dropped {
-    /// It did not decode.
-    Invalid(DatagramError),
-    /// Our own datagram, looped back.
-    Own,
-    /// Of another service.
-    OtherService,
-    /// From outside the subnets of the selected interfaces.
-    ForeignInterface,
-    /// A probe from an address no reply may go to (broadcast, multicast,
-    /// unspecified, port 0).
-    BadSource,
-    /// A probe over its source's reply rate.
-    RateLimited,
-    /// An announce of a new peer while the table is full.
-    TableFull,
-    /// An announce of an unknown id beyond the admission rate: remembered,
-    /// entered once heard again (see `discovery::admission`).
-    Unconfirmed,
-    /// An announce of a second live instance of a known id, during the
-    /// hold-down after that was detected (see [`DiscoveryEvent::Duplicate`]).
-    DuplicateId,
 }
 
 /// Where a known peer's session stands, as discovery sees it.
@@ -247,6 +230,8 @@ pub struct Discovery {
     changed: Vec<PeerId>,
     probe_bytes: Vec<u8>,
     announce_bytes: Vec<u8>,
+    /// With a fleet key: sealing and checking datagrams.
+    auth: Option<DatagramAuth>,
 }
 
 impl Discovery {
@@ -270,7 +255,12 @@ impl Discovery {
         })
         .encode_as(cfg.limits.protocol);
         let admission = Admission::new(cfg.dials_per_sec, cfg.max_peers);
+        let auth = cfg
+            .fleet_key
+            .as_ref()
+            .map(|k| DatagramAuth::new(&k.to_bytes(), cfg.first_seq, 2 * cfg.max_peers));
         Discovery {
+            auth,
             probe_interval: cfg.probe_initial,
             cfg,
             rng: SmallRng::seed_from_u64(seed),
@@ -346,12 +336,25 @@ impl Discovery {
         else {
             return Err(Dropped::ForeignInterface);
         };
+        if bytes.len() > self.cfg.limits.max_size {
+            return Err(Dropped::Invalid(DatagramError::TooLarge(bytes.len())));
+        }
+        let (bytes, seq) = match &self.auth {
+            Some(auth) => {
+                let (body, seq) = auth.open(bytes)?;
+                (body, Some(seq))
+            }
+            None => (bytes, None),
+        };
         let datagram = Datagram::decode(bytes, &self.cfg.limits).map_err(Dropped::Invalid)?;
         if datagram.id() == self.cfg.id {
             return Err(Dropped::Own);
         }
         if datagram.service() != self.cfg.service {
             return Err(Dropped::OtherService);
+        }
+        if let (Some(auth), Some(seq)) = (&mut self.auth, seq) {
+            auth.accept(datagram.id(), seq)?;
         }
         match datagram {
             Datagram::Probe(p) => self.handle_probe(now, src, &p),
@@ -604,6 +607,9 @@ impl Discovery {
     fn forget(&mut self, id: PeerId) {
         self.peers.remove(&id);
         self.unconnected.remove(&id);
+        if let Some(auth) = &mut self.auth {
+            auth.forget(id);
+        }
     }
 
     /// When [`Discovery::handle_timeout`] next has work.
@@ -625,7 +631,11 @@ impl Discovery {
     /// The next datagram to send.
     #[must_use]
     pub fn poll_transmit(&mut self) -> Option<Transmit> {
-        self.transmits.pop_front()
+        let mut t = self.transmits.pop_front()?;
+        if let Some(auth) = &mut self.auth {
+            auth.seal(&mut t.payload);
+        }
+        Some(t)
     }
 
     /// The next event.
@@ -766,6 +776,7 @@ impl Discovery {
 }
 
 mod admit;
+mod dropped;
 mod duplicates;
 #[cfg(test)]
 mod tests;

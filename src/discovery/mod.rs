@@ -2,5 +2,6 @@
 //! and how fast it dials (`admission`), and its socket setup.
 
 pub(crate) mod admission;
+pub(crate) mod auth;
 pub mod machine;
 pub(crate) mod socket;

@@ -193,6 +193,10 @@ impl Node {
                 dials_per_sec: config.max_dials_per_sec,
                 replies_per_source_per_sec: config.replies_per_source_per_sec,
                 limits: config.datagram_limits(),
+                fleet_key: config.fleet_key.clone(),
+                first_seq: std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_micros() as u64),
             },
             rand::random(),
         );

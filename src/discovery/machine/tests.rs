@@ -24,6 +24,8 @@ fn cfg(id: u64, role: Role) -> DiscoveryConfig {
         dials_per_sec: 20,
         replies_per_source_per_sec: 5,
         limits: DatagramLimits::default(),
+        fleet_key: None,
+        first_seq: 0,
     }
 }
 
@@ -700,5 +702,112 @@ fn a_flood_from_one_address_cannot_push_out_another_addresss_candidate() {
     assert!(
         d.peer(PeerId::from_u64(real)).is_some(),
         "the real node entered"
+    );
+}
+
+fn with_key(mut c: DiscoveryConfig, key: u8, first_seq: u64) -> DiscoveryConfig {
+    c.fleet_key = Some(crate::FleetKey::from_bytes([key; 32]));
+    c.first_seq = first_seq;
+    c
+}
+
+/// The announce and the probe a started machine sends first (sealed if
+/// it has a key).
+fn first_sent(d: &mut Discovery) -> (Vec<u8>, Vec<u8>) {
+    let mut t = transmits(d).into_iter().map(|t| t.payload);
+    (t.next().unwrap(), t.next().unwrap())
+}
+
+/// The announce a started machine sends first.
+fn first_announce(d: &mut Discovery) -> Vec<u8> {
+    first_sent(d).0
+}
+
+#[test]
+fn with_a_fleet_key_only_key_holders_are_heard_and_answered_once() {
+    let now = Instant::now();
+    let start = |id: u64, key: Option<u8>| {
+        let c = match key {
+            Some(k) => with_key(cfg(id, Role::Peer), k, 1_000 * id),
+            None => cfg(id, Role::Peer),
+        };
+        let mut d = Discovery::new(c, id);
+        d.set_targets(now, vec![target(id as u8)]);
+        d
+    };
+    let mut a = start(1, Some(7));
+    let mut b = start(2, Some(7));
+    let mut other = start(3, Some(8));
+    let mut open = start(4, None);
+    transmits(&mut a);
+    let (from_b, mut b_probe) = first_sent(&mut b);
+    // The holder of the same key is heard.
+    assert_eq!(a.handle_datagram(now, addr(2, 9000), &from_b), Ok(()));
+    assert!(
+        events(&mut a)
+            .iter()
+            .any(|e| matches!(e, DiscoveryEvent::Discovered(_)))
+    );
+    // Sent again (a capture replayed): dropped, nothing happens.
+    assert_eq!(
+        a.handle_datagram(now, addr(2, 9000), &from_b),
+        Err(Dropped::Replayed)
+    );
+    assert!(events(&mut a).is_empty());
+    // Another key, or none: dropped, and a probe gets no answer.
+    for d in [&mut other, &mut open] {
+        let announce = first_announce(d);
+        let probe = transmits(d)
+            .into_iter()
+            .next()
+            .map_or(announce.clone(), |t| t.payload);
+        for bytes in [announce, probe] {
+            assert_eq!(
+                a.handle_datagram(now, addr(3, 9000), &bytes),
+                Err(Dropped::Unauthenticated)
+            );
+        }
+    }
+    assert!(
+        transmits(&mut a).is_empty(),
+        "no reply to a node without the key"
+    );
+    assert!(events(&mut a).is_empty());
+    // A datagram of the holder altered on the way: dropped.
+    let at = b_probe.len() / 2;
+    b_probe[at] ^= 1;
+    assert_eq!(
+        a.handle_datagram(now, addr(2, 9000), &b_probe),
+        Err(Dropped::Unauthenticated)
+    );
+    // The key holder's own datagrams carry the trailer and still fit.
+    let t = transmits(&mut a);
+    assert!(
+        t.iter()
+            .all(|t| t.payload.len() <= DatagramLimits::default().max_size)
+    );
+}
+
+#[test]
+fn a_restarted_key_holder_goes_on_above_its_old_numbers() {
+    let now = Instant::now();
+    let mut a = Discovery::new(with_key(cfg(1, Role::Peer), 7, 0), 1);
+    a.set_targets(now, vec![target(1)]);
+    // Instance 1 started at t = 1 000 µs and sent a few datagrams.
+    let mut b1 = Discovery::new(with_key(cfg(2, Role::Peer), 7, 1_000), 2);
+    b1.set_targets(now, vec![target(2)]);
+    let old = first_announce(&mut b1);
+    assert_eq!(a.handle_datagram(now, addr(2, 9000), &old), Ok(()));
+    // Restarted a second later (the clock moved on): a new instance.
+    let mut c = cfg(2, Role::Peer);
+    c.instance += 1;
+    let mut b2 = Discovery::new(with_key(c, 7, 1_001_000), 2);
+    b2.set_targets(now, vec![target(2)]);
+    let new = first_announce(&mut b2);
+    assert_eq!(a.handle_datagram(now, addr(2, 9000), &new), Ok(()));
+    // The old instance's capture, replayed now: dropped.
+    assert_eq!(
+        a.handle_datagram(now, addr(2, 9000), &old),
+        Err(Dropped::Replayed)
     );
 }

@@ -98,6 +98,10 @@ pub struct Config {
     /// [`Security::Noise`]. Default: `None` (open: any node of the service
     /// may open a session, under its own proven id).
     pub fleet_key: Option<crate::FleetKey>,
+    /// Which proven peers may hold a session: any (the default), a fixed
+    /// set of ids, or those the application accepts when it meets them
+    /// (see [`Trust`](crate::Trust)). Needs [`Security::Noise`].
+    pub trust: crate::Trust,
     /// Probe/answer/dial/accept behaviour. Default: [`Role::Peer`].
     pub role: Role,
     /// Small key/values announced to peers (firmware version, room...).
@@ -213,6 +217,7 @@ impl Config {
             identity: None,
             security: Security::Noise,
             fleet_key: None,
+            trust: crate::Trust::Any,
             role: Role::Peer,
             metadata: BTreeMap::new(),
             discovery_port: DEFAULT_DISCOVERY_PORT,
@@ -262,6 +267,10 @@ impl Config {
         }
         if self.security == Security::InsecurePlaintext && self.fleet_key.is_some() {
             return Err(ConfigError::FleetKeyWithoutNoise);
+        }
+        if self.security == Security::InsecurePlaintext && !matches!(self.trust, crate::Trust::Any)
+        {
+            return Err(ConfigError::TrustWithoutNoise);
         }
         let limits = self.datagram_limits();
         if self.service.is_empty() || self.service.len() > limits.max_text_len {
@@ -499,6 +508,24 @@ impl ConfigBuilder {
     /// Sets [`Config::fleet_key`]: sessions only with holders of `key`.
     pub fn fleet_key(mut self, key: crate::FleetKey) -> Self {
         self.config.fleet_key = Some(key);
+        self
+    }
+
+    /// Sessions only with these ids ([`Trust::Only`](crate::Trust::Only)):
+    /// others are not dialed, and refused after the handshake.
+    pub fn trust_only(mut self, ids: impl IntoIterator<Item = PeerId>) -> Self {
+        self.config.trust = crate::Trust::Only(ids.into_iter().collect());
+        self
+    }
+
+    /// The application decides on each peer when it first completes a
+    /// handshake ([`Trust::Decide`](crate::Trust::Decide)): trust on first
+    /// use, pairing.
+    pub fn trust_with(
+        mut self,
+        decide: impl Fn(&crate::TrustRequest) -> bool + Send + Sync + 'static,
+    ) -> Self {
+        self.config.trust = crate::Trust::Decide(std::sync::Arc::new(decide));
         self
     }
 

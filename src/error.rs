@@ -55,6 +55,10 @@ pub enum ConfigError {
     /// use it: it would protect nothing.
     #[error("a fleet key needs Noise sessions; insecure plaintext sessions cannot use it")]
     FleetKeyWithoutNoise,
+    /// A trust policy other than `Trust::Any` was set with insecure
+    /// plaintext sessions, where ids prove nothing.
+    #[error("a trust policy needs Noise sessions: in insecure plaintext mode an id proves nothing")]
+    TrustWithoutNoise,
     /// An id and an identity were both set, and the identity's id is
     /// another: the id comes from the identity; leave the id unset.
     #[error("id {id} was set, but the identity's id is {identity}: set one of them")]

@@ -98,6 +98,7 @@ mod stats;
 mod sync;
 #[cfg(any(test, fuzzing))]
 mod testing;
+pub mod trust;
 pub mod wire;
 
 pub use bytes::Bytes;
@@ -108,6 +109,7 @@ pub use identity::{FleetKey, Identity, IdentityError};
 pub use node::{Events, LocalInfo, Node, PeerSender};
 pub use peer::{PeerId, PeerInfo, PeerState, PeerStatus, Role};
 pub use stats::Stats;
+pub use trust::{Trust, TrustRequest};
 
 /// The README's code must compile.
 #[cfg(doctest)]

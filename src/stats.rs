@@ -76,6 +76,9 @@ counters! {
     sessions_up,
     /// Connections refused at once: too many sessions or handshakes.
     sessions_refused,
+    /// Sessions refused after the handshake because the trust policy does
+    /// not admit the peer (`Config::trust`).
+    sessions_untrusted,
     /// Connections refused at once: named interfaces are selected and the
     /// connection came from outside their subnets.
     refused_foreign_interface,

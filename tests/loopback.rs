@@ -610,3 +610,70 @@ async fn only_holders_of_the_fleet_key_get_sessions() {
         Err(lanbeat::ConfigError::FleetKeyWithoutNoise)
     ));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_trust_policy_decides_who_holds_a_session() {
+    // A gateway that asks the application about each peer it meets (trust
+    // on first use): it accepts "lamp", refuses "mallory". A lamp that
+    // trusts only the gateway's id. Mallory gets no session with either.
+    trace();
+    let port = free_port();
+    let gateway_id = lanbeat::Identity::generate();
+    let asked = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let log = asked.clone();
+    let gateway = config("trust", port)
+        .name("gateway")
+        .identity(gateway_id.clone())
+        .trust_with(move |r: &lanbeat::TrustRequest| {
+            log.lock().unwrap().push(r.clone());
+            r.name == "lamp"
+        })
+        .build()
+        .unwrap();
+    let lamp = config("trust", port)
+        .name("lamp")
+        .trust_only([gateway_id.peer_id()])
+        .build()
+        .unwrap();
+    let ((g, mut eg), (l, mut el)) = connected_pair(gateway, lamp).await;
+    let (m, mut em) = Node::start(config("trust", port).name("mallory").build().unwrap())
+        .await
+        .unwrap();
+    sleep(Duration::from_secs(2)).await;
+    // Mallory may count a connection as a session for a moment (each side
+    // decides alone, and the refusing side closes without a goodbye), but
+    // never holds one: the others never approve it, and send it nothing.
+    g.send_all("for trusted peers").await.unwrap();
+    l.send_all("for trusted peers").await.unwrap();
+    sleep(Duration::from_millis(200)).await;
+    while let Some(e) = em.try_recv() {
+        assert!(!matches!(e, Event::Message { .. }), "mallory got {e:?}");
+    }
+    for events in [&mut eg, &mut el] {
+        while let Some(e) = events.try_recv() {
+            if let Event::SessionUp { peer, .. } = e {
+                assert_ne!(peer, m.id(), "a session with mallory");
+            }
+        }
+    }
+    assert!(g.sender(l.id()).is_some() && l.sender(g.id()).is_some());
+    let asked = asked.lock().unwrap().clone();
+    // Each request names a key that proves its id; mallory was asked
+    // about once (the refusal is remembered), the lamp once.
+    for r in &asked {
+        assert_eq!(lanbeat::PeerId::from_public_key(&r.public_key), r.id);
+        assert_eq!(r.fingerprint, lanbeat::identity::fingerprint(&r.public_key));
+    }
+    let about = |name: &str| asked.iter().filter(|r| r.name == name).count();
+    assert_eq!((about("lamp"), about("mallory")), (1, 1), "{asked:?}");
+    // Every refused connection is counted (mallory may redial; the
+    // application is not asked again).
+    assert!(g.stats().sessions_untrusted >= 1);
+    assert!(matches!(
+        lanbeat::Config::builder("x")
+            .insecure_plaintext()
+            .trust_only([l.id()])
+            .build(),
+        Err(lanbeat::ConfigError::TrustWithoutNoise)
+    ));
+}

@@ -34,6 +34,10 @@ pub struct Args {
     /// the same key.
     #[arg(long)]
     pub psk_file: Option<std::path::PathBuf>,
+    /// Sessions only with this peer id (repeatable): others are not dialed
+    /// and are refused after the handshake.
+    #[arg(long = "trust")]
+    pub trusted: Vec<lanbeat::PeerId>,
     /// Identity file: the node's key pair, created if missing (mode 0600);
     /// the same file gives the same id on every start.
     #[arg(long)]
@@ -109,6 +113,9 @@ pub async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     }
     if args.insecure_plaintext {
         b = b.insecure_plaintext();
+    }
+    if !args.trusted.is_empty() {
+        b = b.trust_only(args.trusted.iter().copied());
     }
     if let Some(path) = &args.psk_file {
         b = b.fleet_key(lanbeat::FleetKey::load(path)?);

@@ -30,6 +30,7 @@ use crate::session::supervision::{
 use crate::session::task::ConnectionTask;
 use crate::session::timer::Timer;
 use crate::stats::Counters;
+use crate::trust::{Gate, TrustRequest};
 use crate::wire::frame::{DATA_OVERHEAD, Hello, LEN_PREFIX};
 
 /// What the supervisor keeps of each connection.
@@ -58,6 +59,8 @@ pub(crate) struct Supervisor {
     config: Config,
     id: PeerId,
     disc: Discovery,
+    /// Who may hold a session (`Config::trust`).
+    gate: Gate,
     session: Arc<SessionConfig>,
     shared: Arc<Shared>,
     shared_sock: UdpSocket,
@@ -111,6 +114,7 @@ impl Supervisor {
             noise: p.noise,
         });
         Supervisor {
+            gate: Gate::new(p.config.trust.clone()),
             config: p.config,
             id: p.id,
             disc: p.discovery,
@@ -303,7 +307,30 @@ impl Supervisor {
         self.spawn_conn(None, addr, Ok(stream));
     }
 
+    /// Whether the trust policy lets the peer that proved `key` have its
+    /// session (counted and logged when not).
+    fn trusted(&mut self, hello: &Hello, addr: SocketAddr, key: [u8; 32]) -> bool {
+        let request = TrustRequest {
+            id: hello.id,
+            public_key: key,
+            fingerprint: crate::identity::fingerprint(&key),
+            name: hello.name.clone(),
+            addr,
+        };
+        let ok = self.gate.admits(clock::now(), &request);
+        if !ok {
+            info!(peer = %hello.id, %addr, "refusing a peer the trust policy does not admit");
+            Counters::bump(&self.shared.counters.sessions_untrusted);
+        }
+        ok
+    }
+
     fn dial(&mut self, info: PeerInfo) {
+        if !self.gate.may_dial(clock::now(), info.id) {
+            // Not trusted (or refused a minute ago): no connect.
+            self.disc.dial_failed(clock::now(), info.id);
+            return;
+        }
         debug!(peer = %info.id, addr = %info.addr, "dialing");
         let connect = lifecycle::connect(info.addr, self.config.connect_timeout);
         self.spawn_conn(Some(info.id), info.addr, Err(connect));
@@ -337,6 +364,7 @@ impl Supervisor {
                 outbound,
                 addr,
                 write_timeout: self.config.write_timeout,
+                proven_key: None,
                 reports: self.reports_tx.clone(),
             },
             max_frame: self.config.max_frame_size,
@@ -393,8 +421,18 @@ impl Supervisor {
                 conn,
                 hello,
                 addr,
+                key,
                 approve,
-            } => self.handshaken(conn, hello, addr, approve),
+            } => {
+                if let Some(key) = key
+                    && !self.trusted(&hello, addr, key)
+                {
+                    let _ =
+                        approve.send(Approval::Reject(ProtocolViolation::Refused("not trusted")));
+                    return;
+                }
+                self.handshaken(conn, hello, addr, approve)
+            }
             Report::Ended { conn, peer, reason } => self.ended(conn, peer, reason),
         }
     }

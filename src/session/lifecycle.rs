@@ -50,6 +50,7 @@ pub(super) fn approve(
         conn: params.id,
         hello,
         addr,
+        key: params.proven_key,
         approve: tx,
     };
     let sent = params.reports.send(report).is_ok();

@@ -41,6 +41,8 @@ pub(crate) enum Report {
         conn: u64,
         hello: Box<Hello>,
         addr: SocketAddr,
+        /// The static key the peer proved (Noise sessions).
+        key: Option<[u8; 32]>,
         approve: oneshot::Sender<Approval>,
     },
     /// The connection is over: its socket is closed and the application
@@ -78,6 +80,8 @@ pub(crate) struct ConnectionParams {
     pub(crate) addr: SocketAddr,
     /// How long a write may make no progress before the session closes.
     pub(crate) write_timeout: Duration,
+    /// The static key the peer proved in the Noise handshake.
+    pub(crate) proven_key: Option<[u8; 32]>,
     /// Where the connection reports to the supervisor.
     pub(crate) reports: mpsc::UnboundedSender<Report>,
 }

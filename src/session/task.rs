@@ -199,6 +199,7 @@ impl Future for ConnectionTask {
                     }
                     Poll::Ready(Ok((stream, key))) => {
                         c.session.set_proven(PeerId::from_public_key(&key));
+                        c.params.proven_key = Some(key);
                         Phase::Running(Stream::Noise(Box::new(stream)))
                     }
                     Poll::Ready(Err(reason)) => {

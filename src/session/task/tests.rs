@@ -40,6 +40,7 @@ fn new_connection(
             outbound: expected.is_some(),
             addr: "127.0.0.1:1".parse().unwrap(),
             write_timeout: Duration::from_secs(3),
+            proven_key: None,
             reports,
         },
         max_frame: 1 << 20,

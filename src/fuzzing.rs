@@ -319,6 +319,103 @@ pub fn discovery(data: &[u8]) {
     }
 }
 
+/// The record layer of Noise sessions. The first byte picks the case:
+///
+/// - even: the rest is ciphertext from someone without the keys, fed in
+///   pieces: no panic, nothing ever opens (a forgery would), the error is
+///   a `BadRecord` violation, the buffers stay within one record and a read;
+/// - odd: the rest is plaintext, sealed in writes of sizes taken from it,
+///   the stream cut into pieces and read into buffers of sizes taken from
+///   it, and, when the first byte says so, one byte altered: no panic;
+///   unaltered, exactly the plaintext comes out, in order; altered, an
+///   error comes before any plaintext that differs.
+pub fn records(data: &[u8]) {
+    use crate::session::stream::{Records, violation_of};
+    use tokio::io::ReadBuf;
+    let Some((&mode, rest)) = data.split_first() else {
+        return;
+    };
+    let (tx, rx) = crate::session::noise::transport_pair();
+    let mut rec = Records::new(rx);
+    let piece = 1 + usize::from(mode >> 1) % 61;
+    let read_size = 1 + usize::from(mode >> 2) % 300;
+    // Reads what the buffered records give, into buffers of `read_size`.
+    let drain = |rec: &mut Records, got: &mut Vec<u8>| -> std::io::Result<()> {
+        let mut buf = vec![0u8; read_size];
+        loop {
+            let mut out = ReadBuf::new(&mut buf);
+            rec.read_buffered(&mut out)?;
+            if out.filled().is_empty() {
+                return Ok(());
+            }
+            got.extend_from_slice(out.filled());
+        }
+    };
+    if mode % 2 == 0 {
+        let mut got = Vec::new();
+        for chunk in rest.chunks(piece) {
+            rec.feed(chunk);
+            if let Err(e) = drain(&mut rec, &mut got) {
+                assert!(
+                    matches!(
+                        violation_of(&e),
+                        Some(crate::ProtocolViolation::BadRecord(_))
+                    ),
+                    "{e}"
+                );
+                break;
+            }
+            assert!(rec.buffered() <= 2 + 65535 + piece);
+        }
+        assert!(got.is_empty(), "a record from no key opened");
+        return;
+    }
+    // Seal `rest` in writes of sizes from its own bytes.
+    let mut wire = BytesMut::new();
+    let mut at = 0;
+    let mut sealer = Records::new(tx);
+    while at < rest.len() {
+        let n = (1 + usize::from(rest[at]) * 37).min(rest.len() - at);
+        sealer.seal(&rest[at..at + n], &mut wire).unwrap();
+        at += n;
+    }
+    let altered = (mode & 0x80 != 0 && !wire.is_empty()).then(|| {
+        let i = usize::from(mode) * 131 % wire.len();
+        wire[i] ^= 1 << (mode % 8);
+        i
+    });
+    let mut got = Vec::new();
+    let mut failed = false;
+    for chunk in wire.chunks(piece) {
+        rec.feed(chunk);
+        if drain(&mut rec, &mut got).is_err() {
+            failed = true;
+            break;
+        }
+    }
+    // What came out is always a prefix of what went in.
+    assert!(rest.starts_with(&got), "other plaintext came out");
+    match altered {
+        None => {
+            assert!(!failed && !rec.inside_record());
+            assert_eq!(got.len(), rest.len());
+        }
+        Some(_) => assert!(failed || rec.inside_record(), "an altered record opened"),
+    }
+}
+
+/// Arbitrary handshake messages to a responder, from someone without any
+/// key (with and without a fleet key): no panic, and never a completed
+/// handshake (that would take the keys the messages must be made with).
+pub fn handshake(data: &[u8]) {
+    for psk in [false, true] {
+        assert!(
+            !crate::session::noise::respond_to(data, psk),
+            "a handshake of made-up bytes completed"
+        );
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -345,6 +442,21 @@ mod tests {
         #[test]
         fn discovery_machine_survives_anything(data in proptest::collection::vec(any::<u8>(), 0..2000)) {
             discovery(&data);
+        }
+    }
+
+    proptest! {
+        // Each case runs a handshake (curve operations): fewer cases.
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        #[test]
+        fn records_open_only_what_was_sealed(data in proptest::collection::vec(any::<u8>(), 0..3000)) {
+            records(&data);
+        }
+
+        #[test]
+        fn handshakes_of_made_up_bytes_never_complete(data in proptest::collection::vec(any::<u8>(), 0..300)) {
+            handshake(&data);
         }
     }
 

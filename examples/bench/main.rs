@@ -5,6 +5,7 @@
 //! cargo run --release --example bench -- lifecycle [--trials N]
 //! cargo run --release --example bench -- rtt [--n N]
 //! cargo run --release --example bench -- throughput [--scale F]
+//! cargo run --release --example bench -- tls [--scale F]
 //! cargo run --release --example bench -- scale [--sessions 1000,10000] [--secs 30] [--rounds 1] [--paired [--pin] [--timeout-baseline | --noise]]
 //! cargo run --release --example bench -- discovery [--trials 50]   (namespaces need root)
 //! cargo run --release --example bench -- detect [--trials 20]      (root)
@@ -23,6 +24,7 @@ mod net;
 #[path = "../../tests/netlab/mod.rs"]
 mod netlab;
 mod scale;
+mod tls;
 mod util;
 
 use clap::Parser;
@@ -92,6 +94,7 @@ fn main() {
                 msg::child(&argv[2], &argv[3..]).await
                     || scale::child(&argv[2], &argv[3..]).await
                     || net::child(&argv[2], &argv[3..]).await
+                    || tls::child(&argv[2], &argv[3..]).await
             });
             assert!(known, "unknown helper role {}", argv[2]);
             std::process::exit(0);
@@ -105,6 +108,7 @@ fn main() {
             .block_on(lifecycle::lifecycle(args.trials)),
         "rtt" => msg::rtt(args.n),
         "throughput" => msg::throughput(args.scale),
+        "tls" => tls::tls(args.scale),
         "scale" if args.paired => {
             let pairing = if args.noise {
                 scale::Pairing::Noise
@@ -121,7 +125,7 @@ fn main() {
         "soak" => net::soak(args.minutes),
         other => {
             eprintln!(
-                "unknown scenario {other:?}; try lifecycle, rtt, throughput, scale, discovery, detect, soak"
+                "unknown scenario {other:?}; try lifecycle, rtt, throughput, tls, scale, discovery, detect, soak"
             );
             std::process::exit(2);
         }

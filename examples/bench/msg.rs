@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use lanbeat::{Config, Event, Events, Node, PeerId};
 use serde_json::{Value, json};
-use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::util::{Helper, arg, free_port};
@@ -28,7 +28,7 @@ async fn first_peer(events: &mut Events) -> PeerId {
     }
 }
 
-fn summary(mut v: Vec<Duration>) -> Value {
+pub(crate) fn summary(mut v: Vec<Duration>) -> Value {
     v.sort();
     let us = |d: Duration| d.as_secs_f64() * 1e6;
     let p = |q: f64| us(v[((v.len() - 1) as f64 * q) as usize]);
@@ -56,12 +56,19 @@ pub(crate) async fn child(role: &str, args: &[String]) -> bool {
 async fn raw_echo() {
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     println!("{}", l.local_addr().unwrap().port());
-    let (mut s, _) = l.accept().await.unwrap();
+    let (s, _) = l.accept().await.unwrap();
     s.set_nodelay(true).unwrap();
+    echo(s).await;
+}
+
+/// Echoes every complete length-prefixed frame back (raw TCP or TLS).
+pub(crate) async fn echo<S: AsyncRead + AsyncWrite + Unpin>(mut s: S) {
     let mut buf = vec![0u8; 64 * 1024];
     let mut have = 0;
     loop {
-        let n = s.read(&mut buf[have..]).await.unwrap();
+        // The end of the stream, or an error (a TLS client that leaves
+        // without close_notify): done.
+        let n = s.read(&mut buf[have..]).await.unwrap_or(0);
         if n == 0 {
             return;
         }
@@ -77,6 +84,7 @@ async fn raw_echo() {
         }
         if at > 0 {
             s.write_all(&buf[..at]).await.unwrap();
+            s.flush().await.unwrap();
             buf.copy_within(at..have, 0);
             have -= at;
         }
@@ -84,8 +92,13 @@ async fn raw_echo() {
 }
 
 async fn raw_rtt(port: u16, n: usize) {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    let s = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
     s.set_nodelay(true).unwrap();
+    rtt_loop(s, n).await;
+}
+
+/// `n` 16-byte requests, each timed to its echo (after 1 000 unmeasured).
+pub(crate) async fn rtt_loop<S: AsyncRead + AsyncWrite + Unpin>(mut s: S, n: usize) {
     let mut msg = 16u32.to_be_bytes().to_vec();
     msg.extend_from_slice(&[7u8; 16]);
     let mut buf = [0u8; 64];
@@ -93,6 +106,7 @@ async fn raw_rtt(port: u16, n: usize) {
     for i in 0..n + 1000 {
         let t0 = Instant::now();
         s.write_all(&msg).await.unwrap();
+        s.flush().await.unwrap();
         let mut got = 0;
         while got < msg.len() {
             got += s.read(&mut buf[got..]).await.unwrap();
@@ -139,6 +153,11 @@ async fn raw_sink(n: u64) {
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     println!("{}", l.local_addr().unwrap().port());
     let (s, _) = l.accept().await.unwrap();
+    sink(s, n).await;
+}
+
+/// Reads `n` length-prefixed messages and prints the rate.
+pub(crate) async fn sink<S: AsyncRead + Unpin>(s: S, n: u64) {
     let mut r = BufReader::new(s);
     let mut body = vec![0u8; 1 << 20];
     let mut first = None;
@@ -155,6 +174,12 @@ async fn raw_sink(n: u64) {
 
 async fn raw_source(port: u16, n: u64, size: usize) {
     let s = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    source(s, n, size).await;
+}
+
+/// Writes `n` length-prefixed messages of `size` bytes through a buffer,
+/// then stays connected until the parent is done.
+pub(crate) async fn source<S: AsyncWrite + Unpin>(s: S, n: u64, size: usize) {
     let mut w = BufWriter::new(s);
     let body = vec![1u8; size];
     for _ in 0..n {
@@ -230,7 +255,7 @@ async fn lb_source(args: &[String]) {
     tokio::time::sleep(Duration::from_secs(3600)).await;
 }
 
-fn pair(server: &[&str], client: &[&str], pinned: bool, lanbeat: bool) -> Value {
+pub(crate) fn pair(server: &[&str], client: &[&str], pinned: bool, lanbeat: bool) -> Value {
     let to = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
     if lanbeat {
         let service = format!("bench-{}", free_port());

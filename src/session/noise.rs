@@ -162,6 +162,65 @@ pub(crate) async fn handshake(
     Ok((NoiseStream::new(tcp, state), key))
 }
 
+/// Both ends of a completed handshake, in memory (initiator first): for
+/// the fuzzer and tests of the record layer.
+#[cfg(any(test, fuzzing))]
+pub(crate) fn transport_pair() -> (snow::TransportState, snow::TransportState) {
+    let (a, b) = (
+        NoiseKeys::new([1; 32], None, "fuzz"),
+        NoiseKeys::new([2; 32], None, "fuzz"),
+    );
+    let (mut i, mut r) = (a.state(true).unwrap(), b.state(false).unwrap());
+    let (mut buf, mut out) = ([0u8; 200], [0u8; 200]);
+    for turn in 0..3 {
+        let (w, rd) = if turn % 2 == 0 {
+            (&mut i, &mut r)
+        } else {
+            (&mut r, &mut i)
+        };
+        let n = w.write_message(&[], &mut buf).unwrap();
+        rd.read_message(&buf[..n], &mut out).unwrap();
+    }
+    (
+        i.into_transport_mode().unwrap(),
+        r.into_transport_mode().unwrap(),
+    )
+}
+
+/// A responder's handshake fed `messages` (length-prefixed, as on the
+/// wire) from someone without any key: returns whether it completed.
+#[cfg(any(test, fuzzing))]
+pub(crate) fn respond_to(messages: &[u8], psk: bool) -> bool {
+    let keys = NoiseKeys::new([2; 32], psk.then_some([9; 32]), "fuzz");
+    let mut hs = keys.state(false).unwrap();
+    let (mut payload, mut out) = (
+        [0u8; MAX_HANDSHAKE_MESSAGE],
+        [0u8; 2 + MAX_HANDSHAKE_MESSAGE],
+    );
+    let mut rest = messages;
+    // Read message 1, write message 2, read message 3.
+    for turn in 0..3 {
+        if turn == 1 {
+            if hs.write_message(&[], &mut out).is_err() {
+                return false;
+            }
+            continue;
+        }
+        let Some((len, tail)) = rest.split_first_chunk::<2>() else {
+            return false;
+        };
+        let len = u16::from_be_bytes(*len) as usize;
+        if len == 0 || len > MAX_HANDSHAKE_MESSAGE || tail.len() < len {
+            return false;
+        }
+        if hs.read_message(&tail[..len], &mut payload).is_err() {
+            return false;
+        }
+        rest = &tail[len..];
+    }
+    hs.is_handshake_finished()
+}
+
 #[cfg(test)]
 mod tests {
     //! The worked example of docs/PROTOCOL.md §6, byte for byte: with the

@@ -48,14 +48,84 @@ pub(crate) enum Stream {
 /// TCP with the Noise transport keys of a completed handshake.
 pub(crate) struct NoiseStream {
     tcp: TcpStream,
+    rec: Records,
+    /// Records sealed, not yet written.
+    tx: BytesMut,
+}
+
+/// The record layer without the socket: the transport keys, what was read
+/// and not yet opened, what was opened and not yet taken. (Also driven
+/// directly by the fuzzer, `fuzzing::records`.)
+pub(crate) struct Records {
     state: snow::TransportState,
     /// Ciphertext read, not yet a whole record.
     rx: BytesMut,
     /// Plaintext opened, not yet taken by the reader (the part of a record
     /// that did not fit its buffer).
     plain: BytesMut,
-    /// Records sealed, not yet written.
-    tx: BytesMut,
+}
+
+impl Records {
+    pub(crate) fn new(state: snow::TransportState) -> Records {
+        Records {
+            state,
+            rx: BytesMut::new(),
+            plain: BytesMut::new(),
+        }
+    }
+
+    /// Moves opened plaintext to `out`, then opens the whole records
+    /// buffered so far into it.
+    pub(crate) fn read_buffered(&mut self, out: &mut ReadBuf<'_>) -> io::Result<()> {
+        if !self.plain.is_empty() {
+            let n = self.plain.len().min(out.remaining());
+            out.put_slice(&self.plain[..n]);
+            self.plain.advance(n);
+        }
+        if !self.rx.is_empty() && out.remaining() > 0 {
+            let used = open(&mut self.state, &self.rx, out, &mut self.plain)?;
+            self.rx.advance(used);
+        }
+        Ok(())
+    }
+
+    /// Opens the whole records at the front of `got` (just read, nothing
+    /// buffered before it) into `out`; keeps the rest.
+    pub(crate) fn read_from(&mut self, got: &[u8], out: &mut ReadBuf<'_>) -> io::Result<()> {
+        debug_assert!(self.rx.is_empty() && self.plain.is_empty());
+        let used = open(&mut self.state, got, out, &mut self.plain)?;
+        self.rx.extend_from_slice(&got[used..]);
+        Ok(())
+    }
+
+    #[cfg(any(test, fuzzing))]
+    /// Buffers ciphertext read.
+    pub(crate) fn feed(&mut self, bytes: &[u8]) {
+        self.rx.extend_from_slice(bytes);
+    }
+
+    #[cfg(any(test, fuzzing))]
+    /// How many bytes are buffered, opened or not (bounded by one record
+    /// plus one read).
+    pub(crate) fn buffered(&self) -> usize {
+        self.rx.len() + self.plain.len()
+    }
+
+    #[cfg(any(test, fuzzing))]
+    /// Whether the stream ended inside a record.
+    pub(crate) fn inside_record(&self) -> bool {
+        !self.rx.is_empty()
+    }
+
+    /// Seals `src` as records at the end of `dst`.
+    pub(crate) fn seal(&mut self, src: &[u8], dst: &mut BytesMut) -> io::Result<()> {
+        seal(&mut self.state, src, dst)
+    }
+
+    /// Whether a read can make progress without the socket.
+    fn has_buffered(&self) -> bool {
+        !self.plain.is_empty() || (!self.rx.is_empty() && record_need(&self.rx) == 0)
+    }
 }
 
 /// A record that breaks the protocol, as an I/O error that carries the
@@ -141,42 +211,22 @@ impl NoiseStream {
     pub(crate) fn new(tcp: TcpStream, state: snow::TransportState) -> NoiseStream {
         NoiseStream {
             tcp,
-            state,
-            rx: BytesMut::new(),
-            plain: BytesMut::new(),
+            rec: Records::new(state),
             tx: BytesMut::new(),
         }
-    }
-
-    /// Moves opened plaintext to `out`.
-    fn take_plain(&mut self, out: &mut ReadBuf<'_>) {
-        if self.plain.is_empty() {
-            return;
-        }
-        let n = self.plain.len().min(out.remaining());
-        out.put_slice(&self.plain[..n]);
-        self.plain.advance(n);
-    }
-
-    /// Whether a read can make progress without the socket.
-    fn has_buffered(&self) -> bool {
-        !self.plain.is_empty() || (!self.rx.is_empty() && record_need(&self.rx) == 0)
     }
 
     fn poll_read(&mut self, cx: &mut Context<'_>, out: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let before = out.remaining();
         loop {
-            self.take_plain(out);
-            if !self.rx.is_empty() && out.remaining() > 0 {
-                let used = open(&mut self.state, &self.rx, out, &mut self.plain)?;
-                self.rx.advance(used);
-            }
+            self.rec.read_buffered(out)?;
             if out.remaining() < before || out.remaining() == 0 {
                 return Poll::Ready(Ok(()));
             }
             // Nothing to give yet: more ciphertext. A small read with
             // nothing pending goes through the stack.
-            if self.rx.is_empty() && out.remaining() + OVERHEAD <= STACK {
+            let rx = &mut self.rec.rx;
+            if rx.is_empty() && out.remaining() + OVERHEAD <= STACK {
                 let mut stack = [0; STACK];
                 let mut read = ReadBuf::new(&mut stack[..out.remaining() + OVERHEAD]);
                 ready!(Pin::new(&mut self.tcp).poll_read(cx, &mut read))?;
@@ -184,17 +234,16 @@ impl NoiseStream {
                 if got.is_empty() {
                     return Poll::Ready(Ok(()));
                 }
-                let used = open(&mut self.state, got, out, &mut self.plain)?;
-                self.rx.extend_from_slice(&got[used..]);
+                self.rec.read_from(got, out)?;
                 continue;
             }
-            let want = record_need(&self.rx)
+            let want = record_need(rx)
                 .max(out.remaining() + OVERHEAD)
                 .min(READ_MAX);
-            self.rx.reserve(want);
+            rx.reserve(want);
             ready!(self.tcp.poll_read_ready(cx))?;
-            match self.tcp.try_read_buf(&mut self.rx) {
-                Ok(0) if self.rx.is_empty() => return Poll::Ready(Ok(())),
+            match self.tcp.try_read_buf(rx) {
+                Ok(0) if rx.is_empty() => return Poll::Ready(Ok(())),
                 Ok(0) => {
                     return Poll::Ready(Err(violation(ProtocolViolation::BadRecord(
                         "connection ended inside a record",
@@ -232,7 +281,8 @@ impl NoiseStream {
             let mut stack = [0; STACK];
             let len = src.len() + TAG;
             stack[..RECORD_HEADER].copy_from_slice(&(len as u16).to_be_bytes());
-            self.state
+            self.rec
+                .state
                 .write_message(src, &mut stack[RECORD_HEADER..RECORD_HEADER + len])
                 .map_err(|e| io::Error::other(format!("cannot seal a record: {e}")))?;
             let record = &stack[..RECORD_HEADER + len];
@@ -245,7 +295,7 @@ impl NoiseStream {
             };
             self.tx.extend_from_slice(&record[written..]);
         } else {
-            seal(&mut self.state, src, &mut self.tx)?;
+            self.rec.seal(src, &mut self.tx)?;
             if let Poll::Ready(Err(e)) = self.poll_drain(cx) {
                 return Poll::Ready(Err(e));
             }
@@ -267,7 +317,7 @@ impl Stream {
     /// records wait to be opened).
     pub(crate) fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self {
-            Stream::Noise(n) if n.has_buffered() => Poll::Ready(Ok(())),
+            Stream::Noise(n) if n.rec.has_buffered() => Poll::Ready(Ok(())),
             s => s.tcp().poll_read_ready(cx),
         }
     }
@@ -284,7 +334,7 @@ impl Stream {
     /// Gives back the memory of empty buffers (an idle session holds none).
     pub(crate) fn release_idle(&mut self) {
         if let Stream::Noise(n) = self {
-            for b in [&mut n.rx, &mut n.plain, &mut n.tx] {
+            for b in [&mut n.rec.rx, &mut n.rec.plain, &mut n.tx] {
                 if b.is_empty() && b.capacity() > 0 {
                     *b = BytesMut::new();
                 }

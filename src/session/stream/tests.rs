@@ -120,7 +120,7 @@ async fn idle_streams_hold_no_buffers() {
         s.release_idle();
         let Stream::Noise(n) = s else { unreachable!() };
         assert_eq!(
-            (n.rx.capacity(), n.plain.capacity(), n.tx.capacity()),
+            (n.rec.rx.capacity(), n.rec.plain.capacity(), n.tx.capacity()),
             (0, 0, 0)
         );
     }
@@ -133,9 +133,8 @@ async fn violation_after(
 ) -> ProtocolViolation {
     let (a, b) = pair().await;
     let mut reader = Stream::Noise(Box::new(a));
-    let NoiseStream {
-        mut tcp, mut state, ..
-    } = b;
+    let NoiseStream { mut tcp, rec, .. } = b;
+    let mut state = rec.state;
     let bytes = raw(&mut state);
     tcp.write_all(&bytes).await.unwrap();
     tcp.shutdown().await.unwrap();

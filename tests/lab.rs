@@ -790,3 +790,148 @@ fn s15_without_the_fleet_key_no_reply_and_no_session() {
     assert!(c_saw.is_empty(), "the wrong-key host learned of: {c_saw:?}");
     assert!(a_saw.is_empty(), "a key holder learned of: {a_saw:?}");
 }
+
+/// The UDP payloads to `port` in captured Ethernet frames (IPv4, no
+/// options assumed beyond what IHL says).
+fn udp_payloads(frames: &[Vec<u8>], port: u16) -> Vec<Vec<u8>> {
+    frames
+        .iter()
+        .filter_map(|f| {
+            let ip = f.get(14..)?;
+            if f.get(12..14)? != [0x08, 0x00] || ip.get(9)? != &17 {
+                return None;
+            }
+            let udp = ip.get(usize::from(ip[0] & 0x0f) * 4..)?;
+            let dst = u16::from_be_bytes([*udp.get(2)?, *udp.get(3)?]);
+            (dst == port).then(|| udp.get(8..).map(<[u8]>::to_vec))?
+        })
+        .collect()
+}
+
+/// Every frame that crosses the bridge for `d`, one by one.
+fn capture_frames(d: Duration) -> Vec<Vec<u8>> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    use std::io::Read;
+    let mut s = Socket::new(Domain::PACKET, Type::RAW, Some(Protocol::from(0x0300))).unwrap();
+    s.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+    let end = Instant::now() + d;
+    let mut frames = Vec::new();
+    let mut buf = vec![0u8; 65536];
+    while Instant::now() < end {
+        if let Ok(n) = s.read(&mut buf) {
+            frames.push(buf[..n].to_vec());
+        }
+    }
+    frames
+}
+
+/// The attacks of issue 14 between hosts, against a fleet with a key: an
+/// attacker host captures the fleet's datagrams and sends them again, sends
+/// announces claiming B's id pointing at itself, and connects to A with a
+/// Noise handshake of its own claiming B's id. A's session with B never
+/// drops, every message A sends reaches B in order, and A counts the
+/// replays and the forgeries.
+#[test]
+fn s16_replays_spoofed_announces_and_forged_hellos_change_nothing() {
+    let Some(lab) = Lab::new("s16", 3) else {
+        return;
+    };
+    let fleet = PskFile::new("s16", "fleet", &lanbeat::FleetKey::generate());
+    // Built before the capture starts, so the peers start within it.
+    common::example_bin("peer");
+    let cap = lab.inside_bridge(|| capture_frames(Duration::from_secs(2)));
+    std::thread::sleep(Duration::from_millis(100));
+    let mut a = lab.peer(0, "a", &["--psk-file", fleet.arg()]);
+    let mut b = lab.peer(1, "b", &["--psk-file", fleet.arg()]);
+    both_up(&mut a, 0, &mut b, 0, Duration::from_secs(3));
+    let captured = udp_payloads(&cap.join().unwrap(), lanbeat::DEFAULT_DISCOVERY_PORT);
+    assert!(!captured.is_empty(), "nothing captured");
+    println!("LAB: s16 captured {} discovery datagrams", captured.len());
+    let (b_id, a_port) = (b.id.clone(), a.tcp_port);
+    let a_ip = lab.ip(0);
+    let attack = lab.inside(2, move || {
+        let udp = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+        udp.set_broadcast(true).unwrap();
+        let sink = std::net::TcpListener::bind("0.0.0.0:4712").unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let mut diverted = 0;
+        for round in 0..5u8 {
+            // Replays of everything captured, broadcast and to A.
+            for d in &captured {
+                let _ = udp.send_to(d, ("10.77.0.255", lanbeat::DEFAULT_DISCOVERY_PORT));
+                let _ = udp.send_to(d, (a_ip, lanbeat::DEFAULT_DISCOVERY_PORT));
+            }
+            // A spoofed announce: B's id, a new instance, our port (no MAC:
+            // we lack the key).
+            let body = serde_json::json!({
+                "service": "lanbeat-demo", "id": b_id, "instance": format!("{:016x}", 0xbad0 + u64::from(round)),
+                "role": "peer", "name": "b", "port": 4712,
+            });
+            let mut d = b"LNBT\x02\x02".to_vec();
+            d.extend(serde_json::to_vec(&body).unwrap());
+            let _ = udp.send_to(&d, ("10.77.0.255", lanbeat::DEFAULT_DISCOVERY_PORT));
+            // A forged hello over a Noise handshake of our own (it fails
+            // at the fleet key: XX without the psk).
+            diverted += rt.block_on(async {
+                let Ok(tcp) = tokio::net::TcpStream::connect((a_ip, a_port)).await else {
+                    return 0;
+                };
+                let secret = common::noise::secret(0x60 + round);
+                let Ok(mut conn) = common::noise::handshake(tcp, "lanbeat-demo", &secret, true).await
+                else {
+                    return 0;
+                };
+                let id: lanbeat::PeerId = b_id.parse().unwrap();
+                let forged = common::noise::hello("lanbeat-demo", id, "b");
+                let _ = conn.send(&common::noise::frame(1, &serde_json::to_vec(&forged).unwrap())).await;
+                let mut data = 0;
+                while let Ok(Some((ty, _))) =
+                    tokio::time::timeout(Duration::from_secs(1), conn.recv_frame()).await
+                {
+                    data += usize::from(ty == 4);
+                }
+                data
+            });
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        sink.set_nonblocking(true).unwrap();
+        let dials = std::iter::from_fn(|| sink.accept().ok()).count();
+        (diverted, dials)
+    });
+    let am = a.mark();
+    let bm = b.mark();
+    for i in 0..30 {
+        a.say(&format!("through the attack {i}"));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (diverted, dials) = attack.join().unwrap();
+    b.wait(bm, Duration::from_secs(2), |v| {
+        v["event"] == "message" && v["data"] == "through the attack 29"
+    });
+    let got: Vec<String> = b
+        .matching(bm, |v| v["event"] == "message")
+        .iter()
+        .map(|(_, v)| v["data"].as_str().unwrap().to_owned())
+        .collect();
+    let want: Vec<String> = (0..30).map(|i| format!("through the attack {i}")).collect();
+    let downs = a.matching(am, |v| v["event"] == "session_down");
+    a.say("/stats");
+    let (_, stats) = a.wait(am, Duration::from_secs(2), |v| v["event"] == "stats");
+    let stats = &stats["stats"];
+    println!(
+        "LAB: s16 replays and forgeries: {} replayed and {} unauthenticated datagrams dropped at A, \
+         {diverted} messages diverted, {dials} dials to the attacker, {} of 30 messages delivered in order",
+        stats["dropped_replayed"],
+        stats["dropped_unauthenticated"],
+        got.len()
+    );
+    assert!(downs.is_empty(), "A's session went down: {downs:?}");
+    assert_eq!(got, want, "every message to B, in order");
+    assert_eq!(diverted, 0);
+    assert_eq!(dials, 0, "A dialed the address a spoofed announce named");
+    assert!(stats["dropped_replayed"].as_u64().unwrap() > 0);
+    assert!(stats["dropped_unauthenticated"].as_u64().unwrap() >= 5);
+}

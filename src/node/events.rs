@@ -97,6 +97,18 @@ impl Events {
     }
 }
 
+/// The events as a stream (with the `stream` feature): the same as
+/// [`Events::poll_recv`], ending once the node has shut down and every
+/// event was taken. Cancel safe, as `recv`.
+#[cfg(feature = "stream")]
+impl futures_core::Stream for Events {
+    type Item = Event;
+
+    fn poll_next(self: std::pin::Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Event>> {
+        self.get_mut().poll_recv(cx)
+    }
+}
+
 /// The future of [`Events::recv`].
 struct Recv<'a> {
     events: &'a mut Events,
@@ -135,5 +147,37 @@ impl Events {
             local: VecDeque::new(),
             closed: false,
         }
+    }
+}
+
+#[cfg(all(test, feature = "stream"))]
+mod stream_tests {
+    use std::collections::VecDeque;
+    use std::sync::Arc;
+    use std::task::{Context, Poll, Waker};
+
+    use futures_core::Stream;
+
+    use super::Events;
+    use crate::event::Event;
+    use crate::peer::PeerId;
+    use crate::queue::Queue;
+
+    #[test]
+    fn events_are_a_stream_that_ends_with_the_node() {
+        let queue: Arc<Queue<VecDeque<Event>>> = Arc::new(Queue::new(8));
+        let mut events = Events::new(queue.clone());
+        let mut cx = Context::from_waker(Waker::noop());
+        let mut next = |e: &mut Events| std::pin::Pin::new(e).poll_next(&mut cx);
+        assert_eq!(next(&mut events), Poll::Pending);
+        let lost = |n| Event::PeerLost {
+            peer: PeerId::from_u64(n),
+        };
+        queue.try_push(lost(1)).unwrap();
+        queue.try_push(lost(2)).unwrap();
+        queue.close();
+        assert_eq!(next(&mut events), Poll::Ready(Some(lost(1))));
+        assert_eq!(next(&mut events), Poll::Ready(Some(lost(2))));
+        assert_eq!(next(&mut events), Poll::Ready(None));
     }
 }

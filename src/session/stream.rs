@@ -13,7 +13,7 @@ use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
-use bytes::{Buf, BufMut, BytesMut};
+use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
@@ -182,17 +182,23 @@ fn open(
     Ok(at)
 }
 
+/// Seals `chunk` (at most [`MAX_RECORD_PLAINTEXT`] bytes) as one record
+/// into `dst`, which must have room for it; returns the record's length.
+fn seal_one(state: &mut snow::TransportState, chunk: &[u8], dst: &mut [u8]) -> io::Result<usize> {
+    let len = chunk.len() + TAG;
+    dst[..RECORD_HEADER].copy_from_slice(&(len as u16).to_be_bytes());
+    state
+        .write_message(chunk, &mut dst[RECORD_HEADER..RECORD_HEADER + len])
+        .map_err(|e| io::Error::other(format!("cannot seal a record: {e}")))?;
+    Ok(RECORD_HEADER + len)
+}
+
 /// Seals `src` as records at the end of `dst`.
 fn seal(state: &mut snow::TransportState, src: &[u8], dst: &mut BytesMut) -> io::Result<()> {
     for chunk in src.chunks(MAX_RECORD_PLAINTEXT) {
-        let len = chunk.len() + TAG;
-        dst.reserve(RECORD_HEADER + len);
-        dst.put_u16(len as u16);
         let at = dst.len();
-        dst.resize(at + len, 0);
-        state
-            .write_message(chunk, &mut dst[at..])
-            .map_err(|e| io::Error::other(format!("cannot seal a record: {e}")))?;
+        dst.resize(at + OVERHEAD + chunk.len(), 0);
+        seal_one(state, chunk, &mut dst[at..])?;
     }
     Ok(())
 }
@@ -279,13 +285,8 @@ impl NoiseStream {
             // and written from there; only what the socket does not take
             // is kept.
             let mut stack = [0; STACK];
-            let len = src.len() + TAG;
-            stack[..RECORD_HEADER].copy_from_slice(&(len as u16).to_be_bytes());
-            self.rec
-                .state
-                .write_message(src, &mut stack[RECORD_HEADER..RECORD_HEADER + len])
-                .map_err(|e| io::Error::other(format!("cannot seal a record: {e}")))?;
-            let record = &stack[..RECORD_HEADER + len];
+            let n = seal_one(&mut self.rec.state, src, &mut stack)?;
+            let record = &stack[..n];
             // The record is sealed (its nonce used): it must go out, now
             // or later.
             let written = match Pin::new(&mut self.tcp).poll_write(cx, record) {
@@ -306,7 +307,7 @@ impl NoiseStream {
 
 impl Stream {
     /// The TCP stream underneath.
-    pub(crate) fn tcp(&self) -> &TcpStream {
+    fn tcp(&self) -> &TcpStream {
         match self {
             Stream::Plain(s) => s,
             Stream::Noise(n) => &n.tcp,

@@ -117,6 +117,13 @@ pub struct Config {
     /// Which interfaces to broadcast on. Default: every IPv4 interface that is
     /// up and neither loopback nor point-to-point.
     pub interfaces: InterfaceSelection,
+    /// Peers by address, for networks where broadcast does not reach them
+    /// (access points that drop it, other subnets, VPNs): each `IP`,
+    /// `IP:port` or `host[:port]` (the port is the peer's discovery port,
+    /// by default this node's) is probed by unicast and answers from any
+    /// subnet. One side naming the other is enough. Host names are resolved
+    /// at start. IPv4 only. Default: none.
+    pub peers: Vec<String>,
     /// How often interfaces are listed again, so that an address that appears
     /// later (Wi-Fi reconnect, VPN, DHCP) or a link that comes back is used
     /// without a restart. Default: 500 ms (one `getifaddrs` call: cheap).
@@ -223,6 +230,7 @@ impl Config {
             discovery_port: DEFAULT_DISCOVERY_PORT,
             tcp_port: 0,
             interfaces: InterfaceSelection::default(),
+            peers: Vec::new(),
             interface_rescan: Duration::from_millis(500),
             heartbeat_interval: Duration::from_secs(1),
             heartbeat_timeout: Duration::from_secs(3),
@@ -264,6 +272,9 @@ impl Config {
         }
         if self.security == Security::Noise && self.id.is_some() && self.identity.is_none() {
             return Err(ConfigError::IdWithoutIdentity);
+        }
+        if let Some(bad) = self.peers.iter().find(|p| split_peer(p).is_none()) {
+            return Err(ConfigError::PeerAddress(bad.clone()));
         }
         if self.security == Security::InsecurePlaintext && self.fleet_key.is_some() {
             return Err(ConfigError::FleetKeyWithoutNoise);
@@ -404,6 +415,24 @@ impl Config {
     }
 }
 
+/// A static peer address as host and port (`None` for the port when it
+/// is not given), or `None` when it is not one.
+pub(crate) fn split_peer(addr: &str) -> Option<(&str, Option<u16>)> {
+    if addr.parse::<std::net::IpAddr>().is_ok() {
+        return Some((addr, None));
+    }
+    let (host, port) = match addr.rsplit_once(':') {
+        Some((h, p)) => (h, Some(p.parse::<u16>().ok().filter(|p| *p != 0)?)),
+        None => (addr, None),
+    };
+    let host_ok = !host.is_empty()
+        && host.len() <= 253
+        && host
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.');
+    (host_ok || host.parse::<std::net::Ipv4Addr>().is_ok()).then_some((host, port))
+}
+
 fn nonzero(field: &'static str, d: Duration) -> Result<(), ConfigError> {
     if d.is_zero() {
         Err(ConfigError::Zero(field))
@@ -482,6 +511,13 @@ impl ConfigBuilder {
     /// [`InterfaceSelection::include`]).
     pub fn interface(mut self, name: impl Into<String>) -> Self {
         self.config.interfaces.include.push(name.into());
+        self
+    }
+
+    /// Adds a peer by address ([`Config::peers`]): `IP`, `IP:port`, `host`
+    /// or `host:port`.
+    pub fn peer(mut self, addr: impl Into<String>) -> Self {
+        self.config.peers.push(addr.into());
         self
     }
 
@@ -773,5 +809,35 @@ mod tests {
                 .build()
                 .is_ok()
         );
+    }
+
+    #[test]
+    fn peer_addresses_are_checked_at_build() {
+        for good in [
+            "10.0.0.5",
+            "10.0.0.5:47474",
+            "lamp.local",
+            "lamp-2.lan:4000",
+            "::1",
+        ] {
+            assert!(Config::builder("s").peer(good).build().is_ok(), "{good}");
+        }
+        for bad in [
+            "",
+            "10.0.0.5:",
+            "10.0.0.5:0",
+            "10.0.0.5:99999",
+            "lamp local",
+            "a:b:c",
+            "[::1]:80",
+        ] {
+            assert!(
+                matches!(
+                    Config::builder("s").peer(bad).build(),
+                    Err(ConfigError::PeerAddress(a)) if a == bad
+                ),
+                "{bad}"
+            );
+        }
     }
 }

@@ -51,6 +51,10 @@ pub enum ConfigError {
         "an id without an identity cannot be proven to peers: set an identity (its id derives from its key), or choose insecure plaintext sessions"
     )]
     IdWithoutIdentity,
+    /// A static peer address that is neither an IP address, `IP:port`,
+    /// nor `host` or `host:port`.
+    #[error("peer address {0:?} is not IP, IP:port, host or host:port")]
+    PeerAddress(String),
     /// A fleet key was set with insecure plaintext sessions, which cannot
     /// use it: it would protect nothing.
     #[error("a fleet key needs Noise sessions; insecure plaintext sessions cannot use it")]
@@ -144,6 +148,15 @@ pub enum Error {
         /// The operating system's error.
         #[source]
         source: io::Error,
+    },
+    /// A static peer's address did not resolve to an IPv4 address (a host
+    /// name unknown, or IPv6 only). Nothing was started.
+    #[error("cannot resolve peer address {addr:?}: {reason}")]
+    PeerAddress {
+        /// The address as configured.
+        addr: String,
+        /// Why.
+        reason: String,
     },
     /// No session with that peer is up. The message is handed back.
     #[error("no session with peer {peer}")]

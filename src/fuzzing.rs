@@ -237,6 +237,8 @@ pub fn discovery(data: &[u8]) {
         limits: DatagramLimits::default(),
         fleet_key: None,
         first_seq: 0,
+        static_peers: Vec::new(),
+        accept_routed_probes: false,
     };
     let mut d = Discovery::new(cfg, 0);
     d.set_targets(

@@ -677,3 +677,43 @@ async fn the_trust_policy_decides_who_holds_a_session() {
         Err(lanbeat::ConfigError::TrustWithoutNoise)
     ));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_named_by_address_is_found_without_broadcast() {
+    // Two nodes on different discovery ports: no broadcast of one reaches
+    // the other. One names the other's address; the session comes up, in
+    // either id order (the naming side dials if the other cannot know it).
+    trace();
+    for round in 0..2 {
+        let (pa, pb) = (free_port(), free_port());
+        let (b, _eb) = Node::start(config("static", pb).name("b").build().unwrap())
+            .await
+            .unwrap();
+        let (a, mut ea) = Node::start(
+            config("static", pa)
+                .name("a")
+                .peer(format!("127.0.0.1:{pb}"))
+                .build()
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+        wait_up(&mut ea, b.id(), Duration::from_secs(3)).await;
+        assert!(a.sender(b.id()).is_some(), "round {round}");
+        a.shutdown().await;
+        b.shutdown().await;
+    }
+    // A name that does not resolve fails the start and is named.
+    let r = Node::start(
+        config("static", free_port())
+            .peer("no-such-host.invalid")
+            .build()
+            .unwrap(),
+    )
+    .await;
+    assert!(
+        matches!(&r, Err(Error::PeerAddress { addr, .. }) if addr == "no-such-host.invalid"),
+        "{:?}",
+        r.err()
+    );
+}

@@ -52,6 +52,11 @@ pub struct Args {
     /// host, unreachable from others.
     #[arg(long)]
     pub loopback: bool,
+    /// A peer by address (repeatable): IP, IP:port or host[:port], the port
+    /// being its discovery port. For networks where broadcast does not
+    /// reach it (other subnets, access points that drop broadcast).
+    #[arg(long = "peer")]
+    pub peers: Vec<String>,
     /// Use only this interface (repeatable). Default: every usable one.
     #[arg(long = "interface")]
     pub interfaces: Vec<String>,
@@ -125,6 +130,9 @@ pub async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     }
     if args.loopback {
         b = b.loopback_only();
+    }
+    for p in &args.peers {
+        b = b.peer(p);
     }
     for i in &args.interfaces {
         b = b.interface(i);

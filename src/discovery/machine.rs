@@ -78,6 +78,11 @@ pub struct DiscoveryConfig {
     /// microseconds since the Unix epoch, so a restarted node goes on
     /// above its old numbers.
     pub first_seq: u64,
+    /// Peers by address: probed by unicast, heard from any subnet.
+    pub static_peers: Vec<SocketAddrV4>,
+    /// Whether probes from outside the selected interfaces' subnets are
+    /// answered (the node is not confined to named interfaces).
+    pub accept_routed_probes: bool,
 }
 
 /// A local interface address discovery broadcasts on.
@@ -232,6 +237,8 @@ pub struct Discovery {
     announce_bytes: Vec<u8>,
     /// With a fleet key: sealing and checking datagrams.
     auth: Option<DatagramAuth>,
+    /// The static peers have had their first announce and probe.
+    statics_started: bool,
 }
 
 impl Discovery {
@@ -261,6 +268,7 @@ impl Discovery {
             .map(|k| DatagramAuth::new(&k.to_bytes(), cfg.first_seq, 2 * cfg.max_peers));
         Discovery {
             auth,
+            statics_started: false,
             probe_interval: cfg.probe_initial,
             cfg,
             rng: SmallRng::seed_from_u64(seed),
@@ -315,6 +323,7 @@ impl Discovery {
             self.next_probe = Some(now + self.jitter(self.cfg.probe_initial));
             self.probe_interval = (self.cfg.probe_initial * 2).min(self.cfg.probe_max_missing);
         }
+        self.start_static_peers(now);
         changed
     }
 
@@ -328,12 +337,10 @@ impl Discovery {
         src: SocketAddrV4,
         bytes: &[u8],
     ) -> Result<(), Dropped> {
-        let Some(interface) = self
-            .targets
-            .iter()
-            .find(|t| t.contains(*src.ip()))
-            .map(|t| t.interface.clone())
-        else {
+        // The kind byte, before anything is checked: only a probe may come
+        // from anywhere (see `statics`).
+        let is_probe = bytes.get(5) == Some(&1);
+        let Some(interface) = self.source_interface(src, is_probe) else {
             return Err(Dropped::ForeignInterface);
         };
         if bytes.len() > self.cfg.limits.max_size {
@@ -421,8 +428,11 @@ impl Discovery {
         (self.cfg.role.dials() && role.accepts()) || (role.dials() && self.cfg.role.accepts())
     }
 
+    /// Whether we dial `info`: as the rule says, or, for a static peer
+    /// (which may not know us, so would never dial), whenever we can.
     fn we_dial(&self, info: &PeerInfo) -> bool {
         should_dial(self.cfg.id, self.cfg.role, info.id, info.role)
+            || (self.is_static(info.addr) && self.cfg.role.dials() && info.role.accepts())
     }
 
     fn handle_announce(
@@ -532,6 +542,7 @@ impl Discovery {
                     payload: self.probe_bytes.clone(),
                 });
             }
+            self.send_to_static_peers(false);
             let cap = if self.unconnected_entries().any(|e| e.missing) {
                 self.cfg.probe_max_missing
             } else {
@@ -778,6 +789,7 @@ impl Discovery {
 mod admit;
 mod dropped;
 mod duplicates;
+mod statics;
 #[cfg(test)]
 mod tests;
 

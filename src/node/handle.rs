@@ -154,6 +154,7 @@ impl Node {
             (Security::Noise, None) => Some(Identity::generate()),
             (_, identity) => identity.clone(),
         };
+        let static_peers = resolve_peers(&config).await?;
         let id = match &identity {
             Some(identity) => identity.peer_id(),
             None => config.id.unwrap_or_else(PeerId::random),
@@ -194,6 +195,8 @@ impl Node {
                 replies_per_source_per_sec: config.replies_per_source_per_sec,
                 limits: config.datagram_limits(),
                 fleet_key: config.fleet_key.clone(),
+                static_peers,
+                accept_routed_probes: !config.interfaces.is_restricted(),
                 first_seq: std::time::SystemTime::now()
                     .duration_since(std::time::UNIX_EPOCH)
                     .map_or(0, |d| d.as_micros() as u64),
@@ -435,4 +438,29 @@ impl Node {
 
 fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)
+}
+
+/// The static peers' addresses (`Config::peers`), resolved: the first IPv4
+/// address of each, with the node's discovery port unless one is given.
+async fn resolve_peers(config: &Config) -> Result<Vec<SocketAddrV4>, Error> {
+    let mut out = Vec::new();
+    for addr in &config.peers {
+        let fail = |reason: String| Error::PeerAddress {
+            addr: addr.clone(),
+            reason,
+        };
+        let (host, port) =
+            crate::config::split_peer(addr).ok_or_else(|| fail("not an address".into()))?;
+        let port = port.unwrap_or(config.discovery_port);
+        let found = tokio::net::lookup_host((host, port))
+            .await
+            .map_err(|e| fail(e.to_string()))?
+            .find_map(|a| match a {
+                SocketAddr::V4(a) => Some(a),
+                SocketAddr::V6(_) => None,
+            })
+            .ok_or_else(|| fail("no IPv4 address".into()))?;
+        out.push(found);
+    }
+    Ok(out)
 }

@@ -26,6 +26,8 @@ fn cfg(id: u64, role: Role) -> DiscoveryConfig {
         limits: DatagramLimits::default(),
         fleet_key: None,
         first_seq: 0,
+        static_peers: Vec::new(),
+        accept_routed_probes: false,
     }
 }
 
@@ -809,5 +811,68 @@ fn a_restarted_key_holder_goes_on_above_its_old_numbers() {
     assert_eq!(
         a.handle_datagram(now, addr(2, 9000), &old),
         Err(Dropped::Replayed)
+    );
+}
+
+fn routed(host: u8, port: u16) -> SocketAddrV4 {
+    SocketAddrV4::new(Ipv4Addr::new(192, 168, 9, host), port)
+}
+
+#[test]
+fn static_peers_are_probed_by_unicast_and_heard_from_any_subnet() {
+    let now = Instant::now();
+    let mut c = cfg(1, Role::Peer);
+    c.static_peers = vec![routed(5, PORT)];
+    let mut d = Discovery::new(c, 1);
+    // Even with no interface that can broadcast.
+    d.set_targets(now, vec![]);
+    let t = transmits(&mut d);
+    assert_eq!(
+        t.iter().filter(|t| t.dst == routed(5, PORT)).count(),
+        2,
+        "announce and probe"
+    );
+    // Each later probe round too.
+    let next = d.poll_timeout().expect("probing is scheduled");
+    d.handle_timeout(next);
+    assert!(transmits(&mut d).iter().any(|t| t.dst == routed(5, PORT)));
+    // The static peer's announce, from its own subnet, is taken.
+    assert_eq!(
+        d.handle_datagram(now, routed(5, 9000), &announce_of(5, 5000, Role::Peer)),
+        Ok(())
+    );
+    assert!(events(&mut d).iter().any(
+        |e| matches!(e, DiscoveryEvent::Discovered(i) if i.interface.as_deref() == Some("routed"))
+    ));
+    // Anyone else's from there is not; nor its probes, by default.
+    assert_eq!(
+        d.handle_datagram(now, routed(6, 9000), &announce_of(6, 6000, Role::Peer)),
+        Err(Dropped::ForeignInterface)
+    );
+    assert_eq!(
+        d.handle_datagram(now, routed(6, 9000), &probe_of(6)),
+        Err(Dropped::ForeignInterface)
+    );
+}
+
+#[test]
+fn a_node_not_confined_to_its_interfaces_answers_a_routed_probe() {
+    let now = Instant::now();
+    let mut c = cfg(2, Role::Peer);
+    c.accept_routed_probes = true;
+    let mut d = Discovery::new(c, 2);
+    d.set_targets(now, vec![target(2)]);
+    transmits(&mut d);
+    assert_eq!(
+        d.handle_datagram(now, routed(7, 9000), &probe_of(7)),
+        Ok(())
+    );
+    let t = transmits(&mut d);
+    assert_eq!(t.len(), 1);
+    assert_eq!(t[0].dst, routed(7, 9000), "answered by unicast");
+    // Announces from there are still not taken (only static peers').
+    assert_eq!(
+        d.handle_datagram(now, routed(7, 9000), &announce_of(7, 7000, Role::Peer)),
+        Err(Dropped::ForeignInterface)
     );
 }

@@ -935,3 +935,48 @@ fn s16_replays_spoofed_announces_and_forged_hellos_change_nothing() {
     assert!(stats["dropped_replayed"].as_u64().unwrap() > 0);
     assert!(stats["dropped_unauthenticated"].as_u64().unwrap() >= 5);
 }
+
+/// Two hosts on different subnets behind a router (issue 16): no broadcast
+/// crosses. One names the other (`--peer`); the session comes up, carries
+/// messages, times out when the far host's cable is cut, and comes back
+/// after the heal.
+#[test]
+fn s17_a_peer_named_by_address_across_a_router() {
+    let Some(lab) = Lab::routed("s17", 2) else {
+        return;
+    };
+    let far = lab.ip(1).to_string();
+    let mut b = lab.peer(1, "b", &[]);
+    let started = Instant::now();
+    let mut a = lab.peer(0, "a", &["--peer", &far]);
+    let up = both_up(&mut a, 0, &mut b, 0, Duration::from_secs(5));
+    let bm = b.mark();
+    for i in 0..10 {
+        a.say(&format!("across {i}"));
+    }
+    b.wait(bm, Duration::from_secs(2), |v| {
+        v["event"] == "message" && v["data"] == "across 9"
+    });
+    let am = a.mark();
+    let t0 = Instant::now();
+    lab.cut(1);
+    let (t, v) = a.wait(
+        am,
+        Duration::from_secs(3),
+        about("session_down", &b.id.clone()),
+    );
+    assert_eq!(v["reason"], "heartbeat_timeout");
+    let detect = t - t0;
+    let am = a.mark();
+    let bm = b.mark();
+    let healed = Instant::now();
+    lab.heal(1);
+    let back = both_up(&mut a, am, &mut b, bm, Duration::from_secs(5));
+    println!(
+        "LAB: s17 across a router by address: session up {:.0} ms after a started, cut seen after {:.0} ms, back {:.0} ms after the heal",
+        ms(up - started),
+        ms(detect),
+        ms(back - healed)
+    );
+    assert!(detect <= DETECT_BOUND, "{detect:?}");
+}

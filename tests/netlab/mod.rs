@@ -2,7 +2,7 @@
 //! real network stack: veth links, directed broadcast without a default
 //! route, cables that can be cut, addresses that come and go.
 //!
-//! Layout of one lab: a bridge `br0` inside a namespace of its own
+//! Layout of one lab (or see [`Lab::routed`]): a bridge `br0` inside a namespace of its own
 //! (`<prefix>-br`), and N host namespaces (`<prefix>-h<i>`), each with one
 //! veth `eth0` (10.77.0.<i+1>/24) whose other end is a port of the bridge.
 //! Nothing is created in the machine's own namespace and no host has a
@@ -99,6 +99,9 @@ pub struct Lab {
     /// How to start the example peer: the built example by default; a
     /// program that embeds the peer (the bench) sets its own.
     pub peer_cmd: Option<Vec<std::ffi::OsString>>,
+    /// Each host on a subnet of its own behind a router (see
+    /// [`Lab::routed`]) rather than all on one bridge.
+    routed: bool,
 }
 
 impl Lab {
@@ -128,6 +131,7 @@ impl Lab {
             hosts: Vec::new(),
             prefix: prefix.clone(),
             peer_cmd: None,
+            routed: false,
         };
         let br = lab.bridge_ns();
         ip(&["netns", "add", &br]);
@@ -162,6 +166,67 @@ impl Lab {
             if with_addr {
                 lab.add_addr(i);
             }
+        }
+        Some(lab)
+    }
+
+    /// A lab of `n` hosts, each on a subnet of its own (10.77.<i+1>.0/24,
+    /// the host at .2) behind one router namespace that forwards between
+    /// them (at .1 on each): no broadcast crosses, unicast does. The
+    /// router's port to host `i` is `h<i>`, so [`Lab::cut`] works as on a
+    /// bridge.
+    pub fn routed(test: &str, n: usize) -> Option<Lab> {
+        if let Some(why) = unavailable(test) {
+            if std::env::var("LANBEAT_REQUIRE_NETNS").as_deref() == Ok("1") {
+                panic!("namespace lab required (LANBEAT_REQUIRE_NETNS=1) but unavailable: {why}");
+            }
+            let _ = writeln!(
+                std::io::stderr(),
+                "SKIPPED {test}: namespace lab unavailable: {why} (set LANBEAT_REQUIRE_NETNS=1 to fail instead)"
+            );
+            return None;
+        }
+        remove_stale();
+        let prefix = format!("{PREFIX}-{}-{test}", std::process::id());
+        let mut lab = Lab {
+            hosts: Vec::new(),
+            prefix: prefix.clone(),
+            peer_cmd: None,
+            routed: true,
+        };
+        let router = lab.bridge_ns();
+        ip(&["netns", "add", &router]);
+        ip(&["-n", &router, "link", "set", "lo", "up"]);
+        let forward = Command::new("ip")
+            .args(["netns", "exec", &router, "sh", "-c"])
+            .arg("echo 1 > /proc/sys/net/ipv4/ip_forward")
+            .status()
+            .expect("run ip netns exec");
+        assert!(forward.success(), "cannot turn forwarding on in the router");
+        for i in 0..n {
+            let ns = format!("{prefix}-h{i}");
+            ip(&["netns", "add", &ns]);
+            lab.hosts.push(ns.clone());
+            let port = format!("h{i}");
+            ip(&[
+                "-n", &router, "link", "add", &port, "type", "veth", "peer", "name", "eth0",
+                "netns", &ns,
+            ]);
+            let gw = format!("10.77.{}.1", i + 1);
+            ip(&[
+                "-n",
+                &router,
+                "addr",
+                "add",
+                &format!("{gw}/24"),
+                "dev",
+                &port,
+            ]);
+            ip(&["-n", &router, "link", "set", &port, "up"]);
+            ip(&["-n", &ns, "link", "set", "lo", "up"]);
+            ip(&["-n", &ns, "link", "set", "eth0", "up"]);
+            lab.add_addr(i);
+            ip(&["-n", &ns, "route", "add", "default", "via", &gw]);
         }
         Some(lab)
     }
@@ -211,7 +276,11 @@ fn in_namespace<T: Send + 'static>(
 impl Lab {
     /// The address of host `i`.
     pub fn ip(&self, i: usize) -> Ipv4Addr {
-        Ipv4Addr::new(10, 77, 0, i as u8 + 1)
+        if self.routed {
+            Ipv4Addr::new(10, 77, i as u8 + 1, 2)
+        } else {
+            Ipv4Addr::new(10, 77, 0, i as u8 + 1)
+        }
     }
 
     /// Cuts host `i`'s cable: its bridge port goes down (the host sees no

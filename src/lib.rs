@@ -4,8 +4,10 @@
 //!
 //! Nodes of one *service* find each other with a UDP broadcast probe on every
 //! usable IPv4 interface; each answers with its id, name and TCP port. The
-//! prober dials, a handshake exchanges ids and heartbeat settings, and
-//! ping/pong heartbeats keep the session honest. When nothing arrives within
+//! prober dials, a Noise handshake proves each side's key (the id derives
+//! from it) and encrypts everything after it, the hellos exchange ids and
+//! heartbeat settings, and ping/pong heartbeats keep the session honest.
+//! When nothing arrives within
 //! the heartbeat timeout the session closes with
 //! [`DownReason::HeartbeatTimeout`] and discovery looks for the peer, fast,
 //! until it is back and a new session is up.
@@ -15,7 +17,8 @@
 //!     |--- probe (UDP broadcast) ---------------->|
 //!     |<-- announce (UDP unicast: id, port) ------|
 //!     |=== TCP connect (smaller id dials) =======>|
-//!     |<-- hello / hello ------------------------>|  SessionUp on both
+//!     |<-- Noise XX handshake (both keys proven) ->|
+//!     |<-- hello / hello (encrypted) ------------>|  SessionUp on both
 //!     |<-- ping / pong, data / ack -------------->|  Rtt, Message
 //!     |          ... silence > timeout ...        |  SessionDown(heartbeat_timeout)
 //!     |--- probe, probe, probe ------------------>|  until B answers again

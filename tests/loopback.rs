@@ -717,3 +717,38 @@ async fn a_peer_named_by_address_is_found_without_broadcast() {
         r.err()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_with_the_same_identity_keeps_one_entry_found_by_name() {
+    // A lamp keeps its identity across a restart: the controller holds one
+    // entry for it (updated, not doubled), found by its name.
+    trace();
+    let port = free_port();
+    let lamp_key = lanbeat::Identity::generate();
+    let lamp = || {
+        config("named", port)
+            .name("kitchen")
+            .identity(lamp_key.clone())
+            .build()
+            .unwrap()
+    };
+    let ((c, mut ec), (l, _el)) =
+        connected_pair(config("named", port).name("phone").build().unwrap(), lamp()).await;
+    let first = c.peers_named("kitchen");
+    assert_eq!(first.len(), 1);
+    assert_eq!(first[0].info.id, l.id());
+    let old_instance = first[0].info.instance;
+    l.shutdown().await;
+    drop(l);
+    let (l2, _el2) = Node::start(lamp()).await.unwrap();
+    wait_up(&mut ec, l2.id(), Duration::from_secs(5)).await;
+    let again = c.peers_named("kitchen");
+    assert_eq!(again.len(), 1, "one entry, not a ghost: {again:?}");
+    assert_eq!(again[0].info.id, l2.id());
+    assert_ne!(
+        again[0].info.instance, old_instance,
+        "the entry is the new instance"
+    );
+    assert_eq!(again[0].state, PeerState::Connected);
+    assert!(c.peers_named("hall").is_empty());
+}

@@ -380,6 +380,22 @@ impl Node {
         Ok(sent)
     }
 
+    /// The known peers that call themselves `name`, the connected ones
+    /// first, then by id. Names are chosen by each node and need not be
+    /// unique (two "kitchen" lamps are two entries); address peers by id,
+    /// and keep a node's id across restarts with an identity file
+    /// ([`Identity::load_or_create`](crate::Identity::load_or_create)), so
+    /// that a restart updates its one entry instead of adding another.
+    pub fn peers_named(&self, name: &str) -> Vec<PeerStatus> {
+        let mut found: Vec<PeerStatus> = self
+            .peers()
+            .into_iter()
+            .filter(|p| p.info.name == name)
+            .collect();
+        found.sort_by_key(|p| (p.state != crate::PeerState::Connected, p.info.id));
+        found
+    }
+
     /// Every known peer, its state and last RTT, ordered by id.
     pub fn peers(&self) -> Vec<PeerStatus> {
         let shared = &self.inner.shared;

@@ -148,8 +148,9 @@ pub struct Config {
     /// cap. Default: 100 ms.
     pub probe_initial: Duration,
     /// The probe cap while every known peer has a session (or none is
-    /// known). New peers announce themselves, so this can be slow.
-    /// Default: 3 s.
+    /// known). New peers announce themselves (and probe), and peers with
+    /// sessions do not answer these probes, so this can be slow: it is
+    /// what steady-state discovery costs. Default: 30 s.
     pub probe_max: Duration,
     /// The probe cap while a peer is missing (lost without goodbye), so a
     /// returning peer is found within about a second. Default: 1 s.
@@ -238,7 +239,7 @@ impl Config {
             connect_timeout: Duration::from_secs(2),
             write_timeout: Duration::from_secs(3),
             probe_initial: Duration::from_millis(100),
-            probe_max: Duration::from_secs(3),
+            probe_max: Duration::from_secs(30),
             probe_max_missing: Duration::from_secs(1),
             redial_initial: Duration::from_millis(100),
             peer_expiry: Duration::from_secs(10),
@@ -318,9 +319,12 @@ impl Config {
                 larger: "probe_max",
             });
         }
-        if self.peer_expiry <= self.probe_max * 2 {
+        // Peers without a session are refreshed by probes at least three
+        // times per expiry (see `discovery::machine`), never slower than
+        // `probe_max_missing`.
+        if self.peer_expiry <= self.probe_max_missing * 2 {
             return Err(ConfigError::Order {
-                smaller: "2 × probe_max",
+                smaller: "2 × probe_max_missing",
                 larger: "peer_expiry",
             });
         }

@@ -69,6 +69,9 @@ counters! {
     /// Dropped, with a fleet key: a datagram whose sequence number was
     /// seen already or is too old (a replay).
     dropped_replayed,
+    /// Probes not answered because their sender holds a session with this
+    /// node and said so (known-answer suppression).
+    replies_suppressed,
     /// Times two live nodes were found sharing one id (each also an
     /// `Event::DuplicateId`).
     duplicate_ids,
@@ -131,6 +134,7 @@ impl Counters {
             Dropped::Unconfirmed => &self.dropped_unconfirmed,
             Dropped::Unauthenticated => &self.dropped_unauthenticated,
             Dropped::Replayed => &self.dropped_replayed,
+            Dropped::KnownAnswer => &self.replies_suppressed,
         });
     }
 }

@@ -980,3 +980,57 @@ fn s17_a_peer_named_by_address_across_a_router() {
     );
     assert!(detect <= DETECT_BOUND, "{detect:?}");
 }
+
+/// The steady state of discovery at 12 hosts (issue 16): once every node
+/// holds its sessions and its probes have backed off to their cap, a probe
+/// is not answered by the peers it lists as known, so what a node sends
+/// does not grow with the number of nodes: at most 10 datagrams a minute.
+#[test]
+fn s18_steady_state_discovery_is_quiet_at_12_hosts() {
+    const N: usize = 12;
+    let Some(lab) = Lab::new("s18", N) else {
+        return;
+    };
+    let mut peers: Vec<Peer> = (0..N).map(|i| lab.peer(i, &format!("p{i}"), &[])).collect();
+    let t0 = Instant::now();
+    for i in 0..N {
+        for j in 0..N {
+            if i != j {
+                let id = peers[j].id.clone();
+                peers[i].wait(0, Duration::from_secs(10), about("session_up", &id));
+            }
+        }
+    }
+    let mesh = t0.elapsed();
+    let stats = |p: &mut Peer| {
+        let m = p.mark();
+        p.say("/stats");
+        let (_, v) = p.wait(m, Duration::from_secs(2), |v| v["event"] == "stats");
+        v["stats"]["datagrams_sent"].as_u64().unwrap()
+    };
+    // Probes back off to their 30 s cap within about 50 s of the start.
+    std::thread::sleep(Duration::from_secs(55).saturating_sub(t0.elapsed()));
+    let before: Vec<u64> = peers.iter_mut().map(stats).collect();
+    let marks: Vec<usize> = peers.iter_mut().map(|p| p.mark()).collect();
+    let window = Duration::from_secs(30);
+    std::thread::sleep(window);
+    let after: Vec<u64> = peers.iter_mut().map(stats).collect();
+    let per_min: Vec<f64> = before
+        .iter()
+        .zip(&after)
+        .map(|(b, a)| (a - b) as f64 * 60.0 / window.as_secs_f64())
+        .collect();
+    let max = per_min.iter().cloned().fold(0.0, f64::max);
+    let mean = per_min.iter().sum::<f64>() / N as f64;
+    let churn: usize = peers
+        .iter_mut()
+        .zip(&marks)
+        .map(|(p, m)| p.matching(*m, |v| v["event"] == "session_down").len())
+        .sum();
+    println!(
+        "LAB: s18 {N} hosts: full mesh {:.0} ms after the last start; steady state {mean:.1} datagrams sent per node per minute (max {max:.1}); {churn} sessions down",
+        ms(mesh)
+    );
+    assert_eq!(churn, 0);
+    assert!(max <= 10.0, "{per_min:?} datagrams per node per minute");
+}

@@ -233,7 +233,6 @@ pub struct Discovery {
     events: VecDeque<DiscoveryEvent>,
     /// Peers whose entry changed (or went) since the last `poll_changed`.
     changed: Vec<PeerId>,
-    probe_bytes: Vec<u8>,
     announce_bytes: Vec<u8>,
     /// With a fleet key: sealing and checking datagrams.
     auth: Option<DatagramAuth>,
@@ -244,13 +243,6 @@ pub struct Discovery {
 impl Discovery {
     /// A machine with no targets yet; `seed` makes the jitter reproducible.
     pub fn new(cfg: DiscoveryConfig, seed: u64) -> Self {
-        let probe_bytes = Datagram::Probe(Probe {
-            service: cfg.service.clone(),
-            id: cfg.id,
-            instance: cfg.instance,
-            role: cfg.role,
-        })
-        .encode_as(cfg.limits.protocol);
         let announce_bytes = Datagram::Announce(Announce {
             service: cfg.service.clone(),
             id: cfg.id,
@@ -282,7 +274,6 @@ impl Discovery {
             transmits: VecDeque::new(),
             events: VecDeque::new(),
             changed: Vec::new(),
-            probe_bytes,
             announce_bytes,
         }
     }
@@ -314,7 +305,7 @@ impl Discovery {
             if self.cfg.role.dials() {
                 self.transmits.push_back(Transmit {
                     dst,
-                    payload: self.probe_bytes.clone(),
+                    payload: self.probe(),
                 });
             }
         }
@@ -389,6 +380,9 @@ impl Discovery {
         }
         if !self.cfg.role.accepts() {
             return Ok(());
+        }
+        if self.known_to(p) {
+            return Err(Dropped::KnownAnswer);
         }
         let ip = *src.ip();
         if src.port() == 0
@@ -539,12 +533,20 @@ impl Discovery {
             for t in self.targets.iter().filter(|t| t.up) {
                 self.transmits.push_back(Transmit {
                     dst: SocketAddrV4::new(t.broadcast, self.cfg.discovery_port),
-                    payload: self.probe_bytes.clone(),
+                    payload: self.probe(),
                 });
             }
             self.send_to_static_peers(false);
+            // Slow only when every known peer has a session (their
+            // probes' answers are suppressed anyway); peers without one
+            // must be heard again well within their expiry.
             let cap = if self.unconnected_entries().any(|e| e.missing) {
                 self.cfg.probe_max_missing
+            } else if self.unconnected_entries().next().is_some() {
+                self.cfg
+                    .probe_max
+                    .min(self.cfg.peer_expiry / 3)
+                    .max(self.cfg.probe_max_missing)
             } else {
                 self.cfg.probe_max
             };
@@ -789,6 +791,7 @@ impl Discovery {
 mod admit;
 mod dropped;
 mod duplicates;
+mod quiet;
 mod statics;
 #[cfg(test)]
 mod tests;

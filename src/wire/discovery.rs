@@ -65,7 +65,14 @@ pub struct Probe {
     pub instance: u64,
     /// Sender role.
     pub role: Role,
+    /// Peers the sender holds a session with (at most [`MAX_KNOWN`]): they
+    /// need not answer (known-answer suppression, so that steady-state
+    /// discovery does not grow with the number of nodes).
+    pub known: Vec<PeerId>,
 }
+
+/// Most ids a probe lists in `known`.
+pub const MAX_KNOWN: usize = 40;
 
 /// "Here I am." Unicast in reply to a probe, or broadcast once at start.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -127,6 +134,8 @@ struct Body {
     port: Option<u16>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     meta: Option<BTreeMap<String, String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    known: Option<Vec<PeerId>>,
 }
 
 impl Datagram {
@@ -168,6 +177,7 @@ impl Datagram {
                     name: None,
                     port: None,
                     meta: None,
+                    known: (!p.known.is_empty()).then(|| p.known.clone()),
                 },
             ),
             Datagram::Announce(a) => (
@@ -180,6 +190,7 @@ impl Datagram {
                     name: Some(a.name.clone()),
                     port: Some(a.port),
                     meta: (!a.metadata.is_empty()).then(|| a.metadata.clone()),
+                    known: None,
                 },
             ),
             Datagram::Goodbye(g) => (
@@ -192,6 +203,7 @@ impl Datagram {
                     name: None,
                     port: None,
                     meta: None,
+                    known: None,
                 },
             ),
         };
@@ -230,12 +242,19 @@ impl Datagram {
         }
         let role = body.role.unwrap_or_default();
         Ok(match kind {
-            KIND_PROBE => Datagram::Probe(Probe {
-                service: body.service,
-                id: body.id,
-                instance: body.instance,
-                role,
-            }),
+            KIND_PROBE => {
+                let known = body.known.unwrap_or_default();
+                if known.len() > MAX_KNOWN {
+                    return Err(DatagramError::Malformed);
+                }
+                Datagram::Probe(Probe {
+                    service: body.service,
+                    id: body.id,
+                    instance: body.instance,
+                    role,
+                    known,
+                })
+            }
             KIND_ANNOUNCE => {
                 let (Some(name), Some(port)) = (body.name, body.port) else {
                     return Err(DatagramError::Malformed);
@@ -373,7 +392,7 @@ mod tests {
             let role = [Role::Peer, Role::Controller, Role::Device][role as usize];
             let id = PeerId::from_u64(id);
             let d = match kind {
-                0 => Datagram::Probe(Probe { service, id, instance, role }),
+                0 => Datagram::Probe(Probe { service, id, instance, role, known: vec![PeerId::from_u64(id.as_u64() ^ 1)] }),
                 1 => Datagram::Announce(Announce { service, id, instance, role, name, port, metadata: meta }),
                 _ => Datagram::Goodbye(Goodbye { service, id, instance }),
             };

@@ -34,6 +34,9 @@ pub enum Dropped {
     /// With a fleet key: a sequence number seen already, or too old (a
     /// captured datagram sent again).
     Replayed,
+    /// Not an error: a probe from a peer that holds a session with us and
+    /// lists us as known, so it gets no answer (`replies_suppressed`).
+    KnownAnswer,
 }
 
 impl From<AuthError> for Dropped {

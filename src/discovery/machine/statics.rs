@@ -44,7 +44,7 @@ impl Discovery {
             if self.cfg.role.dials() {
                 self.transmits.push_back(Transmit {
                     dst,
-                    payload: self.probe_bytes.clone(),
+                    payload: self.probe(),
                 });
             }
         }

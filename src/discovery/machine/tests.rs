@@ -78,6 +78,7 @@ fn probe_with(id: u64, instance: u64) -> Vec<u8> {
         id: PeerId::from_u64(id),
         instance,
         role: Role::Peer,
+        known: Vec::new(),
     })
     .encode()
 }
@@ -258,6 +259,7 @@ fn drops_are_classified() {
         id: PeerId::from_u64(1),
         instance: 1000,
         role: Role::Peer,
+        known: Vec::new(),
     })
     .encode();
     assert_eq!(d.handle_datagram(now, addr(1, 1), &own), Err(Dropped::Own));
@@ -266,6 +268,7 @@ fn drops_are_classified() {
         id: PeerId::from_u64(5),
         instance: 1,
         role: Role::Peer,
+        known: Vec::new(),
     })
     .encode();
     assert_eq!(
@@ -874,5 +877,73 @@ fn a_node_not_confined_to_its_interfaces_answers_a_routed_probe() {
     assert_eq!(
         d.handle_datagram(now, routed(7, 9000), &announce_of(7, 7000, Role::Peer)),
         Err(Dropped::ForeignInterface)
+    );
+}
+
+#[test]
+fn a_peer_that_holds_a_session_with_the_prober_and_is_listed_does_not_answer() {
+    let now = Instant::now();
+    let mut b = started(2, Role::Peer, now);
+    transmits(&mut b);
+    // B has a session with A (instance 1000).
+    b.handle_datagram(now, addr(1, 9000), &announce_of(1, 1000, Role::Peer))
+        .unwrap();
+    b.session_up(
+        now,
+        PeerInfo {
+            id: PeerId::from_u64(1),
+            instance: 1000,
+            name: "n1".into(),
+            addr: std::net::SocketAddr::V4(addr(1, 7001)),
+            interface: Some("veth0".into()),
+            role: Role::Peer,
+            metadata: BTreeMap::new(),
+        },
+    );
+    transmits(&mut b);
+    let probe = |known: Vec<u64>, instance: u64| {
+        Datagram::Probe(Probe {
+            service: "svc".into(),
+            id: PeerId::from_u64(1),
+            instance,
+            role: Role::Peer,
+            known: known.into_iter().map(PeerId::from_u64).collect(),
+        })
+        .encode()
+    };
+    // Listed, session up with that instance: no answer.
+    assert_eq!(
+        b.handle_datagram(now, addr(1, 9000), &probe(vec![2, 3], 1000)),
+        Err(Dropped::KnownAnswer)
+    );
+    assert!(transmits(&mut b).is_empty());
+    // Not listed, or listed by another instance (A restarted): answered.
+    let later = now + 1000 * MS;
+    assert_eq!(
+        b.handle_datagram(later, addr(1, 9000), &probe(vec![3], 1000)),
+        Ok(())
+    );
+    assert_eq!(transmits(&mut b).len(), 1);
+    let later = later + 1000 * MS;
+    assert_eq!(
+        b.handle_datagram(later, addr(1, 9000), &probe(vec![2], 1001)),
+        Ok(())
+    );
+    assert_eq!(transmits(&mut b).len(), 1);
+    // And B's own probes list A.
+    let next = b.poll_timeout().unwrap();
+    b.handle_timeout(next.max(later));
+    let sent: Vec<_> = transmits(&mut b)
+        .into_iter()
+        .filter_map(
+            |t| match Datagram::decode(&t.payload, &DatagramLimits::default()) {
+                Ok(Datagram::Probe(p)) => Some(p.known),
+                _ => None,
+            },
+        )
+        .collect();
+    assert!(
+        sent.iter().all(|k| k == &vec![PeerId::from_u64(1)]),
+        "{sent:?}"
     );
 }

@@ -32,6 +32,13 @@ pub enum Event {
         addr: SocketAddr,
         /// Whether this node dialed.
         outbound: bool,
+        /// Its role, from the handshake.
+        role: crate::peer::Role,
+        /// Its metadata, as its announces last carried it (empty if it
+        /// was never heard in discovery, e.g. a controller that dialed
+        /// us). Proven by the fleet key when there is one; otherwise, like
+        /// every discovery datagram, a hint. Boxed: events stay small.
+        metadata: Box<std::collections::BTreeMap<String, String>>,
     },
     /// A message from a peer, in the order it was sent.
     Message {

@@ -135,7 +135,7 @@ fn example_peer_keeps_its_json_contract() {
         assert!(!started[f].is_null(), "started lacks {f}");
     }
     assert_eq!(started["discovery_port"], port);
-    let mut b = JsonPeer::start("ben", port, &service);
+    let mut b = JsonPeer::start_with("ben", port, &service, &["--meta", "fw=1.2"]);
     let b_started = b.expect("started", |_| true);
     let b_id = b_started["id"].clone();
 
@@ -145,6 +145,8 @@ fn example_peer_keeps_its_json_contract() {
     assert_eq!(addr.port(), b_started["tcp_port"]);
     let up = a.expect("session_up", |v| v["peer"] == b_id);
     assert_eq!(up["name"], "ben");
+    assert_eq!(up["role"], "peer");
+    assert_eq!(up["metadata"]["fw"], "1.2");
     assert!(
         up["addr"]
             .as_str()
@@ -232,4 +234,22 @@ fn example_peer_keeps_its_id_in_its_identity_file() {
     );
     assert_eq!(std::fs::read_to_string(&file).unwrap(), "not a key\n");
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn example_peer_refuses_metadata_over_the_limits_and_names_them() {
+    let long = format!("k={}", "v".repeat(257));
+    let out = Command::new(example("peer"))
+        .args(["--interface", "lo", "--meta", &long])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("257 bytes") && err.contains("256"), "{err}");
+    let out = Command::new(example("peer"))
+        .args(["--interface", "lo", "--meta", "no-equals-sign"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("KEY=VALUE"));
 }

@@ -752,3 +752,39 @@ async fn a_restart_with_the_same_identity_keeps_one_entry_found_by_name() {
     assert_eq!(again[0].state, PeerState::Connected);
     assert!(c.peers_named("hall").is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_up_carries_the_peers_role_and_metadata() {
+    trace();
+    let port = free_port();
+    let lamp = config("meta", port)
+        .name("lamp")
+        .role(Role::Device)
+        .metadata("fw", "1.2")
+        .metadata("room", "kitchen")
+        .build()
+        .unwrap();
+    let (phone, mut ep) = Node::start(
+        config("meta", port)
+            .name("phone")
+            .role(Role::Controller)
+            .build()
+            .unwrap(),
+    )
+    .await
+    .unwrap();
+    let (l, _el) = Node::start(lamp).await.unwrap();
+    let up = wait_for(
+        &mut ep,
+        Duration::from_secs(5),
+        |e| matches!(e, Event::SessionUp { peer, .. } if *peer == l.id()),
+    )
+    .await;
+    let Event::SessionUp { role, metadata, .. } = up else {
+        unreachable!()
+    };
+    assert_eq!(role, Role::Device);
+    assert_eq!(metadata.get("fw").map(String::as_str), Some("1.2"));
+    assert_eq!(metadata.get("room").map(String::as_str), Some("kitchen"));
+    drop(phone);
+}

@@ -63,6 +63,10 @@ pub struct Args {
     /// peer, controller or device.
     #[arg(long, default_value = "peer")]
     pub role: Role,
+    /// Metadata announced to peers, `KEY=VALUE` (repeatable; over an
+    /// announce's limits the peer refuses to start and names the limit).
+    #[arg(long = "meta", value_parser = parse_meta)]
+    pub meta: Vec<(String, String)>,
     /// Heartbeat interval in milliseconds.
     #[arg(long, default_value_t = 1000)]
     pub heartbeat_interval_ms: u64,
@@ -130,6 +134,9 @@ pub async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     }
     if args.loopback {
         b = b.loopback_only();
+    }
+    for (k, v) in &args.meta {
+        b = b.metadata(k, v);
     }
     for p in &args.peers {
         b = b.peer(p);
@@ -246,11 +253,20 @@ impl Printer {
                     ),
                 );
             }
-            Event::SessionUp { peer, name: n, addr, outbound } => {
+            Event::SessionUp {
+                peer,
+                name: n,
+                addr,
+                outbound,
+                role,
+                metadata,
+                ..
+            } => {
                 names.insert(*peer, n.clone());
                 self.line(
                     json!({"event": "session_up", "peer": peer, "name": n,
-                           "addr": addr.to_string(), "outbound": outbound}),
+                           "addr": addr.to_string(), "outbound": outbound,
+                           "role": role, "metadata": metadata}),
                     format!("session up with {n} ({peer}) at {addr}"),
                 );
             }
@@ -291,4 +307,11 @@ impl Printer {
             _ => {}
         }
     }
+}
+
+/// `KEY=VALUE`, for `--meta`.
+fn parse_meta(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .ok_or_else(|| format!("{s:?} is not KEY=VALUE"))
 }

@@ -1,7 +1,7 @@
 //! The supervisor: the node's task, which ties discovery, dialing,
 //! sessions and rediscovery together.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
@@ -520,7 +520,17 @@ impl Supervisor {
         let Some(entry) = self.conns.get_mut(&conn) else {
             return;
         };
-        if approve.send(Approval::Accept).is_err() {
+        let metadata = self
+            .disc
+            .peer(peer)
+            .map(|(info, _)| info.metadata.clone())
+            .unwrap_or_default();
+        if approve
+            .send(Approval::Accept {
+                metadata: metadata.clone(),
+            })
+            .is_err()
+        {
             return;
         }
         let mailbox = entry.mailbox.clone();
@@ -559,7 +569,7 @@ impl Supervisor {
                 addr: info_addr,
                 interface,
                 role: hello.role,
-                metadata: BTreeMap::new(),
+                metadata,
             },
         );
         self.publish_peers();

@@ -45,7 +45,7 @@ pub(super) fn approve(
 ) -> impl Future<Output = Result<PeerId, DownReason>> + Send + 'static {
     let (tx, rx) = oneshot::channel();
     let (peer, addr, outbound) = (hello.id, params.addr, params.outbound);
-    let name = hello.name.clone();
+    let (name, role) = (hello.name.clone(), hello.role);
     let report = Report::Handshaken {
         conn: params.id,
         hello,
@@ -59,13 +59,15 @@ pub(super) fn approve(
             return Err(DownReason::Shutdown);
         }
         match rx.await {
-            Ok(Approval::Accept) => {
+            Ok(Approval::Accept { metadata }) => {
                 info!(%peer, %addr, "session up");
                 let up = Event::SessionUp {
                     peer,
                     name,
                     addr,
                     outbound,
+                    role,
+                    metadata: Box::new(metadata),
                 };
                 let _ = events.push(up).await;
                 Ok(peer)

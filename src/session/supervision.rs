@@ -24,8 +24,10 @@ use crate::wire::frame::Hello;
 /// The supervisor's answer to a completed handshake.
 #[derive(Debug)]
 pub(crate) enum Approval {
-    /// The session is up.
-    Accept,
+    /// The session is up; the peer's metadata as discovery last heard it.
+    Accept {
+        metadata: std::collections::BTreeMap<String, String>,
+    },
     /// Refused (a duplicate, or too many sessions): the connection closes
     /// with this violation.
     Reject(ProtocolViolation),

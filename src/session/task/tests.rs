@@ -264,7 +264,11 @@ async fn up(dial: bool) -> (Harness, Peer) {
     peer.hello().await;
     let (hello, approve) = h.handshaken().await;
     assert_eq!(hello.id, PeerId::from_u64(PEER));
-    approve.send(Approval::Accept).unwrap();
+    approve
+        .send(Approval::Accept {
+            metadata: Default::default(),
+        })
+        .unwrap();
     match &h.wait_events(1).await[..] {
         [Event::SessionUp { peer, outbound, .. }] => {
             assert_eq!(*peer, PeerId::from_u64(PEER));
@@ -303,7 +307,11 @@ async fn frames_after_the_handshake_wait_for_the_approval() {
     let (_, approve) = h.handshaken().await;
     tokio::time::sleep(Duration::from_millis(50)).await;
     assert!(h.events().is_empty(), "nothing before the approval");
-    approve.send(Approval::Accept).unwrap();
+    approve
+        .send(Approval::Accept {
+            metadata: Default::default(),
+        })
+        .unwrap();
     match &h.wait_events(2).await[..] {
         [
             Event::SessionUp { outbound: true, .. },

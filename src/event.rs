@@ -84,6 +84,15 @@ pub enum Event {
         /// The messages, in the order they were sent.
         messages: Vec<Bytes>,
     },
+    /// A peer announced new metadata (it called `Node::set_metadata`).
+    /// Carried by discovery datagrams: proven by the fleet key when there
+    /// is one, otherwise a hint like every announce.
+    Metadata {
+        /// The peer.
+        peer: PeerId,
+        /// All of its metadata now. Boxed: events stay small.
+        metadata: Box<std::collections::BTreeMap<String, String>>,
+    },
     /// Discovery gave up on a peer: it said goodbye, or it has not been
     /// heard from within `peer_expiry` since its session ended.
     PeerLost {

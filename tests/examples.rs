@@ -164,6 +164,11 @@ fn example_peer_keeps_its_json_contract() {
     let m = a.expect("message", |v| v["peer"] == b_id);
     assert_eq!(m["data"], "hello ann");
 
+    // `/meta KEY=VALUE` changes one entry; peers print the new metadata.
+    writeln!(b.child.0.stdin.as_mut().unwrap(), "/meta fw=1.3").unwrap();
+    let m = a.expect("metadata", |v| v["peer"] == b_id);
+    assert_eq!(m["metadata"]["fw"], "1.3");
+
     // SIGTERM: a goodbye, well before the 300 ms timeout.
     let t0 = Instant::now();
     nix::sys::signal::kill(

@@ -788,3 +788,59 @@ async fn session_up_carries_the_peers_role_and_metadata() {
     assert_eq!(metadata.get("room").map(String::as_str), Some("kitchen"));
     drop(phone);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metadata_set_at_runtime_reaches_peers_and_is_checked() {
+    trace();
+    let port = free_port();
+    let ((phone, mut ep), (lamp, _el)) = connected_pair(
+        config("setmeta", port).name("phone").build().unwrap(),
+        config("setmeta", port)
+            .name("lamp")
+            .metadata("state", "off")
+            .build()
+            .unwrap(),
+    )
+    .await;
+    let t0 = tokio::time::Instant::now();
+    lamp.set_metadata([("state".to_owned(), "on".to_owned())])
+        .await
+        .unwrap();
+    let e = wait_for(
+        &mut ep,
+        Duration::from_secs(2),
+        |e| matches!(e, Event::Metadata { peer, .. } if *peer == lamp.id()),
+    )
+    .await;
+    let Event::Metadata { metadata, .. } = e else {
+        unreachable!()
+    };
+    assert_eq!(metadata.get("state").map(String::as_str), Some("on"));
+    println!("metadata change seen after {:?}", t0.elapsed());
+    let known = phone
+        .peers()
+        .into_iter()
+        .find(|p| p.info.id == lamp.id())
+        .unwrap();
+    assert_eq!(
+        known.info.metadata.get("state").map(String::as_str),
+        Some("on")
+    );
+    // Over a limit: refused, nothing changes.
+    let r = lamp.set_metadata([("k".to_owned(), "v".repeat(257))]).await;
+    assert!(
+        matches!(
+            r,
+            Err(Error::Config(lanbeat::ConfigError::MetadataValue {
+                len: 257,
+                ..
+            }))
+        ),
+        "{r:?}"
+    );
+    lamp.shutdown().await;
+    assert!(matches!(
+        lamp.set_metadata([("a".to_owned(), "b".to_owned())]).await,
+        Err(Error::Shutdown)
+    ));
+}

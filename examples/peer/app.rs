@@ -147,7 +147,9 @@ pub async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     // Before `started` is printed: a SIGTERM right after it must be a
     // graceful stop, not the default kill.
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    let (node, mut events) = Node::start(b.build()?).await?;
+    let config = b.build()?;
+    let mut meta = config.metadata.clone();
+    let (node, mut events) = Node::start(config).await?;
     let out = Printer {
         json: args.json,
         rtt: args.rtt,
@@ -184,6 +186,18 @@ pub async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
                     json!({"event": "stats", "stats": node.stats()}),
                     format!("stats {:?}", node.stats()),
                 ),
+                Ok(Some(line)) if line.starts_with("/meta ") => {
+                    // `/meta KEY=VALUE`: one entry changed, the rest kept.
+                    match parse_meta(&line["/meta ".len()..]) {
+                        Ok((k, v)) => {
+                            meta.insert(k, v);
+                            if let Err(e) = node.set_metadata(meta.clone()).await {
+                                eprintln!("peer: {e}");
+                            }
+                        }
+                        Err(e) => eprintln!("peer: {e}"),
+                    }
+                }
                 Ok(Some(line)) if line == "/peers" => {
                     for p in node.peers() {
                         out.line(
@@ -294,6 +308,10 @@ impl Printer {
                 json!({"event": "undelivered", "peer": peer, "count": messages.len(),
                        "data": messages.iter().map(|m| String::from_utf8_lossy(m).into_owned()).collect::<Vec<_>>()}),
                 format!("{} message(s) to {} not delivered", messages.len(), name(peer, names)),
+            ),
+            Event::Metadata { peer, metadata } => self.line(
+                json!({"event": "metadata", "peer": peer, "metadata": metadata}),
+                format!("{} now has {metadata:?}", name(peer, names)),
             ),
             Event::PeerLost { peer } => self.line(
                 json!({"event": "lost", "peer": peer}),

@@ -21,7 +21,7 @@ use super::auth::DatagramAuth;
 use crate::error::DatagramError;
 use crate::event::DownReason;
 use crate::peer::{PeerId, PeerInfo, PeerMap, PeerSet, PeerState, Role, should_dial};
-use crate::wire::discovery::{Announce, Datagram, DatagramLimits, Goodbye, Probe};
+use crate::wire::discovery::{Announce, Datagram, DatagramLimits, Goodbye};
 
 pub use dropped::Dropped;
 
@@ -134,6 +134,8 @@ pub enum DiscoveryEvent {
     Dial(PeerInfo),
     /// The peer is forgotten.
     Lost(PeerId),
+    /// A known peer announced other metadata (same instance).
+    MetadataChanged(PeerInfo),
     /// Two live instances share the peer's id (a copied identity or
     /// configuration): they were heard in turns. For the hold-down period
     /// the instance that holds the entry keeps it, and the other one is
@@ -364,60 +366,6 @@ impl Discovery {
         }
     }
 
-    fn handle_probe(&mut self, now: Instant, src: SocketAddrV4, p: &Probe) -> Result<(), Dropped> {
-        let from = std::net::IpAddr::V4(*src.ip());
-        if let Some(e) = self.peers.get_mut(&p.id) {
-            if e.info.instance == p.instance {
-                e.last_heard = now;
-                e.verified |= e.info.addr.ip() == from;
-            }
-        } else if self.pairs_with(p.role)
-            && let Some(info) = self.admission.probe(p.id, p.instance, from)
-        {
-            // Its announce came first, beyond the admission rate: now it
-            // is heard twice.
-            self.admit(now, info, true)?;
-        }
-        if !self.cfg.role.accepts() {
-            return Ok(());
-        }
-        if self.known_to(p) {
-            return Err(Dropped::KnownAnswer);
-        }
-        let ip = *src.ip();
-        if src.port() == 0
-            || ip.is_unspecified()
-            || ip.is_broadcast()
-            || ip.is_multicast()
-            || self.targets.iter().any(|t| t.broadcast == ip)
-        {
-            return Err(Dropped::BadSource);
-        }
-        if !self.take_token(now, ip) {
-            return Err(Dropped::RateLimited);
-        }
-        self.transmits.push_back(Transmit {
-            dst: src,
-            payload: self.announce_bytes.clone(),
-        });
-        Ok(())
-    }
-
-    fn take_token(&mut self, now: Instant, ip: Ipv4Addr) -> bool {
-        let rate = f64::from(self.cfg.replies_per_source_per_sec);
-        let burst = 2.0 * rate;
-        if !self.buckets.contains_key(&ip) && self.buckets.len() >= MAX_BUCKETS {
-            // Forget sources whose bucket has refilled: they are no different
-            // from new ones.
-            self.buckets
-                .retain(|_, b| b.level(now, rate, burst) < burst);
-            if self.buckets.len() >= MAX_BUCKETS {
-                return false;
-            }
-        }
-        self.buckets.entry(ip).or_default().take(now, rate, burst)
-    }
-
     fn pairs_with(&self, role: Role) -> bool {
         (self.cfg.role.dials() && role.accepts()) || (role.dials() && self.cfg.role.accepts())
     }
@@ -482,6 +430,12 @@ impl Discovery {
             Some(e) => {
                 e.last_heard = now;
                 e.verified |= e.info.addr.ip() == info.addr.ip();
+                if e.info.metadata != info.metadata {
+                    e.info.metadata = info.metadata.clone();
+                    self.changed.push(e.info.id);
+                    self.events
+                        .push_back(DiscoveryEvent::MetadataChanged(e.info.clone()));
+                }
                 if e.session != SessionState::Connected {
                     e.info.addr = info.addr;
                     e.info.interface = info.interface.clone();

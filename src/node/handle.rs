@@ -380,6 +380,38 @@ impl Node {
         Ok(sent)
     }
 
+    /// Replaces this node's metadata: announced at once on every interface
+    /// (and to static peers), then in every announce; peers get
+    /// [`Event::Metadata`] with the new values.
+    ///
+    /// # Errors
+    /// [`Error::Config`] with the limit it breaks (as at `build()`), the
+    /// metadata unchanged; [`Error::Shutdown`] once the node shut down.
+    ///
+    /// # Cancel safety
+    /// Cancelled, the change may or may not have been made.
+    pub async fn set_metadata(
+        &self,
+        metadata: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<(), Error> {
+        if self
+            .inner
+            .closing
+            .load(std::sync::atomic::Ordering::Acquire)
+        {
+            return Err(Error::Shutdown);
+        }
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let cmd = Command::SetMetadata(metadata.into_iter().collect(), tx);
+        if self.inner.commands.send(cmd).await.is_err() {
+            return Err(Error::Shutdown);
+        }
+        match rx.await {
+            Ok(r) => r.map_err(Error::Config),
+            Err(_) => Err(Error::Shutdown),
+        }
+    }
+
     /// The known peers that call themselves `name`, the connected ones
     /// first, then by id. Names are chosen by each node and need not be
     /// unique (two "kitchen" lamps are two entries); address peers by id,

@@ -57,4 +57,10 @@ pub(crate) struct Published {
 pub(crate) enum Command {
     /// Say goodbye to everyone and stop.
     Shutdown,
+    /// Announce this metadata from now on (checked against the limits by
+    /// the supervisor, which answers).
+    SetMetadata(
+        std::collections::BTreeMap<String, String>,
+        tokio::sync::oneshot::Sender<Result<(), crate::error::ConfigError>>,
+    ),
 }

@@ -167,6 +167,9 @@ impl Supervisor {
             tokio::select! {
                 cmd = self.commands.recv() => match cmd {
                     Some(Command::Shutdown) | None => break,
+                    Some(Command::SetMetadata(metadata, done)) => {
+                        let _ = done.send(self.set_metadata(metadata));
+                    }
                 },
                 r = self.shared_sock.recv_from(&mut buf_a) => self.datagram(r, &buf_a),
                 r = self.unicast.recv_from(&mut buf_b) => self.datagram(r, &buf_b),
@@ -238,6 +241,14 @@ impl Supervisor {
                     let _ = self.events.push(Event::Discovered(Box::new(info))).await;
                 }
                 DiscoveryEvent::Dial(info) => self.dial(info),
+                DiscoveryEvent::MetadataChanged(info) => {
+                    debug!(peer = %info.id, "metadata changed");
+                    let e = Event::Metadata {
+                        peer: info.id,
+                        metadata: Box::new(info.metadata),
+                    };
+                    let _ = self.events.push(e).await;
+                }
                 DiscoveryEvent::Lost(peer) => {
                     info!(%peer, "peer lost");
                     lock(&self.shared.rtts).remove(&peer);
@@ -305,6 +316,19 @@ impl Supervisor {
             return;
         }
         self.spawn_conn(None, addr, Ok(stream));
+    }
+
+    /// Announces `metadata` from now on, if it fits an announce.
+    fn set_metadata(
+        &mut self,
+        metadata: std::collections::BTreeMap<String, String>,
+    ) -> Result<(), crate::error::ConfigError> {
+        let mut checked = self.config.clone();
+        checked.metadata = metadata.clone();
+        checked.validate()?;
+        self.config.metadata = metadata.clone();
+        self.disc.set_metadata(metadata);
+        Ok(())
     }
 
     /// Whether the trust policy lets the peer that proved `key` have its

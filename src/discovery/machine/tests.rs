@@ -1,6 +1,7 @@
 //! Unit tests of the discovery machine, on made-up times.
 
 use super::*;
+use crate::wire::discovery::Probe;
 
 const MS: Duration = Duration::from_millis(1);
 const PORT: u16 = 5000;

@@ -243,6 +243,9 @@ impl Supervisor {
                 DiscoveryEvent::Dial(info) => self.dial(info),
                 DiscoveryEvent::MetadataChanged(info) => {
                     debug!(peer = %info.id, "metadata changed");
+                    // `Node::peers` shows the new values before the event
+                    // says so.
+                    self.publish_peers();
                     let e = Event::Metadata {
                         peer: info.id,
                         metadata: Box::new(info.metadata),

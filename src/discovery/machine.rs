@@ -242,19 +242,24 @@ pub struct Discovery {
     statics_started: bool,
 }
 
+/// Our announce, as `cfg` describes us.
+fn announce_of(cfg: &DiscoveryConfig) -> Vec<u8> {
+    Datagram::Announce(Announce {
+        service: cfg.service.clone(),
+        id: cfg.id,
+        instance: cfg.instance,
+        role: cfg.role,
+        name: cfg.name.clone(),
+        port: cfg.tcp_port,
+        metadata: cfg.metadata.clone(),
+    })
+    .encode_as(cfg.limits.protocol)
+}
+
 impl Discovery {
     /// A machine with no targets yet; `seed` makes the jitter reproducible.
     pub fn new(cfg: DiscoveryConfig, seed: u64) -> Self {
-        let announce_bytes = Datagram::Announce(Announce {
-            service: cfg.service.clone(),
-            id: cfg.id,
-            instance: cfg.instance,
-            role: cfg.role,
-            name: cfg.name.clone(),
-            port: cfg.tcp_port,
-            metadata: cfg.metadata.clone(),
-        })
-        .encode_as(cfg.limits.protocol);
+        let announce_bytes = announce_of(&cfg);
         let admission = Admission::new(cfg.dials_per_sec, cfg.max_peers);
         let auth = cfg
             .fleet_key
@@ -297,19 +302,10 @@ impl Discovery {
         let changed = targets != self.targets;
         self.targets = targets;
         for t in &added {
-            let dst = SocketAddrV4::new(t.broadcast, self.cfg.discovery_port);
-            if self.cfg.role.accepts() {
-                self.transmits.push_back(Transmit {
-                    dst,
-                    payload: self.announce_bytes.clone(),
-                });
-            }
-            if self.cfg.role.dials() {
-                self.transmits.push_back(Transmit {
-                    dst,
-                    payload: self.probe(),
-                });
-            }
+            self.introduce(
+                SocketAddrV4::new(t.broadcast, self.cfg.discovery_port),
+                true,
+            );
         }
         if !added.is_empty() && self.cfg.role.dials() {
             // We just probed: the next one after the first gap.

@@ -171,20 +171,33 @@ pub(crate) fn transport_pair() -> (snow::TransportState, snow::TransportState) {
         NoiseKeys::new([2; 32], None, "fuzz"),
     );
     let (mut i, mut r) = (a.state(true).unwrap(), b.state(false).unwrap());
-    let (mut buf, mut out) = ([0u8; 200], [0u8; 200]);
-    for turn in 0..3 {
-        let (w, rd) = if turn % 2 == 0 {
-            (&mut i, &mut r)
-        } else {
-            (&mut r, &mut i)
-        };
-        let n = w.write_message(&[], &mut buf).unwrap();
-        rd.read_message(&buf[..n], &mut out).unwrap();
-    }
+    run_in_memory(&mut i, &mut r);
     (
         i.into_transport_mode().unwrap(),
         r.into_transport_mode().unwrap(),
     )
+}
+
+/// The three XX messages between `i` (initiator) and `r`, in memory, with
+/// empty payloads; returns them.
+#[cfg(any(test, fuzzing))]
+pub(crate) fn run_in_memory(
+    i: &mut snow::HandshakeState,
+    r: &mut snow::HandshakeState,
+) -> Vec<Vec<u8>> {
+    let (mut buf, mut out) = ([0u8; 200], [0u8; 200]);
+    let mut msgs = Vec::new();
+    for turn in 0..3 {
+        let (w, rd) = if turn % 2 == 0 {
+            (&mut *i, &mut *r)
+        } else {
+            (&mut *r, &mut *i)
+        };
+        let n = w.write_message(&[], &mut buf).unwrap();
+        rd.read_message(&buf[..n], &mut out).unwrap();
+        msgs.push(buf[..n].to_vec());
+    }
+    msgs
 }
 
 /// A responder's handshake fed `messages` (length-prefixed, as on the
@@ -260,18 +273,11 @@ mod tests {
         }
         let mut i = build(&alice, &ea, &p).build_initiator().unwrap();
         let mut r = build(&bob, &eb, &p).build_responder().unwrap();
+        let msgs: Vec<String> = super::run_in_memory(&mut i, &mut r)
+            .iter()
+            .map(|m| hex(m))
+            .collect();
         let (mut buf, mut out) = ([0u8; 200], [0u8; 200]);
-        let mut msgs = Vec::new();
-        for turn in 0..3 {
-            let (w, rd) = if turn % 2 == 0 {
-                (&mut i, &mut r)
-            } else {
-                (&mut r, &mut i)
-            };
-            let n = w.write_message(&[], &mut buf).unwrap();
-            rd.read_message(&buf[..n], &mut out).unwrap();
-            msgs.push(hex(&buf[..n]));
-        }
         let mut i = i.into_transport_mode().unwrap();
         let mut r = r.into_transport_mode().unwrap();
         // The initiator's first frame after the handshake, as a record: a

@@ -73,6 +73,23 @@ fn unavailable(test: &str) -> Option<String> {
     None
 }
 
+/// Whether the lab can run here. If not it says why and skips (returns
+/// false), or, with `LANBEAT_REQUIRE_NETNS=1`, fails the test.
+fn usable(test: &str) -> bool {
+    let Some(why) = unavailable(test) else {
+        return true;
+    };
+    if std::env::var("LANBEAT_REQUIRE_NETNS").as_deref() == Ok("1") {
+        panic!("namespace lab required (LANBEAT_REQUIRE_NETNS=1) but unavailable: {why}");
+    }
+    // Written past the test harness's capture, so the skip shows.
+    let _ = writeln!(
+        std::io::stderr(),
+        "SKIPPED {test}: namespace lab unavailable: {why} (set LANBEAT_REQUIRE_NETNS=1 to fail instead)"
+    );
+    false
+}
+
 /// Removes namespaces left behind by test processes that no longer exist.
 fn remove_stale() {
     let Ok(out) = Command::new("ip").args(["netns", "list"]).output() else {
@@ -114,15 +131,7 @@ impl Lab {
 
     /// Like [`Lab::new`]; host `i` gets its address only if `addr[i]`.
     pub fn with_addresses(test: &str, n: usize, addr: &[bool]) -> Option<Lab> {
-        if let Some(why) = unavailable(test) {
-            if std::env::var("LANBEAT_REQUIRE_NETNS").as_deref() == Ok("1") {
-                panic!("namespace lab required (LANBEAT_REQUIRE_NETNS=1) but unavailable: {why}");
-            }
-            // Written past the test harness's capture, so the skip shows.
-            let _ = writeln!(
-                std::io::stderr(),
-                "SKIPPED {test}: namespace lab unavailable: {why} (set LANBEAT_REQUIRE_NETNS=1 to fail instead)"
-            );
+        if !usable(test) {
             return None;
         }
         remove_stale();
@@ -176,14 +185,7 @@ impl Lab {
     /// router's port to host `i` is `h<i>`, so [`Lab::cut`] works as on a
     /// bridge.
     pub fn routed(test: &str, n: usize) -> Option<Lab> {
-        if let Some(why) = unavailable(test) {
-            if std::env::var("LANBEAT_REQUIRE_NETNS").as_deref() == Ok("1") {
-                panic!("namespace lab required (LANBEAT_REQUIRE_NETNS=1) but unavailable: {why}");
-            }
-            let _ = writeln!(
-                std::io::stderr(),
-                "SKIPPED {test}: namespace lab unavailable: {why} (set LANBEAT_REQUIRE_NETNS=1 to fail instead)"
-            );
+        if !usable(test) {
             return None;
         }
         remove_stale();

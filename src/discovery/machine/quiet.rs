@@ -104,16 +104,7 @@ impl Discovery {
     /// waiting for a probe.
     pub fn set_metadata(&mut self, metadata: std::collections::BTreeMap<String, String>) {
         self.cfg.metadata = metadata;
-        self.announce_bytes = Datagram::Announce(crate::wire::discovery::Announce {
-            service: self.cfg.service.clone(),
-            id: self.cfg.id,
-            instance: self.cfg.instance,
-            role: self.cfg.role,
-            name: self.cfg.name.clone(),
-            port: self.cfg.tcp_port,
-            metadata: self.cfg.metadata.clone(),
-        })
-        .encode_as(self.cfg.limits.protocol);
+        self.announce_bytes = super::announce_of(&self.cfg);
         if !self.cfg.role.accepts() {
             return;
         }

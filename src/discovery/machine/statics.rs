@@ -32,21 +32,27 @@ impl Discovery {
             .any(|p| std::net::IpAddr::V4(*p.ip()) == addr.ip())
     }
 
+    /// Our announce (with `announce`, if we accept sessions) and probe (if
+    /// we dial) to `dst`.
+    pub(super) fn introduce(&mut self, dst: SocketAddrV4, announce: bool) {
+        if announce && self.cfg.role.accepts() {
+            self.transmits.push_back(Transmit {
+                dst,
+                payload: self.announce_bytes.clone(),
+            });
+        }
+        if self.cfg.role.dials() {
+            self.transmits.push_back(Transmit {
+                dst,
+                payload: self.probe(),
+            });
+        }
+    }
+
     /// Probes (and, the first time, announces) to every static peer.
     pub(super) fn send_to_static_peers(&mut self, announce: bool) {
-        for &dst in &self.cfg.static_peers {
-            if announce && self.cfg.role.accepts() {
-                self.transmits.push_back(Transmit {
-                    dst,
-                    payload: self.announce_bytes.clone(),
-                });
-            }
-            if self.cfg.role.dials() {
-                self.transmits.push_back(Transmit {
-                    dst,
-                    payload: self.probe(),
-                });
-            }
+        for dst in self.cfg.static_peers.clone() {
+            self.introduce(dst, announce);
         }
     }
 

@@ -184,8 +184,37 @@ pub enum Error {
         /// Largest message that fits.
         limit: usize,
     },
-    /// A value could not be encoded as JSON.
-    #[error("cannot encode message as JSON: {0}")]
+    /// A request was certainly not processed: its session ended before it
+    /// was written, or its timeout passed while it waited for room in the
+    /// outbox. It is handed back; sending it again is safe.
+    #[error("request to peer {peer} was not sent")]
+    RequestNotSent {
+        /// The peer.
+        peer: PeerId,
+        /// The request's body.
+        request: Bytes,
+    },
+    /// The session ended after the request was written and before its
+    /// reply came: the peer may have processed it.
+    #[error(
+        "session with peer {peer} ended before the reply came; the request may have been processed"
+    )]
+    RequestLost {
+        /// The peer.
+        peer: PeerId,
+    },
+    /// No reply came within the timeout. The peer may have processed the
+    /// request (or may still); a reply that comes later is dropped.
+    #[error("no reply from peer {peer} within {timeout:?}")]
+    RequestTimedOut {
+        /// The peer.
+        peer: PeerId,
+        /// The timeout that passed.
+        timeout: std::time::Duration,
+    },
+    /// A value could not be encoded as JSON, or a JSON reply did not
+    /// decode as the type asked for.
+    #[error("JSON: {0}")]
     Json(#[from] serde_json::Error),
     /// The node has shut down; nothing more can be done with it.
     #[error("the node has shut down")]

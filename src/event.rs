@@ -13,7 +13,8 @@ use crate::peer::{PeerId, PeerInfo};
 /// One thing that happened, in the order it happened.
 ///
 /// For one peer the order is always: `Discovered`, then any number of
-/// (`SessionUp`, `Message`/`Rtt`..., `SessionDown`, `Undelivered`?) rounds,
+/// (`SessionUp`, `Message`/`Request`/`Rtt`..., `SessionDown`, `Undelivered`?)
+/// rounds,
 /// then `PeerLost` once discovery gives up on it (it may be discovered
 /// again later).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -46,6 +47,18 @@ pub enum Event {
         peer: PeerId,
         /// The bytes it sent (JSON if it used `send_json`).
         data: Bytes,
+    },
+    /// A request from a peer (its [`Node::request`](crate::Node::request)),
+    /// in order with its messages. Answer it with
+    /// [`Node::reply`](crate::Node::reply) and `reply`; a request never
+    /// answered makes the requester time out.
+    Request {
+        /// The sender.
+        peer: PeerId,
+        /// The request (JSON if it used `request_json`).
+        body: Bytes,
+        /// Where the reply goes.
+        reply: ReplyTo,
     },
     /// A heartbeat round trip was measured: about once per heartbeat
     /// interval on both sides of a session. The side that dialed measures
@@ -113,6 +126,27 @@ pub enum Event {
         /// Where the other one was heard from.
         other: std::net::SocketAddr,
     },
+}
+
+/// The address of a reply: the request it answers, on the session that
+/// carried it. Given by [`Event::Request`]; pass it to
+/// [`Node::reply`](crate::Node::reply). A reply can only go back on the
+/// session the request came on: once that session ended, the requester has
+/// been told its request was lost, and `reply` fails.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ReplyTo {
+    pub(crate) peer: PeerId,
+    /// The supervisor's number for the connection.
+    pub(crate) conn: u64,
+    /// The requester's id for the request.
+    pub(crate) id: u64,
+}
+
+impl ReplyTo {
+    /// The peer that asked.
+    pub fn peer(&self) -> PeerId {
+        self.peer
+    }
 }
 
 /// Why a session ended.

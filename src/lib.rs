@@ -107,7 +107,7 @@ pub mod wire;
 pub use bytes::Bytes;
 pub use config::{Config, ConfigBuilder, DEFAULT_DISCOVERY_PORT, InterfaceSelection, Security};
 pub use error::{ConfigError, DatagramError, Error, FrameError};
-pub use event::{DownReason, Event, ProtocolViolation};
+pub use event::{DownReason, Event, ProtocolViolation, ReplyTo};
 pub use identity::{FleetKey, Identity, IdentityError};
 pub use node::{Events, LocalInfo, Node, PeerSender};
 pub use peer::{PeerId, PeerInfo, PeerState, PeerStatus, Role};

@@ -45,6 +45,7 @@ pub(crate) trait Store: Default {
         }
     }
     /// Takes everything, oldest first.
+    #[cfg(test)]
     fn take_all(&mut self) -> Vec<Self::Item>;
 }
 
@@ -69,6 +70,7 @@ impl<T> Store for VecDeque<T> {
         }
     }
 
+    #[cfg(test)]
     fn take_all(&mut self) -> Vec<T> {
         std::mem::take(self).into()
     }
@@ -194,6 +196,17 @@ impl<S: Store> Queue<S> {
     /// when it was dropped because the consumer is gone.
     #[inline(always)]
     fn admit(&self, q: &mut Inner<S>, item: S::Item) -> Result<bool, PushError<S::Item>> {
+        self.admit_with(q, item, S::push)
+    }
+
+    /// [`Queue::admit`] for an item the store takes with `put`.
+    #[inline(always)]
+    fn admit_with<I>(
+        &self,
+        q: &mut Inner<S>,
+        item: I,
+        put: impl FnOnce(&mut S, I),
+    ) -> Result<bool, PushError<I>> {
         if q.discard {
             return Ok(false);
         }
@@ -203,14 +216,34 @@ impl<S: Store> Queue<S> {
         if q.items.len() >= self.capacity {
             return Err(PushError::Full(item));
         }
-        q.items.push(item);
+        put(&mut q.items, item);
         Ok(true)
     }
 
+    /// Queues `item` (of some other kind than the store's items, taken by
+    /// `put`) if there is room, like [`Queue::try_push`].
+    pub(crate) fn try_push_with<I>(&self, item: I, put: fn(&mut S, I)) -> Result<(), PushError<I>> {
+        let mut q = self.lock();
+        if !self.admit_with(&mut q, item, put)? {
+            return Ok(());
+        }
+        let consumer = self.take_waiting(&mut q);
+        drop(q);
+        if let Some(w) = consumer {
+            w.wake();
+        }
+        Ok(())
+    }
+
     /// Queues `item`, waiting for room; hands it back if the queue closes.
-    pub(crate) async fn push(&self, mut item: S::Item) -> Result<(), S::Item> {
+    pub(crate) async fn push(&self, item: S::Item) -> Result<(), S::Item> {
+        self.push_with(item, S::push).await
+    }
+
+    /// [`Queue::push`] for an item the store takes with `put`.
+    pub(crate) async fn push_with<I>(&self, mut item: I, put: fn(&mut S, I)) -> Result<(), I> {
         loop {
-            match self.try_push(item) {
+            match self.try_push_with(item, put) {
                 Ok(()) => return Ok(()),
                 Err(PushError::Closed(x)) => return Err(x),
                 Err(PushError::Full(x)) => item = x,
@@ -220,7 +253,7 @@ impl<S: Store> Queue<S> {
             let room = self.room.notified();
             tokio::pin!(room);
             room.as_mut().enable();
-            match self.try_push(item) {
+            match self.try_push_with(item, put) {
                 Ok(()) => return Ok(()),
                 Err(PushError::Closed(x)) => return Err(x),
                 Err(PushError::Full(x)) => {
@@ -352,10 +385,16 @@ impl<S: Store> Queue<S> {
 
     /// Closes the queue and returns what was left in it. Later pushes fail
     /// and hand their item back.
+    #[cfg(test)]
     pub(crate) fn close_and_take(&self) -> Vec<S::Item> {
+        self.close_and_take_with(S::take_all)
+    }
+
+    /// [`Queue::close_and_take`], the store emptied by `take`.
+    pub(crate) fn close_and_take_with<R>(&self, take: impl FnOnce(&mut S) -> R) -> R {
         let mut q = self.lock();
         q.closed = true;
-        let left = q.items.take_all();
+        let left = take(&mut q.items);
         q.consumer = None;
         self.idle.store(false, Ordering::Release);
         drop(q);

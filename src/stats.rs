@@ -105,6 +105,14 @@ counters! {
     messages_undelivered,
     /// RTT samples not reported because the event queue was full.
     rtt_events_skipped,
+    /// Requests received (each an `Event::Request`).
+    requests_received,
+    /// Replies received that no request waited for (it had timed out or
+    /// been cancelled, or the id was never this peer's): dropped.
+    replies_unmatched,
+    /// Replies written or queued that the peer had not acknowledged when
+    /// the session ended (its requester was told the request was lost).
+    replies_unconfirmed,
 }
 
 impl Counters {

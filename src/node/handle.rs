@@ -53,14 +53,14 @@ fn hex<S: serde::Serializer>(v: &u64, s: S) -> Result<S::Ok, S::Error> {
 }
 
 #[derive(Debug)]
-struct Inner {
+pub(super) struct Inner {
     commands: mpsc::Sender<Command>,
     done: watch::Receiver<bool>,
     /// `shutdown` was called: sends fail with `Error::Shutdown`.
     closing: std::sync::atomic::AtomicBool,
-    shared: Arc<Shared>,
+    pub(super) shared: Arc<Shared>,
     local: LocalInfo,
-    max_message: usize,
+    pub(super) max_message: usize,
 }
 
 /// A running lanbeat node: a clonable handle.
@@ -71,7 +71,7 @@ struct Inner {
 /// say goodbye to every peer.
 #[derive(Debug, Clone)]
 pub struct Node {
-    inner: Arc<Inner>,
+    pub(super) inner: Arc<Inner>,
 }
 
 impl Node {
@@ -471,7 +471,7 @@ impl Node {
     }
 
     /// `message`, if the node runs and it is within our frame limit.
-    fn check_size(&self, message: Bytes) -> Result<Bytes, Error> {
+    pub(super) fn check_size(&self, message: Bytes) -> Result<Bytes, Error> {
         if self
             .inner
             .closing

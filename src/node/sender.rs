@@ -243,7 +243,7 @@ mod tests {
         let mut taken = Vec::new();
         let take = |taken: &mut Vec<Bytes>| {
             let (out, _) = to.mailbox.outbox().consume(None, |b| b.pop(8));
-            out.expect("queued").into_messages(taken);
+            out.expect("queued").into_messages(taken, &mut Vec::new());
         };
         take(&mut taken);
         second.await.unwrap();
@@ -275,7 +275,8 @@ mod tests {
         }
         let (out, _) = to.mailbox.outbox().consume(None, |b| b.pop(8));
         let mut taken = Vec::new();
-        out.expect("queued").into_messages(&mut taken);
+        out.expect("queued")
+            .into_messages(&mut taken, &mut Vec::new());
         assert_eq!(taken, ["kept"]);
         assert!(
             to.mailbox.outbox().is_empty(),

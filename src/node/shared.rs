@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use crate::peer::{PeerId, PeerInfo, PeerMap, PeerState};
 use crate::session::mailbox::Mailbox;
+use crate::session::requests::Requests;
 use crate::stats::Counters;
 
 /// State shared by the handle and the supervisor.
@@ -22,6 +23,8 @@ pub(crate) struct Shared {
     pub(crate) rtts: Mutex<PeerMap<Duration>>,
     /// The node's counters; the connections hold them too.
     pub(crate) counters: Arc<Counters>,
+    /// The requests awaiting replies; the connections hold it too.
+    pub(crate) requests: Arc<Requests>,
 }
 
 /// Locks one of the tables of [`Shared`].
@@ -37,6 +40,13 @@ impl Shared {
         lock(&self.mailboxes)
             .get(&peer)
             .map(|p| (p.mailbox.clone(), p.max_message))
+    }
+
+    /// [`Shared::mailbox`], and the connection's number.
+    pub(crate) fn session(&self, peer: PeerId) -> Option<(Arc<Mailbox>, usize, u64)> {
+        lock(&self.mailboxes)
+            .get(&peer)
+            .map(|p| (p.mailbox.clone(), p.max_message, p.conn))
     }
 }
 

@@ -112,6 +112,7 @@ impl Supervisor {
             counters: p.shared.counters.clone(),
             rtt_events: p.config.rtt_events,
             noise: p.noise,
+            requests: p.shared.requests.clone(),
         });
         Supervisor {
             gate: Gate::new(p.config.trust.clone()),

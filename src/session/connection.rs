@@ -13,14 +13,14 @@ use std::time::{Duration, Instant};
 
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
-use tracing::{trace, warn};
+use tracing::{debug, trace, warn};
 
 use super::machine::{Session, SessionEvent};
 use super::mailbox::Mailbox;
 use super::stream::{Stream, violation_of};
 use super::supervision::{ConnectionParams, NewConnection, NodeContext};
 use crate::clock;
-use crate::event::{DownReason, Event};
+use crate::event::{DownReason, Event, ReplyTo};
 use crate::peer::PeerId;
 use crate::queue::Queue;
 use crate::stats::Counters;
@@ -608,6 +608,38 @@ impl Connection {
                     {
                         received += 1;
                         b.pending.push_back(Event::Message { peer: p, data });
+                    }
+                    if session.is_closed() {
+                        break;
+                    }
+                }
+                Ok(Frame::Request { id, body }) => {
+                    if session.handle_data(now)
+                        && let Some(p) = self.peer
+                    {
+                        Counters::bump(&self.node.counters.requests_received);
+                        let reply = ReplyTo {
+                            peer: p,
+                            conn: self.params.id,
+                            id,
+                        };
+                        b.pending.push_back(Event::Request {
+                            peer: p,
+                            body,
+                            reply,
+                        });
+                    }
+                    if session.is_closed() {
+                        break;
+                    }
+                }
+                Ok(Frame::Reply { id, body }) => {
+                    if session.handle_data(now)
+                        && let Some(p) = self.peer
+                        && !self.node.requests.answer(p, self.params.id, id, body)
+                    {
+                        debug!(peer = %p, id, "reply that no request waits for; dropped");
+                        Counters::bump(&self.node.counters.replies_unmatched);
                     }
                     if session.is_closed() {
                         break;

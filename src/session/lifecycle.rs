@@ -15,6 +15,7 @@ use tokio::sync::oneshot;
 use tracing::{debug, info};
 
 use super::connection::Connection;
+use super::outbox::Outbox;
 use super::stream::Stream;
 use super::supervision::{Approval, ConnectFuture, ConnectionParams, Report};
 use crate::event::{DownReason, Event};
@@ -119,8 +120,15 @@ impl Connection {
         // those sent and not acknowledged, or never sent, are handed back.
         let mut undelivered = Vec::new();
         if peer.is_some() {
-            undelivered = self.session.take_unacked();
-            undelivered.extend(self.mailbox.outbox().close_and_take());
+            let written;
+            (undelivered, written) = self.session.take_unacked_parts();
+            let (queued, unwritten) = self
+                .mailbox
+                .outbox()
+                .close_and_take_with(Outbox::take_parts);
+            undelivered.extend(queued);
+            let requests = &self.node.requests;
+            requests.session_ended(self.params.id, &written, &unwritten, counters);
             if !undelivered.is_empty() {
                 Counters::add(&counters.messages_undelivered, undelivered.len() as u64);
             }

@@ -298,6 +298,12 @@ impl Session {
                 self.count_data(now);
                 Some(data)
             }
+            // Acknowledged like messages; the driver handles them apart
+            // (see `handle_data`).
+            (_, Frame::Request { .. } | Frame::Reply { .. }) => {
+                self.count_data(now);
+                None
+            }
             (_, Frame::Ack(count)) => {
                 let sent = self.tx_base + self.unacked_count as u64;
                 if count < self.tx_base || count > sent {
@@ -328,7 +334,7 @@ impl Session {
         }
     }
 
-    /// Feeds a received data frame (the common case of
+    /// Feeds a received data, request or reply frame (the common case of
     /// [`Session::handle_frame`], without moving a whole [`Frame`]): returns
     /// whether its message is to be delivered.
     pub fn handle_data(&mut self, now: Instant) -> bool {
@@ -594,18 +600,24 @@ impl Session {
 
     /// Messages written but never acknowledged, oldest first.
     pub fn take_unacked(&mut self) -> Vec<Bytes> {
+        self.take_unacked_parts().0
+    }
+
+    /// What was written and never acknowledged, oldest first: the
+    /// messages, and apart the encoded request and reply frames.
+    pub fn take_unacked_parts(&mut self) -> (Vec<Bytes>, Vec<Bytes>) {
         self.tx_base += self.unacked_count as u64;
-        let mut out = Vec::with_capacity(self.unacked_count);
+        let (mut out, mut exchanges) = (Vec::with_capacity(self.unacked_count), Vec::new());
         let skip = std::mem::take(&mut self.front_acked);
         for (i, mut sent) in self.unacked.drain(..).enumerate() {
             if i == 0 {
                 sent.split_to(skip);
             }
-            sent.into_messages(&mut out);
+            sent.into_messages(&mut out, &mut exchanges);
         }
         self.unacked_count = 0;
         self.unacked_bytes = 0;
-        out
+        (out, exchanges)
     }
 
     /// Messages sent and not yet acknowledged.

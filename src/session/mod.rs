@@ -10,6 +10,7 @@
 //! | `stream.rs` | the stream frames run on: plaintext TCP, or Noise records |
 //! | `mailbox.rs` | what a connection shares with its node (outbox, close request, RTT, deadline) |
 //! | `outbox.rs` | how the outbox stores messages (small ones encoded as sent) |
+//! | `requests.rs` | the requests awaiting replies, and how a session's end settles them |
 //! | `supervision.rs` | what a connection and the supervisor tell each other |
 //! | `timer.rs` | one timer wheel for all the sessions of a node |
 
@@ -19,6 +20,7 @@ pub mod machine;
 pub(crate) mod mailbox;
 pub(crate) mod noise;
 pub(crate) mod outbox;
+pub(crate) mod requests;
 pub(crate) mod stream;
 pub(crate) mod supervision;
 pub(crate) mod task;

@@ -85,6 +85,28 @@ impl Outbox {
     }
 }
 
+impl Outbox {
+    /// Queues an encoded request or reply frame, in order with the
+    /// messages (see [`frame::request_frame`]).
+    pub(crate) fn push_exchange(&mut self, frame: Bytes) {
+        self.len += 1;
+        self.seal();
+        self.sealed.push_back(Outgoing::Exchange(frame));
+    }
+
+    /// Takes everything, oldest first: the messages, and apart the
+    /// encoded request and reply frames.
+    pub(crate) fn take_parts(&mut self) -> (Vec<Bytes>, Vec<Bytes>) {
+        self.seal();
+        let (mut out, mut exchanges) = (Vec::with_capacity(self.len), Vec::new());
+        for o in self.sealed.drain(..) {
+            o.into_messages(&mut out, &mut exchanges);
+        }
+        self.len = 0;
+        (out, exchanges)
+    }
+}
+
 impl Store for Outbox {
     type Item = Bytes;
 
@@ -117,14 +139,11 @@ impl Store for Outbox {
         self.append(&message);
     }
 
+    /// The messages only: a session takes its outbox with
+    /// [`Outbox::take_parts`], which keeps the requests and replies too.
+    #[cfg(test)]
     fn take_all(&mut self) -> Vec<Bytes> {
-        self.seal();
-        let mut out = Vec::with_capacity(self.len);
-        for o in self.sealed.drain(..) {
-            o.into_messages(&mut out);
-        }
-        self.len = 0;
-        out
+        self.take_parts().0
     }
 }
 
@@ -192,8 +211,8 @@ mod tests {
                         prop_assert!(out.count() >= 1 && out.count() <= max);
                         wire.extend(on_the_wire(&out));
                         let head = out.split_to(split);
-                        head.into_messages(&mut back);
-                        out.into_messages(&mut back);
+                        head.into_messages(&mut back, &mut Vec::new());
+                        out.into_messages(&mut back, &mut Vec::new());
                     }
                 }
                 prop_assert_eq!(o.len(), sent.len() - back.len());

@@ -103,6 +103,8 @@ pub(crate) struct NodeContext {
     pub(crate) rtt_events: bool,
     /// The keys of the Noise handshake; `None` for plaintext sessions.
     pub(crate) noise: Option<super::noise::NoiseKeys>,
+    /// The node's requests awaiting replies.
+    pub(crate) requests: Arc<super::requests::Requests>,
 }
 
 /// A connection being made (when we dial).

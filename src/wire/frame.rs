@@ -30,6 +30,12 @@ const T_PONG: u8 = 3;
 const T_DATA: u8 = 4;
 const T_ACK: u8 = 5;
 const T_GOODBYE: u8 = 6;
+const T_REQUEST: u8 = 7;
+const T_REPLY: u8 = 8;
+
+/// Bytes a request or reply frame adds to its body: prefix, type byte and
+/// the 8-byte request id.
+pub const EXCHANGE_OVERHEAD: usize = DATA_OVERHEAD + 8;
 
 /// The handshake, sent by both sides as their first frame.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -96,6 +102,20 @@ pub enum Frame {
     Ack(u64),
     /// The sender is closing the session on purpose.
     Goodbye(GoodbyeBody),
+    /// A request the peer expects a reply to, under an id of its choosing.
+    Request {
+        /// The sender's id for the request, echoed by the reply.
+        id: u64,
+        /// The application's request.
+        body: Bytes,
+    },
+    /// The reply to the request the receiver sent under `id`.
+    Reply {
+        /// The request's id.
+        id: u64,
+        /// The application's reply.
+        body: Bytes,
+    },
 }
 
 impl Frame {
@@ -109,6 +129,8 @@ impl Frame {
             Frame::Data(d) => encode_data(d, dst),
             Frame::Ack(count) => put_fixed(dst, T_ACK, *count, None),
             Frame::Goodbye(g) => json_frame(dst, T_GOODBYE, g),
+            Frame::Request { id, body } => encode_exchange(T_REQUEST, *id, body, dst),
+            Frame::Reply { id, body } => encode_exchange(T_REPLY, *id, body, dst),
         }
     }
 
@@ -150,24 +172,42 @@ impl Frame {
     }
 
     /// Parses the complete frame at `bytes[at..at + total]`, whose length
-    /// prefix was checked. A data frame's payload is a slice of `bytes`.
+    /// prefix was checked. The payload of a data frame, and the body of a
+    /// request or reply, is a slice of `bytes`.
     fn parse(bytes: &Bytes, at: usize, total: usize) -> Result<Frame, FrameError> {
         let frame = &bytes[at..at + total];
-        match Frame::decode_control(frame) {
-            Some(parsed) => parsed,
-            None => Ok(Frame::Data(bytes.slice(at + DATA_OVERHEAD..at + total))),
+        if let Some(parsed) = Frame::decode_control(frame) {
+            return parsed;
         }
+        let ty = frame[LEN_PREFIX];
+        if ty == T_DATA {
+            return Ok(Frame::Data(bytes.slice(at + DATA_OVERHEAD..at + total)));
+        }
+        if total < EXCHANGE_OVERHEAD {
+            return Err(FrameError::Malformed(if ty == T_REQUEST {
+                "request"
+            } else {
+                "reply"
+            }));
+        }
+        let id = u64_at(&frame[DATA_OVERHEAD..]);
+        let body = bytes.slice(at + EXCHANGE_OVERHEAD..at + total);
+        Ok(match ty {
+            T_REQUEST => Frame::Request { id, body },
+            _ => Frame::Reply { id, body },
+        })
     }
 
     /// Parses one complete frame, length prefix included (checked by the
-    /// caller, e.g. with [`frame_len`]), unless it is a data frame: `None`
-    /// then, as its payload is to be a slice of a shared buffer, not a copy.
+    /// caller, e.g. with [`frame_len`]), unless it is a data, request or
+    /// reply frame: `None` then, as its payload is to be a slice of a shared
+    /// buffer, not a copy.
     /// This lets a driver handle the frames of an idle session (heartbeats,
     /// acks) straight from the bytes it read, with no buffer.
     pub fn decode_control(frame: &[u8]) -> Option<Result<Frame, FrameError>> {
         let body = &frame[DATA_OVERHEAD..];
         Some(Ok(match frame[LEN_PREFIX] {
-            T_DATA => return None,
+            T_DATA | T_REQUEST | T_REPLY => return None,
             T_HELLO => {
                 if body.len() > MAX_HELLO_SIZE {
                     return Some(Err(FrameError::Malformed("hello")));
@@ -214,6 +254,8 @@ impl Frame {
             Frame::Data(_) => "data",
             Frame::Ack(_) => "ack",
             Frame::Goodbye(_) => "goodbye",
+            Frame::Request { .. } => "request",
+            Frame::Reply { .. } => "reply",
         }
     }
 }
@@ -331,6 +373,46 @@ pub fn encode_data(payload: &[u8], dst: &mut BytesMut) {
     dst.put_slice(payload);
 }
 
+/// Appends a request or reply frame (type `ty`) for request `id` to `dst`.
+fn encode_exchange(ty: u8, id: u64, body: &[u8], dst: &mut BytesMut) {
+    dst.reserve(EXCHANGE_OVERHEAD + body.len());
+    dst.put_u32((body.len() + 9) as u32);
+    dst.put_u8(ty);
+    dst.put_u64(id);
+    dst.put_slice(body);
+}
+
+/// A request frame for request `id`, encoded: what a session's outbox
+/// keeps, and hands back whole if the session ends first.
+pub fn request_frame(id: u64, body: &[u8]) -> Bytes {
+    let mut b = BytesMut::new();
+    encode_exchange(T_REQUEST, id, body, &mut b);
+    b.freeze()
+}
+
+/// A reply frame to request `id`, encoded (see [`request_frame`]).
+pub fn reply_frame(id: u64, body: &[u8]) -> Bytes {
+    let mut b = BytesMut::new();
+    encode_exchange(T_REPLY, id, body, &mut b);
+    b.freeze()
+}
+
+/// What an encoded request or reply frame (from [`request_frame`] or
+/// [`reply_frame`]) is: `Some((true, id, body))` for a request,
+/// `Some((false, ..))` for a reply, `None` for anything else.
+pub fn exchange_parts(frame: &Bytes) -> Option<(bool, u64, Bytes)> {
+    if frame.len() < EXCHANGE_OVERHEAD {
+        return None;
+    }
+    let request = match frame[LEN_PREFIX] {
+        T_REQUEST => true,
+        T_REPLY => false,
+        _ => return None,
+    };
+    let id = u64_at(&frame[DATA_OVERHEAD..]);
+    Some((request, id, frame.slice(EXCHANGE_OVERHEAD..)))
+}
+
 /// Application messages on their way to the peer, in the unit a session
 /// takes them from its outbox and keeps them until they are acknowledged.
 ///
@@ -352,6 +434,8 @@ pub enum Outgoing {
     },
     /// One message, not encoded yet.
     Message(Bytes),
+    /// One request or reply frame, encoded (see [`request_frame`]).
+    Exchange(Bytes),
 }
 
 impl Outgoing {
@@ -359,14 +443,14 @@ impl Outgoing {
     pub fn count(&self) -> usize {
         match self {
             Outgoing::Frames { count, .. } => *count,
-            Outgoing::Message(_) => 1,
+            Outgoing::Message(_) | Outgoing::Exchange(_) => 1,
         }
     }
 
     /// Bytes it takes on the wire.
     pub fn wire_len(&self) -> usize {
         match self {
-            Outgoing::Frames { wire, .. } => wire.len(),
+            Outgoing::Frames { wire, .. } | Outgoing::Exchange(wire) => wire.len(),
             Outgoing::Message(m) => DATA_OVERHEAD + m.len(),
         }
     }
@@ -374,7 +458,7 @@ impl Outgoing {
     /// Appends its frames to `dst`.
     pub fn encode(&self, dst: &mut BytesMut) {
         match self {
-            Outgoing::Frames { wire, .. } => dst.extend_from_slice(wire),
+            Outgoing::Frames { wire, .. } | Outgoing::Exchange(wire) => dst.extend_from_slice(wire),
             Outgoing::Message(m) => encode_data(m, dst),
         }
     }
@@ -406,9 +490,11 @@ impl Outgoing {
     }
 
     /// Appends the messages it carries, as they were sent (slices, not
-    /// copies), to `out`.
-    pub fn into_messages(self, out: &mut Vec<Bytes>) {
+    /// copies), to `out`; a request or reply frame goes to `exchanges`,
+    /// encoded.
+    pub fn into_messages(self, out: &mut Vec<Bytes>, exchanges: &mut Vec<Bytes>) {
         match self {
+            Outgoing::Exchange(frame) => exchanges.push(frame),
             Outgoing::Frames { wire, count } => {
                 out.reserve(count);
                 let mut at = 0;

@@ -65,6 +65,7 @@ fn the_session_task_stays_small() {
             counters: Default::default(),
             rtt_events: true,
             noise: None,
+            requests: Default::default(),
         });
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let s = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
@@ -101,6 +102,7 @@ impl Harness {
             counters: Default::default(),
             rtt_events: true,
             noise: None,
+            requests: Default::default(),
         });
         let timer = tokio::spawn(timer.run(|| {}));
         let new = new_connection(tx, node, expected);

@@ -43,6 +43,45 @@ fn every_frame_round_trips() {
     round_trip(Frame::Goodbye(GoodbyeBody {
         reason: "shutdown".into(),
     }));
+    round_trip(Frame::Request {
+        id: 1,
+        body: Bytes::from_static(b"toggle"),
+    });
+    round_trip(Frame::Request {
+        id: u64::MAX,
+        body: Bytes::new(),
+    });
+    round_trip(Frame::Reply {
+        id: 7,
+        body: Bytes::from_static(b"{\"on\":true}"),
+    });
+}
+
+/// The request and reply of PROTOCOL.md's example, byte for byte; the
+/// outbox's encodings are the codec's.
+#[test]
+fn documented_request_and_reply_bytes() {
+    let request = Frame::Request {
+        id: 1,
+        body: Bytes::from_static(b"toggle"),
+    };
+    let mut buf = BytesMut::new();
+    request.encode(&mut buf);
+    assert_eq!(&buf[..], b"\0\0\0\x0f\x07\0\0\0\0\0\0\0\x01toggle");
+    assert_eq!(&request_frame(1, b"toggle")[..], &buf[..]);
+    let reply = Frame::Reply {
+        id: 1,
+        body: Bytes::from_static(b"on"),
+    };
+    buf.clear();
+    reply.encode(&mut buf);
+    assert_eq!(&buf[..], b"\0\0\0\x0b\x08\0\0\0\0\0\0\0\x01on");
+    assert_eq!(&reply_frame(1, b"on")[..], &buf[..]);
+    assert_eq!(
+        exchange_parts(&reply_frame(1, b"on")),
+        Some((false, 1, Bytes::from_static(b"on")))
+    );
+    assert_eq!(exchange_parts(&Bytes::from_static(b"\0\0\0\x01\x04")), None);
 }
 
 #[test]
@@ -84,6 +123,11 @@ fn bad_frames_have_precise_errors() {
     assert_eq!(Frame::decode(&mut b, 100), Err(FrameError::Empty));
     let mut b = BytesMut::from(&[0, 0, 0, 1, 99][..]);
     assert_eq!(Frame::decode(&mut b, 100), Err(FrameError::UnknownType(99)));
+    // A request or reply holds at least its 8-byte id.
+    for (ty, name) in [(T_REQUEST, "request"), (T_REPLY, "reply")] {
+        let mut b = BytesMut::from(&[0, 0, 0, 8, ty, 0, 0, 0, 0, 0, 0, 1][..]);
+        assert_eq!(Frame::decode(&mut b, 100), Err(FrameError::Malformed(name)));
+    }
     let mut b = BytesMut::from(&[0, 0, 0, 3, T_PING, 1, 2][..]);
     assert_eq!(
         Frame::decode(&mut b, 100),

@@ -678,3 +678,65 @@ async fn a_forged_hello_is_refused_and_diverts_no_message() {
         "each forged connection was refused and counted"
     );
 }
+
+/// A peer with a genuine session of its own (it proves its own key) floods
+/// replies under every request id while the node waits for another peer's
+/// reply: none completes the request, the real reply does, and the flood
+/// is counted without ending anyone's session.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replies_forged_by_another_peer_complete_no_request() {
+    let _serial = SERIAL.lock().await;
+    trace();
+    let port = free_port();
+    let ((a, mut ea), (b, mut eb)) = connected_pair(
+        config("forgereply", port).name("a").build().unwrap(),
+        config("forgereply", port).name("b").build().unwrap(),
+    )
+    .await;
+    let service = format!("t-forgereply-{}", std::process::id());
+    let tcp = std::net::SocketAddr::from(([127, 0, 0, 1], a.local().tcp_port));
+    let secret = noise::secret(0x77);
+    let mallory = noise::id_of(&secret);
+    let s = TcpStream::connect(tcp).await.unwrap();
+    let mut conn = noise::handshake(s, &service, &secret, true).await.unwrap();
+    conn.exchange_hellos(&noise::hello(&service, mallory, "mallory"))
+        .await;
+    common::wait_up(&mut ea, mallory, Duration::from_secs(5)).await;
+    // A asks B; B's application takes 300 ms to answer.
+    let (a2, bid) = (a.clone(), b.id());
+    let ask = tokio::spawn(async move { a2.request(bid, "state?", Duration::from_secs(5)).await });
+    let responder = tokio::spawn(async move {
+        loop {
+            if let Some(Event::Request { reply, .. }) = eb.recv().await {
+                sleep(Duration::from_millis(300)).await;
+                b.reply(&reply, "from b").await.unwrap();
+                return b;
+            }
+        }
+    });
+    // Meanwhile Mallory answers every id from 1 to 2000, in one go.
+    const FORGED: u64 = 2000;
+    let mut flood = Vec::new();
+    for id in 1..=FORGED {
+        let mut payload = id.to_be_bytes().to_vec();
+        payload.extend_from_slice(b"from mallory");
+        flood.extend(frame(8, &payload));
+    }
+    conn.send(&flood).await.unwrap();
+    let got = ask.await.unwrap().unwrap();
+    let _b = responder.await.unwrap();
+    assert_eq!(&got[..], b"from b", "only the asked peer's reply counts");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while a.stats().replies_unmatched < FORGED {
+        assert!(Instant::now() < deadline, "{:?}", a.stats());
+        sleep(Duration::from_millis(10)).await;
+    }
+    println!(
+        "ATTACK: {FORGED} forged replies from a peer with its own session: {} dropped as unmatched, the request got the real reply",
+        a.stats().replies_unmatched
+    );
+    // Mallory's session survives its unmatched replies (they may be late
+    // ones), and A's session with B was never touched.
+    no_session_down(&mut ea, "a", false);
+    assert_eq!(a.stats().protocol_errors, 0);
+}

@@ -8,24 +8,38 @@
 //! cargo run --example demo
 //! ```
 
+#[cfg(unix)]
 #[path = "peer/app.rs"]
 mod app;
 
+#[cfg(unix)]
 use std::collections::{HashMap, HashSet};
+#[cfg(unix)]
 use std::io::{BufRead, BufReader, Write};
+#[cfg(unix)]
 use std::process::{Child, ChildStdin, Command, Stdio};
+#[cfg(unix)]
 use std::sync::mpsc;
+#[cfg(unix)]
 use std::time::{Duration, Instant};
 
+#[cfg(unix)]
 use clap::Parser;
+#[cfg(unix)]
 use nix::sys::signal::{Signal, kill};
+#[cfg(unix)]
 use nix::unistd::Pid;
+#[cfg(unix)]
 use serde_json::Value;
 
+#[cfg(unix)]
 const NAMES: [&str; 3] = ["alice", "bob", "carol"];
+#[cfg(unix)]
 const INTERVAL_MS: u64 = 200;
+#[cfg(unix)]
 const TIMEOUT_MS: u64 = 1000;
 
+#[cfg(unix)]
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     if args.get(1).map(String::as_str) == Some("--peer-child") {
@@ -42,12 +56,14 @@ fn main() {
 }
 
 /// A child peer; killed on drop so that a failing demo leaves nothing behind.
+#[cfg(unix)]
 struct Peer {
     name: &'static str,
     child: Child,
     stdin: Option<ChildStdin>,
 }
 
+#[cfg(unix)]
 impl Peer {
     fn pid(&self) -> Pid {
         Pid::from_raw(self.child.id() as i32)
@@ -57,6 +73,7 @@ impl Peer {
     }
 }
 
+#[cfg(unix)]
 impl Drop for Peer {
     fn drop(&mut self) {
         self.signal(Signal::SIGCONT);
@@ -66,18 +83,21 @@ impl Drop for Peer {
 }
 
 /// One JSON line from one peer, with its arrival time.
+#[cfg(unix)]
 struct Line {
     from: &'static str,
     at: Instant,
     v: Value,
 }
 
+#[cfg(unix)]
 struct Demo {
     rx: mpsc::Receiver<Line>,
     ids: HashMap<String, &'static str>,
     start: Instant,
 }
 
+#[cfg(unix)]
 impl Demo {
     /// Waits for a line matching `pred` (up to `limit`), printing notable
     /// ones as they pass.
@@ -116,6 +136,7 @@ impl Demo {
     }
 }
 
+#[cfg(unix)]
 fn demo() -> Result<(), String> {
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
     // A free discovery port and a service of our own: nothing else on this
@@ -320,4 +341,14 @@ fn demo() -> Result<(), String> {
         start.elapsed().as_secs_f64()
     );
     Ok(())
+}
+
+/// The demo freezes a peer with SIGSTOP: Unix only (docs/PLATFORMS.md).
+/// Elsewhere, run the example peer in two terminals.
+#[cfg(not(unix))]
+fn main() {
+    eprintln!(
+        "demo: needs Unix signals (SIGSTOP); run `cargo run --example peer -- --loopback` in two terminals instead"
+    );
+    std::process::exit(2);
 }

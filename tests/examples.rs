@@ -1,6 +1,9 @@
 //! The examples are part of the product: the demo must run to its end and
 //! the example peer must keep its JSON contract. Both run on loopback only.
 
+// The examples are driven with Unix signals (SIGTERM, SIGSTOP).
+#![cfg(unix)]
+
 mod common;
 
 use common::example_bin as example;

@@ -34,6 +34,7 @@ impl Fake {
     async fn new(service: &str, port: u16) -> Fake {
         let s = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP)).unwrap();
         s.set_reuse_address(true).unwrap();
+        #[cfg(unix)]
         s.set_reuse_port(true).unwrap();
         s.set_nonblocking(true).unwrap();
         s.bind(&SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)).into())

@@ -5,6 +5,9 @@
 //! under `LANBEAT_REQUIRE_NETNS=1`) otherwise. Figures are printed with
 //! `LAB:` so `cargo test --test lab -- --nocapture | grep LAB:` collects them.
 
+// Network namespaces: Linux only.
+#![cfg(target_os = "linux")]
+
 mod common;
 mod netlab;
 
@@ -1033,4 +1036,62 @@ fn s18_steady_state_discovery_is_quiet_at_12_hosts() {
     );
     assert_eq!(churn, 0);
     assert!(max <= 10.0, "{per_min:?} datagrams per node per minute");
+}
+
+/// A link that comes back is acted on at once (the OS's notification, not
+/// the next periodic rescan): an announce and a probe go out, and the
+/// session is back within milliseconds. The cuts last 4 s, past the
+/// kernel's resolution of the peer's link address from sends made during
+/// the cut (three ARP probes one second apart): after a shorter cut the
+/// first unicast waits for that resolution to fail, up to about a second
+/// (docs/PLATFORMS.md). While the link is down nothing is sent on it.
+#[test]
+fn s19_a_link_that_returns_is_used_at_once_and_a_down_one_not_at_all() {
+    let Some(lab) = Lab::new("s19", 2) else {
+        return;
+    };
+    let (mut a, mut b) = pair(&lab);
+    let mut heals = Vec::new();
+    for _ in 0..3 {
+        let (am, bm) = (a.mark(), b.mark());
+        lab.cut(1);
+        a.wait(am, DETECT_BOUND, about("session_down", &b.id.clone()));
+        b.wait(bm, DETECT_BOUND, about("session_down", &a.id.clone()));
+        // Past the detection: b's counters now see only the link down.
+        let stats = |b: &mut netlab::Peer| {
+            let m = b.mark();
+            b.say("/stats");
+            b.wait(m, Duration::from_secs(2), |v| v["event"] == "stats")
+                .1
+        };
+        let before = stats(&mut b);
+        std::thread::sleep(Duration::from_secs(3));
+        let during = stats(&mut b);
+        let errors = |v: &serde_json::Value| v["stats"]["datagram_send_errors"].as_u64().unwrap();
+        let sent = |v: &serde_json::Value| v["stats"]["datagrams_sent"].as_u64().unwrap();
+        assert_eq!(
+            errors(&during),
+            errors(&before),
+            "no send errors while down"
+        );
+        assert_eq!(
+            sent(&during),
+            sent(&before),
+            "nothing sent on the down link"
+        );
+        let (am, bm) = (a.mark(), b.mark());
+        let healed = Instant::now();
+        lab.heal(1);
+        heals.push(both_up(&mut a, am, &mut b, bm, Duration::from_secs(3)) - healed);
+    }
+    heals.sort();
+    println!(
+        "LAB: s19 heal after 4 s cuts: session back after {:?} (p50 {:.1} ms)",
+        heals
+            .iter()
+            .map(|d| format!("{:.1} ms", ms(*d)))
+            .collect::<Vec<_>>(),
+        ms(heals[1])
+    );
+    assert!(heals[1] <= Duration::from_millis(150), "{heals:?}");
 }

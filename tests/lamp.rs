@@ -2,6 +2,8 @@
 //! one lamp, two phones. Each step is checked on both phones, and its time
 //! printed (`cargo test --test lamp -- --nocapture`).
 
+#![cfg(unix)]
+
 mod common;
 
 use std::io::{BufRead, BufReader, Write};
@@ -87,7 +89,6 @@ fn ms(d: Duration) -> String {
     format!("{:.1} ms", d.as_secs_f64() * 1e3)
 }
 
-#[cfg(unix)]
 #[test]
 fn phones_see_the_lamp_state_on_connect_every_change_and_the_lamp_going_and_coming() {
     let port = common::free_port().to_string();

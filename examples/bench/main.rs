@@ -14,21 +14,32 @@
 //!
 //! See docs/BENCHMARKS.md for what each scenario measures and the results.
 
+#[cfg(target_os = "linux")]
 #[path = "../peer/app.rs"]
 mod app;
+#[cfg(target_os = "linux")]
 #[path = "../../tests/common/mod.rs"]
 mod common;
+#[cfg(target_os = "linux")]
 mod lifecycle;
+#[cfg(target_os = "linux")]
 mod msg;
+#[cfg(target_os = "linux")]
 mod net;
+#[cfg(target_os = "linux")]
 #[path = "../../tests/netlab/mod.rs"]
 mod netlab;
+#[cfg(target_os = "linux")]
 mod scale;
+#[cfg(target_os = "linux")]
 mod tls;
+#[cfg(target_os = "linux")]
 mod util;
 
+#[cfg(target_os = "linux")]
 use clap::Parser;
 
+#[cfg(target_os = "linux")]
 #[derive(Parser)]
 struct Args {
     /// Scenario: lifecycle, rtt, throughput.
@@ -73,6 +84,7 @@ struct Args {
     noise: bool,
 }
 
+#[cfg(target_os = "linux")]
 fn main() {
     let argv: Vec<String> = std::env::args().collect();
     match argv.get(1).map(String::as_str) {
@@ -130,4 +142,13 @@ fn main() {
             std::process::exit(2);
         }
     }
+}
+
+/// The benchmarks run on Linux only: criterion and the TLS baseline (ring)
+/// need a C compiler for the target, and the namespace scenarios need
+/// Linux (docs/PLATFORMS.md).
+#[cfg(not(target_os = "linux"))]
+fn main() {
+    eprintln!("bench: the benchmarks run on Linux only (docs/PLATFORMS.md)");
+    std::process::exit(2);
 }

@@ -146,7 +146,7 @@ pub async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     }
     // Before `started` is printed: a SIGTERM right after it must be a
     // graceful stop, not the default kill.
-    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut sigterm = Terminate::new()?;
     let config = b.build()?;
     let mut meta = config.metadata.clone();
     let (node, mut events) = Node::start(config).await?;
@@ -332,4 +332,26 @@ fn parse_meta(s: &str) -> Result<(String, String), String> {
     s.split_once('=')
         .map(|(k, v)| (k.to_owned(), v.to_owned()))
         .ok_or_else(|| format!("{s:?} is not KEY=VALUE"))
+}
+
+/// SIGTERM where there is one (Unix); elsewhere a stop is Ctrl-C only.
+struct Terminate {
+    #[cfg(unix)]
+    signal: tokio::signal::unix::Signal,
+}
+
+impl Terminate {
+    fn new() -> std::io::Result<Self> {
+        Ok(Terminate {
+            #[cfg(unix)]
+            signal: tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?,
+        })
+    }
+
+    async fn recv(&mut self) {
+        #[cfg(unix)]
+        self.signal.recv().await;
+        #[cfg(not(unix))]
+        std::future::pending::<()>().await;
+    }
 }

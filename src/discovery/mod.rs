@@ -5,3 +5,4 @@ pub(crate) mod admission;
 pub(crate) mod auth;
 pub mod machine;
 pub(crate) mod socket;
+pub(crate) mod watch;

@@ -21,6 +21,25 @@ pub(crate) struct IfaceAddr {
     pub(crate) p2p: bool,
 }
 
+/// Whether an interface can carry traffic now (its link is up).
+///
+/// On Unix `if-addrs` reads the `IFF_RUNNING` flag: "up" when set, and
+/// "unknown" when not (a cable out, Wi-Fi gone, a link set down), so only
+/// "up" counts. Windows reports the real operational state, where
+/// loopback and some virtual links say "unknown": there only a definite
+/// "not up" state excludes an interface.
+fn is_up(status: &if_addrs::IfOperStatus) -> bool {
+    use if_addrs::IfOperStatus as S;
+    if cfg!(unix) {
+        *status == S::Up
+    } else {
+        !matches!(
+            status,
+            S::Down | S::LowerLayerDown | S::NotPresent | S::Dormant
+        )
+    }
+}
+
 /// Lists the IPv4 addresses of all local interfaces.
 pub(crate) fn scan() -> io::Result<Vec<IfaceAddr>> {
     Ok(if_addrs::get_if_addrs()?
@@ -32,15 +51,7 @@ pub(crate) fn scan() -> io::Result<Vec<IfaceAddr>> {
                 prefix_len: v4.prefixlen,
                 broadcast: v4.broadcast,
                 loopback: i.is_loopback(),
-                // Loopback and some virtual links report "unknown": only a
-                // definite "not up" state excludes an interface.
-                up: !matches!(
-                    i.oper_status,
-                    if_addrs::IfOperStatus::Down
-                        | if_addrs::IfOperStatus::LowerLayerDown
-                        | if_addrs::IfOperStatus::NotPresent
-                        | if_addrs::IfOperStatus::Dormant
-                ),
+                up: is_up(&i.oper_status),
                 p2p: i.is_p2p(),
             }),
             if_addrs::IfAddr::V6(_) => None,

@@ -159,6 +159,9 @@ impl Supervisor {
         self.rescan();
         let mut rescan = tokio::time::interval(self.config.interface_rescan);
         rescan.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // The OS's notifications, where it has them: a change is acted on
+        // at once, not at the next tick.
+        let mut watch = crate::discovery::watch::Watch::new();
         // One byte more than the limit tells an oversized datagram apart.
         let mut buf_a = vec![0u8; self.config.max_datagram_size + 1];
         let mut buf_b = vec![0u8; self.config.max_datagram_size + 1];
@@ -180,6 +183,7 @@ impl Supervisor {
                     self.disc.handle_timeout(clock::now());
                 }
                 _ = rescan.tick() => self.rescan(),
+                _ = watch.changed() => self.rescan(),
                 Some(done) = self.tasks.join_next_with_id() => self.task_done(done),
             }
         }

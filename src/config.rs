@@ -10,7 +10,8 @@ use crate::wire::discovery::{Announce, DatagramLimits};
 /// The UDP port discovery uses unless configured otherwise.
 pub const DEFAULT_DISCOVERY_PORT: u16 = 47474;
 
-/// Which local IPv4 interfaces discovery broadcasts on.
+/// Which local interfaces discovery uses (IPv4 broadcast and IPv6
+/// link-local multicast).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct InterfaceSelection {
@@ -114,15 +115,17 @@ pub struct Config {
     /// TCP port sessions are accepted on; 0 picks a free one (the announce
     /// tells peers which). Default: 0.
     pub tcp_port: u16,
-    /// Which interfaces to broadcast on. Default: every IPv4 interface that is
-    /// up and neither loopback nor point-to-point.
+    /// Which interfaces discovery uses. Default: every interface that is up
+    /// and neither loopback nor point-to-point: its IPv4 subnets by directed
+    /// broadcast, its IPv6 link by multicast (PROTOCOL.md §1).
     pub interfaces: InterfaceSelection,
     /// Peers by address, for networks where broadcast does not reach them
     /// (access points that drop it, other subnets, VPNs): each `IP`,
     /// `IP:port` or `host[:port]` (the port is the peer's discovery port,
     /// by default this node's) is probed by unicast and answers from any
     /// subnet. One side naming the other is enough. Host names are resolved
-    /// at start. IPv4 only. Default: none.
+    /// at start (an IPv4 address preferred). IPv6: `ADDR` or `[ADDR]:port`.
+    /// Default: none.
     pub peers: Vec<String>,
     /// How often interfaces are listed again, so that an address that appears
     /// later (Wi-Fi reconnect, VPN, DHCP) or a link that comes back is used
@@ -424,6 +427,12 @@ impl Config {
 pub(crate) fn split_peer(addr: &str) -> Option<(&str, Option<u16>)> {
     if addr.parse::<std::net::IpAddr>().is_ok() {
         return Some((addr, None));
+    }
+    // `[IPv6]:port`.
+    if let Some(rest) = addr.strip_prefix('[') {
+        let (host, port) = rest.split_once("]:")?;
+        host.parse::<std::net::Ipv6Addr>().ok()?;
+        return Some((host, Some(port.parse::<u16>().ok().filter(|p| *p != 0)?)));
     }
     let (host, port) = match addr.rsplit_once(':') {
         Some((h, p)) => (h, Some(p.parse::<u16>().ok().filter(|p| *p != 0)?)),
@@ -823,6 +832,7 @@ mod tests {
             "lamp.local",
             "lamp-2.lan:4000",
             "::1",
+            "[fd00::2]:4000",
         ] {
             assert!(Config::builder("s").peer(good).build().is_ok(), "{good}");
         }
@@ -833,7 +843,9 @@ mod tests {
             "10.0.0.5:99999",
             "lamp local",
             "a:b:c",
-            "[::1]:80",
+            "[::1]",
+            "[::1]:0",
+            "[lamp]:80",
         ] {
             assert!(
                 matches!(

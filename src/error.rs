@@ -149,8 +149,8 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
-    /// A static peer's address did not resolve to an IPv4 address (a host
-    /// name unknown, or IPv6 only). Nothing was started.
+    /// A static peer's address did not resolve (a host name unknown).
+    /// Nothing was started.
     #[error("cannot resolve peer address {addr:?}: {reason}")]
     PeerAddress {
         /// The address as configured.

@@ -243,13 +243,12 @@ pub fn discovery(data: &[u8]) {
     let mut d = Discovery::new(cfg, 0);
     d.set_targets(
         now,
-        vec![Target {
-            interface: "f0".into(),
-            addr: [10, 0, 0, 1].into(),
-            prefix_len: 24,
-            broadcast: [10, 0, 0, 255].into(),
-            up: true,
-        }],
+        vec![Target::v4(
+            "f0",
+            [10, 0, 0, 1].into(),
+            24,
+            [10, 0, 0, 255].into(),
+        )],
     );
     // Dials asked for and sessions up, as the node would report them.
     let (mut dialing, mut up): (Vec<PeerInfo>, Vec<PeerId>) = (Vec::new(), Vec::new());
@@ -301,7 +300,7 @@ pub fn discovery(data: &[u8]) {
             }
             _ => {}
         }
-        let src = std::net::SocketAddrV4::new([10, 0, 0, head].into(), u16::from(head) * 3);
+        let src = std::net::SocketAddr::from(([10, 0, 0, head], u16::from(head) * 3));
         let _ = d.handle_datagram(now, src, body);
         if d.poll_timeout().is_some_and(|t| t <= now) {
             d.handle_timeout(now);

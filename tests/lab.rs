@@ -44,6 +44,10 @@ fn s01_default_interfaces_directed_broadcast_one_session() {
     let Some(lab) = Lab::new("s01", 2) else {
         return;
     };
+    // IPv4 only: the addresses checked below are the IPv4 ones (IPv6 has
+    // s20 and s21).
+    lab.disable_ipv6(0);
+    lab.disable_ipv6(1);
     let t0 = Instant::now();
     let mut a = lab.peer(0, "a", &[]);
     let mut b = lab.peer(1, "b", &[]);
@@ -181,6 +185,10 @@ fn s06_sigkill_is_seen_at_once_and_the_restart_is_rediscovered() {
     let Some(lab) = Lab::new("s06", 2) else {
         return;
     };
+    // IPv4 only: the addresses checked below are the IPv4 ones (IPv6 has
+    // s20 and s21).
+    lab.disable_ipv6(0);
+    lab.disable_ipv6(1);
     let mut a = lab.peer(0, "a", &[]);
     // The restarted node keeps its identity, so its id.
     let key = KeyFile::new("s06", "b", &lanbeat::Identity::generate());
@@ -308,6 +316,8 @@ fn s08_late_interface_is_used_without_a_restart() {
     let Some(lab) = Lab::with_addresses("s08", 2, &[true, false]) else {
         return;
     };
+    // No IPv6 either: b has no address at all until the IPv4 one comes.
+    lab.disable_ipv6(1);
     let mut a = lab.peer(0, "a", &[]);
     let mut b = lab.peer(1, "b", &[]);
     std::thread::sleep(Duration::from_secs(2));
@@ -1094,4 +1104,80 @@ fn s19_a_link_that_returns_is_used_at_once_and_a_down_one_not_at_all() {
         ms(heals[1])
     );
     assert!(heals[1] <= Duration::from_millis(150), "{heals:?}");
+}
+
+/// Hosts with IPv6 only (link-local addresses, no IPv4, no configuration):
+/// discovery by the project's multicast group, a session over link-local
+/// addresses with their scope, a cut seen by timeout, and recovery.
+#[test]
+fn s20_ipv6_only_hosts_find_each_other_time_out_and_recover() {
+    let Some(lab) = Lab::with_addresses("s20", 2, &[false, false]) else {
+        return;
+    };
+    let (mut a, mut b) = pair(&lab);
+    // From the later of the two starts.
+    let started = |p: &mut Peer| p.wait(0, Duration::ZERO, |v| v["event"] == "started").0;
+    let t0 = started(&mut a).max(started(&mut b));
+    let (ta, s) = a.wait(0, Duration::ZERO, about("session_up", &b.id.clone()));
+    let (tb, _) = b.wait(0, Duration::ZERO, about("session_up", &a.id.clone()));
+    let up = ta.max(tb) - t0;
+    let addr = s["addr"].as_str().unwrap().to_owned();
+    assert!(addr.starts_with("[fe80::") && addr.contains('%'), "{addr}");
+    let (am, bm) = (a.mark(), b.mark());
+    let cut = Instant::now();
+    lab.cut(1);
+    let (aid, bid) = (a.id.clone(), b.id.clone());
+    for (p, m, other) in [(&mut a, am, bid), (&mut b, bm, aid)] {
+        let (t, v) = p.wait(m, DETECT_BOUND, about("session_down", &other));
+        assert_eq!(v["reason"], "heartbeat_timeout", "{}", p.name);
+        assert!(t - cut <= DETECT_BOUND, "{}: {:?}", p.name, t - cut);
+    }
+    let detected = cut.elapsed();
+    // Long enough for the kernel to give up resolving the peer (see s19).
+    std::thread::sleep(Duration::from_secs(3));
+    let (am, bm) = (a.mark(), b.mark());
+    let healed = Instant::now();
+    lab.heal(1);
+    let back = both_up(&mut a, am, &mut b, bm, Duration::from_secs(3)) - healed;
+    println!(
+        "LAB: s20 IPv6 only: session up {:.1} ms after the later start (over {addr}), cut seen after {:.0} ms, back {:.1} ms after the heal",
+        ms(up),
+        ms(detected),
+        ms(back)
+    );
+    assert!(back <= Duration::from_secs(1), "{back:?}");
+}
+
+/// Dual-stack hosts hear each other over IPv4 and IPv6 and hold one
+/// session, not two, with no flapping.
+#[test]
+fn s21_dual_stack_hosts_hold_one_session() {
+    let Some(lab) = Lab::new("s21", 3) else {
+        return;
+    };
+    let mut peers: Vec<Peer> = (0..3).map(|i| lab.peer(i, &format!("d{i}"), &[])).collect();
+    let ids: Vec<String> = peers.iter().map(|p| p.id.clone()).collect();
+    for (i, p) in peers.iter_mut().enumerate() {
+        for (j, id) in ids.iter().enumerate() {
+            if i != j {
+                p.wait(0, Duration::from_secs(5), about("session_up", id));
+            }
+        }
+    }
+    // Announces keep coming over both families meanwhile.
+    std::thread::sleep(Duration::from_secs(3));
+    for p in &mut peers {
+        p.say("/stats");
+        let (_, stats) = p.wait(0, Duration::from_secs(2), |v| v["event"] == "stats");
+        let ups = p.matching(0, |v| v["event"] == "session_up");
+        assert_eq!(ups.len(), 2, "{}: one session per peer: {ups:?}", p.name);
+        assert!(
+            p.matching(0, |v| v["event"] == "session_down").is_empty(),
+            "{}",
+            p.name
+        );
+        assert_eq!(stats["stats"]["sessions_up"], 2, "{}", p.name);
+        assert_eq!(stats["stats"]["duplicate_ids"], 0, "{}", p.name);
+    }
+    println!("LAB: s21 dual stack, 3 hosts: one session per pair, none dropped in 3 s");
 }

@@ -10,7 +10,7 @@
 //! and [`Discovery::poll_event`], and sleeps until [`Discovery::poll_timeout`].
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::net::{IpAddr, Ipv6Addr, SocketAddr, SocketAddrV6};
 use std::time::{Duration, Instant};
 
 use rand::rngs::SmallRng;
@@ -79,24 +79,34 @@ pub struct DiscoveryConfig {
     /// above its old numbers.
     pub first_seq: u64,
     /// Peers by address: probed by unicast, heard from any subnet.
-    pub static_peers: Vec<SocketAddrV4>,
+    pub static_peers: Vec<SocketAddr>,
     /// Whether probes from outside the selected interfaces' subnets are
     /// answered (the node is not confined to named interfaces).
     pub accept_routed_probes: bool,
 }
 
-/// A local interface address discovery broadcasts on.
+/// The IPv6 link-local multicast group discovery uses (PROTOCOL.md §1):
+/// `ff02::6c62`, "lb".
+pub const IPV6_GROUP: Ipv6Addr = Ipv6Addr::new(0xff02, 0, 0, 0, 0, 0, 0, 0x6c62);
+
+/// A local interface address discovery broadcasts on: an IPv4 address and
+/// its subnet's directed broadcast, or an interface's IPv6 link-local
+/// address and the multicast group on that link.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub struct Target {
     /// Interface name.
     pub interface: String,
     /// Our address on it.
-    pub addr: Ipv4Addr,
+    pub addr: IpAddr,
     /// Its prefix length.
     pub prefix_len: u8,
-    /// The directed broadcast address of its subnet.
-    pub broadcast: Ipv4Addr,
+    /// Where datagrams for everyone on it go: the directed broadcast
+    /// address of the subnet (IPv4), or [`IPV6_GROUP`] (IPv6).
+    pub broadcast: IpAddr,
+    /// The interface's index: the scope of IPv6 link-local addresses (0
+    /// for IPv4).
+    pub scope: u32,
     /// Whether the interface is up. Nothing is sent on a down interface, but
     /// datagrams from its subnet are still accepted; when it comes back up it
     /// counts as new (announce and probe at once).
@@ -104,12 +114,60 @@ pub struct Target {
 }
 
 impl Target {
-    /// Whether `ip` is in this target's subnet.
-    pub fn contains(&self, ip: Ipv4Addr) -> bool {
-        let mask = u32::MAX
-            .checked_shl(32 - u32::from(self.prefix_len))
-            .unwrap_or(0);
-        u32::from(ip) & mask == u32::from(self.addr) & mask
+    /// An IPv4 target.
+    pub fn v4(
+        interface: &str,
+        addr: std::net::Ipv4Addr,
+        prefix_len: u8,
+        broadcast: std::net::Ipv4Addr,
+    ) -> Target {
+        Target {
+            interface: interface.to_owned(),
+            addr: IpAddr::V4(addr),
+            prefix_len,
+            broadcast: IpAddr::V4(broadcast),
+            scope: 0,
+            up: true,
+        }
+    }
+
+    /// The IPv6 target of an interface: its link-local address, the link's
+    /// scope (the interface index).
+    pub fn v6(interface: &str, link_local: Ipv6Addr, scope: u32) -> Target {
+        Target {
+            interface: interface.to_owned(),
+            addr: IpAddr::V6(link_local),
+            prefix_len: 64,
+            broadcast: IpAddr::V6(IPV6_GROUP),
+            scope,
+            up: true,
+        }
+    }
+
+    /// Whether a datagram from `src` comes from this target's link: an
+    /// IPv4 source in its subnet, or an IPv6 link-local source received on
+    /// its interface (the scope the kernel reports).
+    pub fn contains(&self, src: SocketAddr) -> bool {
+        match (self.addr, src) {
+            (IpAddr::V4(ours), SocketAddr::V4(s)) => {
+                let mask = u32::MAX
+                    .checked_shl(32 - u32::from(self.prefix_len))
+                    .unwrap_or(0);
+                u32::from(*s.ip()) & mask == u32::from(ours) & mask
+            }
+            (IpAddr::V6(_), SocketAddr::V6(s)) => {
+                s.ip().is_unicast_link_local() && s.scope_id() == self.scope
+            }
+            _ => false,
+        }
+    }
+
+    /// Where to send to everyone on this target's link, at `port`.
+    pub fn destination(&self, port: u16) -> SocketAddr {
+        match self.broadcast {
+            IpAddr::V4(b) => SocketAddr::new(IpAddr::V4(b), port),
+            IpAddr::V6(g) => SocketAddr::V6(SocketAddrV6::new(g, port, 0, self.scope)),
+        }
     }
 }
 
@@ -117,9 +175,9 @@ impl Target {
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct Transmit {
-    /// Destination: a broadcast address and the discovery port, or a
-    /// prober's address.
-    pub dst: SocketAddrV4,
+    /// Destination: a broadcast address (or the IPv6 group, with its
+    /// interface as scope) and the discovery port, or a prober's address.
+    pub dst: SocketAddr,
     /// The encoded datagram.
     pub payload: Vec<u8>,
 }
@@ -228,7 +286,7 @@ pub struct Discovery {
     next_probe: Option<Instant>,
     /// When we last probed.
     last_probe: Option<Instant>,
-    buckets: HashMap<Ipv4Addr, TokenBucket>,
+    buckets: HashMap<IpAddr, TokenBucket>,
     /// New ids and dials, limited (see `admission`).
     admission: Admission,
     transmits: VecDeque<Transmit>,
@@ -302,10 +360,7 @@ impl Discovery {
         let changed = targets != self.targets;
         self.targets = targets;
         for t in &added {
-            self.introduce(
-                SocketAddrV4::new(t.broadcast, self.cfg.discovery_port),
-                true,
-            );
+            self.introduce(t.destination(self.cfg.discovery_port), true);
         }
         if !added.is_empty() && self.cfg.role.dials() {
             // We just probed: the next one after the first gap.
@@ -323,7 +378,7 @@ impl Discovery {
     pub fn handle_datagram(
         &mut self,
         now: Instant,
-        src: SocketAddrV4,
+        src: SocketAddr,
         bytes: &[u8],
     ) -> Result<(), Dropped> {
         // The kind byte, before anything is checked: only a probe may come
@@ -376,7 +431,7 @@ impl Discovery {
     fn handle_announce(
         &mut self,
         now: Instant,
-        src: SocketAddrV4,
+        src: SocketAddr,
         interface: String,
         a: Announce,
     ) -> Result<(), Dropped> {
@@ -387,7 +442,8 @@ impl Discovery {
             id: a.id,
             instance: a.instance,
             name: a.name,
-            addr: SocketAddr::V4(SocketAddrV4::new(*src.ip(), a.port)),
+            // The source, with its scope for an IPv6 link-local one.
+            addr: with_port(src, a.port),
             interface: Some(interface),
             role: a.role,
             metadata: a.metadata,
@@ -482,7 +538,7 @@ impl Discovery {
         if self.next_probe.is_some_and(|t| now >= t) {
             for t in self.targets.iter().filter(|t| t.up) {
                 self.transmits.push_back(Transmit {
-                    dst: SocketAddrV4::new(t.broadcast, self.cfg.discovery_port),
+                    dst: t.destination(self.cfg.discovery_port),
                     payload: self.probe(),
                 });
             }
@@ -711,7 +767,7 @@ impl Discovery {
         .encode_as(self.cfg.limits.protocol);
         for t in self.targets.iter().filter(|t| t.up) {
             self.transmits.push_back(Transmit {
-                dst: SocketAddrV4::new(t.broadcast, self.cfg.discovery_port),
+                dst: t.destination(self.cfg.discovery_port),
                 payload: payload.clone(),
             });
         }
@@ -747,3 +803,9 @@ mod statics;
 mod tests;
 
 pub use duplicates::{DUPLICATE_HOLD, DUPLICATE_WINDOW};
+
+/// `addr` with `port` instead of its own (an IPv6 address keeps its scope).
+fn with_port(mut addr: SocketAddr, port: u16) -> SocketAddr {
+    addr.set_port(port);
+    addr
+}

@@ -1,7 +1,7 @@
 //! Discovery sockets (socket2) and the interface scan (if-addrs).
 
 use std::io;
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::{TcpListener, UdpSocket};
@@ -9,11 +9,14 @@ use tokio::net::{TcpListener, UdpSocket};
 use super::machine::Target;
 use crate::config::InterfaceSelection;
 
-/// One IPv4 address of a local interface, as the scan saw it.
+/// One address of a local interface, as the scan saw it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct IfaceAddr {
     pub(crate) name: String,
-    pub(crate) ip: Ipv4Addr,
+    pub(crate) ip: IpAddr,
+    /// The interface's index (the scope of its IPv6 link-local address);
+    /// 0 where unknown.
+    pub(crate) index: u32,
     pub(crate) prefix_len: u8,
     pub(crate) broadcast: Option<Ipv4Addr>,
     pub(crate) loopback: bool,
@@ -40,21 +43,25 @@ fn is_up(status: &if_addrs::IfOperStatus) -> bool {
     }
 }
 
-/// Lists the IPv4 addresses of all local interfaces.
+/// Lists the IPv4 and IPv6 addresses of all local interfaces.
 pub(crate) fn scan() -> io::Result<Vec<IfaceAddr>> {
     Ok(if_addrs::get_if_addrs()?
         .into_iter()
-        .filter_map(|i| match &i.addr {
-            if_addrs::IfAddr::V4(v4) => Some(IfaceAddr {
+        .map(|i| {
+            let (ip, prefix_len, broadcast) = match &i.addr {
+                if_addrs::IfAddr::V4(v4) => (IpAddr::V4(v4.ip), v4.prefixlen, v4.broadcast),
+                if_addrs::IfAddr::V6(v6) => (IpAddr::V6(v6.ip), v6.prefixlen, None),
+            };
+            IfaceAddr {
                 name: i.name.clone(),
-                ip: v4.ip,
-                prefix_len: v4.prefixlen,
-                broadcast: v4.broadcast,
+                ip,
+                index: i.index.unwrap_or(0),
+                prefix_len,
+                broadcast,
                 loopback: i.is_loopback(),
                 up: is_up(&i.oper_status),
                 p2p: i.is_p2p(),
-            }),
-            if_addrs::IfAddr::V6(_) => None,
+            }
         })
         .collect())
 }
@@ -67,39 +74,56 @@ pub(crate) fn scan() -> io::Result<Vec<IfaceAddr>> {
 /// down: nothing is sent on them, but they count as new when they come back.
 /// A subnet with no broadcast address (/31, /32) is skipped.
 pub(crate) fn select_targets(addrs: &[IfaceAddr], sel: &InterfaceSelection) -> Vec<Target> {
-    let mut out: Vec<Target> = addrs
+    let selected = |a: &&IfaceAddr| {
+        if sel.exclude.contains(&a.name) {
+            return false;
+        }
+        if sel.loopback_only {
+            return a.loopback;
+        }
+        if !sel.include.is_empty() {
+            return sel.include.contains(&a.name);
+        }
+        !a.p2p && (!a.loopback || sel.loopback)
+    };
+    let v4 = addrs
         .iter()
-        .filter(|a| {
-            if sel.exclude.contains(&a.name) {
-                return false;
-            }
-            if sel.loopback_only {
-                return a.loopback;
-            }
-            if !sel.include.is_empty() {
-                return sel.include.contains(&a.name);
-            }
-            !a.p2p && (!a.loopback || sel.loopback)
+        .filter(selected)
+        .filter_map(|a| match a.ip {
+            IpAddr::V4(ip) => Some((a, ip)),
+            IpAddr::V6(_) => None,
         })
-        .filter(|a| a.prefix_len < 31)
+        .filter(|(a, _)| a.prefix_len < 31)
         // No broadcast address (a cellular link, Android's CLAT): nobody to
         // reach by broadcast, and sending would wake the modem for nothing.
         // Loopback has none either, and is used when asked for.
-        .filter(|a| a.broadcast.is_some() || a.loopback)
-        .map(|a| {
+        .filter(|(a, _)| a.broadcast.is_some() || a.loopback)
+        .map(|(a, ip)| {
             let host_mask = u32::MAX >> a.prefix_len;
-            let computed = Ipv4Addr::from(u32::from(a.ip) | host_mask);
-            Target {
-                interface: a.name.clone(),
-                addr: a.ip,
-                prefix_len: a.prefix_len,
-                broadcast: a.broadcast.unwrap_or(computed),
-                up: a.up,
-            }
+            let computed = Ipv4Addr::from(u32::from(ip) | host_mask);
+            let mut t = Target::v4(&a.name, ip, a.prefix_len, a.broadcast.unwrap_or(computed));
+            t.up = a.up;
+            t
+        });
+    // IPv6: one target per interface, its link-local address (what the
+    // multicast group is reached from, and what peers on the link use);
+    // never loopback, which has no link-local address or multicast.
+    let v6 = addrs
+        .iter()
+        .filter(selected)
+        .filter(|a| !a.loopback && a.index != 0)
+        .filter_map(|a| match a.ip {
+            IpAddr::V6(ip) if ip.is_unicast_link_local() => Some((a, ip)),
+            _ => None,
         })
-        .collect();
+        .map(|(a, ip)| {
+            let mut t = Target::v6(&a.name, ip, a.index);
+            t.up = a.up;
+            t
+        });
+    let mut out: Vec<Target> = v4.chain(v6).collect();
     out.sort_by(|a, b| (&a.interface, a.addr).cmp(&(&b.interface, b.addr)));
-    out.dedup();
+    out.dedup_by(|a, b| a.interface == b.interface && a.destination(0) == b.destination(0));
     out
 }
 
@@ -132,6 +156,58 @@ pub(crate) fn bind_unicast(device: Option<&str>) -> io::Result<UdpSocket> {
     bind_to_device(&s, device)?;
     s.bind(&SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0)).into())?;
     UdpSocket::from_std(s.into())
+}
+
+/// The IPv6 sockets: the shared one on the discovery port (it joins
+/// [`IPV6_GROUP`](super::machine::IPV6_GROUP) on each interface, see
+/// [`join_group`]), and the node's own on an ephemeral port. IPv6 only
+/// (`IPV6_V6ONLY`): IPv4 has its own sockets.
+pub(crate) fn bind_udp6(port: u16, device: Option<&str>) -> io::Result<(UdpSocket, UdpSocket)> {
+    let shared = udp6_socket()?;
+    shared.set_reuse_address(true)?;
+    #[cfg(all(unix, not(any(target_os = "solaris", target_os = "illumos"))))]
+    shared.set_reuse_port(true)?;
+    bind_to_device(&shared, device)?;
+    shared.bind(&SocketAddr::V6(SocketAddrV6::new(Ipv6Addr::UNSPECIFIED, port, 0, 0)).into())?;
+    let own = udp6_socket()?;
+    bind_to_device(&own, device)?;
+    own.bind(&SocketAddr::V6(SocketAddrV6::new(Ipv6Addr::UNSPECIFIED, 0, 0, 0)).into())?;
+    Ok((
+        UdpSocket::from_std(shared.into())?,
+        UdpSocket::from_std(own.into())?,
+    ))
+}
+
+/// Joins the discovery group on interface `index` (idempotent: joining
+/// twice is `AddrInUse`, taken as done).
+pub(crate) fn join_group(s: &UdpSocket, index: u32) -> io::Result<()> {
+    match s.join_multicast_v6(&super::machine::IPV6_GROUP, index) {
+        Err(e) if e.kind() == io::ErrorKind::AddrInUse => Ok(()),
+        r => r,
+    }
+}
+
+fn udp6_socket() -> io::Result<Socket> {
+    let s = Socket::new(Domain::IPV6, Type::DGRAM, Some(Protocol::UDP))?;
+    s.set_only_v6(true)?;
+    // Other nodes on this host hear our multicast too.
+    s.set_multicast_loop_v6(true)?;
+    s.set_nonblocking(true)?;
+    Ok(s)
+}
+
+/// The IPv6 TCP listener, on the same port as the IPv4 one (`IPV6_V6ONLY`,
+/// so the two do not collide).
+pub(crate) fn bind_listener6(port: u16, device: Option<&str>) -> io::Result<TcpListener> {
+    let s = Socket::new(Domain::IPV6, Type::STREAM, Some(Protocol::TCP))?;
+    s.set_only_v6(true)?;
+    #[cfg(unix)]
+    s.set_reuse_address(true)?;
+    s.set_nonblocking(true)?;
+    bind_to_device(&s, device)?;
+    s.bind(&SocketAddr::V6(SocketAddrV6::new(Ipv6Addr::UNSPECIFIED, port, 0, 0)).into())?;
+    s.listen(1024)?;
+    TcpListener::from_std(s.into())
 }
 
 /// The TCP listener sessions are accepted on; with `device`, only
@@ -209,6 +285,7 @@ mod tests {
         IfaceAddr {
             name: name.into(),
             ip: ip.into(),
+            index: 0,
             prefix_len: prefix,
             broadcast: (name != "lo").then(|| Ipv4Addr::from(u32::from_be_bytes(ip) | host_mask)),
             loopback: name == "lo",
@@ -293,6 +370,48 @@ mod tests {
             ..Default::default()
         };
         assert!(select_targets(&[rmnet], &named).is_empty());
+    }
+
+    #[test]
+    fn ipv6_uses_one_link_local_address_per_interface() {
+        let v6 = |name: &str, ip: &str, index: u32| IfaceAddr {
+            name: name.into(),
+            ip: ip.parse().unwrap(),
+            index,
+            prefix_len: 64,
+            broadcast: None,
+            loopback: name == "lo",
+            up: true,
+            p2p: false,
+        };
+        let mut tun = v6("tun0", "fe80::9", 7);
+        tun.p2p = true;
+        let addrs = vec![
+            a("eth0", [10, 0, 0, 5], 24),
+            v6("eth0", "fe80::1", 2),
+            v6("eth0", "fd00::1", 2),
+            v6("eth0", "2001:db8::1", 2),
+            v6("lo", "::1", 1),
+            v6("wlan0", "fe80::2", 3),
+            tun,
+        ];
+        let t = select_targets(&addrs, &InterfaceSelection::default());
+        let v6: Vec<_> = t.iter().filter(|t| t.addr.is_ipv6()).collect();
+        assert_eq!(v6.len(), 2, "{t:?}");
+        assert_eq!(v6[0].addr, "fe80::1".parse::<IpAddr>().unwrap());
+        assert_eq!(
+            v6[0].destination(47474),
+            "[ff02::6c62%2]:47474".parse().unwrap()
+        );
+        assert_eq!((v6[1].interface.as_str(), v6[1].scope), ("wlan0", 3));
+        assert_eq!(t.iter().filter(|t| t.addr.is_ipv4()).count(), 1);
+        // Loopback only: no IPv6 (loopback has no link-local multicast).
+        let lo = InterfaceSelection {
+            loopback: true,
+            loopback_only: true,
+            ..Default::default()
+        };
+        assert!(select_targets(&addrs, &lo).is_empty());
     }
 
     #[test]

@@ -13,7 +13,7 @@ use tracing::{Instrument, debug_span, info, warn};
 use super::events::Events;
 use super::sender::{PeerSender, Push, check_size, try_push_message};
 use super::shared::{Command, Shared, lock};
-use super::supervisor::{Parts, Supervisor};
+use super::supervisor::{Parts, Supervisor, V6};
 #[cfg(doc)]
 use crate::Event;
 use crate::config::{Config, Security};
@@ -147,6 +147,7 @@ impl Node {
                 .port(),
             None => 0,
         };
+        let v6 = bind_v6(&config, device, listener.is_some().then_some(tcp_port));
         // With Noise every node has a key pair: one made now if none is
         // configured (the id then changes with each start, as a random id
         // would).
@@ -238,6 +239,7 @@ impl Node {
             shared_sock,
             unicast,
             listener,
+            v6,
             commands: command_rx,
             events: events.clone(),
         });
@@ -488,9 +490,38 @@ fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)
 }
 
-/// The static peers' addresses (`Config::peers`), resolved: the first IPv4
-/// address of each, with the node's discovery port unless one is given.
-async fn resolve_peers(config: &Config) -> Result<Vec<SocketAddrV4>, Error> {
+/// The IPv6 sockets, unless the node is confined to loopback (which has
+/// no link-local multicast) or the host has no IPv6: then the node runs on
+/// IPv4 alone, and says why.
+fn bind_v6(config: &Config, device: Option<&str>, tcp_port: Option<u16>) -> Option<V6> {
+    if config.interfaces.loopback_only {
+        return None;
+    }
+    let (shared, unicast) = match socket::bind_udp6(config.discovery_port, device) {
+        Ok(s) => s,
+        Err(e) => {
+            info!(error = %e, "no IPv6 discovery");
+            return None;
+        }
+    };
+    let listener = tcp_port.and_then(|port| match socket::bind_listener6(port, device) {
+        Ok(l) => Some(l),
+        Err(e) => {
+            warn!(port, error = %e, "no IPv6 sessions: the TCP port is taken for IPv6");
+            None
+        }
+    });
+    Some(V6 {
+        shared,
+        unicast,
+        listener,
+    })
+}
+
+/// The static peers' addresses (`Config::peers`), resolved: the first
+/// address of each (IPv4 first), with the node's discovery port unless one
+/// is given.
+async fn resolve_peers(config: &Config) -> Result<Vec<SocketAddr>, Error> {
     let mut out = Vec::new();
     for addr in &config.peers {
         let fail = |reason: String| Error::PeerAddress {
@@ -500,14 +531,12 @@ async fn resolve_peers(config: &Config) -> Result<Vec<SocketAddrV4>, Error> {
         let (host, port) =
             crate::config::split_peer(addr).ok_or_else(|| fail("not an address".into()))?;
         let port = port.unwrap_or(config.discovery_port);
-        let found = tokio::net::lookup_host((host, port))
+        let mut found: Vec<SocketAddr> = tokio::net::lookup_host((host, port))
             .await
             .map_err(|e| fail(e.to_string()))?
-            .find_map(|a| match a {
-                SocketAddr::V4(a) => Some(a),
-                SocketAddr::V6(_) => None,
-            })
-            .ok_or_else(|| fail("no IPv4 address".into()))?;
+            .collect();
+        found.sort_by_key(|a| a.is_ipv6());
+        let found = *found.first().ok_or_else(|| fail("no address".into()))?;
         out.push(found);
     }
     Ok(out)

@@ -66,6 +66,11 @@ pub(crate) struct Supervisor {
     shared_sock: UdpSocket,
     unicast: UdpSocket,
     listener: Option<TcpListener>,
+    /// IPv6 discovery and sessions, where the host has IPv6.
+    v6: Option<V6>,
+    /// The interfaces whose IPv6 discovery group the shared IPv6 socket
+    /// joined.
+    joined: std::collections::HashSet<u32>,
     commands: mpsc::Receiver<Command>,
     /// Given to each connection, to report to us.
     reports_tx: mpsc::UnboundedSender<Report>,
@@ -99,6 +104,7 @@ pub(crate) struct Parts {
     /// Our own port: what we send, and the unicast answers to it.
     pub(crate) unicast: UdpSocket,
     pub(crate) listener: Option<TcpListener>,
+    pub(crate) v6: Option<V6>,
     pub(crate) commands: mpsc::Receiver<Command>,
     pub(crate) events: Arc<Queue<VecDeque<Event>>>,
 }
@@ -124,6 +130,8 @@ impl Supervisor {
             shared_sock: p.shared_sock,
             unicast: p.unicast,
             listener: p.listener,
+            v6: p.v6,
+            joined: Default::default(),
             commands: p.commands,
             reports_tx,
             reports_rx,
@@ -165,6 +173,10 @@ impl Supervisor {
         // One byte more than the limit tells an oversized datagram apart.
         let mut buf_a = vec![0u8; self.config.max_datagram_size + 1];
         let mut buf_b = vec![0u8; self.config.max_datagram_size + 1];
+        let (mut buf_c, mut buf_d) = match &self.v6 {
+            Some(_) => (buf_a.clone(), buf_a.clone()),
+            None => (Vec::new(), Vec::new()),
+        };
         loop {
             self.flush().await;
             let deadline = self.disc.poll_timeout();
@@ -177,7 +189,10 @@ impl Supervisor {
                 },
                 r = self.shared_sock.recv_from(&mut buf_a) => self.datagram(r, &buf_a),
                 r = self.unicast.recv_from(&mut buf_b) => self.datagram(r, &buf_b),
-                r = accept(&self.listener) => self.accepted(r),
+                r = recv6(self.v6.as_ref().map(|v| &v.shared), &mut buf_c) => self.datagram(r, &buf_c),
+                r = recv6(self.v6.as_ref().map(|v| &v.unicast), &mut buf_d) => self.datagram(r, &buf_d),
+                r = accept(self.listener.as_ref()) => self.accepted(r),
+                r = accept(self.v6.as_ref().and_then(|v| v.listener.as_ref())) => self.accepted(r),
                 Some(report) = self.reports_rx.recv() => self.report(report),
                 _ = clock::sleep_until(deadline.unwrap_or_else(|| clock::now() + Duration::from_secs(3600))) => {
                     self.disc.handle_timeout(clock::now());
@@ -193,7 +208,8 @@ impl Supervisor {
     fn rescan(&mut self) {
         match socket::scan() {
             Ok(addrs) => {
-                let targets = socket::select_targets(&addrs, &self.config.interfaces);
+                let mut targets = socket::select_targets(&addrs, &self.config.interfaces);
+                self.join_groups(&mut targets);
                 if self.disc.set_targets(clock::now(), targets) {
                     let names: Vec<_> = self
                         .disc
@@ -208,6 +224,35 @@ impl Supervisor {
         }
     }
 
+    /// Joins the IPv6 discovery group on every interface with an IPv6
+    /// target (once each), and drops the IPv6 targets it cannot use (no
+    /// IPv6 sockets, or the join failed: nothing would be heard there).
+    fn join_groups(&mut self, targets: &mut Vec<Target>) {
+        let Some(v6) = &self.v6 else {
+            targets.retain(|t| t.addr.is_ipv4());
+            return;
+        };
+        let scopes: std::collections::HashSet<u32> = targets
+            .iter()
+            .filter(|t| t.addr.is_ipv6())
+            .map(|t| t.scope)
+            .collect();
+        self.joined.retain(|i| scopes.contains(i));
+        for &scope in &scopes {
+            if self.joined.contains(&scope) {
+                continue;
+            }
+            match socket::join_group(&v6.shared, scope) {
+                Ok(()) => {
+                    self.joined.insert(scope);
+                }
+                Err(e) => debug!(scope, error = %e, "cannot join the IPv6 discovery group"),
+            }
+        }
+        let joined = &self.joined;
+        targets.retain(|t| t.addr.is_ipv4() || joined.contains(&t.scope));
+    }
+
     fn datagram(&mut self, r: std::io::Result<(usize, SocketAddr)>, buf: &[u8]) {
         let (n, from) = match r {
             Ok(x) => x,
@@ -219,9 +264,6 @@ impl Supervisor {
         };
         let c = &self.shared.counters;
         Counters::bump(&c.datagrams_received);
-        let SocketAddr::V4(from) = from else {
-            return;
-        };
         if let Err(why) = self.disc.handle_datagram(clock::now(), from, &buf[..n]) {
             debug!(%from, len = n, reason = ?why, "dropped datagram");
             c.dropped(why);
@@ -231,7 +273,12 @@ impl Supervisor {
     /// Sends what discovery queued and acts on its events.
     async fn flush(&mut self) {
         while let Some(t) = self.disc.poll_transmit() {
-            match self.unicast.send_to(&t.payload, t.dst).await {
+            let sent = match (t.dst, &self.v6) {
+                (SocketAddr::V4(_), _) => self.unicast.send_to(&t.payload, t.dst).await,
+                (SocketAddr::V6(_), Some(v6)) => v6.unicast.send_to(&t.payload, t.dst).await,
+                (SocketAddr::V6(_), None) => Err(std::io::ErrorKind::Unsupported.into()),
+            };
+            match sent {
                 Ok(_) => Counters::bump(&self.shared.counters.datagrams_sent),
                 Err(e) => {
                     debug!(dst = %t.dst, error = %e, "cannot send datagram");
@@ -309,8 +356,7 @@ impl Supervisor {
         // Named interfaces: only their subnets may connect (one named
         // interface is enforced by the kernel already: the listener is
         // bound to it).
-        if self.config.interfaces.is_restricted() && !from_selected(self.disc.targets(), addr.ip())
-        {
+        if self.config.interfaces.is_restricted() && !from_selected(self.disc.targets(), addr) {
             debug!(%addr, "refusing a connection from outside the selected interfaces");
             Counters::bump(&self.shared.counters.refused_foreign_interface);
             return;
@@ -583,15 +629,12 @@ impl Supervisor {
         };
         lock(&self.shared.mailboxes).insert(peer, published);
         Counters::bump(&self.shared.counters.sessions_up);
-        let interface = match addr.ip() {
-            std::net::IpAddr::V4(ip) => self
-                .disc
-                .targets()
-                .iter()
-                .find(|t| t.contains(ip))
-                .map(|t| t.interface.clone()),
-            std::net::IpAddr::V6(_) => None,
-        };
+        let interface = self
+            .disc
+            .targets()
+            .iter()
+            .find(|t| t.contains(from_mapped(addr)))
+            .map(|t| t.interface.clone());
         self.disc.session_up(
             clock::now(),
             PeerInfo {
@@ -679,19 +722,44 @@ impl Supervisor {
     }
 }
 
-/// Whether `ip` is in the subnet of one of `targets` (the selected
+/// Whether `addr` is on the link of one of `targets` (the selected
 /// interfaces' addresses).
-fn from_selected(targets: &[Target], ip: IpAddr) -> bool {
-    match ip {
-        IpAddr::V4(ip) => targets.iter().any(|t| t.contains(ip)),
-        IpAddr::V6(ip) => ip
-            .to_ipv4_mapped()
-            .is_some_and(|ip| targets.iter().any(|t| t.contains(ip))),
+fn from_selected(targets: &[Target], addr: SocketAddr) -> bool {
+    let addr = from_mapped(addr);
+    targets.iter().any(|t| t.contains(addr))
+}
+
+/// `addr`, as IPv4 if it is an IPv4-mapped IPv6 address.
+fn from_mapped(addr: SocketAddr) -> SocketAddr {
+    match addr {
+        SocketAddr::V6(a) => match a.ip().to_ipv4_mapped() {
+            Some(v4) => SocketAddr::new(IpAddr::V4(v4), a.port()),
+            None => addr,
+        },
+        v4 => v4,
+    }
+}
+
+/// IPv6 discovery and sessions: the shared socket on the discovery port,
+/// our own, and the IPv6 listener on the TCP port (none for a controller,
+/// or when that port is taken for IPv6).
+#[derive(Debug)]
+pub(crate) struct V6 {
+    pub(crate) shared: UdpSocket,
+    pub(crate) unicast: UdpSocket,
+    pub(crate) listener: Option<TcpListener>,
+}
+
+/// The next datagram of an IPv6 socket; never, without one.
+async fn recv6(socket: Option<&UdpSocket>, buf: &mut [u8]) -> std::io::Result<(usize, SocketAddr)> {
+    match socket {
+        Some(s) => s.recv_from(buf).await,
+        None => std::future::pending().await,
     }
 }
 
 /// The next connection of `listener`; never, without one (a controller).
-async fn accept(listener: &Option<TcpListener>) -> std::io::Result<(TcpStream, SocketAddr)> {
+async fn accept(listener: Option<&TcpListener>) -> std::io::Result<(TcpStream, SocketAddr)> {
     match listener {
         Some(l) => l.accept().await,
         None => std::future::pending().await,
@@ -705,13 +773,12 @@ mod tests {
     use super::*;
 
     fn target(addr: [u8; 4], prefix_len: u8) -> Target {
-        Target {
-            interface: "eth0".into(),
-            addr: Ipv4Addr::from(addr),
+        Target::v4(
+            "eth0",
+            Ipv4Addr::from(addr),
             prefix_len,
-            broadcast: Ipv4Addr::BROADCAST,
-            up: true,
-        }
+            Ipv4Addr::BROADCAST,
+        )
     }
 
     #[test]
@@ -726,8 +793,14 @@ mod tests {
             ("::ffff:10.77.0.9", true),
             ("::1", false),
         ] {
-            assert_eq!(from_selected(&targets, ip.parse().unwrap()), ok, "{ip}");
+            let addr = SocketAddr::new(ip.parse().unwrap(), 1);
+            assert_eq!(from_selected(&targets, addr), ok, "{ip}");
         }
-        assert!(!from_selected(&[], "127.0.0.1".parse().unwrap()));
+        assert!(!from_selected(&[], "127.0.0.1:1".parse().unwrap()));
+        // IPv6 link-local: by the interface it came on, not the address.
+        let link = [Target::v6("eth0", "fe80::1".parse().unwrap(), 3)];
+        assert!(from_selected(&link, "[fe80::9%3]:1".parse().unwrap()));
+        assert!(!from_selected(&link, "[fe80::9%4]:1".parse().unwrap()));
+        assert!(!from_selected(&link, "[2001:db8::9]:1".parse().unwrap()));
     }
 }

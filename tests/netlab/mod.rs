@@ -22,6 +22,25 @@ use serde_json::Value;
 
 const PREFIX: &str = "lbt";
 
+/// Turns off IPv6 duplicate address detection on `ns`'s `eth0`, so that
+/// its link-local address is usable as soon as the link is up (instead of
+/// a second or more later): the lab's hosts are unique by construction.
+fn no_dad(ns: &str) {
+    let ok = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            ns,
+            "sysctl",
+            "-qw",
+            "net.ipv6.conf.eth0.accept_dad=0",
+        ])
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(ok, "cannot turn off DAD in {ns}");
+}
+
 /// Runs `ip` with `args`; panics with its stderr on failure.
 fn ip(args: &[&str]) {
     let out = Command::new("ip").args(args).output().expect("run ip");
@@ -171,6 +190,7 @@ impl Lab {
             ip(&["-n", &br, "link", "set", &port, "master", "br0"]);
             ip(&["-n", &br, "link", "set", &port, "up"]);
             ip(&["-n", &ns, "link", "set", "lo", "up"]);
+            no_dad(&ns);
             ip(&["-n", &ns, "link", "set", "eth0", "up"]);
             if with_addr {
                 lab.add_addr(i);
@@ -226,6 +246,7 @@ impl Lab {
             ]);
             ip(&["-n", &router, "link", "set", &port, "up"]);
             ip(&["-n", &ns, "link", "set", "lo", "up"]);
+            no_dad(&ns);
             ip(&["-n", &ns, "link", "set", "eth0", "up"]);
             lab.add_addr(i);
             ip(&["-n", &ns, "route", "add", "default", "via", &gw]);
@@ -299,6 +320,16 @@ impl Lab {
     fn set_port(&self, i: usize, state: &str) {
         let port = format!("h{i}");
         ip(&["-n", &self.bridge_ns(), "link", "set", &port, state]);
+    }
+
+    /// Turns IPv6 off on host `i`'s link (an IPv4-only host).
+    pub fn disable_ipv6(&self, i: usize) {
+        let ok = Command::new("ip")
+            .args(["netns", "exec", self.ns(i), "sysctl", "-qw"])
+            .arg("net.ipv6.conf.eth0.disable_ipv6=1")
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "cannot turn IPv6 off in {}", self.ns(i));
     }
 
     /// Gives host `i` its address.

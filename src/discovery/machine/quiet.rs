@@ -3,7 +3,7 @@
 //! do not answer it: mDNS's known-answer suppression), so once every node
 //! has its sessions a probe costs one datagram however many nodes there are.
 
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{IpAddr, SocketAddr};
 use std::time::Instant;
 
 use super::{Discovery, Dropped, MAX_BUCKETS, SessionState, Transmit};
@@ -13,10 +13,10 @@ impl Discovery {
     pub(super) fn handle_probe(
         &mut self,
         now: Instant,
-        src: SocketAddrV4,
+        src: SocketAddr,
         p: &Probe,
     ) -> Result<(), Dropped> {
-        let from = std::net::IpAddr::V4(*src.ip());
+        let from = src.ip();
         if let Some(e) = self.peers.get_mut(&p.id) {
             if e.info.instance == p.instance {
                 e.last_heard = now;
@@ -35,10 +35,11 @@ impl Discovery {
         if self.known_to(p) {
             return Err(Dropped::KnownAnswer);
         }
-        let ip = *src.ip();
+        let ip = src.ip();
+        let broadcast = matches!(ip, IpAddr::V4(v4) if v4.is_broadcast());
         if src.port() == 0
             || ip.is_unspecified()
-            || ip.is_broadcast()
+            || broadcast
             || ip.is_multicast()
             || self.targets.iter().any(|t| t.broadcast == ip)
         {
@@ -54,7 +55,7 @@ impl Discovery {
         Ok(())
     }
 
-    fn take_token(&mut self, now: Instant, ip: Ipv4Addr) -> bool {
+    fn take_token(&mut self, now: Instant, ip: IpAddr) -> bool {
         let rate = f64::from(self.cfg.replies_per_source_per_sec);
         let burst = 2.0 * rate;
         if !self.buckets.contains_key(&ip) && self.buckets.len() >= MAX_BUCKETS {
@@ -108,11 +109,11 @@ impl Discovery {
         if !self.cfg.role.accepts() {
             return;
         }
-        let mut dsts: Vec<SocketAddrV4> = self
+        let mut dsts: Vec<SocketAddr> = self
             .targets
             .iter()
             .filter(|t| t.up)
-            .map(|t| SocketAddrV4::new(t.broadcast, self.cfg.discovery_port))
+            .map(|t| t.destination(self.cfg.discovery_port))
             .collect();
         dsts.extend(self.cfg.static_peers.iter().copied());
         for dst in dsts {

@@ -3,7 +3,7 @@
 //! broadcast at all and across routers; datagrams from them are taken
 //! whatever subnet they come from.
 
-use std::net::SocketAddrV4;
+use std::net::SocketAddr;
 use std::time::Instant;
 
 use super::{Discovery, Transmit};
@@ -16,8 +16,8 @@ impl Discovery {
     /// interface whose subnet holds it, else [`ROUTED`] for a static peer,
     /// or for a probe when the node is not confined to its interfaces (so
     /// that one side naming the other is enough).
-    pub(super) fn source_interface(&self, src: SocketAddrV4, is_probe: bool) -> Option<String> {
-        if let Some(t) = self.targets.iter().find(|t| t.contains(*src.ip())) {
+    pub(super) fn source_interface(&self, src: SocketAddr, is_probe: bool) -> Option<String> {
+        if let Some(t) = self.targets.iter().find(|t| t.contains(src)) {
             return Some(t.interface.clone());
         }
         let named = self.cfg.static_peers.iter().any(|p| p.ip() == src.ip());
@@ -26,15 +26,12 @@ impl Discovery {
 
     /// Whether `addr` (a peer's session address) is a static peer's.
     pub(super) fn is_static(&self, addr: std::net::SocketAddr) -> bool {
-        self.cfg
-            .static_peers
-            .iter()
-            .any(|p| std::net::IpAddr::V4(*p.ip()) == addr.ip())
+        self.cfg.static_peers.iter().any(|p| p.ip() == addr.ip())
     }
 
     /// Our announce (with `announce`, if we accept sessions) and probe (if
     /// we dial) to `dst`.
-    pub(super) fn introduce(&mut self, dst: SocketAddrV4, announce: bool) {
+    pub(super) fn introduce(&mut self, dst: SocketAddr, announce: bool) {
         if announce && self.cfg.role.accepts() {
             self.transmits.push_back(Transmit {
                 dst,

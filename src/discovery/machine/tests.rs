@@ -1,5 +1,7 @@
 //! Unit tests of the discovery machine, on made-up times.
 
+use std::net::{Ipv4Addr, SocketAddrV4};
+
 use super::*;
 use crate::wire::discovery::Probe;
 
@@ -33,17 +35,16 @@ fn cfg(id: u64, role: Role) -> DiscoveryConfig {
 }
 
 fn target(host: u8) -> Target {
-    Target {
-        interface: "veth0".into(),
-        addr: Ipv4Addr::new(10, 0, 0, host),
-        prefix_len: 24,
-        broadcast: Ipv4Addr::new(10, 0, 0, 255),
-        up: true,
-    }
+    Target::v4(
+        "veth0",
+        Ipv4Addr::new(10, 0, 0, host),
+        24,
+        Ipv4Addr::new(10, 0, 0, 255),
+    )
 }
 
-fn addr(host: u8, port: u16) -> SocketAddrV4 {
-    SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, host), port)
+fn addr(host: u8, port: u16) -> SocketAddr {
+    SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, host), port))
 }
 
 fn events(d: &mut Discovery) -> Vec<DiscoveryEvent> {
@@ -96,9 +97,9 @@ fn start_announces_and_probes_on_every_target() {
     let mut d = Discovery::new(cfg(1, Role::Peer), 1);
     let mut lo = target(1);
     lo.interface = "lo".into();
-    lo.addr = Ipv4Addr::LOCALHOST;
+    lo.addr = Ipv4Addr::LOCALHOST.into();
     lo.prefix_len = 8;
-    lo.broadcast = Ipv4Addr::new(127, 255, 255, 255);
+    lo.broadcast = Ipv4Addr::new(127, 255, 255, 255).into();
     assert!(d.set_targets(now, vec![target(1), lo]));
     let t = transmits(&mut d);
     assert_eq!(t.len(), 4);
@@ -111,7 +112,7 @@ fn start_announces_and_probes_on_every_target() {
         Datagram::decode(&t[1].payload, &DatagramLimits::default()),
         Ok(Datagram::Probe(_))
     ));
-    assert_eq!(t[3].dst.ip(), &Ipv4Addr::new(127, 255, 255, 255));
+    assert_eq!(t[3].dst.ip(), Ipv4Addr::new(127, 255, 255, 255));
     // Same list again: nothing new.
     assert!(!d.set_targets(now, d.targets().to_vec()));
     assert!(transmits(&mut d).is_empty());
@@ -279,7 +280,7 @@ fn drops_are_classified() {
     assert_eq!(
         d.handle_datagram(
             now,
-            SocketAddrV4::new(Ipv4Addr::new(192, 168, 1, 5), 1),
+            SocketAddr::from((Ipv4Addr::new(192, 168, 1, 5), 1)),
             &probe_of(5)
         ),
         Err(Dropped::ForeignInterface)
@@ -517,10 +518,7 @@ fn a_new_instance_while_the_session_is_up_is_dialed_not_believed() {
         [DiscoveryEvent::Dial(i)] => i.clone(),
         e => panic!("{e:?}"),
     };
-    assert_eq!(
-        (dialed.instance, dialed.addr.ip()),
-        (2001, std::net::IpAddr::V4(*addr(9, 9).ip()))
-    );
+    assert_eq!((dialed.instance, dialed.addr.ip()), (2001, addr(9, 9).ip()));
     let (kept, state) = d.peer(info.id).unwrap();
     assert_eq!((kept.instance, kept.addr), (2000, info.addr));
     assert_eq!(state, PeerState::Connected);
@@ -565,13 +563,13 @@ fn inbound_session_from_unknown_peer_is_discovered() {
 #[test]
 fn target_subnet_math() {
     let t = target(1);
-    assert!(t.contains(Ipv4Addr::new(10, 0, 0, 200)));
-    assert!(!t.contains(Ipv4Addr::new(10, 0, 1, 1)));
+    assert!(t.contains(SocketAddr::from((Ipv4Addr::new(10, 0, 0, 200), 1))));
+    assert!(!t.contains(SocketAddr::from((Ipv4Addr::new(10, 0, 1, 1), 1))));
     let all = Target {
         prefix_len: 0,
         ..target(1)
     };
-    assert!(all.contains(Ipv4Addr::new(1, 2, 3, 4)));
+    assert!(all.contains(SocketAddr::from((Ipv4Addr::new(1, 2, 3, 4), 1))));
 }
 
 /// Two live nodes with id 2 (instances 2000 at .2 and 2001 at .3) answer
@@ -612,8 +610,8 @@ fn a_duplicated_id_is_reported_once_and_held_down() {
     match &events(&mut d)[..] {
         [DiscoveryEvent::Duplicate { id, kept, other }] => {
             assert_eq!(*id, PeerId::from_u64(2));
-            assert_eq!(kept.ip(), std::net::IpAddr::V4(*second.ip()));
-            assert_eq!(*other, SocketAddr::V4(SocketAddrV4::new(*first.ip(), 7002)));
+            assert_eq!(kept.ip(), second.ip());
+            assert_eq!(*other, SocketAddr::new(first.ip(), 7002));
         }
         e => panic!("{e:?}"),
     }
@@ -628,7 +626,7 @@ fn a_duplicated_id_is_reported_once_and_held_down() {
         d.handle_datagram(t, second, &announce_of(2, 2001, Role::Peer))
             .unwrap();
     }
-    let hello_addr = SocketAddr::V4(first);
+    let hello_addr = first;
     assert!(d.duplicate_instance(t2 + 20_000 * MS, PeerId::from_u64(2), 2000, hello_addr));
     assert!(!d.duplicate_instance(t2 + 20_000 * MS, PeerId::from_u64(2), 2001, hello_addr));
     assert!(
@@ -818,8 +816,8 @@ fn a_restarted_key_holder_goes_on_above_its_old_numbers() {
     );
 }
 
-fn routed(host: u8, port: u16) -> SocketAddrV4 {
-    SocketAddrV4::new(Ipv4Addr::new(192, 168, 9, host), port)
+fn routed(host: u8, port: u16) -> SocketAddr {
+    SocketAddr::from((Ipv4Addr::new(192, 168, 9, host), port))
 }
 
 #[test]
@@ -895,7 +893,7 @@ fn a_peer_that_holds_a_session_with_the_prober_and_is_listed_does_not_answer() {
             id: PeerId::from_u64(1),
             instance: 1000,
             name: "n1".into(),
-            addr: std::net::SocketAddr::V4(addr(1, 7001)),
+            addr: addr(1, 7001),
             interface: Some("veth0".into()),
             role: Role::Peer,
             metadata: BTreeMap::new(),
@@ -946,5 +944,40 @@ fn a_peer_that_holds_a_session_with_the_prober_and_is_listed_does_not_answer() {
     assert!(
         sent.iter().all(|k| k == &vec![PeerId::from_u64(1)]),
         "{sent:?}"
+    );
+}
+
+/// IPv6: datagrams go to the group on each link, a peer heard from a
+/// link-local address is reached at it with its scope, and a link-local
+/// source on another interface is not from this link.
+#[test]
+fn ipv6_links_are_reached_by_the_group_and_peers_by_scoped_addresses() {
+    let now = Instant::now();
+    let mut d = Discovery::new(cfg(1, Role::Peer), 1);
+    d.set_targets(now, vec![Target::v6("eth0", "fe80::1".parse().unwrap(), 2)]);
+    let group: SocketAddr = "[ff02::6c62%2]:5000".parse().unwrap();
+    let t = transmits(&mut d);
+    assert!(t.len() == 2 && t.iter().all(|t| t.dst == group), "{t:?}");
+    let peer: SocketAddr = "[fe80::5%2]:40000".parse().unwrap();
+    // An announce and the probe it comes with: heard twice, admitted.
+    d.handle_datagram(now, peer, &announce_of(2, 2000, Role::Peer))
+        .unwrap();
+    let _ = d.handle_datagram(now, peer, &probe_with(2, 2000));
+    let found = events(&mut d);
+    let info = found
+        .iter()
+        .find_map(|e| match e {
+            DiscoveryEvent::Discovered(i) => Some(i),
+            _ => None,
+        })
+        .unwrap_or_else(|| panic!("{found:?}"));
+    assert_eq!(info.addr, "[fe80::5%2]:7002".parse::<SocketAddr>().unwrap());
+    assert_eq!(info.interface.as_deref(), Some("eth0"));
+    // The probe is answered at its own scoped address.
+    assert!(transmits(&mut d).iter().any(|t| t.dst == peer));
+    let elsewhere: SocketAddr = "[fe80::5%3]:40000".parse().unwrap();
+    assert_eq!(
+        d.handle_datagram(now, elsewhere, &announce_of(3, 3000, Role::Peer)),
+        Err(Dropped::ForeignInterface)
     );
 }

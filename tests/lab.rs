@@ -1000,14 +1000,22 @@ fn s17_a_peer_named_by_address_across_a_router() {
 /// does not grow with the number of nodes: at most 10 datagrams a minute.
 #[test]
 fn s18_steady_state_discovery_is_quiet_at_12_hosts() {
-    const N: usize = 12;
-    let Some(lab) = Lab::new("s18", N) else {
+    // `LANBEAT_LAB_HOSTS=24` for the larger run (by hand: docs/TESTING.md).
+    let n: usize = std::env::var("LANBEAT_LAB_HOSTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(12);
+    assert!(
+        n <= 24,
+        "more than 24 hosts needs the neighbour table raised"
+    );
+    let Some(lab) = Lab::new("s18", n) else {
         return;
     };
-    let mut peers: Vec<Peer> = (0..N).map(|i| lab.peer(i, &format!("p{i}"), &[])).collect();
+    let mut peers: Vec<Peer> = (0..n).map(|i| lab.peer(i, &format!("p{i}"), &[])).collect();
     let t0 = Instant::now();
-    for i in 0..N {
-        for j in 0..N {
+    for i in 0..n {
+        for j in 0..n {
             if i != j {
                 let id = peers[j].id.clone();
                 peers[i].wait(0, Duration::from_secs(10), about("session_up", &id));
@@ -1034,14 +1042,14 @@ fn s18_steady_state_discovery_is_quiet_at_12_hosts() {
         .map(|(b, a)| (a - b) as f64 * 60.0 / window.as_secs_f64())
         .collect();
     let max = per_min.iter().cloned().fold(0.0, f64::max);
-    let mean = per_min.iter().sum::<f64>() / N as f64;
+    let mean = per_min.iter().sum::<f64>() / n as f64;
     let churn: usize = peers
         .iter_mut()
         .zip(&marks)
         .map(|(p, m)| p.matching(*m, |v| v["event"] == "session_down").len())
         .sum();
     println!(
-        "LAB: s18 {N} hosts: full mesh {:.0} ms after the last start; steady state {mean:.1} datagrams sent per node per minute (max {max:.1}); {churn} sessions down",
+        "LAB: s18 {n} hosts: full mesh {:.0} ms after the last start; steady state {mean:.1} datagrams sent per node per minute (max {max:.1}); {churn} sessions down",
         ms(mesh)
     );
     assert_eq!(churn, 0);
@@ -1180,4 +1188,57 @@ fn s21_dual_stack_hosts_hold_one_session() {
         assert_eq!(stats["stats"]["duplicate_ids"], 0, "{}", p.name);
     }
     println!("LAB: s21 dual stack, 3 hosts: one session per pair, none dropped in 3 s");
+}
+
+/// IPv6 across a router: two hosts on subnets of their own (unique local
+/// addresses), no multicast crossing, and one names the other by its IPv6
+/// address: a session over the routed addresses, messages, a timeout and
+/// recovery.
+#[test]
+fn s22_a_peer_named_by_ipv6_address_across_a_router() {
+    let Some(lab) = Lab::routed("s22", 2) else {
+        return;
+    };
+    lab.route_ipv6();
+    // IPv6 only, so the session cannot go over the IPv4 routes instead.
+    for i in 0..2 {
+        let ns = lab.ns(i).to_owned();
+        let v4 = format!("{}/24", lab.ip(i));
+        let _ = std::process::Command::new("ip")
+            .args(["-n", &ns, "addr", "del", &v4, "dev", "eth0"])
+            .status();
+    }
+    let far = lab.ip6(1).to_string();
+    let mut b = lab.peer(1, "b", &[]);
+    let started = Instant::now();
+    let mut a = lab.peer(0, "a", &["--peer", &far]);
+    let up = both_up(&mut a, 0, &mut b, 0, Duration::from_secs(5));
+    let (_, s) = a.wait(0, Duration::ZERO, about("session_up", &b.id.clone()));
+    let addr = s["addr"].as_str().unwrap().to_owned();
+    assert!(addr.starts_with(&format!("[{}]", lab.ip6(1))), "{addr}");
+    let bm = b.mark();
+    for i in 0..10 {
+        a.say(&format!("v6 {i}"));
+    }
+    b.wait(bm, Duration::from_secs(2), |v| {
+        v["event"] == "message" && v["data"] == "v6 9"
+    });
+    let am = a.mark();
+    let t0 = Instant::now();
+    lab.cut(1);
+    let (t, v) = a.wait(am, DETECT_BOUND, about("session_down", &b.id.clone()));
+    assert_eq!(v["reason"], "heartbeat_timeout");
+    let detect = t - t0;
+    std::thread::sleep(Duration::from_secs(3));
+    let (am, bm) = (a.mark(), b.mark());
+    let healed = Instant::now();
+    lab.heal(1);
+    let back = both_up(&mut a, am, &mut b, bm, Duration::from_secs(5));
+    println!(
+        "LAB: s22 IPv6 across a router by address ({addr}): session up {:.0} ms after a started, cut seen after {:.0} ms, back {:.0} ms after the heal",
+        ms(up - started),
+        ms(detect),
+        ms(back - healed)
+    );
+    assert!(detect <= DETECT_BOUND, "{detect:?}");
 }

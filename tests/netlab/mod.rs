@@ -254,6 +254,47 @@ impl Lab {
         Some(lab)
     }
 
+    /// Gives a routed lab IPv6 routing too: host `i` at `fd77:<i+1>::2/64`
+    /// (a unique local address), the router at `fd77:<i+1>::1` forwarding
+    /// between them. Link-local multicast does not cross it.
+    pub fn route_ipv6(&self) {
+        assert!(self.routed, "only a routed lab has a router");
+        let router = self.bridge_ns();
+        // Forwarding on; and the router's addresses kept while a port is
+        // down (a cut), as IPv4 keeps them: IPv6 drops them by default.
+        let ok = Command::new("ip")
+            .args(["netns", "exec", &router, "sysctl", "-qw"])
+            .args([
+                "net.ipv6.conf.all.forwarding=1",
+                "net.ipv6.conf.all.keep_addr_on_down=1",
+            ])
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "cannot turn IPv6 forwarding on in the router");
+        for (i, ns) in self.hosts.iter().enumerate() {
+            let gw = format!("fd77:{}::1", i + 1);
+            let port = format!("h{i}");
+            ip(&[
+                "-n",
+                &router,
+                "addr",
+                "add",
+                &format!("{gw}/64"),
+                "dev",
+                &port,
+                "nodad",
+            ]);
+            let host = format!("{}/64", self.ip6(i));
+            ip(&["-n", ns, "addr", "add", &host, "dev", "eth0", "nodad"]);
+            ip(&["-n", ns, "-6", "route", "add", "default", "via", &gw]);
+        }
+    }
+
+    /// Host `i`'s IPv6 address in a routed lab with [`Lab::route_ipv6`].
+    pub fn ip6(&self, i: usize) -> std::net::Ipv6Addr {
+        format!("fd77:{}::2", i + 1).parse().unwrap()
+    }
+
     fn bridge_ns(&self) -> String {
         format!("{}-br", self.prefix)
     }

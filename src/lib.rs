@@ -2,8 +2,9 @@
 //!
 //! Local-network peer discovery plus heartbeat-checked TCP sessions.
 //!
-//! Nodes of one *service* find each other with a UDP broadcast probe on every
-//! usable IPv4 interface; each answers with its id, name and TCP port. The
+//! Nodes of one *service* find each other with a UDP probe broadcast on every
+//! usable IPv4 interface and multicast on every IPv6 link (or sent to peers
+//! named by address); each answers with its id, name and TCP port. The
 //! prober dials, a Noise handshake proves each side's key (the id derives
 //! from it) and encrypts everything after it, the hellos exchange ids and
 //! heartbeat settings, and ping/pong heartbeats keep the session honest.

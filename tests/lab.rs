@@ -1242,3 +1242,55 @@ fn s22_a_peer_named_by_ipv6_address_across_a_router() {
     );
     assert!(detect <= DETECT_BOUND, "{detect:?}");
 }
+
+/// One-way loss (issue 15): everything host 1 sends is dropped, what it
+/// receives arrives. The end that cannot hear times out; the other learns
+/// of it at once (the connection's close still reaches it), so both end
+/// within timeout + one interval. The end that cannot send keeps hearing
+/// the other's probes, so the peer stays known and missing: its probing
+/// is fast for the peer's expiry (10 s), then backs off to its cap instead
+/// of going on every second.
+#[test]
+fn s23_one_way_loss_ends_both_sides_and_probing_backs_off() {
+    let Some(lab) = Lab::new("s23", 2) else {
+        return;
+    };
+    if !Lab::can_impair("s23") {
+        return;
+    }
+    let (mut a, mut b) = pair(&lab);
+    let (am, bm) = (a.mark(), b.mark());
+    let cut = Instant::now();
+    lab.drop_from(1, 100);
+    let bound = DETECT_BOUND;
+    let (ta, va) = a.wait(am, bound, about("session_down", &b.id.clone()));
+    let (tb, vb) = b.wait(bm, bound, about("session_down", &a.id.clone()));
+    println!(
+        "LAB: s23 one-way loss: a (hears nothing) down after {:.0} ms ({}), b (cannot send) after {:.0} ms ({})",
+        ms(ta - cut),
+        va["reason"],
+        ms(tb - cut),
+        vb["reason"]
+    );
+    let sent = |p: &mut Peer| {
+        let m = p.mark();
+        p.say("/stats");
+        let (_, v) = p.wait(m, Duration::from_secs(2), |v| v["event"] == "stats");
+        v["stats"]["datagrams_sent"].as_u64().unwrap()
+    };
+    // Fast while the loss is fresh...
+    std::thread::sleep(Duration::from_secs(2));
+    let s0 = sent(&mut b);
+    std::thread::sleep(Duration::from_secs(5));
+    let fresh = sent(&mut b) - s0;
+    // ...slow once the peer has been missing for longer than its expiry.
+    std::thread::sleep(Duration::from_secs(8));
+    let s1 = sent(&mut b);
+    std::thread::sleep(Duration::from_secs(15));
+    let late = sent(&mut b) - s1;
+    println!(
+        "LAB: s23 b's datagrams: {fresh} in 5 s while the loss was fresh, {late} in 15 s after the expiry"
+    );
+    assert!(fresh >= 6, "probing fast at first: {fresh}");
+    assert!(late <= 8, "backed off: {late} datagrams in 15 s");
+}

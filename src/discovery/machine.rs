@@ -228,6 +228,10 @@ struct Entry {
     /// Lost without a goodbye and not heard from since: discovery is
     /// looking for it and will not dial before it answers again.
     missing: bool,
+    /// When it went missing: probing is fast for its first `peer_expiry`
+    /// only (a peer whose probes still arrive while ours never reach it,
+    /// one-way loss, would otherwise be probed every second forever).
+    missing_since: Instant,
     next_dial: Option<Instant>,
     redial_backoff: Duration,
     /// The instance this entry had before its latest change, and when it
@@ -251,6 +255,7 @@ impl Entry {
             last_heard: now,
             session,
             missing: false,
+            missing_since: now,
             next_dial: None,
             redial_backoff: redial,
             prev_instance: None,
@@ -546,9 +551,18 @@ impl Discovery {
             // Slow only when every known peer has a session (their
             // probes' answers are suppressed anyway); peers without one
             // must be heard again well within their expiry.
-            let cap = if self.unconnected_entries().any(|e| e.missing) {
+            // A peer missing for longer than its expiry and still kept is
+            // one whose probes reach us while nothing of ours reaches it
+            // (one-way loss): it no longer speeds probing up, and needs
+            // no probes to stay known.
+            let expiry = self.cfg.peer_expiry;
+            let recent = |e: &&Entry| !e.missing || now < e.missing_since + expiry;
+            let cap = if self
+                .unconnected_entries()
+                .any(|e| e.missing && now < e.missing_since + expiry)
+            {
                 self.cfg.probe_max_missing
-            } else if self.unconnected_entries().next().is_some() {
+            } else if self.unconnected_entries().find(recent).is_some() {
                 self.cfg
                     .probe_max
                     .min(self.cfg.peer_expiry / 3)
@@ -744,6 +758,7 @@ impl Discovery {
             }
             _ => {
                 e.missing = true;
+                e.missing_since = now;
                 e.last_heard = now;
                 e.next_dial = None;
                 if self.cfg.role.dials() {

@@ -136,7 +136,17 @@ impl Connection {
         let events = self.node.events.clone();
         let (reports, conn) = (self.params.reports.clone(), self.params.id);
         async move {
-            if let Some(mut stream) = stream {
+            if let Some(stream) = &stream
+                && matches!(
+                    reason,
+                    DownReason::HeartbeatTimeout | DownReason::WriteTimeout
+                )
+            {
+                // The peer may hear us while we cannot hear it: a reset
+                // reaches it at once, a FIN would wait behind what it never
+                // acknowledged.
+                stream.reset_on_drop();
+            } else if let Some(mut stream) = stream {
                 if flush {
                     let _ = tokio::time::timeout(GOODBYE_FLUSH, stream.write_all(&wbuf)).await;
                 }

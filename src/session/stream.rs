@@ -314,6 +314,15 @@ impl Stream {
         }
     }
 
+    /// Makes dropping the stream reset the connection instead of closing
+    /// it in order. A reset leaves at once; a FIN waits behind unacknowledged
+    /// data, which a peer we can no longer hear may never acknowledge
+    /// (one-way loss: it would time out a heartbeat timeout later instead of
+    /// learning of the end now).
+    pub(crate) fn reset_on_drop(&self) {
+        let _ = socket2::SockRef::from(self.tcp()).set_linger(Some(std::time::Duration::ZERO));
+    }
+
     /// `Ready` when a read may make progress (the socket is readable, or
     /// records wait to be opened).
     pub(crate) fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {

@@ -363,6 +363,75 @@ impl Lab {
         ip(&["-n", &self.bridge_ns(), "link", "set", &port, state]);
     }
 
+    /// Whether the lab can impair links (the `nft` tool is installed; the
+    /// kernel's nftables is there wherever namespaces are). Without it a
+    /// test prints why and skips, unless `LANBEAT_REQUIRE_NETNS=1`.
+    pub fn can_impair(test: &str) -> bool {
+        let ok = Command::new("nft")
+            .arg("--version")
+            .stdout(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !ok {
+            assert!(
+                std::env::var("LANBEAT_REQUIRE_NETNS").as_deref() != Ok("1"),
+                "{test}: the nft tool is required (LANBEAT_REQUIRE_NETNS=1); .ci/run installs nftables"
+            );
+            let _ = writeln!(
+                std::io::stderr(),
+                "SKIPPED {test}: no nft tool (install nftables)"
+            );
+        }
+        ok
+    }
+
+    /// Drops `percent` % of the frames host `i` sends (chosen at random,
+    /// each frame on its own), by an nftables rule on the bridge: one-way
+    /// loss, what the host receives is untouched. 100 drops all. Rules add
+    /// up; [`Lab::clear_loss`] removes them. Gone with the lab's namespaces.
+    pub fn drop_from(&self, i: usize, percent: u32) {
+        assert!(!self.routed, "loss rules are for the bridged lab");
+        let br = self.bridge_ns();
+        let nft = |args: &[&str]| {
+            let ok = Command::new("ip")
+                .args(["netns", "exec", &br, "nft"])
+                .args(args)
+                .status()
+                .is_ok_and(|s| s.success());
+            assert!(ok, "nft {args:?} failed in {br}");
+        };
+        nft(&["add", "table", "bridge", "lab"]);
+        nft(&["add chain bridge lab pass { type filter hook forward priority 0; }"]);
+        let port = format!("h{i}");
+        let rule = if percent >= 100 {
+            format!("add rule bridge lab pass iifname {port} counter drop")
+        } else {
+            let limit = percent * 100;
+            format!(
+                "add rule bridge lab pass iifname {port} numgen random mod 10000 < {limit} counter drop"
+            )
+        };
+        nft(&[&rule]);
+    }
+
+    /// Removes every loss rule ([`Lab::drop_from`]).
+    pub fn clear_loss(&self) {
+        let _ = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &self.bridge_ns(),
+                "nft",
+                "flush",
+                "chain",
+                "bridge",
+                "lab",
+                "pass",
+            ])
+            .stderr(Stdio::null())
+            .status();
+    }
+
     /// Turns IPv6 off on host `i`'s link (an IPv4-only host).
     pub fn disable_ipv6(&self, i: usize) {
         let ok = Command::new("ip")

@@ -981,3 +981,65 @@ fn ipv6_links_are_reached_by_the_group_and_peers_by_scoped_addresses() {
         Err(Dropped::ForeignInterface)
     );
 }
+
+/// One-way loss: a peer whose probes keep arriving while nothing of ours
+/// reaches it stays missing. Probing is fast for `peer_expiry` (a lost
+/// peer is found again within a second), then backs off to the normal cap
+/// instead of going on every second forever.
+#[test]
+fn a_peer_missing_longer_than_its_expiry_no_longer_speeds_probing_up() {
+    let now = Instant::now();
+    let mut d = started(1, Role::Peer, now);
+    d.handle_datagram(now, addr(2, 9), &announce_of(2, 2000, Role::Peer))
+        .unwrap();
+    d.handle_timeout(now);
+    let info = match &events(&mut d)[..] {
+        [DiscoveryEvent::Discovered(_), DiscoveryEvent::Dial(i)] => i.clone(),
+        e => panic!("{e:?}"),
+    };
+    d.session_up(now, info.clone());
+    d.session_down(now, info.id, &DownReason::HeartbeatTimeout);
+    transmits(&mut d);
+    // 40 s: the peer's probes arrive every 500 ms, our answers never do.
+    let mut probes = Vec::new();
+    let mut t = now;
+    let mut next_peer_probe = now;
+    while t < now + Duration::from_secs(40) {
+        let due = d.poll_timeout().unwrap().min(next_peer_probe);
+        t = due;
+        if t >= next_peer_probe {
+            let _ = d.handle_datagram(t, addr(2, 9), &probe_with(2, 2000));
+            next_peer_probe = t + 500 * MS;
+        }
+        d.handle_timeout(t);
+        for x in transmits(&mut d) {
+            let probe = matches!(
+                Datagram::decode(&x.payload, &DatagramLimits::default()),
+                Ok(Datagram::Probe(_))
+            );
+            if probe && x.dst == addr(255, PORT) {
+                probes.push(t - now);
+            }
+        }
+    }
+    assert_eq!(
+        d.peers().next().unwrap().1,
+        PeerState::Missing,
+        "still kept"
+    );
+    let gaps = |from: u64, to: u64| -> Vec<Duration> {
+        probes
+            .windows(2)
+            .filter(|w| w[0] >= Duration::from_secs(from) && w[1] <= Duration::from_secs(to))
+            .map(|w| w[1] - w[0])
+            .collect()
+    };
+    let early = gaps(2, 9);
+    assert!(
+        early.iter().all(|g| *g <= 1300 * MS),
+        "fast at first: {early:?}"
+    );
+    let late = gaps(15, 40);
+    assert!(late.iter().all(|g| *g >= 2200 * MS), "backed off: {late:?}");
+    assert!(late.len() <= 12, "{late:?}");
+}

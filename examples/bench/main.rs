@@ -10,6 +10,7 @@
 //! cargo run --release --example bench -- discovery [--trials 50]   (namespaces need root)
 //! cargo run --release --example bench -- detect [--trials 20]      (root)
 //! cargo run --release --example bench -- soak [--minutes 10]
+//! cargo run --release --example bench -- impaired [--minutes 1] [--baseline-bin PATH]   (root, nft)
 //! ```
 //!
 //! See docs/BENCHMARKS.md for what each scenario measures and the results.
@@ -56,9 +57,13 @@ struct Args {
     /// Session counts (scale), comma-separated.
     #[arg(long, default_value = "1000,10000", value_delimiter = ',')]
     sessions: Vec<usize>,
-    /// Minutes (soak).
+    /// Minutes (soak; per setting for impaired).
     #[arg(long, default_value_t = 10)]
     minutes: u64,
+    /// Impaired: an example-peer binary of another build (the previous
+    /// design), measured beside this one.
+    #[arg(long)]
+    baseline_bin: Option<String>,
     /// Seconds of CPU sampling (scale).
     #[arg(long, default_value_t = 30)]
     secs: u64,
@@ -135,9 +140,10 @@ fn main() {
         "discovery" => net::discovery(args.trials.max(50)),
         "detect" => net::detect(args.trials),
         "soak" => net::soak(args.minutes),
+        "impaired" => net::impaired(args.minutes, args.baseline_bin),
         other => {
             eprintln!(
-                "unknown scenario {other:?}; try lifecycle, rtt, throughput, tls, scale, discovery, detect, soak"
+                "unknown scenario {other:?}; try lifecycle, rtt, throughput, tls, scale, discovery, detect, soak, impaired"
             );
             std::process::exit(2);
         }

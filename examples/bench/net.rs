@@ -377,3 +377,47 @@ pub(crate) fn soak(minutes: u64) {
         println!("  {}", d.2);
     }
 }
+
+/// False timeouts on impaired links: a full mesh of 6 hosts (15 sessions)
+/// in namespaces, loss on the bridge (an nftables rule, both ways), for
+/// `minutes` per setting; prints session ends by timeout per session-hour
+/// for each loss rate and heartbeat setting. `--baseline-bin PATH` runs an
+/// example-peer binary of another build beside this one (the previous
+/// design), setting by setting.
+pub(crate) fn impaired(minutes: u64, baseline: Option<String>) {
+    let run = Duration::from_secs(minutes.max(1) * 60);
+    println!(
+        "false timeouts per session-hour, 6 hosts (15 sessions), {} min per setting, loss on the bridge both ways\n",
+        run.as_secs() / 60
+    );
+    println!("| loss | heartbeat | this build | previous build |");
+    println!("| --- | --- | --- | --- |");
+    let settings = [
+        ("1 s / 3 s", ["1000", "3000"]),
+        ("200 ms / 1 s", ["200", "1000"]),
+    ];
+    for loss in [5u32, 10, 20, 30] {
+        for (label, [interval, timeout]) in &settings {
+            let args = [
+                "--heartbeat-interval-ms",
+                interval,
+                "--heartbeat-timeout-ms",
+                timeout,
+            ];
+            let measure = |bin: Option<&str>| {
+                let mut lab = Lab::new("bench-impaired", 6).expect("namespaces (root) needed");
+                if let Some(b) = bin {
+                    lab.peer_cmd = Some(vec![b.into()]);
+                }
+                let (n, hours) = lab.timeouts_under_impairment(&args, run, |l| l.lose(loss));
+                format!("{:.1} ({n} in {hours:.2} h)", n as f64 / hours)
+            };
+            let this = measure(None);
+            let prev = baseline
+                .as_deref()
+                .map(|b| measure(Some(b)))
+                .unwrap_or_else(|| "-".into());
+            println!("| {loss} % | {label} | {this} | {prev} |");
+        }
+    }
+}

@@ -390,6 +390,25 @@ impl Lab {
     /// loss, what the host receives is untouched. 100 drops all. Rules add
     /// up; [`Lab::clear_loss`] removes them. Gone with the lab's namespaces.
     pub fn drop_from(&self, i: usize, percent: u32) {
+        let port = format!("h{i}");
+        self.nft_rule(&if percent >= 100 {
+            format!("add rule bridge lab pass iifname {port} counter drop")
+        } else {
+            let limit = percent * 100;
+            format!("add rule bridge lab pass iifname {port} numgen random mod 10000 < {limit} counter drop")
+        });
+    }
+
+    /// Drops `percent` % of all frames crossing the bridge, each direction
+    /// alike (random, each frame on its own).
+    pub fn lose(&self, percent: u32) {
+        self.nft_rule(&format!(
+            "add rule bridge lab pass numgen random mod 10000 < {} counter drop",
+            percent * 100
+        ));
+    }
+
+    fn nft_rule(&self, rule: &str) {
         assert!(!self.routed, "loss rules are for the bridged lab");
         let br = self.bridge_ns();
         let nft = |args: &[&str]| {
@@ -402,16 +421,47 @@ impl Lab {
         };
         nft(&["add", "table", "bridge", "lab"]);
         nft(&["add chain bridge lab pass { type filter hook forward priority 0; }"]);
-        let port = format!("h{i}");
-        let rule = if percent >= 100 {
-            format!("add rule bridge lab pass iifname {port} counter drop")
-        } else {
-            let limit = percent * 100;
-            format!(
-                "add rule bridge lab pass iifname {port} numgen random mod 10000 < {limit} counter drop"
-            )
-        };
-        nft(&[&rule]);
+        nft(&[rule]);
+    }
+
+    /// Runs a full mesh of this lab's hosts for `run` under what the test
+    /// set up (loss rules), the example peers started with `args`, and
+    /// returns the session ends by timeout (heartbeat or write, counted on
+    /// the side that timed out) and the session-hours they were up.
+    pub fn timeouts_under_impairment(
+        &self,
+        args: &[&str],
+        run: Duration,
+        impair: impl FnOnce(&Lab),
+    ) -> (usize, f64) {
+        let n = self.hosts.len();
+        let mut peers: Vec<Peer> = (0..n)
+            .map(|i| self.peer(i, &format!("m{i}"), args))
+            .collect();
+        let ids: Vec<String> = peers.iter().map(|p| p.id.clone()).collect();
+        for (i, p) in peers.iter_mut().enumerate() {
+            for (j, id) in ids.iter().enumerate() {
+                if i != j {
+                    p.wait(0, Duration::from_secs(10), |v| {
+                        v["event"] == "session_up" && v["peer"] == id.as_str()
+                    });
+                }
+            }
+        }
+        let marks: Vec<usize> = peers.iter_mut().map(|p| p.mark()).collect();
+        impair(self);
+        std::thread::sleep(run);
+        let mut timeouts = 0;
+        for (p, m) in peers.iter_mut().zip(marks) {
+            timeouts += p
+                .matching(m, |v| {
+                    v["event"] == "session_down"
+                        && (v["reason"] == "heartbeat_timeout" || v["reason"] == "write_timeout")
+                })
+                .len();
+        }
+        let pairs = n * (n - 1) / 2;
+        (timeouts, pairs as f64 * run.as_secs_f64() / 3600.0)
     }
 
     /// Removes every loss rule ([`Lab::drop_from`]).
@@ -475,12 +525,16 @@ impl Lab {
             .args(["netns", "exec", self.ns(i)])
             .args(cmd)
             .args(["--name", name, "--json"])
-            .args([
-                "--heartbeat-interval-ms",
-                "200",
-                "--heartbeat-timeout-ms",
-                "1000",
-            ])
+            .args(if args.contains(&"--heartbeat-interval-ms") {
+                &[][..]
+            } else {
+                &[
+                    "--heartbeat-interval-ms",
+                    "200",
+                    "--heartbeat-timeout-ms",
+                    "1000",
+                ][..]
+            })
             .args(args)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())

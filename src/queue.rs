@@ -147,16 +147,7 @@ impl<S: Store> Queue<S> {
     // per message.
     #[inline(always)]
     pub(crate) fn try_push(&self, item: S::Item) -> Result<(), PushError<S::Item>> {
-        let mut q = self.lock();
-        if !self.admit(&mut q, item)? {
-            return Ok(());
-        }
-        let consumer = self.take_waiting(&mut q);
-        drop(q);
-        if let Some(w) = consumer {
-            w.wake();
-        }
-        Ok(())
+        self.try_push_with(item, S::push)
     }
 
     /// Queues `item` if there is room, like [`Queue::try_push`], but
@@ -221,8 +212,15 @@ impl<S: Store> Queue<S> {
     }
 
     /// Queues `item` (of some other kind than the store's items, taken by
-    /// `put`) if there is room, like [`Queue::try_push`].
-    pub(crate) fn try_push_with<I>(&self, item: I, put: fn(&mut S, I)) -> Result<(), PushError<I>> {
+    /// `put`) if there is room, like [`Queue::try_push`]. `put` is a
+    /// function item, so this is monomorphised and inlined: no indirect
+    /// call on the message path.
+    #[inline(always)]
+    pub(crate) fn try_push_with<I>(
+        &self,
+        item: I,
+        put: impl FnOnce(&mut S, I),
+    ) -> Result<(), PushError<I>> {
         let mut q = self.lock();
         if !self.admit_with(&mut q, item, put)? {
             return Ok(());
@@ -241,7 +239,11 @@ impl<S: Store> Queue<S> {
     }
 
     /// [`Queue::push`] for an item the store takes with `put`.
-    pub(crate) async fn push_with<I>(&self, mut item: I, put: fn(&mut S, I)) -> Result<(), I> {
+    pub(crate) async fn push_with<I>(
+        &self,
+        mut item: I,
+        put: impl Fn(&mut S, I) + Copy,
+    ) -> Result<(), I> {
         loop {
             match self.try_push_with(item, put) {
                 Ok(()) => return Ok(()),

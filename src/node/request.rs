@@ -60,17 +60,7 @@ impl Node {
         body: impl Into<Bytes>,
         timeout: Duration,
     ) -> Result<Bytes, Error> {
-        let body = self.check_size(body.into())?;
-        let Some((mailbox, limit, conn)) = self.inner.shared.session(peer) else {
-            return Err(Error::NotConnected {
-                peer,
-                message: body,
-            });
-        };
-        let limit = limit.min(self.inner.max_message).saturating_sub(ID_LEN);
-        if body.len() > limit {
-            return Err(too_large(body.len(), limit));
-        }
+        let (body, mailbox, conn) = self.exchange_session(peer, None, body.into())?;
         let deadline = tokio::time::Instant::now() + timeout.min(FAR);
         let requests = &self.inner.shared.requests;
         let (id, reply) = requests.register(peer, conn);
@@ -141,19 +131,8 @@ impl Node {
     /// As [`Node::send`]: the reply is queued only when the future returns
     /// `Ok`.
     pub async fn reply(&self, to: &ReplyTo, body: impl Into<Bytes>) -> Result<(), Error> {
-        let body = self.check_size(body.into())?;
         let peer = to.peer;
-        let session = self.inner.shared.session(peer);
-        let Some((mailbox, limit, _)) = session.filter(|s| s.2 == to.conn) else {
-            return Err(Error::NotConnected {
-                peer,
-                message: body,
-            });
-        };
-        let limit = limit.min(self.inner.max_message).saturating_sub(ID_LEN);
-        if body.len() > limit {
-            return Err(too_large(body.len(), limit));
-        }
+        let (body, mailbox, _) = self.exchange_session(peer, Some(to.conn), body.into())?;
         let frame = reply_frame(to.id, &body);
         match mailbox
             .outbox()
@@ -181,6 +160,33 @@ impl Node {
         value: &T,
     ) -> Result<(), Error> {
         self.reply(to, serde_json::to_vec(value)?).await
+    }
+}
+
+impl Node {
+    /// The mailbox and connection number of `peer`'s session (of
+    /// connection `conn`, if given) for a request or reply carrying
+    /// `body`, checked: the node runs, a session is up, the body and its
+    /// id fit both frame limits.
+    fn exchange_session(
+        &self,
+        peer: PeerId,
+        conn: Option<u64>,
+        body: Bytes,
+    ) -> Result<(Bytes, std::sync::Arc<crate::session::mailbox::Mailbox>, u64), Error> {
+        let body = self.check_size(body)?;
+        let session = self.inner.shared.session(peer);
+        let Some((mailbox, limit, conn)) = session.filter(|s| conn.is_none_or(|c| c == s.2)) else {
+            return Err(Error::NotConnected {
+                peer,
+                message: body,
+            });
+        };
+        let limit = limit.min(self.inner.max_message).saturating_sub(ID_LEN);
+        if body.len() > limit {
+            return Err(too_large(body.len(), limit));
+        }
+        Ok((body, mailbox, conn))
     }
 }
 

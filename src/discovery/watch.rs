@@ -7,13 +7,82 @@
 //! subscribed to link and address changes. The messages are not parsed:
 //! any of them means "look again", and the rescan finds what changed (a
 //! link that came back up, an address added or removed). A burst of
-//! messages makes one rescan. Elsewhere nothing is watched (see
-//! docs/PLATFORMS.md).
+//! messages makes one rescan. On macOS and iOS it is a routing socket
+//! (`PF_ROUTE`, through socket2), whose address and interface messages do
+//! the same (its route messages, which include every ARP entry there, are
+//! skipped). Elsewhere (Windows) there is no watch: the periodic rescan
+//! (see docs/PLATFORMS.md).
 
 /// A source of "the network changed" signals.
 pub(crate) struct Watch {
     #[cfg(any(target_os = "linux", target_os = "android"))]
     socket: Option<netlink_sys::TokioSocket>,
+    #[cfg(any(target_os = "macos", target_os = "ios"))]
+    socket: Option<tokio::io::unix::AsyncFd<socket2::Socket>>,
+}
+
+#[cfg(any(target_os = "macos", target_os = "ios"))]
+mod route {
+    use std::io::Read;
+
+    use socket2::{Domain, Socket, Type};
+    use tokio::io::unix::AsyncFd;
+    use tracing::warn;
+
+    /// `rt_msghdr.rtm_type` values that concern interfaces: an address
+    /// added or removed (`RTM_NEWADDR`, `RTM_DELADDR`), an interface's
+    /// state (`RTM_IFINFO`). From XNU's net/route.h, shared by macOS and
+    /// iOS; the libc crate has them for macOS only.
+    const KINDS: [u8; 3] = [0xc, 0xd, 0xe];
+
+    // `AsyncFd::register`, the replacement of `AsyncFd::new`, is newer
+    // than the oldest tokio this crate supports; the fd is owned by the
+    // `Socket` inside, so what `new` is deprecated for (an fd closed behind
+    // its back) cannot happen here.
+    #[allow(deprecated)]
+    pub(super) fn open() -> Option<AsyncFd<Socket>> {
+        let socket = Socket::new(Domain::from(libc::PF_ROUTE), Type::RAW, None).and_then(|s| {
+            s.set_nonblocking(true)?;
+            AsyncFd::new(s)
+        });
+        match socket {
+            Ok(s) => Some(s),
+            Err(e) => {
+                warn!(error = %e, "no network-change notifications; interfaces are rescanned periodically only");
+                None
+            }
+        }
+    }
+
+    /// Waits for an address or interface message, then takes whatever
+    /// else is queued, so that a burst makes one rescan.
+    pub(super) async fn changed(socket: &AsyncFd<Socket>) {
+        let mut buf = [0u8; 2048];
+        let mut relevant = false;
+        loop {
+            let Ok(mut ready) = socket.readable().await else {
+                return std::future::pending().await;
+            };
+            loop {
+                let read = ready.try_io(|s| {
+                    let mut socket: &Socket = s.get_ref();
+                    socket.read(&mut buf)
+                });
+                match read {
+                    Ok(Ok(n)) if n >= 4 => {
+                        // The message's type is its fourth byte.
+                        relevant |= KINDS.contains(&buf[3]);
+                    }
+                    Ok(_) => {}
+                    // Drained (or failed): report what the burst held.
+                    Err(_would_block) => break,
+                }
+            }
+            if relevant {
+                return;
+            }
+        }
+    }
 }
 
 #[cfg(any(target_os = "linux", target_os = "android"))]
@@ -73,6 +142,8 @@ impl Watch {
         Watch {
             #[cfg(any(target_os = "linux", target_os = "android"))]
             socket: netlink::open(),
+            #[cfg(any(target_os = "macos", target_os = "ios"))]
+            socket: route::open(),
         }
     }
 
@@ -82,6 +153,10 @@ impl Watch {
         #[cfg(any(target_os = "linux", target_os = "android"))]
         if let Some(s) = &self.socket {
             return netlink::changed(s).await;
+        }
+        #[cfg(any(target_os = "macos", target_os = "ios"))]
+        if let Some(s) = &self.socket {
+            return route::changed(s).await;
         }
         std::future::pending::<()>().await
     }

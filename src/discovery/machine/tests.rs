@@ -407,9 +407,8 @@ fn an_announce_flood_neither_locks_out_a_real_peer_nor_drives_dials() {
     assert!(d.admission.candidates() <= 64, "candidates are bounded");
 }
 
-#[test]
-fn timeout_makes_peer_missing_until_it_answers_again() {
-    let now = Instant::now();
+/// Node 1, which heard node 2's announce, dialed it and holds a session.
+fn node_1_with_a_session_to_2(now: Instant) -> (Discovery, PeerInfo) {
     let mut d = started(1, Role::Peer, now);
     d.handle_datagram(now, addr(2, 9), &announce_of(2, 2000, Role::Peer))
         .unwrap();
@@ -419,6 +418,13 @@ fn timeout_makes_peer_missing_until_it_answers_again() {
         e => panic!("{e:?}"),
     };
     d.session_up(now, info.clone());
+    (d, info)
+}
+
+#[test]
+fn timeout_makes_peer_missing_until_it_answers_again() {
+    let now = Instant::now();
+    let (mut d, info) = node_1_with_a_session_to_2(now);
     transmits(&mut d);
     // Slow probing while all is well...
     let t = now + Duration::from_secs(30);
@@ -989,15 +995,7 @@ fn ipv6_links_are_reached_by_the_group_and_peers_by_scoped_addresses() {
 #[test]
 fn a_peer_missing_longer_than_its_expiry_no_longer_speeds_probing_up() {
     let now = Instant::now();
-    let mut d = started(1, Role::Peer, now);
-    d.handle_datagram(now, addr(2, 9), &announce_of(2, 2000, Role::Peer))
-        .unwrap();
-    d.handle_timeout(now);
-    let info = match &events(&mut d)[..] {
-        [DiscoveryEvent::Discovered(_), DiscoveryEvent::Dial(i)] => i.clone(),
-        e => panic!("{e:?}"),
-    };
-    d.session_up(now, info.clone());
+    let (mut d, info) = node_1_with_a_session_to_2(now);
     d.session_down(now, info.id, &DownReason::HeartbeatTimeout);
     transmits(&mut d);
     // 40 s: the peer's probes arrive every 500 ms, our answers never do.

@@ -26,19 +26,19 @@ const PREFIX: &str = "lbt";
 /// its link-local address is usable as soon as the link is up (instead of
 /// a second or more later): the lab's hosts are unique by construction.
 fn no_dad(ns: &str) {
+    sysctl(ns, &["net.ipv6.conf.eth0.accept_dad=0"]);
+}
+
+/// Sets kernel `settings` (`key=value`) in namespace `ns`; panics if it
+/// cannot.
+fn sysctl(ns: &str, settings: &[&str]) {
     let ok = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            ns,
-            "sysctl",
-            "-qw",
-            "net.ipv6.conf.eth0.accept_dad=0",
-        ])
+        .args(["netns", "exec", ns, "sysctl", "-qw"])
+        .args(settings)
         .stderr(Stdio::null())
         .status()
         .is_ok_and(|s| s.success());
-    assert!(ok, "cannot turn off DAD in {ns}");
+    assert!(ok, "cannot set {settings:?} in {ns}");
 }
 
 /// Runs `ip` with `args`; panics with its stderr on failure.
@@ -148,22 +148,31 @@ impl Lab {
         Self::with_addresses(test, n, &vec![true; n])
     }
 
-    /// Like [`Lab::new`]; host `i` gets its address only if `addr[i]`.
-    pub fn with_addresses(test: &str, n: usize, addr: &[bool]) -> Option<Lab> {
+    /// A lab with no hosts yet: its middle namespace (the bridge's, or the
+    /// router's) made, with loopback up, and the prefix of its namespaces'
+    /// names; `None` where the lab cannot run.
+    fn empty(test: &str, routed: bool) -> Option<(Lab, String)> {
         if !usable(test) {
             return None;
         }
         remove_stale();
         let prefix = format!("{PREFIX}-{}-{test}", std::process::id());
-        let mut lab = Lab {
+        let lab = Lab {
             hosts: Vec::new(),
             prefix: prefix.clone(),
             peer_cmd: None,
-            routed: false,
+            routed,
         };
+        let middle = lab.bridge_ns();
+        ip(&["netns", "add", &middle]);
+        ip(&["-n", &middle, "link", "set", "lo", "up"]);
+        Some((lab, prefix))
+    }
+
+    /// Like [`Lab::new`]; host `i` gets its address only if `addr[i]`.
+    pub fn with_addresses(test: &str, n: usize, addr: &[bool]) -> Option<Lab> {
+        let (mut lab, prefix) = Lab::empty(test, false)?;
         let br = lab.bridge_ns();
-        ip(&["netns", "add", &br]);
-        ip(&["-n", &br, "link", "set", "lo", "up"]);
         ip(&["-n", &br, "link", "add", "br0", "type", "bridge"]);
         // Forward at once: no STP listening delay on new ports.
         ip(&[
@@ -205,20 +214,8 @@ impl Lab {
     /// router's port to host `i` is `h<i>`, so [`Lab::cut`] works as on a
     /// bridge.
     pub fn routed(test: &str, n: usize) -> Option<Lab> {
-        if !usable(test) {
-            return None;
-        }
-        remove_stale();
-        let prefix = format!("{PREFIX}-{}-{test}", std::process::id());
-        let mut lab = Lab {
-            hosts: Vec::new(),
-            prefix: prefix.clone(),
-            peer_cmd: None,
-            routed: true,
-        };
+        let (mut lab, prefix) = Lab::empty(test, true)?;
         let router = lab.bridge_ns();
-        ip(&["netns", "add", &router]);
-        ip(&["-n", &router, "link", "set", "lo", "up"]);
         let forward = Command::new("ip")
             .args(["netns", "exec", &router, "sh", "-c"])
             .arg("echo 1 > /proc/sys/net/ipv4/ip_forward")
@@ -262,15 +259,13 @@ impl Lab {
         let router = self.bridge_ns();
         // Forwarding on; and the router's addresses kept while a port is
         // down (a cut), as IPv4 keeps them: IPv6 drops them by default.
-        let ok = Command::new("ip")
-            .args(["netns", "exec", &router, "sysctl", "-qw"])
-            .args([
+        sysctl(
+            &router,
+            &[
                 "net.ipv6.conf.all.forwarding=1",
                 "net.ipv6.conf.all.keep_addr_on_down=1",
-            ])
-            .status()
-            .is_ok_and(|s| s.success());
-        assert!(ok, "cannot turn IPv6 forwarding on in the router");
+            ],
+        );
         for (i, ns) in self.hosts.iter().enumerate() {
             let gw = format!("fd77:{}::1", i + 1);
             let port = format!("h{i}");
@@ -484,12 +479,7 @@ impl Lab {
 
     /// Turns IPv6 off on host `i`'s link (an IPv4-only host).
     pub fn disable_ipv6(&self, i: usize) {
-        let ok = Command::new("ip")
-            .args(["netns", "exec", self.ns(i), "sysctl", "-qw"])
-            .arg("net.ipv6.conf.eth0.disable_ipv6=1")
-            .status()
-            .is_ok_and(|s| s.success());
-        assert!(ok, "cannot turn IPv6 off in {}", self.ns(i));
+        sysctl(self.ns(i), &["net.ipv6.conf.eth0.disable_ipv6=1"]);
     }
 
     /// Gives host `i` its address.

@@ -147,6 +147,13 @@ pub struct Config {
     /// window stays full, or it acknowledges none of the messages in flight.
     /// Default: 3 s.
     pub write_timeout: Duration,
+    /// How long an encrypted session's stream may bring nothing while the
+    /// peer proves itself alive by liveness datagrams (PROTOCOL.md §7);
+    /// then the session ends with `stream_stalled`. Under heavy loss TCP's
+    /// retransmissions back off for seconds with the peer alive: this is
+    /// how long such a stall is ridden out. Must exceed
+    /// `heartbeat_timeout`. Default: 30 s.
+    pub stall_timeout: Duration,
     /// The first gap between probes; it doubles (with ±25 % jitter) up to a
     /// cap. Default: 100 ms.
     pub probe_initial: Duration,
@@ -241,6 +248,7 @@ impl Config {
             handshake_timeout: Duration::from_secs(2),
             connect_timeout: Duration::from_secs(2),
             write_timeout: Duration::from_secs(3),
+            stall_timeout: Duration::from_secs(30),
             probe_initial: Duration::from_millis(100),
             probe_max: Duration::from_secs(30),
             probe_max_missing: Duration::from_secs(1),
@@ -309,6 +317,12 @@ impl Config {
         }
         if self.heartbeat_timeout > Duration::from_secs(3600) {
             return Err(ConfigError::TooLong("heartbeat_timeout"));
+        }
+        if self.stall_timeout <= self.heartbeat_timeout {
+            return Err(ConfigError::Order {
+                smaller: "heartbeat_timeout",
+                larger: "stall_timeout",
+            });
         }
         if self.probe_max_missing < self.probe_initial {
             return Err(ConfigError::Order {
@@ -616,6 +630,10 @@ impl ConfigBuilder {
     setter!(
         /// Sets [`Config::write_timeout`].
         write_timeout: Duration
+    );
+    setter!(
+        /// Sets [`Config::stall_timeout`].
+        stall_timeout: Duration
     );
     setter!(
         /// Sets [`Config::probe_initial`].

@@ -172,6 +172,10 @@ pub enum DownReason {
     Replaced,
     /// The peer restarted (announced a new instance).
     PeerRestarted,
+    /// The peer kept proving itself alive by liveness datagrams, but the
+    /// stream delivered nothing for the stall timeout
+    /// ([`Config::stall_timeout`](crate::Config::stall_timeout)).
+    StreamStalled,
     /// The connection never completed its handshake in time. Such a
     /// connection was never a session: this reason shows only in logs and
     /// counters, never in [`Event::SessionDown`].
@@ -191,6 +195,7 @@ impl DownReason {
             DownReason::Shutdown => "shutdown",
             DownReason::Replaced => "replaced",
             DownReason::PeerRestarted => "peer_restarted",
+            DownReason::StreamStalled => "stream_stalled",
             DownReason::HandshakeTimeout => "handshake_timeout",
         }
     }

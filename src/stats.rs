@@ -34,6 +34,18 @@ counters! {
     datagrams_received,
     /// Discovery datagrams sent.
     datagrams_sent,
+    /// Liveness probes sent by sessions whose stream went quiet
+    /// (PROTOCOL.md §7).
+    liveness_probes_sent,
+    /// Liveness datagrams accepted: authentic and fresh, each a proof that
+    /// a peer is alive.
+    liveness_received,
+    /// Liveness datagrams dropped: malformed, naming no session of ours,
+    /// or failing authentication (forged, tampered, an earlier session's).
+    liveness_dropped,
+    /// Liveness datagrams dropped as replayed: authentic, but their nonce
+    /// is not above every one accepted before.
+    liveness_replayed,
     /// Datagrams that could not be sent (no route, interface gone...).
     datagram_send_errors,
     /// Dropped: larger than `max_datagram_size`.
@@ -97,6 +109,9 @@ counters! {
     heartbeat_timeouts,
     /// Sessions closed by the write timeout.
     write_timeouts,
+    /// Sessions closed by the stall timeout: the stream delivered nothing
+    /// while liveness datagrams proved the peer alive.
+    stream_stalls,
     /// Application messages written to sessions.
     messages_sent,
     /// Application messages received.

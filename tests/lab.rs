@@ -1294,3 +1294,159 @@ fn s23_one_way_loss_ends_both_sides_and_probing_backs_off() {
     assert!(fresh >= 6, "probing fast at first: {fresh}");
     assert!(late <= 8, "backed off: {late} datagrams in 15 s");
 }
+
+/// Liveness datagrams (PROTOCOL.md §7): with every TCP segment dropped on
+/// the bridge and UDP untouched (a stream stalled, the hosts alive), an
+/// encrypted session outlives its heartbeat timeout (1 s) four times over,
+/// proven alive by datagrams, and ends by the stall timeout (here 4 s) on
+/// both sides. The same stall between plaintext peers, which have no
+/// datagrams, is a heartbeat timeout after 1 s: the stall is real.
+#[test]
+fn s24_liveness_datagrams_ride_out_a_stalled_stream() {
+    let Some(lab) = Lab::new("s24", 2) else {
+        return;
+    };
+    if !Lab::can_impair("s24") {
+        return;
+    }
+    for (args, reason, after) in [
+        (
+            &["--stall-timeout-ms", "4000"][..],
+            "stream_stalled",
+            3700..4600,
+        ),
+        (
+            &["--insecure-plaintext"][..],
+            "heartbeat_timeout",
+            700..1400,
+        ),
+    ] {
+        let mut a = lab.peer(0, "a", args);
+        let mut b = lab.peer(1, "b", args);
+        both_up(&mut a, 0, &mut b, 0, Duration::from_secs(5));
+        let (am, bm) = (a.mark(), b.mark());
+        let stalled = Instant::now();
+        lab.drop_tcp();
+        let limit = Duration::from_secs(6);
+        let (ta, va) = a.wait(am, limit, about("session_down", &b.id.clone()));
+        let (tb, vb) = b.wait(bm, limit, about("session_down", &a.id.clone()));
+        let (da, db) = (ms(ta - stalled), ms(tb - stalled));
+        println!(
+            "LAB: s24 {args:?}: down after {da:.0} ms ({}) and {db:.0} ms ({})",
+            va["reason"], vb["reason"]
+        );
+        for (v, d) in [(&va, da), (&vb, db)] {
+            assert_eq!(v["reason"], reason, "{args:?}");
+            assert!(
+                after.contains(&(d as u64)),
+                "{args:?}: down after {d:.0} ms"
+            );
+        }
+        if reason == "stream_stalled" {
+            for p in [&mut a, &mut b] {
+                let m = p.mark();
+                p.say("/stats");
+                let (_, v) = p.wait(m, Duration::from_secs(2), |v| v["event"] == "stats");
+                let heard = v["stats"]["liveness_received"].as_u64().unwrap();
+                assert!(heard >= 5, "datagrams accepted: {heard}");
+                assert_eq!(v["stats"]["liveness_dropped"].as_u64(), Some(0));
+            }
+        }
+        lab.clear_loss();
+    }
+}
+
+/// The liveness datagrams (PROTOCOL.md §7) in `frames` that `src` sent
+/// over IPv4: their destination port and payload.
+fn liveness_datagrams(frames: &[Vec<u8>], src: std::net::Ipv4Addr) -> Vec<(u16, Vec<u8>)> {
+    frames
+        .iter()
+        .filter_map(|f| {
+            let ip = f.get(14..)?;
+            if f.get(12..14)? != [0x08, 0x00]
+                || ip.get(9)? != &17
+                || ip.get(12..16)? != src.octets()
+            {
+                return None;
+            }
+            let udp = ip.get(usize::from(ip[0] & 0x0f) * 4..)?;
+            let dst = u16::from_be_bytes([*udp.get(2)?, *udp.get(3)?]);
+            let payload = udp.get(8..)?;
+            (payload.len() == 34 && payload[0] == 2).then(|| (dst, payload.to_vec()))
+        })
+        .collect()
+}
+
+/// Liveness datagrams keep no dead peer alive: an attacker host that
+/// captured B's probes and answers to A during a stall (TCP dropped on the
+/// bridge) sends them to A again, every 10 ms, once B is gone, along with
+/// datagrams forged under B's id. A times B out within the usual bound all
+/// the same, and counts the replays and the forgeries.
+#[test]
+fn s25_replayed_and_forged_liveness_datagrams_keep_no_dead_peer_alive() {
+    let Some(lab) = Lab::new("s25", 3) else {
+        return;
+    };
+    if !Lab::can_impair("s25") {
+        return;
+    }
+    // IPv4 only: the capture below reads IPv4 frames.
+    for i in 0..3 {
+        lab.disable_ipv6(i);
+    }
+    let (mut a, b) = pair(&lab);
+    let cap = lab.inside_bridge(|| capture_frames(Duration::from_millis(2500)));
+    std::thread::sleep(Duration::from_millis(100));
+    lab.drop_tcp();
+    let captured = liveness_datagrams(&cap.join().unwrap(), lab.ip(1));
+    assert!(
+        captured.len() >= 4,
+        "captured {} of B's datagrams",
+        captured.len()
+    );
+    let a_port = captured[0].0;
+    let b_id = u64::from_str_radix(&b.id, 16).unwrap();
+    let a_ip = lab.ip(0);
+    let am = a.mark();
+    let cut = Instant::now();
+    lab.cut(1);
+    let sent = captured.len();
+    let attack = lab.inside(2, move || {
+        let udp = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+        let (mut replays, mut forged) = (0, 0u64);
+        let end = Instant::now() + Duration::from_secs(3);
+        while Instant::now() < end {
+            for (_, d) in &captured {
+                replays += usize::from(udp.send_to(d, (a_ip, a_port)).is_ok());
+            }
+            // B's id, a fresh nonce, made-up ciphertext and tag.
+            let mut d = vec![2];
+            d.extend(b_id.to_be_bytes());
+            d.extend(((1u64 << 63) + 1_000_000 + forged).to_be_bytes());
+            d.extend((0..17).map(|k| (forged as u8).wrapping_mul(31).wrapping_add(k)));
+            forged += u64::from(udp.send_to(&d, (a_ip, a_port)).is_ok());
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        (replays, forged)
+    });
+    let (t, v) = a.wait(
+        am,
+        Duration::from_secs(4),
+        about("session_down", &b.id.clone()),
+    );
+    let (replays, forged) = attack.join().unwrap();
+    a.say("/stats");
+    let (_, stats) = a.wait(am, Duration::from_secs(2), |v| v["event"] == "stats");
+    let stats = &stats["stats"];
+    println!(
+        "LAB: s25 B down at A after {:.0} ms ({}) under {replays} replays of {sent} captured datagrams and {forged} forged; A counted {} replayed, {} dropped",
+        ms(t - cut),
+        v["reason"],
+        stats["liveness_replayed"],
+        stats["liveness_dropped"]
+    );
+    assert_eq!(v["reason"], "heartbeat_timeout");
+    assert!(t - cut <= DETECT_BOUND, "{:?}", t - cut);
+    assert!(stats["liveness_replayed"].as_u64().unwrap() >= sent as u64);
+    assert!(stats["liveness_dropped"].as_u64().unwrap() >= forged / 2);
+}

@@ -10,7 +10,7 @@
 //! cargo run --release --example bench -- discovery [--trials 50]   (namespaces need root)
 //! cargo run --release --example bench -- detect [--trials 20]      (root)
 //! cargo run --release --example bench -- soak [--minutes 10]
-//! cargo run --release --example bench -- impaired [--minutes 1] [--baseline-bin PATH]   (root, nft)
+//! cargo run --release --example bench -- impaired [--minutes 1] [--loss 5,10,20,30] [--baseline-bin PATH]   (root, nft)
 //! ```
 //!
 //! See docs/BENCHMARKS.md for what each scenario measures and the results.
@@ -64,6 +64,9 @@ struct Args {
     /// design), measured beside this one.
     #[arg(long)]
     baseline_bin: Option<String>,
+    /// Impaired: the loss rates in percent, comma-separated.
+    #[arg(long, default_value = "5,10,20,30", value_delimiter = ',')]
+    loss: Vec<u32>,
     /// Seconds of CPU sampling (scale).
     #[arg(long, default_value_t = 30)]
     secs: u64,
@@ -140,7 +143,7 @@ fn main() {
         "discovery" => net::discovery(args.trials.max(50)),
         "detect" => net::detect(args.trials),
         "soak" => net::soak(args.minutes),
-        "impaired" => net::impaired(args.minutes, args.baseline_bin),
+        "impaired" => net::impaired(args.minutes, &args.loss, args.baseline_bin),
         other => {
             eprintln!(
                 "unknown scenario {other:?}; try lifecycle, rtt, throughput, tls, scale, discovery, detect, soak, impaired"

@@ -384,7 +384,7 @@ pub(crate) fn soak(minutes: u64) {
 /// for each loss rate and heartbeat setting. `--baseline-bin PATH` runs an
 /// example-peer binary of another build beside this one (the previous
 /// design), setting by setting.
-pub(crate) fn impaired(minutes: u64, baseline: Option<String>) {
+pub(crate) fn impaired(minutes: u64, losses: &[u32], baseline: Option<String>) {
     let run = Duration::from_secs(minutes.max(1) * 60);
     println!(
         "false timeouts per session-hour, 6 hosts (15 sessions), {} min per setting, loss on the bridge both ways\n",
@@ -396,7 +396,7 @@ pub(crate) fn impaired(minutes: u64, baseline: Option<String>) {
         ("1 s / 3 s", ["1000", "3000"]),
         ("200 ms / 1 s", ["200", "1000"]),
     ];
-    for loss in [5u32, 10, 20, 30] {
+    for &loss in losses {
         for (label, [interval, timeout]) in &settings {
             let args = [
                 "--heartbeat-interval-ms",

@@ -73,6 +73,10 @@ pub struct Args {
     /// Heartbeat timeout in milliseconds.
     #[arg(long, default_value_t = 3000)]
     pub heartbeat_timeout_ms: u64,
+    /// How long an encrypted session's stream may bring nothing while the
+    /// peer answers liveness datagrams, in milliseconds.
+    #[arg(long, default_value_t = 30_000)]
+    pub stall_timeout_ms: u64,
     /// Print one JSON object per line.
     #[arg(long)]
     pub json: bool,
@@ -113,7 +117,8 @@ pub async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         .heartbeat(
             Duration::from_millis(args.heartbeat_interval_ms),
             Duration::from_millis(args.heartbeat_timeout_ms),
-        );
+        )
+        .stall_timeout(Duration::from_millis(args.stall_timeout_ms));
     if let Some(n) = &args.name {
         b = b.name(n);
     }

@@ -158,6 +158,34 @@ pub(crate) fn bind_unicast(device: Option<&str>) -> io::Result<UdpSocket> {
     UdpSocket::from_std(s.into())
 }
 
+/// The sockets of the sessions' liveness datagrams (PROTOCOL.md §7): one
+/// for IPv4 on an ephemeral port and, with `v6`, one for IPv6 on the same
+/// port number (a hello names one port for both), or `None` if no port
+/// free for both was found in a few tries.
+pub(crate) fn bind_liveness(
+    device: Option<&str>,
+    v6: bool,
+) -> io::Result<(UdpSocket, Option<UdpSocket>)> {
+    let mut four = bind_unicast(device)?;
+    if !v6 {
+        return Ok((four, None));
+    }
+    for _ in 0..8 {
+        let port = four.local_addr()?.port();
+        let six = udp6_socket().and_then(|s| {
+            bind_to_device(&s, device)?;
+            s.bind(&SocketAddr::V6(SocketAddrV6::new(Ipv6Addr::UNSPECIFIED, port, 0, 0)).into())?;
+            UdpSocket::from_std(s.into())
+        });
+        match six {
+            Ok(six) => return Ok((four, Some(six))),
+            Err(e) if e.kind() == io::ErrorKind::AddrInUse => four = bind_unicast(device)?,
+            Err(_) => break,
+        }
+    }
+    Ok((four, None))
+}
+
 /// The IPv6 sockets: the shared one on the discovery port (it joins
 /// [`IPV6_GROUP`](super::machine::IPV6_GROUP) on each interface, see
 /// [`join_group`]), and the node's own on an ephemeral port. IPv6 only

@@ -167,6 +167,18 @@ impl Node {
             }
             _ => None,
         };
+        // Liveness datagrams need the session's keys: Noise only.
+        let datagrams = match noise {
+            Some(_) => {
+                let (four, six) = socket::bind_liveness(device, v6.is_some())
+                    .map_err(bind_err("liveness", any(0)))?;
+                Some(
+                    crate::session::datagram::Sockets::new(four, six)
+                        .map_err(bind_err("liveness", any(0)))?,
+                )
+            }
+            None => None,
+        };
         let instance: u64 = rand::random();
         let local = LocalInfo {
             id,
@@ -216,6 +228,7 @@ impl Node {
                 heartbeat_interval_ms: millis(config.heartbeat_interval),
                 heartbeat_timeout_ms: millis(config.heartbeat_timeout),
                 max_frame_size: config.max_frame_size,
+                datagram_port: datagrams.as_ref().map_or(0, |d| d.port),
             },
             heartbeat_interval: config.heartbeat_interval,
             heartbeat_timeout: config.heartbeat_timeout,
@@ -223,6 +236,7 @@ impl Node {
             max_unacked: config.max_unacked,
             max_unacked_bytes: config.max_unacked_bytes,
             write_timeout: config.write_timeout,
+            stall_timeout: config.stall_timeout,
         };
         let (commands, command_rx) = mpsc::channel(8);
         let events = Arc::new(Queue::new(config.event_capacity));
@@ -240,6 +254,7 @@ impl Node {
             unicast,
             listener,
             v6,
+            datagrams,
             commands: command_rx,
             events: events.clone(),
         });

@@ -105,6 +105,8 @@ pub(crate) struct Parts {
     pub(crate) unicast: UdpSocket,
     pub(crate) listener: Option<TcpListener>,
     pub(crate) v6: Option<V6>,
+    /// The liveness datagrams' sockets (Noise sessions only).
+    pub(crate) datagrams: Option<crate::session::datagram::Sockets>,
     pub(crate) commands: mpsc::Receiver<Command>,
     pub(crate) events: Arc<Queue<VecDeque<Event>>>,
 }
@@ -118,6 +120,7 @@ impl Supervisor {
             counters: p.shared.counters.clone(),
             rtt_events: p.config.rtt_events,
             noise: p.noise,
+            datagrams: p.datagrams,
             requests: p.shared.requests.clone(),
         });
         Supervisor {
@@ -164,6 +167,11 @@ impl Supervisor {
         let events = self.node.events.clone();
         self.tasks
             .spawn(self.node.timer.clone().run(move || events.wake_owed()));
+        if let Some(d) = &self.node.datagrams {
+            for task in d.tasks(&self.node.counters) {
+                self.tasks.spawn(task);
+            }
+        }
         self.rescan();
         let mut rescan = tokio::time::interval(self.config.interface_rescan);
         rescan.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

@@ -15,6 +15,7 @@ use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tracing::{debug, trace, warn};
 
+use super::datagram::Link;
 use super::machine::{Session, SessionEvent};
 use super::mailbox::Mailbox;
 use super::stream::{Stream, violation_of};
@@ -86,6 +87,8 @@ pub(super) struct Connection {
     /// the session.
     pub(super) last_write: Instant,
     pub(super) params: ConnectionParams,
+    /// The session's liveness datagrams, when both sides take them.
+    pub(super) link: Option<Arc<Link>>,
 }
 
 /// The buffers of a connection that has something to buffer.
@@ -174,6 +177,7 @@ impl Connection {
             session: Session::new(now, new.params.session.clone(), new.params.expected),
             last_write: now,
             params: new.params,
+            link: None,
         }
     }
 
@@ -548,7 +552,16 @@ impl Connection {
                 if stall.is_some_and(|s| s <= self.now) {
                     self.session.close(DownReason::WriteTimeout, false);
                 } else {
+                    // What the datagram task heard since, first.
+                    if let Some(heard) = self.link.as_ref().and_then(|l| l.heard()) {
+                        self.session.handle_datagram(heard);
+                    }
                     self.session.handle_timeout(self.now);
+                    if self.session.take_probe()
+                        && let Some(l) = &self.link
+                    {
+                        l.probe(&self.node.counters);
+                    }
                 }
                 true
             }
@@ -557,6 +570,37 @@ impl Connection {
                 false
             }
         }
+    }
+
+    /// Starts the session's liveness datagrams (PROTOCOL.md §7) once it is
+    /// approved: when it is encrypted, the node has a socket of the peer's
+    /// family, and the peer's hello named a port (`port`).
+    pub(super) fn attach_link(&mut self, stream: &Stream, port: u16) {
+        let (Stream::Noise(noise), Some(sockets), Some(peer)) =
+            (stream, &self.node.datagrams, self.peer)
+        else {
+            return;
+        };
+        let mut to = self.params.addr;
+        to.set_port(port);
+        let Some(socket) = sockets.for_addr(&to).filter(|_| port != 0) else {
+            return;
+        };
+        let local = self.params.session.hello.id;
+        let link = Arc::new(Link::new(
+            noise.keys().clone(),
+            local,
+            peer,
+            to,
+            socket.clone(),
+        ));
+        sockets.links.insert(link.clone());
+        self.session.enable_datagrams(self.now);
+        // The kernel must not give up on a stream the stall timeout still
+        // rides out.
+        let cfg = &self.params.session;
+        stream.set_user_timeout(cfg.stall_timeout + cfg.heartbeat_timeout);
+        self.link = Some(link);
     }
 
     /// A heartbeat round trip: recorded for [`Node::peers`] and reported.

@@ -92,6 +92,9 @@ impl Connection {
         reason: DownReason,
     ) -> impl Future<Output = ()> + Send + 'static {
         self.node.timer.set(&self.mailbox, None);
+        if let (Some(link), Some(d)) = (self.link.take(), &self.node.datagrams) {
+            d.links.remove(&link);
+        }
         let (mut wbuf, pending) = match self.bufs.take() {
             Some(b) => (b.wbuf, b.pending),
             None => Default::default(),
@@ -108,6 +111,7 @@ impl Connection {
         match &reason {
             DownReason::HeartbeatTimeout => Counters::bump(&counters.heartbeat_timeouts),
             DownReason::WriteTimeout => Counters::bump(&counters.write_timeouts),
+            DownReason::StreamStalled => Counters::bump(&counters.stream_stalls),
             DownReason::ProtocolError(_) if peer.is_some() => {
                 Counters::bump(&counters.protocol_errors)
             }
@@ -139,7 +143,9 @@ impl Connection {
             if let Some(stream) = &stream
                 && matches!(
                     reason,
-                    DownReason::HeartbeatTimeout | DownReason::WriteTimeout
+                    DownReason::HeartbeatTimeout
+                        | DownReason::WriteTimeout
+                        | DownReason::StreamStalled
                 )
             {
                 // The peer may hear us while we cannot hear it: a reset

@@ -48,6 +48,10 @@ pub struct SessionConfig {
     /// Close with `write_timeout` when messages are in flight and none was
     /// acknowledged for this long: the peer stopped consuming.
     pub write_timeout: Duration,
+    /// With liveness datagrams, close with `stream_stalled` when the
+    /// stream brought nothing for this long while datagrams proved the
+    /// peer alive.
+    pub stall_timeout: Duration,
 }
 
 /// What the session tells its driver.
@@ -141,7 +145,28 @@ pub struct Session {
     /// When the oldest message in flight was sent, or the last ack advanced
     /// (whichever is later).
     ack_progress: Instant,
+    /// Liveness datagrams, once the driver enabled them.
+    datagrams: Option<Datagrams>,
 }
+
+/// The liveness datagrams of a session (PROTOCOL.md §7): the driver sends
+/// them and tells the machine when the peer's last one arrived.
+#[derive(Debug)]
+struct Datagrams {
+    /// When the peer's last datagram arrived.
+    heard: Instant,
+    /// When we last probed.
+    last_probe: Option<Instant>,
+    /// A probe is to be sent (see [`Session::take_probe`]).
+    probe_due: bool,
+    /// The gap between probes while the peer is silent.
+    every: Duration,
+}
+
+/// Probes go out this many times per heartbeat timeout while the peer is
+/// silent: under 20 % loss each round trip fails with probability 0.36,
+/// all of the ten or so in a timeout with 4e-5.
+const PROBES_PER_TIMEOUT: u32 = 16;
 
 impl Session {
     /// Starts a session at `now` and queues our handshake. `expected` is the
@@ -180,6 +205,7 @@ impl Session {
             unacked_count: 0,
             unacked_bytes: 0,
             ack_progress: now,
+            datagrams: None,
             pong_due: false,
             pong_seq: 0,
             has_transmits: false,
@@ -197,6 +223,81 @@ impl Session {
     /// claims another is refused.
     pub fn set_proven(&mut self, id: PeerId) {
         self.proven = Some(id);
+    }
+
+    /// Both sides take liveness datagrams (PROTOCOL.md §7): from now on the
+    /// driver feeds [`Session::handle_datagram`] and sends a probe when
+    /// [`Session::take_probe`] says so. The heartbeat timeout then counts
+    /// from the later of the last frame and the last datagram, and the
+    /// stall timeout bounds how long the stream itself may stay silent.
+    pub fn enable_datagrams(&mut self, now: Instant) {
+        let every = (self.cfg.heartbeat_timeout / PROBES_PER_TIMEOUT).max(Duration::from_millis(1));
+        self.datagrams = Some(Datagrams {
+            heard: now,
+            last_probe: None,
+            probe_due: false,
+            every,
+        });
+    }
+
+    /// An authentic, fresh datagram of the peer's arrived at `at`.
+    pub fn handle_datagram(&mut self, at: Instant) {
+        if let Some(d) = &mut self.datagrams {
+            d.heard = d.heard.max(at);
+        }
+    }
+
+    /// Whether a liveness probe is to be sent now (once per `true`).
+    pub fn take_probe(&mut self) -> bool {
+        self.datagrams
+            .as_mut()
+            .is_some_and(|d| std::mem::take(&mut d.probe_due))
+    }
+
+    /// A frame arrived. After a stall that datagrams rode out, the
+    /// messages in flight get a fresh write timeout: their acks were held
+    /// by the network, and arrive behind the frames now coming.
+    #[inline(always)]
+    fn stream_moved(&mut self, now: Instant) {
+        if self.datagrams.is_some() && now >= self.last_rx + self.cfg.heartbeat_timeout {
+            self.ack_progress = self.ack_progress.max(now);
+        }
+        self.last_rx = now;
+    }
+
+    /// When the write timeout falls due: messages in flight, none
+    /// acknowledged for the write timeout. With datagrams, only if that is
+    /// before the stream itself went quiet for a heartbeat timeout: no
+    /// acks while nothing at all arrives are the network's doing (the stall
+    /// timeout judges those), not a peer that stopped reading.
+    fn write_deadline(&self) -> Option<Instant> {
+        if self.unacked_count == 0 {
+            return None;
+        }
+        let t = self.ack_progress + self.cfg.write_timeout;
+        match self.datagrams {
+            Some(_) if t >= self.last_rx + self.cfg.heartbeat_timeout => None,
+            _ => Some(t),
+        }
+    }
+
+    /// The last sign of life: the last frame, or a later datagram.
+    fn heard(&self) -> Instant {
+        match &self.datagrams {
+            Some(d) => self.last_rx.max(d.heard),
+            None => self.last_rx,
+        }
+    }
+
+    /// When the next probe is due: while nothing was heard for 1.5 send
+    /// intervals, every `every`.
+    fn next_probe(&self) -> Option<Instant> {
+        let d = self.datagrams.as_ref()?;
+        let start = self.heard() + self.takeover;
+        Some(match d.last_probe {
+            Some(last) => start.max(last + d.every),
+            None => start,
+        })
     }
 
     /// The peer broke the protocol below the frames (in the encrypted
@@ -245,7 +346,7 @@ impl Session {
         if self.state == State::Closed {
             return None;
         }
-        self.last_rx = now;
+        self.stream_moved(now);
         match (self.state, frame) {
             (State::Handshake, Frame::Hello(hello)) => {
                 self.handle_hello(now, hello);
@@ -340,7 +441,7 @@ impl Session {
     pub fn handle_data(&mut self, now: Instant) -> bool {
         match self.state {
             State::Established => {
-                self.last_rx = now;
+                self.stream_moved(now);
                 self.count_data(now);
                 true
             }
@@ -450,13 +551,34 @@ impl Session {
                 }
             }
             State::Established => {
-                if !self.paused && now >= self.last_rx + self.cfg.heartbeat_timeout {
+                if !self.paused && now >= self.heard() + self.cfg.heartbeat_timeout {
                     self.close(DownReason::HeartbeatTimeout, false);
                     return;
                 }
-                if self.unacked_count > 0 && now >= self.ack_progress + self.cfg.write_timeout {
+                // The peer proves itself alive by datagram, the stream
+                // delivers nothing.
+                if self.datagrams.is_some()
+                    && !self.paused
+                    && now >= self.last_rx + self.cfg.stall_timeout
+                {
+                    self.close(DownReason::StreamStalled, false);
+                    return;
+                }
+                // No acks while the stream itself is stalled are the
+                // network's doing, not a peer that stopped consuming: the
+                // stall timeout judges those.
+                if let Some(t) = self.write_deadline()
+                    && now >= t
+                {
                     self.close(DownReason::WriteTimeout, false);
                     return;
+                }
+                if let Some(t) = self.next_probe()
+                    && now >= t
+                    && let Some(d) = &mut self.datagrams
+                {
+                    d.last_probe = Some(now);
+                    d.probe_due = true;
                 }
                 if now >= self.next_ping() {
                     self.send_ping(now);
@@ -477,13 +599,19 @@ impl Session {
             State::Established => {
                 let mut t = self.next_ping();
                 if !self.paused {
-                    t = t.min(self.last_rx + self.cfg.heartbeat_timeout);
+                    t = t.min(self.heard() + self.cfg.heartbeat_timeout);
+                }
+                if let Some(p) = self.next_probe() {
+                    t = t.min(p);
+                    if !self.paused {
+                        t = t.min(self.last_rx + self.cfg.stall_timeout);
+                    }
                 }
                 if let Some(a) = self.ack_deadline {
                     t = t.min(a);
                 }
-                if self.unacked_count > 0 {
-                    t = t.min(self.ack_progress + self.cfg.write_timeout);
+                if let Some(w) = self.write_deadline() {
+                    t = t.min(w);
                 }
                 Some(t)
             }

@@ -15,6 +15,7 @@
 //! | `timer.rs` | one timer wheel for all the sessions of a node |
 
 mod connection;
+pub(crate) mod datagram;
 pub(crate) mod lifecycle;
 pub mod machine;
 pub(crate) mod mailbox;

@@ -151,7 +151,7 @@ pub(crate) async fn handshake(
             .and_then(|k| k.try_into().ok())
             .ok_or_else(|| failed("no static key"))?;
         let state = hs
-            .into_transport_mode()
+            .into_stateless_transport_mode()
             .map_err(|_| failed("handshake incomplete"))?;
         Ok::<_, DownReason>((key, state))
     };
@@ -165,7 +165,7 @@ pub(crate) async fn handshake(
 /// Both ends of a completed handshake, in memory (initiator first): for
 /// the fuzzer and tests of the record layer.
 #[cfg(any(test, fuzzing))]
-pub(crate) fn transport_pair() -> (snow::TransportState, snow::TransportState) {
+pub(crate) fn transport_pair() -> (snow::StatelessTransportState, snow::StatelessTransportState) {
     let (a, b) = (
         NoiseKeys::new([1; 32], None, "fuzz"),
         NoiseKeys::new([2; 32], None, "fuzz"),
@@ -173,8 +173,8 @@ pub(crate) fn transport_pair() -> (snow::TransportState, snow::TransportState) {
     let (mut i, mut r) = (a.state(true).unwrap(), b.state(false).unwrap());
     run_in_memory(&mut i, &mut r);
     (
-        i.into_transport_mode().unwrap(),
-        r.into_transport_mode().unwrap(),
+        i.into_stateless_transport_mode().unwrap(),
+        r.into_stateless_transport_mode().unwrap(),
     )
 }
 
@@ -291,8 +291,48 @@ mod tests {
         assert_eq!(got, want, "docs/PROTOCOL.md §6 must be updated");
     }
 
+    /// §7's example: the initiator's first liveness datagram, a probe at
+    /// nonce 2^63, under the transport keys of §6's example.
+    #[test]
+    fn the_worked_example_of_a_liveness_datagram() {
+        let (alice, bob) = (unhex(ALICE), unhex(BOB));
+        let p = prologue("lamps");
+        let build = |s: &[u8], e: [u8; 32], initiator: bool| {
+            let b = snow::Builder::new(PATTERN.parse().unwrap())
+                .local_private_key(s)
+                .unwrap()
+                .fixed_ephemeral_key_for_testing_only(&e)
+                .prologue(&p)
+                .unwrap();
+            if initiator {
+                b.build_initiator().unwrap()
+            } else {
+                b.build_responder().unwrap()
+            }
+        };
+        let (mut i, mut r) = (
+            build(&alice, [0x11; 32], true),
+            build(&bob, [0x22; 32], false),
+        );
+        super::run_in_memory(&mut i, &mut r);
+        let i = i.into_stateless_transport_mode().unwrap();
+        let r = r.into_stateless_transport_mode().unwrap();
+        let nonce = 1u64 << 63;
+        let mut sealed = [0u8; 17];
+        assert_eq!(i.write_message(nonce, &[1], &mut sealed).unwrap(), 17);
+        let mut kind = [0u8; 17];
+        assert_eq!(r.read_message(nonce, &sealed, &mut kind).unwrap(), 1);
+        assert_eq!(kind[0], 1);
+        assert_eq!(
+            hex(&sealed),
+            EXAMPLE_DATAGRAM,
+            "docs/PROTOCOL.md §7 must be updated"
+        );
+    }
+
     const EXAMPLE_MSG1: &str = "7b4e909bbe7ffe44c465a220037d608ee35897d31ef972f07f74892cb0f73f13";
     const EXAMPLE_MSG2: &str = "0faa684ed28867b97f4a6a2dee5df8ce974e76b7018e3f22a1c4cf2678570f208103467573e75d654adf3b58cf04eda48ca3994a50c47b0dee5d2e1cc1e039f95b7b6bf018a12da76d59b9b2776514167996c726e04393ab0d44679428423b49";
     const EXAMPLE_MSG3: &str = "612e4d559ac8a4809b345c048078a8fce9c1e0f71d3be0a51aff0d06e1b8715ac2a2d606e347bfa42a280ff9fca30c12f98d4b96e06070d30e7af8efa2218e21";
     const EXAMPLE_PING: &str = "659463df2912fee1296164f7b29c2980b2c307b3005057ac334ee9aa10";
+    const EXAMPLE_DATAGRAM: &str = "48f72c8011b0ae3c5dcfa1fb0d1e6155f6";
 }

@@ -11,6 +11,7 @@
 
 use std::io;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 
 use bytes::{Buf, BytesMut};
@@ -57,7 +58,7 @@ pub(crate) struct NoiseStream {
 /// and not yet opened, what was opened and not yet taken. (Also driven
 /// directly by the fuzzer, `fuzzing::records`.)
 pub(crate) struct Records {
-    state: snow::TransportState,
+    state: Cipher,
     /// Ciphertext read, not yet a whole record.
     rx: BytesMut,
     /// Plaintext opened, not yet taken by the reader (the part of a record
@@ -65,10 +66,46 @@ pub(crate) struct Records {
     plain: BytesMut,
 }
 
+/// The transport keys of a completed handshake and the next nonce of
+/// each direction of the stream. The keys are shared with the session's
+/// liveness datagrams (`session::datagram`), whose nonces start at
+/// [`DATAGRAM_NONCES`]; the stream's count from 0 and stay below it.
+pub(crate) struct Cipher {
+    keys: Arc<snow::StatelessTransportState>,
+    tx: u64,
+    rx: u64,
+}
+
+/// The first nonce of the datagram range: the stream's nonces are below
+/// it (2^63 records: never reached), the datagrams' at or above it, so no
+/// nonce is used twice under one key.
+pub(crate) const DATAGRAM_NONCES: u64 = 1 << 63;
+
+impl Cipher {
+    fn seal(&mut self, payload: &[u8], out: &mut [u8]) -> Result<usize, snow::Error> {
+        if self.tx >= DATAGRAM_NONCES {
+            return Err(snow::Error::Input);
+        }
+        let n = self.keys.write_message(self.tx, payload, out)?;
+        self.tx += 1;
+        Ok(n)
+    }
+
+    fn open(&mut self, message: &[u8], out: &mut [u8]) -> Result<usize, snow::Error> {
+        let n = self.keys.read_message(self.rx, message, out)?;
+        self.rx += 1;
+        Ok(n)
+    }
+}
+
 impl Records {
-    pub(crate) fn new(state: snow::TransportState) -> Records {
+    pub(crate) fn new(keys: snow::StatelessTransportState) -> Records {
         Records {
-            state,
+            state: Cipher {
+                keys: Arc::new(keys),
+                tx: 0,
+                rx: 0,
+            },
             rx: BytesMut::new(),
             plain: BytesMut::new(),
         }
@@ -122,6 +159,11 @@ impl Records {
         seal(&mut self.state, src, dst)
     }
 
+    /// The transport keys, for the session's liveness datagrams.
+    pub(crate) fn keys(&self) -> &Arc<snow::StatelessTransportState> {
+        &self.state.keys
+    }
+
     /// Whether a read can make progress without the socket.
     fn has_buffered(&self) -> bool {
         !self.plain.is_empty() || (!self.rx.is_empty() && record_need(&self.rx) == 0)
@@ -143,7 +185,7 @@ pub(crate) fn violation_of(e: &io::Error) -> Option<ProtocolViolation> {
 /// does not fit is opened into `plain` (empty on entry), and `out` filled
 /// from it. Returns how many bytes of `src` were used.
 fn open(
-    state: &mut snow::TransportState,
+    state: &mut Cipher,
     src: &[u8],
     out: &mut ReadBuf<'_>,
     plain: &mut BytesMut,
@@ -167,12 +209,12 @@ fn open(
         let failed = |_| violation(ProtocolViolation::BadRecord("record failed authentication"));
         if out.remaining() >= n {
             state
-                .read_message(record, out.initialize_unfilled_to(n))
+                .open(record, out.initialize_unfilled_to(n))
                 .map_err(failed)?;
             out.advance(n);
         } else {
             plain.resize(n, 0);
-            state.read_message(record, plain).map_err(failed)?;
+            state.open(record, plain).map_err(failed)?;
             let k = out.remaining();
             out.put_slice(&plain[..k]);
             plain.advance(k);
@@ -184,17 +226,17 @@ fn open(
 
 /// Seals `chunk` (at most [`MAX_RECORD_PLAINTEXT`] bytes) as one record
 /// into `dst`, which must have room for it; returns the record's length.
-fn seal_one(state: &mut snow::TransportState, chunk: &[u8], dst: &mut [u8]) -> io::Result<usize> {
+fn seal_one(state: &mut Cipher, chunk: &[u8], dst: &mut [u8]) -> io::Result<usize> {
     let len = chunk.len() + TAG;
     dst[..RECORD_HEADER].copy_from_slice(&(len as u16).to_be_bytes());
     state
-        .write_message(chunk, &mut dst[RECORD_HEADER..RECORD_HEADER + len])
+        .seal(chunk, &mut dst[RECORD_HEADER..RECORD_HEADER + len])
         .map_err(|e| io::Error::other(format!("cannot seal a record: {e}")))?;
     Ok(RECORD_HEADER + len)
 }
 
 /// Seals `src` as records at the end of `dst`.
-fn seal(state: &mut snow::TransportState, src: &[u8], dst: &mut BytesMut) -> io::Result<()> {
+fn seal(state: &mut Cipher, src: &[u8], dst: &mut BytesMut) -> io::Result<()> {
     for chunk in src.chunks(MAX_RECORD_PLAINTEXT) {
         let at = dst.len();
         dst.resize(at + OVERHEAD + chunk.len(), 0);
@@ -214,12 +256,17 @@ fn record_need(rx: &[u8]) -> usize {
 }
 
 impl NoiseStream {
-    pub(crate) fn new(tcp: TcpStream, state: snow::TransportState) -> NoiseStream {
+    pub(crate) fn new(tcp: TcpStream, state: snow::StatelessTransportState) -> NoiseStream {
         NoiseStream {
             tcp,
             rec: Records::new(state),
             tx: BytesMut::new(),
         }
+    }
+
+    /// The transport keys, for the session's liveness datagrams.
+    pub(crate) fn keys(&self) -> &Arc<snow::StatelessTransportState> {
+        self.rec.keys()
     }
 
     fn poll_read(&mut self, cx: &mut Context<'_>, out: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
@@ -321,6 +368,18 @@ impl Stream {
     /// learning of the end now).
     pub(crate) fn reset_on_drop(&self) {
         let _ = socket2::SockRef::from(self.tcp()).set_linger(Some(std::time::Duration::ZERO));
+    }
+
+    /// Sets how long written data may stay unacknowledged before the
+    /// kernel gives up on the connection (`TCP_USER_TIMEOUT`, where the
+    /// platform has it; see `task::tune`).
+    pub(crate) fn set_user_timeout(&self, timeout: std::time::Duration) {
+        #[cfg(any(target_os = "linux", target_os = "android"))]
+        if let Err(e) = socket2::SockRef::from(self.tcp()).set_tcp_user_timeout(Some(timeout)) {
+            tracing::debug!(error = %e, "cannot set TCP_USER_TIMEOUT");
+        }
+        #[cfg(not(any(target_os = "linux", target_os = "android")))]
+        let _ = timeout;
     }
 
     /// `Ready` when a read may make progress (the socket is readable, or

@@ -103,6 +103,9 @@ pub(crate) struct NodeContext {
     pub(crate) rtt_events: bool,
     /// The keys of the Noise handshake; `None` for plaintext sessions.
     pub(crate) noise: Option<super::noise::NoiseKeys>,
+    /// The liveness datagrams' sockets and links; `None` for plaintext
+    /// sessions.
+    pub(crate) datagrams: Option<super::datagram::Sockets>,
     /// The node's requests awaiting replies.
     pub(crate) requests: Arc<super::requests::Requests>,
 }

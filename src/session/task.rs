@@ -86,7 +86,7 @@ enum Phase {
     /// The supervisor decides on the handshake; the loop waits. (Boxed
     /// with the stream: no variant is bigger than `Running`'s, so the
     /// phase is five words.)
-    Approving(Box<(Stream, Decision)>),
+    Approving(Box<(Stream, Decision, u16)>),
     /// The goodbye, the last events, the report to the supervisor.
     Ending(Pin<Box<dyn Future<Output = ()> + Send>>),
     Done,
@@ -146,8 +146,9 @@ impl Future for ConnectionTask {
                         return Poll::Pending;
                     }
                     Poll::Ready(LoopExit::Handshaken(hello)) => {
+                        let port = hello.datagram_port;
                         let approval = lifecycle::approve(&c.params, hello, c.node.events.clone());
-                        Phase::Approving(Box::new((stream, Box::pin(approval))))
+                        Phase::Approving(Box::new((stream, Box::pin(approval), port)))
                     }
                     Poll::Ready(LoopExit::Closed(reason)) => {
                         Phase::Ending(Box::pin(c.end(Some(stream), reason)))
@@ -160,6 +161,7 @@ impl Future for ConnectionTask {
                     }
                     Poll::Ready(Ok(p)) => {
                         c.peer = Some(p);
+                        c.attach_link(&waiting.0, waiting.2);
                         Phase::Running(waiting.0)
                     }
                     // The peer may already count the session as up (it has

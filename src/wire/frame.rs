@@ -62,6 +62,14 @@ pub struct Hello {
     pub heartbeat_timeout_ms: u64,
     /// Largest frame the sender accepts.
     pub max_frame_size: u32,
+    /// UDP port the sender takes the session's liveness datagrams on
+    /// (protocol 2, PROTOCOL.md §7); 0, or absent on the wire: none.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub datagram_port: u16,
+}
+
+fn is_zero(p: &u16) -> bool {
+    *p == 0
 }
 
 /// Only the version field of a handshake, read first so that a peer of

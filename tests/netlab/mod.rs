@@ -394,6 +394,13 @@ impl Lab {
         });
     }
 
+    /// Drops every TCP segment crossing the bridge (IPv4 and IPv6), both
+    /// ways; UDP passes: a stream that stalls while the hosts are alive.
+    pub fn drop_tcp(&self) {
+        self.nft_rule("add rule bridge lab pass ip protocol tcp counter drop");
+        self.nft_rule("add rule bridge lab pass ip6 nexthdr tcp counter drop");
+    }
+
     /// Drops `percent` % of all frames crossing the bridge, each direction
     /// alike (random, each frame on its own).
     pub fn lose(&self, percent: u32) {
@@ -421,8 +428,9 @@ impl Lab {
 
     /// Runs a full mesh of this lab's hosts for `run` under what the test
     /// set up (loss rules), the example peers started with `args`, and
-    /// returns the session ends by timeout (heartbeat or write, counted on
-    /// the side that timed out) and the session-hours they were up.
+    /// returns the session ends by timeout (heartbeat, write or stall, or
+    /// the kernel's `TCP_USER_TIMEOUT` as an I/O error; counted on the side
+    /// that timed out) and the session-hours they were up.
     pub fn timeouts_under_impairment(
         &self,
         args: &[&str],
@@ -451,7 +459,13 @@ impl Lab {
             timeouts += p
                 .matching(m, |v| {
                     v["event"] == "session_down"
-                        && (v["reason"] == "heartbeat_timeout" || v["reason"] == "write_timeout")
+                        && [
+                            "heartbeat_timeout",
+                            "write_timeout",
+                            "stream_stalled",
+                            "io_error",
+                        ]
+                        .contains(&v["reason"].as_str().unwrap_or(""))
                 })
                 .len();
         }

@@ -41,6 +41,15 @@ struct Pair {
     pings_b: usize,
     /// A's pings lose their round-trip report (a minimal peer).
     strip_rtt: bool,
+    /// The stream alone is cut: liveness datagrams still pass (unless
+    /// `cut`).
+    stream_cut: bool,
+    /// Liveness datagrams in flight: when they arrive, and whether they
+    /// are probes (answered).
+    dg_to_a: VecDeque<(Instant, bool)>,
+    dg_to_b: VecDeque<(Instant, bool)>,
+    /// Probes each side sent.
+    probes: [usize; 2],
 }
 
 impl Pair {
@@ -60,6 +69,10 @@ impl Pair {
             delivered_b: Vec::new(),
             pings_b: 0,
             strip_rtt: false,
+            stream_cut: false,
+            dg_to_a: VecDeque::new(),
+            dg_to_b: VecDeque::new(),
+            probes: [0; 2],
         }
     }
 
@@ -71,14 +84,26 @@ impl Pair {
             {
                 *rtt_us = None;
             }
-            if !self.cut {
+            if !self.cut && !self.stream_cut {
                 self.to_b.push_back((arrive, f));
             }
         }
         while let Some(f) = self.b.poll_transmit() {
             self.pings_b += usize::from(matches!(f, Frame::Ping { .. }));
-            if !self.cut {
+            if !self.cut && !self.stream_cut {
                 self.to_a.push_back((arrive, f));
+            }
+        }
+        if self.a.take_probe() {
+            self.probes[0] += 1;
+            if !self.cut {
+                self.dg_to_b.push_back((arrive, true));
+            }
+        }
+        if self.b.take_probe() {
+            self.probes[1] += 1;
+            if !self.cut {
+                self.dg_to_a.push_back((arrive, true));
             }
         }
         while let Some(e) = self.a.poll_event() {
@@ -98,6 +123,8 @@ impl Pair {
                 self.b.poll_timeout(),
                 self.to_a.front().map(|x| x.0),
                 self.to_b.front().map(|x| x.0),
+                self.dg_to_a.front().map(|x| x.0),
+                self.dg_to_b.front().map(|x| x.0),
             ]
             .into_iter()
             .flatten()
@@ -111,6 +138,25 @@ impl Pair {
             if self.cut {
                 self.to_a.clear();
                 self.to_b.clear();
+                self.dg_to_a.clear();
+                self.dg_to_b.clear();
+            }
+            // A datagram proves its sender alive; a probe is answered at
+            // once (by the node, not the machine).
+            let answer = self.now + self.delay;
+            while self.dg_to_a.front().is_some_and(|x| x.0 <= self.now) {
+                let (_, probe) = self.dg_to_a.pop_front().unwrap();
+                self.a.handle_datagram(self.now);
+                if probe {
+                    self.dg_to_b.push_back((answer, false));
+                }
+            }
+            while self.dg_to_b.front().is_some_and(|x| x.0 <= self.now) {
+                let (_, probe) = self.dg_to_b.pop_front().unwrap();
+                self.b.handle_datagram(self.now);
+                if probe {
+                    self.dg_to_a.push_back((answer, false));
+                }
             }
             while self.to_a.front().is_some_and(|x| x.0 <= self.now) {
                 let (_, f) = self.to_a.pop_front().unwrap();
@@ -639,4 +685,103 @@ fn local_close_sends_goodbye() {
         })]
     );
     assert_eq!(e, vec![SessionEvent::Closed(DownReason::Shutdown)]);
+}
+
+/// Both sides of `p` take liveness datagrams from now on.
+fn enable_datagrams(p: &mut Pair) {
+    p.a.enable_datagrams(p.now);
+    p.b.enable_datagrams(p.now);
+}
+
+#[test]
+fn a_healthy_session_sends_no_liveness_probes() {
+    let mut p = Pair::new(cfg(1, 200, 1000), cfg(2, 200, 1000));
+    p.run_until(p.now + 10 * MS);
+    enable_datagrams(&mut p);
+    p.run_until(p.now + Duration::from_secs(120));
+    assert!(p.a.is_established() && p.b.is_established());
+    assert_eq!(p.probes, [0, 0]);
+}
+
+#[test]
+fn datagrams_keep_a_session_whose_stream_stalls_up_until_the_stall_timeout() {
+    // Heartbeat 200 ms / 1 s; the stall timeout is 10 s here.
+    let mut p = Pair::new(cfg(1, 200, 1000), cfg(2, 200, 1000));
+    p.run_until(p.now + 10 * MS);
+    enable_datagrams(&mut p);
+    p.run_until(p.now + Duration::from_secs(2));
+    let stalled = p.now;
+    p.stream_cut = true;
+    p.run_until(stalled + Duration::from_secs(9));
+    assert!(p.a.is_established() && p.b.is_established());
+    // A side probes 1.5 intervals into the silence; a probe (like its
+    // answer) proves its sender alive, so the two sides take turns: one
+    // probe per 1.5 intervals between them.
+    let total = p.probes[0] + p.probes[1];
+    assert!((25..=35).contains(&total), "{:?}", p.probes);
+    p.run_until(stalled + Duration::from_secs(11));
+    for events in [&p.events_a, &p.events_b] {
+        let (t, reason) = Pair::closed_at(events).expect("closed");
+        assert_eq!(reason, DownReason::StreamStalled);
+        // Ten seconds after the last frame, which came up to an interval
+        // before the stall began.
+        let after = t - stalled;
+        assert!(
+            after >= Duration::from_millis(9_700) && after <= Duration::from_millis(10_100),
+            "{after:?}"
+        );
+    }
+}
+
+#[test]
+fn with_datagrams_a_cut_is_still_detected_within_the_timeout() {
+    for (interval, timeout) in [(1000, 3000), (200, 1000)] {
+        let mut p = Pair::new(cfg(1, interval, timeout), cfg(2, interval, timeout));
+        p.run_until(p.now + 10 * MS);
+        enable_datagrams(&mut p);
+        p.run_until(p.now + Duration::from_millis(5 * timeout));
+        let cut_at = p.now;
+        p.cut = true;
+        p.run_until(cut_at + Duration::from_millis(3 * timeout));
+        for events in [&p.events_a, &p.events_b] {
+            let (t, reason) = Pair::closed_at(events).expect("closed");
+            assert_eq!(reason, DownReason::HeartbeatTimeout);
+            let delay = t - cut_at;
+            assert!(
+                delay <= Duration::from_millis(timeout + interval),
+                "{delay:?}"
+            );
+        }
+        // The probes of the silence: about 1.5 intervals in, then 16 per
+        // timeout, for the rest of it.
+        for n in p.probes {
+            assert!((8..=16).contains(&n), "{:?}", p.probes);
+        }
+    }
+}
+
+#[test]
+fn a_stalled_stream_is_not_a_write_timeout_while_datagrams_prove_the_peer() {
+    let mut c = cfg(1, 200, 1000);
+    c.write_timeout = Duration::from_secs(2);
+    let mut p = Pair::new(c, cfg(2, 200, 1000));
+    p.run_until(p.now + 10 * MS);
+    enable_datagrams(&mut p);
+    p.stream_cut = true;
+    let stalled = p.now;
+    p.a.record_data_sent(p.now, Bytes::from_static(b"on"));
+    p.run_until(stalled + Duration::from_secs(5));
+    assert!(p.a.is_established(), "{:?}", Pair::closed_at(&p.events_a));
+    // Without datagrams the same stall is a heartbeat timeout, as before.
+    let mut c = cfg(1, 200, 1000);
+    c.write_timeout = Duration::from_secs(2);
+    let mut q = Pair::new(c, cfg(2, 200, 1000));
+    q.run_until(q.now + 10 * MS);
+    q.stream_cut = true;
+    let stalled = q.now;
+    q.a.record_data_sent(q.now, Bytes::from_static(b"on"));
+    q.run_until(stalled + Duration::from_secs(5));
+    let (t, reason) = Pair::closed_at(&q.events_a).expect("closed");
+    assert_eq!(reason, DownReason::HeartbeatTimeout);
+    assert!(t - stalled <= Duration::from_millis(1200));
 }

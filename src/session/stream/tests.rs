@@ -56,11 +56,9 @@ async fn read_to_end(s: &mut Stream) -> (Vec<u8>, Option<std::io::Error>) {
     }
 }
 
-fn sealed(state: &mut snow::TransportState, plain: &[u8]) -> Vec<u8> {
+fn sealed(state: &mut super::Cipher, plain: &[u8]) -> Vec<u8> {
     let mut out = vec![0; RECORD_HEADER + plain.len() + TAG];
-    let n = state
-        .write_message(plain, &mut out[RECORD_HEADER..])
-        .unwrap();
+    let n = state.seal(plain, &mut out[RECORD_HEADER..]).unwrap();
     out[..RECORD_HEADER].copy_from_slice(&(n as u16).to_be_bytes());
     out
 }
@@ -128,9 +126,7 @@ async fn idle_streams_hold_no_buffers() {
 
 /// The violation the reader ends with after `raw` arrives in place of
 /// the records the peer would send.
-async fn violation_after(
-    raw: impl FnOnce(&mut snow::TransportState) -> Vec<u8>,
-) -> ProtocolViolation {
+async fn violation_after(raw: impl FnOnce(&mut super::Cipher) -> Vec<u8>) -> ProtocolViolation {
     let (a, b) = pair().await;
     let mut reader = Stream::Noise(Box::new(a));
     let NoiseStream { mut tcp, rec, .. } = b;
@@ -145,7 +141,7 @@ async fn violation_after(
 /// What the reader must end with after each kind of broken record.
 #[tokio::test]
 async fn broken_records_end_the_stream_with_the_named_violation() {
-    type Raw = fn(&mut snow::TransportState) -> Vec<u8>;
+    type Raw = fn(&mut super::Cipher) -> Vec<u8>;
     let cases: [(&str, Raw, &str); 5] = [
         (
             "tampered",

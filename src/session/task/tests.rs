@@ -65,6 +65,7 @@ fn the_session_task_stays_small() {
             counters: Default::default(),
             rtt_events: true,
             noise: None,
+            datagrams: None,
             requests: Default::default(),
         });
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -102,6 +103,7 @@ impl Harness {
             counters: Default::default(),
             rtt_events: true,
             noise: None,
+            datagrams: None,
             requests: Default::default(),
         });
         let timer = tokio::spawn(timer.run(|| {}));

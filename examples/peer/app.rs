@@ -153,7 +153,7 @@ pub async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     // graceful stop, not the default kill.
     let mut sigterm = Terminate::new()?;
     let config = b.build()?;
-    let mut meta = config.metadata.clone();
+    let meta = config.metadata.clone();
     let (node, mut events) = Node::start(config).await?;
     let out = Printer {
         json: args.json,
@@ -176,52 +176,16 @@ pub async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
                 .unwrap_or_default()
         ),
     );
+    // Typed lines on a task of their own: a send waiting for room (a slow
+    // or stalled peer) holds up the next line, never the events.
+    let typed = tokio::spawn(commands(node.clone(), out, meta));
     let mut names = std::collections::HashMap::new();
-    let mut stdin = BufReader::new(tokio::io::stdin()).lines();
-    let mut stdin_open = true;
     let mut stopping = false;
     loop {
         tokio::select! {
             e = events.recv() => match e {
                 Some(e) => out.event(&e, &mut names),
                 None => break,
-            },
-            line = stdin.next_line(), if stdin_open && !stopping => match line {
-                Ok(Some(line)) if line == "/stats" => out.line(
-                    json!({"event": "stats", "stats": node.stats()}),
-                    format!("stats {:?}", node.stats()),
-                ),
-                Ok(Some(line)) if line.starts_with("/meta ") => {
-                    // `/meta KEY=VALUE`: one entry changed, the rest kept.
-                    match parse_meta(&line["/meta ".len()..]) {
-                        Ok((k, v)) => {
-                            meta.insert(k, v);
-                            if let Err(e) = node.set_metadata(meta.clone()).await {
-                                eprintln!("peer: {e}");
-                            }
-                        }
-                        Err(e) => eprintln!("peer: {e}"),
-                    }
-                }
-                Ok(Some(line)) if line == "/peers" => {
-                    for p in node.peers() {
-                        out.line(
-                            json!({"event": "peer", "peer": p.info.id, "name": p.info.name,
-                                   "addr": p.info.addr.to_string(), "state": p.state,
-                                   "rtt_us": p.last_rtt.map(|r| r.as_micros() as u64)}),
-                            format!("peer {} ({}) at {}: {:?}, rtt {:?}",
-                                    p.info.name, p.info.id, p.info.addr, p.state, p.last_rtt),
-                        );
-                    }
-                }
-                Ok(Some(line)) => {
-                    let sent = node.send_all(line.clone()).await?;
-                    out.line(
-                        json!({"event": "sent", "data": line, "peers": sent}),
-                        format!("sent to {} peer(s)", sent.len()),
-                    );
-                }
-                Ok(None) | Err(_) => stdin_open = false,
             },
             _ = sigterm.recv(), if !stopping => {
                 stopping = true;
@@ -233,10 +197,60 @@ pub async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             }
         }
     }
+    typed.abort();
     out.line(json!({"event": "stopped"}), "stopped".to_owned());
     Ok(())
 }
 
+/// Reads typed lines until stdin closes: `/stats`, `/meta KEY=VALUE`,
+/// `/peers`, or a message for every peer with a session.
+async fn commands(node: Node, out: Printer, mut meta: std::collections::BTreeMap<String, String>) {
+    let mut stdin = BufReader::new(tokio::io::stdin()).lines();
+    while let Ok(Some(line)) = stdin.next_line().await {
+        if line == "/stats" {
+            out.line(
+                json!({"event": "stats", "stats": node.stats()}),
+                format!("stats {:?}", node.stats()),
+            );
+        } else if let Some(entry) = line.strip_prefix("/meta ") {
+            // One entry changed, the rest kept.
+            match parse_meta(entry) {
+                Ok((k, v)) => {
+                    meta.insert(k, v);
+                    if let Err(e) = node.set_metadata(meta.clone()).await {
+                        eprintln!("peer: {e}");
+                    }
+                }
+                Err(e) => eprintln!("peer: {e}"),
+            }
+        } else if line == "/peers" {
+            for p in node.peers() {
+                out.line(
+                    json!({"event": "peer", "peer": p.info.id, "name": p.info.name,
+                           "addr": p.info.addr.to_string(), "state": p.state,
+                           "rtt_us": p.last_rtt.map(|r| r.as_micros() as u64)}),
+                    format!(
+                        "peer {} ({}) at {}: {:?}, rtt {:?}",
+                        p.info.name, p.info.id, p.info.addr, p.state, p.last_rtt
+                    ),
+                );
+            }
+        } else {
+            match node.send_all(line.clone()).await {
+                Ok(sent) => out.line(
+                    json!({"event": "sent", "data": line, "peers": sent}),
+                    format!("sent to {} peer(s)", sent.len()),
+                ),
+                Err(e) => {
+                    eprintln!("peer: {e}");
+                    return;
+                }
+            }
+        }
+    }
+}
+
+#[derive(Clone, Copy)]
 struct Printer {
     json: bool,
     rtt: bool,

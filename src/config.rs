@@ -184,9 +184,13 @@ pub struct Config {
     /// session stops taking messages from its outbox. They are kept so that
     /// a dying session can hand them back. Default: 4096.
     pub max_unacked: usize,
-    /// Bytes of messages sent but not yet acknowledged per session, as
-    /// framed (checked before each message, or run of up to 16 KiB of small
-    /// messages; one may go past it). Default: 8 MiB.
+    /// The most bytes of messages sent but not yet acknowledged per
+    /// session, as framed (checked before each message, or run of up to
+    /// 16 KiB of small messages; one may go past it). The session's
+    /// in-flight window adapts below this to how fast acks come back
+    /// (starting at 8 KiB, down to 4 KiB on a slow link, up to this on a
+    /// fast one), so that heartbeats are not held behind a queue longer
+    /// than a send interval. Default: 8 MiB.
     pub max_unacked_bytes: usize,
     /// Events that may wait for the application. When full, sessions stop
     /// reading (TCP pushes back on the sender). Default: 4096.

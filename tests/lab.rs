@@ -1450,3 +1450,115 @@ fn s25_replayed_and_forged_liveness_datagrams_keep_no_dead_peer_alive() {
     assert!(stats["liveness_replayed"].as_u64().unwrap() >= sent as u64);
     assert!(stats["liveness_dropped"].as_u64().unwrap() >= forged / 2);
 }
+
+/// Lossy links end no session whose peer is alive (issue 15): a full mesh
+/// of 6 hosts (15 sessions) for 40 s with 20 % of all frames dropped on the
+/// bridge, heartbeat 200 ms / 1 s. Stream-only heartbeats lost about 220
+/// sessions per session-hour here (about 37 in this run); with liveness
+/// datagrams the bench measured none. At most 2 are allowed (a bound, not
+/// the expectation: 12 per session-hour).
+#[test]
+fn s26_twenty_percent_loss_ends_no_live_session() {
+    let Some(lab) = Lab::new("s26", 6) else {
+        return;
+    };
+    if !Lab::can_impair("s26") {
+        return;
+    }
+    let (n, hours) = lab.timeouts_under_impairment(&[], Duration::from_secs(40), |l| l.lose(20));
+    println!(
+        "LAB: s26 20 % loss, 200 ms / 1 s: {n} sessions ended in {hours:.3} session-hours ({:.1} /h)",
+        n as f64 / hours
+    );
+    assert!(n <= 2, "{n} sessions ended under 20 % loss");
+}
+
+/// Saturated slow links slow the senders instead of ending sessions
+/// (issue 15): both hosts' uplinks are 64 kbit/s with a 1.5 MB queue (tc
+/// tbf), heartbeat 1 s / 3 s, and each side types 200-byte lines at 120 %
+/// of the link's rate for 40 s (`LANBEAT_LAB_SATURATED_SECS`). No session
+/// ends, every line arrives in order, and the links' queues never hold
+/// what takes the heartbeat timeout to drain: the in-flight window keeps
+/// them short, the rest waits in the sender (a full queue would hold each
+/// ping for minutes).
+#[test]
+fn s27_a_saturated_slow_link_pushes_back_instead_of_ending_sessions() {
+    use std::io::Write;
+    let Some(lab) = Lab::new("s27", 2) else {
+        return;
+    };
+    let secs: u64 = std::env::var("LANBEAT_LAB_SATURATED_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(40);
+    let args = [
+        "--heartbeat-interval-ms",
+        "1000",
+        "--heartbeat-timeout-ms",
+        "3000",
+    ];
+    let mut a = lab.peer(0, "a", &args);
+    let mut b = lab.peer(1, "b", &args);
+    both_up(&mut a, 0, &mut b, 0, Duration::from_secs(5));
+    lab.rate_limit(0, 64, 1_500_000);
+    lab.rate_limit(1, 64, 1_500_000);
+    let (am, bm) = (a.mark(), b.mark());
+    let start = Instant::now();
+    // 48 lines of 200 bytes a second: 76.8 kbit/s of messages alone.
+    let typist = |name: &'static str, mut stdin: std::process::ChildStdin| {
+        std::thread::spawn(move || {
+            let mut typed = 0u64;
+            while start.elapsed() < Duration::from_secs(secs) {
+                let line = format!("{name}-{typed:06} {}", "x".repeat(191));
+                writeln!(stdin, "{line}").unwrap();
+                stdin.flush().unwrap();
+                typed += 1;
+                let due = start + Duration::from_micros(typed * 1_000_000 / 48);
+                std::thread::sleep(due.saturating_duration_since(Instant::now()));
+            }
+            (typed, stdin)
+        })
+    };
+    let (ta, tb) = (typist("a", a.take_stdin()), typist("b", b.take_stdin()));
+    // What waits in the links' queues while they are saturated.
+    let mut backlog = 0;
+    while !(ta.is_finished() && tb.is_finished()) {
+        backlog = backlog.max(lab.queued(0)).max(lab.queued(1));
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let ((typed_a, _ia), (typed_b, _ib)) = (ta.join().unwrap(), tb.join().unwrap());
+    let offered = Instant::now();
+    // Everything typed arrives (the backlog drains at the link's rate).
+    let last = |name: &str, n: u64| format!("{name}-{:06} {}", n - 1, "x".repeat(191));
+    let (last_a, last_b) = (last("a", typed_a), last("b", typed_b));
+    b.wait(bm, Duration::from_secs(90), |v| {
+        v["event"] == "message" && v["data"] == last_a.as_str()
+    });
+    a.wait(am, Duration::from_secs(90), |v| {
+        v["event"] == "message" && v["data"] == last_b.as_str()
+    });
+    let drained = offered.elapsed();
+    for (p, m, name, typed) in [(&mut a, am, "b", typed_b), (&mut b, bm, "a", typed_a)] {
+        let got: Vec<String> = p
+            .matching(m, |v| v["event"] == "message")
+            .iter()
+            .map(|(_, v)| v["data"].as_str().unwrap()[..8].to_owned())
+            .collect();
+        let want: Vec<String> = (0..typed).map(|k| format!("{name}-{k:06}")).collect();
+        let downs = p.matching(m, |v| v["event"] == "session_down");
+        assert!(downs.is_empty(), "sessions ended: {downs:?}");
+        assert!(
+            got == want,
+            "{} of {typed} lines from {name} arrived, or out of order",
+            got.len()
+        );
+    }
+    println!(
+        "LAB: s27 64 kbit/s, 1.5 MB queue, {secs} s at 120 % both ways: {typed_a} and {typed_b} lines in order, \
+         drained {:.1} s after the typing stopped, at most {backlog} bytes in a link's queue ({:.1} s of it), no session ended",
+        drained.as_secs_f64(),
+        backlog as f64 / 8000.0
+    );
+    // 3 s of the link (the heartbeat timeout) would hold a ping too long.
+    assert!(backlog < 24_000, "{backlog} bytes queued in a link");
+}

@@ -242,7 +242,7 @@ mod tests {
         assert!(poll_once(second.as_mut()).await.is_pending());
         let mut taken = Vec::new();
         let take = |taken: &mut Vec<Bytes>| {
-            let (out, _) = to.mailbox.outbox().consume(None, |b| b.pop(8));
+            let (out, _) = to.mailbox.outbox().consume(None, |b| b.pop(8, usize::MAX));
             out.expect("queued").into_messages(taken, &mut Vec::new());
         };
         take(&mut taken);
@@ -273,7 +273,7 @@ mod tests {
             let mut waiting = std::pin::pin!(to.send("cancelled"));
             assert!(poll_once(waiting.as_mut()).await.is_pending());
         }
-        let (out, _) = to.mailbox.outbox().consume(None, |b| b.pop(8));
+        let (out, _) = to.mailbox.outbox().consume(None, |b| b.pop(8, usize::MAX));
         let mut taken = Vec::new();
         out.expect("queued")
             .into_messages(&mut taken, &mut Vec::new());

@@ -377,7 +377,10 @@ impl Connection {
         match read {
             Poll::Pending => return Poll::Pending,
             Poll::Ready(Ok(0)) => self.session.handle_eof(),
-            Poll::Ready(Ok(n)) => self.adapt_read_size(n),
+            Poll::Ready(Ok(n)) => {
+                self.adapt_read_size(n);
+                self.session.handle_progress(self.now);
+            }
             Poll::Ready(Err(e)) => failed(&mut self.session, e),
         }
         Poll::Ready(())
@@ -400,6 +403,8 @@ impl Connection {
                 self.adapt_read_size(read.len());
                 let taken = self.decode_control(read);
                 if taken < read.len() {
+                    // The start of a frame: progress too.
+                    self.session.handle_progress(self.now);
                     let size = self.read_size().max(read.len() - taken);
                     let rbuf = &mut self.bufs().rbuf;
                     rbuf.reserve(size);
@@ -463,10 +468,11 @@ impl Connection {
             if room == 0 {
                 break;
             }
+            let bytes = self.session.sendable_bytes();
             let (Some(out), _) = self
                 .mailbox
                 .outbox()
-                .consume(Some(cx.waker()), |b| b.pop(room))
+                .consume(Some(cx.waker()), |b| b.pop(room, bytes))
             else {
                 break;
             };

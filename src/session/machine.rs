@@ -147,26 +147,15 @@ pub struct Session {
     ack_progress: Instant,
     /// Liveness datagrams, once the driver enabled them.
     datagrams: Option<Datagrams>,
+    /// The in-flight window: unacknowledged bytes allowed now.
+    window: Window,
 }
 
-/// The liveness datagrams of a session (PROTOCOL.md §7): the driver sends
-/// them and tells the machine when the peer's last one arrived.
-#[derive(Debug)]
-struct Datagrams {
-    /// When the peer's last datagram arrived.
-    heard: Instant,
-    /// When we last probed.
-    last_probe: Option<Instant>,
-    /// A probe is to be sent (see [`Session::take_probe`]).
-    probe_due: bool,
-    /// The gap between probes while the peer is silent.
-    every: Duration,
-}
+mod liveness;
+mod window;
 
-/// Probes go out this many times per heartbeat timeout while the peer is
-/// silent: under 20 % loss each round trip fails with probability 0.36,
-/// all of the ten or so in a timeout with 4e-5.
-const PROBES_PER_TIMEOUT: u32 = 16;
+use liveness::Datagrams;
+use window::Window;
 
 impl Session {
     /// Starts a session at `now` and queues our handshake. `expected` is the
@@ -181,6 +170,7 @@ impl Session {
             handshake_deadline: now + cfg.handshake_timeout,
             send_interval: cfg.heartbeat_interval,
             takeover: takeover(cfg.heartbeat_interval),
+            window: Window::new(cfg.max_unacked_bytes),
             cfg,
             state: State::Handshake,
             expected,
@@ -225,81 +215,6 @@ impl Session {
         self.proven = Some(id);
     }
 
-    /// Both sides take liveness datagrams (PROTOCOL.md §7): from now on the
-    /// driver feeds [`Session::handle_datagram`] and sends a probe when
-    /// [`Session::take_probe`] says so. The heartbeat timeout then counts
-    /// from the later of the last frame and the last datagram, and the
-    /// stall timeout bounds how long the stream itself may stay silent.
-    pub fn enable_datagrams(&mut self, now: Instant) {
-        let every = (self.cfg.heartbeat_timeout / PROBES_PER_TIMEOUT).max(Duration::from_millis(1));
-        self.datagrams = Some(Datagrams {
-            heard: now,
-            last_probe: None,
-            probe_due: false,
-            every,
-        });
-    }
-
-    /// An authentic, fresh datagram of the peer's arrived at `at`.
-    pub fn handle_datagram(&mut self, at: Instant) {
-        if let Some(d) = &mut self.datagrams {
-            d.heard = d.heard.max(at);
-        }
-    }
-
-    /// Whether a liveness probe is to be sent now (once per `true`).
-    pub fn take_probe(&mut self) -> bool {
-        self.datagrams
-            .as_mut()
-            .is_some_and(|d| std::mem::take(&mut d.probe_due))
-    }
-
-    /// A frame arrived. After a stall that datagrams rode out, the
-    /// messages in flight get a fresh write timeout: their acks were held
-    /// by the network, and arrive behind the frames now coming.
-    #[inline(always)]
-    fn stream_moved(&mut self, now: Instant) {
-        if self.datagrams.is_some() && now >= self.last_rx + self.cfg.heartbeat_timeout {
-            self.ack_progress = self.ack_progress.max(now);
-        }
-        self.last_rx = now;
-    }
-
-    /// When the write timeout falls due: messages in flight, none
-    /// acknowledged for the write timeout. With datagrams, only if that is
-    /// before the stream itself went quiet for a heartbeat timeout: no
-    /// acks while nothing at all arrives are the network's doing (the stall
-    /// timeout judges those), not a peer that stopped reading.
-    fn write_deadline(&self) -> Option<Instant> {
-        if self.unacked_count == 0 {
-            return None;
-        }
-        let t = self.ack_progress + self.cfg.write_timeout;
-        match self.datagrams {
-            Some(_) if t >= self.last_rx + self.cfg.heartbeat_timeout => None,
-            _ => Some(t),
-        }
-    }
-
-    /// The last sign of life: the last frame, or a later datagram.
-    fn heard(&self) -> Instant {
-        match &self.datagrams {
-            Some(d) => self.last_rx.max(d.heard),
-            None => self.last_rx,
-        }
-    }
-
-    /// When the next probe is due: while nothing was heard for 1.5 send
-    /// intervals, every `every`.
-    fn next_probe(&self) -> Option<Instant> {
-        let d = self.datagrams.as_ref()?;
-        let start = self.heard() + self.takeover;
-        Some(match d.last_probe {
-            Some(last) => start.max(last + d.every),
-            None => start,
-        })
-    }
-
     /// The peer broke the protocol below the frames (in the encrypted
     /// records): the session closes.
     pub fn handle_violation(&mut self, v: ProtocolViolation) {
@@ -334,11 +249,18 @@ impl Session {
 
     /// How many more application messages may be written now.
     pub fn sendable(&self) -> usize {
-        if self.state == State::Established && self.unacked_bytes < self.cfg.max_unacked_bytes {
+        if self.state == State::Established && self.unacked_bytes < self.window.bytes() {
             self.cfg.max_unacked.saturating_sub(self.unacked_count)
         } else {
             0
         }
+    }
+
+    /// How many more bytes of messages the in-flight window takes now (a
+    /// message larger than that still goes alone, when
+    /// [`Session::sendable`] allows one).
+    pub fn sendable_bytes(&self) -> usize {
+        self.window.bytes().saturating_sub(self.unacked_bytes)
     }
 
     /// Feeds one received frame. Returns an application message to deliver.
@@ -418,6 +340,10 @@ impl Session {
                     self.release_acked(n);
                     self.tx_base = count;
                     self.ack_progress = now;
+                    // Data may wait for its ack up to a send interval: a
+                    // ping behind it then reaches the peer well within its
+                    // timeout (at least three intervals).
+                    self.window.acked(count, now, self.send_interval);
                 }
                 None
             }
@@ -515,6 +441,16 @@ impl Session {
         self.push_event(SessionEvent::Established(hello));
         // Ping at once: the first RTT sample, and proof of life.
         self.send_ping(now);
+    }
+
+    /// Part of a frame arrived (with Noise: a whole record, so
+    /// authenticated): the peer is alive and its stream moving, though the
+    /// frame is large or the link slow. Counts for the heartbeat timeout
+    /// like a frame.
+    pub fn handle_progress(&mut self, now: Instant) {
+        if self.state == State::Established {
+            self.stream_moved(now);
+        }
     }
 
     /// A frame could not be decoded: the session closes.
@@ -681,6 +617,8 @@ impl Session {
         }
         self.unacked_count += sent.count();
         self.unacked_bytes += sent.wire_len();
+        let end = self.tx_base + self.unacked_count as u64;
+        self.window.sent(end, self.unacked_bytes, now);
         self.unacked.push_back(sent);
         self.last_ping_or_data = now;
     }
@@ -745,6 +683,7 @@ impl Session {
         }
         self.unacked_count = 0;
         self.unacked_bytes = 0;
+        self.window.clear();
         (out, exchanges)
     }
 

@@ -61,9 +61,9 @@ impl Outbox {
         }
     }
 
-    /// Takes up to `max` messages, oldest first, in one piece: a run
-    /// carrying more is split.
-    pub(crate) fn pop(&mut self, max: usize) -> Option<Outgoing> {
+    /// Takes up to `max` messages and `bytes` on the wire (at least one
+    /// message), oldest first, in one piece: a run carrying more is split.
+    pub(crate) fn pop(&mut self, max: usize, bytes: usize) -> Option<Outgoing> {
         if max == 0 {
             return None;
         }
@@ -71,6 +71,7 @@ impl Outbox {
             self.seal();
         }
         let front = self.sealed.front_mut()?;
+        let max = max.min(front.count_within(bytes));
         let out = if front.count() > max {
             front.split_to(max)
         } else {
@@ -176,14 +177,14 @@ mod tests {
             o.push(Bytes::copy_from_slice(m));
         }
         assert_eq!(o.len(), 4);
-        let first = o.pop(10).unwrap();
+        let first = o.pop(10, usize::MAX).unwrap();
         assert!(matches!(first, Outgoing::Frames { count: 2, .. }));
         assert_eq!(on_the_wire(&first), ["a", "bc"]);
-        assert_eq!(o.pop(10), Some(Outgoing::Message(big)));
-        assert_eq!(o.pop(0), None, "nothing when nothing may go");
+        assert_eq!(o.pop(10, usize::MAX), Some(Outgoing::Message(big)));
+        assert_eq!(o.pop(0, usize::MAX), None, "nothing when nothing may go");
         // A lone small message is not copied.
-        assert_eq!(o.pop(10), Some(Outgoing::Message("d".into())));
-        assert_eq!((o.len(), o.pop(10)), (0, None));
+        assert_eq!(o.pop(10, usize::MAX), Some(Outgoing::Message("d".into())));
+        assert_eq!((o.len(), o.pop(10, usize::MAX)), (0, None));
         // Nothing is kept once it is empty.
         assert_eq!((o.open.capacity(), o.sealed.capacity()), (0, 0));
     }
@@ -204,11 +205,14 @@ mod tests {
                 let m = Bytes::from(vec![i as u8; size]);
                 o.push(m.clone());
                 sent.push(m);
-                // Now and then the session takes up to `take / 10`.
+                // Now and then the session takes up to `take / 10` messages and
+                // `take * 7` bytes.
                 if take % 3 == 0 {
-                    let max = take / 10;
-                    while let Some(mut out) = o.pop(max) {
+                    let (max, bytes) = (take / 10, take * 7);
+                    while let Some(mut out) = o.pop(max, bytes) {
                         prop_assert!(out.count() >= 1 && out.count() <= max);
+                        // Within the bytes, unless it is one message.
+                        prop_assert!(out.wire_len() <= bytes || out.count() == 1);
                         wire.extend(on_the_wire(&out));
                         let head = out.split_to(split);
                         head.into_messages(&mut back, &mut Vec::new());

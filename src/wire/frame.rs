@@ -497,6 +497,25 @@ impl Outgoing {
         }
     }
 
+    /// How many of its messages fit in `bytes` on the wire: at least one
+    /// (one message may pass a limit), at most all.
+    pub fn count_within(&self, bytes: usize) -> usize {
+        match self {
+            Outgoing::Frames { wire, count } if wire.len() > bytes => {
+                let (mut at, mut n) = (0, 0);
+                while n < *count {
+                    let next = at + LEN_PREFIX + run_frame_len(wire, at);
+                    if next > bytes {
+                        break;
+                    }
+                    (at, n) = (next, n + 1);
+                }
+                n.max(1)
+            }
+            other => other.count(),
+        }
+    }
+
     /// Appends the messages it carries, as they were sent (slices, not
     /// copies), to `out`; a request or reply frame goes to `exchanges`,
     /// encoded.

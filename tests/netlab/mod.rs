@@ -394,6 +394,35 @@ impl Lab {
         });
     }
 
+    /// Limits what host `i` sends to `kbit` kbit/s with a queue of
+    /// `queue_bytes` (tc tbf on its interface: a slow link with a deep
+    /// buffer, as a weak Wi-Fi uplink is). Gone with the lab's namespaces.
+    pub fn rate_limit(&self, i: usize, kbit: u32, queue_bytes: u32) {
+        let (rate, limit) = (format!("{kbit}kbit"), queue_bytes.to_string());
+        let ok = Command::new("tc")
+            .args(["-n", self.ns(i), "qdisc", "replace", "dev", "eth0", "root"])
+            .args(["tbf", "rate", &rate, "burst", "4096", "limit", &limit])
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "tc tbf on host {i} failed");
+    }
+
+    /// Bytes waiting in host `i`'s interface queue now (the qdisc's
+    /// backlog, as `tc -s` reports it).
+    pub fn queued(&self, i: usize) -> u64 {
+        let out = Command::new("tc")
+            .args(["-n", self.ns(i), "-s", "qdisc", "show", "dev", "eth0"])
+            .output()
+            .expect("run tc");
+        let text = String::from_utf8_lossy(&out.stdout);
+        text.split_whitespace()
+            .skip_while(|w| *w != "backlog")
+            .nth(1)
+            .and_then(|b| b.strip_suffix('b'))
+            .and_then(|b| b.parse().ok())
+            .unwrap_or(0)
+    }
+
     /// Drops every TCP segment crossing the bridge (IPv4 and IPv6), both
     /// ways; UDP passes: a stream that stalls while the hosts are alive.
     pub fn drop_tcp(&self) {
@@ -595,6 +624,12 @@ pub struct Peer {
 }
 
 impl Peer {
+    /// Takes the peer's stdin, to type into from another thread (a write
+    /// blocks while the peer reads nothing: its sends wait for room).
+    pub fn take_stdin(&mut self) -> ChildStdin {
+        self.stdin.take().expect("stdin")
+    }
+
     /// The index the next line will get: a mark for [`Peer::wait`].
     pub fn mark(&mut self) -> usize {
         self.drain();

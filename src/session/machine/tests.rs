@@ -785,3 +785,34 @@ fn a_stalled_stream_is_not_a_write_timeout_while_datagrams_prove_the_peer() {
     assert_eq!(reason, DownReason::HeartbeatTimeout);
     assert!(t - stalled <= Duration::from_millis(1200));
 }
+
+#[test]
+fn the_in_flight_window_starts_small_and_opens_with_fast_acks() {
+    let mut c = cfg(1, 1000, 3000);
+    c.max_unacked = 100_000;
+    let mut p = Pair::new(c, cfg(2, 1000, 3000));
+    p.run_until(p.now + 10 * MS);
+    let message = Bytes::from(vec![7u8; 995]);
+    let fill = |p: &mut Pair| {
+        let mut n = 0;
+        while p.a.can_send() {
+            p.a.record_data_sent(p.now, message.clone());
+            p.to_b
+                .push_back((p.now + p.delay, Frame::Data(message.clone())));
+            n += 1;
+        }
+        n
+    };
+    // 8 KiB at first: 8 messages of 1000 bytes on the wire, one past.
+    assert_eq!(fill(&mut p), 9);
+    // Each round of acks within 1 ms of a 1 s interval doubles it.
+    for _ in 0..12 {
+        p.run_until(p.now + 20 * MS);
+        fill(&mut p);
+    }
+    p.run_until(p.now + 20 * MS);
+    assert!(
+        fill(&mut p) >= 1000,
+        "the window opened to the most (1 MiB here)"
+    );
+}

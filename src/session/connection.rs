@@ -491,6 +491,7 @@ impl Connection {
     fn write(&mut self, cx: &mut Context<'_>, stream: &mut Stream) -> bool {
         let mut n = 0;
         if let Some(b) = self.bufs.as_mut().filter(|b| !b.wbuf.is_empty()) {
+            stream.set_large_records(self.session.fast_path());
             n = write_some(cx, stream, &mut self.session, &b.wbuf);
             b.wbuf.advance(n);
         }

@@ -256,6 +256,13 @@ impl Session {
         }
     }
 
+    /// Whether acks come back fast enough that the in-flight window opened
+    /// to 256 KiB or more: a large record then crosses in a fraction of a
+    /// send interval.
+    pub fn fast_path(&self) -> bool {
+        self.window.bytes() >= 256 * 1024
+    }
+
     /// How many more bytes of messages the in-flight window takes now (a
     /// message larger than that still goes alone, when
     /// [`Session::sendable`] allows one).

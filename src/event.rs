@@ -13,7 +13,8 @@ use crate::peer::{PeerId, PeerInfo};
 /// One thing that happened, in the order it happened.
 ///
 /// For one peer the order is always: `Discovered`, then any number of
-/// (`SessionUp`, `Message`/`Request`/`Rtt`..., `SessionDown`, `Undelivered`?)
+/// (`SessionUp`, `Message`/`Request`/`Rtt`..., `SessionDown`, `Unconfirmed`?,
+/// `Undelivered`?)
 /// rounds,
 /// then `PeerLost` once discovery gives up on it (it may be discovered
 /// again later).
@@ -87,10 +88,22 @@ pub enum Event {
         /// Why.
         reason: DownReason,
     },
-    /// Messages accepted by `send` that the peer did not confirm before its
-    /// session ended, oldest first. Follows the `SessionDown`. The peer
-    /// cannot have processed those still queued; those already written may
-    /// have arrived just before the end.
+    /// Messages written to the session that the peer had not acknowledged
+    /// when it ended, oldest first: their fate is unknown. The peer's node
+    /// may have received (and its application processed) any of them just
+    /// before the end, or none. Follows the `SessionDown`, before any
+    /// `Undelivered`. An application that resends them must be ready for
+    /// the peer to see some twice.
+    Unconfirmed {
+        /// The peer.
+        peer: PeerId,
+        /// The messages, in the order they were sent.
+        messages: Vec<Bytes>,
+    },
+    /// Messages accepted by `send` that were never written to the session
+    /// before it ended, oldest first: the peer certainly did not get them,
+    /// and resending them delivers each once. Follows the `SessionDown`
+    /// (and the `Unconfirmed`, if any; these are newer).
     Undelivered {
         /// The peer.
         peer: PeerId,

@@ -116,7 +116,10 @@ counters! {
     messages_sent,
     /// Application messages received.
     messages_received,
-    /// Messages handed back in `Undelivered` events.
+    /// Messages handed back in `Unconfirmed` events (written, not
+    /// acknowledged: their fate unknown).
+    messages_unconfirmed,
+    /// Messages handed back in `Undelivered` events (never written).
     messages_undelivered,
     /// RTT samples not reported because the event queue was full.
     rtt_events_skipped,

@@ -392,7 +392,8 @@ fn s10_messages_sent_during_a_cut_are_handed_back_none_lost() {
         DETECT_BOUND + Duration::from_millis(500),
         about("session_down", &bid),
     );
-    let (_, und) = a.wait(am, Duration::from_secs(1), about("undelivered", &bid));
+    // Written into the cut, never acknowledged: unconfirmed.
+    let (_, und) = a.wait(am, Duration::from_secs(1), about("unconfirmed", &bid));
     lab.heal(1);
     let (am2, bm2) = (a.mark(), b.mark());
     both_up(&mut a, am2, &mut b, bm2, Duration::from_secs(3));
@@ -413,12 +414,17 @@ fn s10_messages_sent_during_a_cut_are_handed_back_none_lost() {
         })
         .len();
     let delivered = b.matching(0, |v| v["event"] == "message").len();
-    let handed_back: u64 = a
-        .matching(0, about("undelivered", &bid))
-        .iter()
-        .map(|(_, v)| v["count"].as_u64().unwrap())
-        .sum();
-    println!("LAB: s10 sent {sent} = delivered {delivered} + handed back {handed_back}");
+    let count = |a: &mut Peer, what: &str| -> u64 {
+        a.matching(0, about(what, &bid))
+            .iter()
+            .map(|(_, v)| v["count"].as_u64().unwrap())
+            .sum()
+    };
+    let (unconfirmed, undelivered) = (count(&mut a, "unconfirmed"), count(&mut a, "undelivered"));
+    let handed_back = unconfirmed + undelivered;
+    println!(
+        "LAB: s10 sent {sent} = delivered {delivered} + handed back {handed_back} ({unconfirmed} unconfirmed, {undelivered} undelivered)"
+    );
     assert_eq!(sent, 30);
     assert_eq!(sent as u64, delivered as u64 + handed_back);
     assert_eq!(und["count"], 10);
@@ -1561,4 +1567,117 @@ fn s27_a_saturated_slow_link_pushes_back_instead_of_ending_sessions() {
     );
     // 3 s of the link (the heartbeat timeout) would hold a ping too long.
     assert!(backlog < 24_000, "{backlog} bytes queued in a link");
+}
+
+/// A flapping link (issue 15): B's cable is cut and plugged in again every
+/// 1 to 3 s for 30 s while A types 20 lines a second. Every line accepted
+/// for B is delivered or handed back, and what comes back as
+/// `undelivered` never arrived: only `unconfirmed` lines may have (before
+/// this split, a quarter of the lines handed back had been delivered).
+#[test]
+fn s28_a_flapping_link_hands_back_only_what_it_cannot_vouch_for() {
+    use std::collections::HashSet;
+    let Some(lab) = Lab::new("s28", 2) else {
+        return;
+    };
+    let (mut a, mut b) = pair(&lab);
+    let bid = b.id.clone();
+    let (am, bm) = (a.mark(), b.mark());
+    let start = Instant::now();
+    let mut typed = 0;
+    let mut flips = 0u64;
+    let mut next_flip = start + Duration::from_secs(1);
+    let mut cut = false;
+    while start.elapsed() < Duration::from_secs(30) {
+        a.say(&format!("flap {typed}"));
+        typed += 1;
+        if Instant::now() >= next_flip {
+            if cut {
+                lab.heal(1);
+            } else {
+                lab.cut(1);
+            }
+            cut = !cut;
+            flips += 1;
+            // 1 to 3 s, spread by the flip count (no randomness needed).
+            next_flip = Instant::now() + Duration::from_millis(1000 + (flips * 733) % 2000);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    if cut {
+        lab.heal(1);
+    }
+    // Once a line gets through again, everything before has settled.
+    let bm2 = b.mark();
+    let healed = Instant::now();
+    loop {
+        a.say("flap end");
+        std::thread::sleep(Duration::from_millis(300));
+        let through = !b
+            .matching(bm2, |v| v["event"] == "message" && v["data"] == "flap end")
+            .is_empty();
+        if through {
+            break;
+        }
+        assert!(
+            healed.elapsed() < Duration::from_secs(10),
+            "no session after the flapping"
+        );
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let texts = |p: &mut Peer, from: usize, event: &str| -> Vec<String> {
+        p.matching(from, |v| v["event"] == event)
+            .iter()
+            .flat_map(|(_, v)| match event {
+                "message" => vec![v["data"].as_str().unwrap().to_owned()],
+                _ => v["data"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|d| d.as_str().unwrap().to_owned())
+                    .collect(),
+            })
+            .filter(|t| t.starts_with("flap ") && t != "flap end")
+            .collect()
+    };
+    let accepted: HashSet<String> = a
+        .matching(am, |v| {
+            v["event"] == "sent"
+                && v["peers"]
+                    .as_array()
+                    .is_some_and(|p| p.iter().any(|x| x == bid.as_str()))
+        })
+        .iter()
+        .map(|(_, v)| v["data"].as_str().unwrap().to_owned())
+        .filter(|t| t != "flap end")
+        .collect();
+    let delivered_list = texts(&mut b, bm, "message");
+    let delivered: HashSet<String> = delivered_list.iter().cloned().collect();
+    let unconfirmed: HashSet<String> = texts(&mut a, am, "unconfirmed").into_iter().collect();
+    let undelivered: HashSet<String> = texts(&mut a, am, "undelivered").into_iter().collect();
+    let duplicates = delivered_list.len() - delivered.len();
+    let unconfirmed_arrived = unconfirmed.intersection(&delivered).count();
+    let undelivered_arrived = undelivered.intersection(&delivered).count();
+    let downs = a.matching(am, about("session_down", &bid)).len();
+    println!(
+        "LAB: s28 {flips} flips, {downs} sessions down; {typed} typed, {} accepted for B: {} delivered ({duplicates} twice), \
+         {} unconfirmed ({unconfirmed_arrived} of them arrived), {} undelivered ({undelivered_arrived} of them arrived)",
+        accepted.len(),
+        delivered.len(),
+        unconfirmed.len(),
+        undelivered.len()
+    );
+    assert!(downs >= 3, "the link flapped: {downs} sessions down");
+    assert_eq!(duplicates, 0);
+    assert_eq!(undelivered_arrived, 0, "an undelivered line arrived");
+    let accounted: HashSet<String> = delivered
+        .union(&unconfirmed)
+        .chain(undelivered.iter())
+        .cloned()
+        .collect();
+    let lost: Vec<_> = accepted.difference(&accounted).collect();
+    assert!(
+        lost.is_empty(),
+        "accepted, neither delivered nor handed back: {lost:?}"
+    );
 }

@@ -214,13 +214,18 @@ async fn a_request_still_queued_when_the_session_ends_is_handed_back_as_not_sent
         }
         other => panic!("{other:?}"),
     }
-    // The messages come back as undelivered, the request is not among them.
+    // The messages come back (those written as unconfirmed, the rest as
+    // undelivered), the request is not among them.
     let back = match wait_for(&mut ea, LONG, |e| matches!(e, Event::Undelivered { .. })).await {
         Event::Undelivered { messages, .. } => messages,
         _ => unreachable!(),
     };
     assert!(!back.is_empty());
     assert!(back.iter().all(|m| m[..] == chunk[..]), "only the messages");
+    let s = a.stats();
+    assert_eq!(s.messages_undelivered, back.len() as u64);
+    // In flight at most `max_unacked`: those come back as unconfirmed.
+    assert!(s.messages_unconfirmed <= 8, "{}", s.messages_unconfirmed);
     assert_eq!(a.stats().write_timeouts, 1);
 }
 

@@ -323,6 +323,11 @@ impl Printer {
                        "detail": reason.to_string()}),
                 format!("session with {} down: {reason}", name(peer, names)),
             ),
+            Event::Unconfirmed { peer, messages } => self.line(
+                json!({"event": "unconfirmed", "peer": peer, "count": messages.len(),
+                       "data": messages.iter().map(|m| String::from_utf8_lossy(m).into_owned()).collect::<Vec<_>>()}),
+                format!("{} message(s) to {} may or may not have arrived", messages.len(), name(peer, names)),
+            ),
             Event::Undelivered { peer, messages } => self.line(
                 json!({"event": "undelivered", "peer": peer, "count": messages.len(),
                        "data": messages.iter().map(|m| String::from_utf8_lossy(m).into_owned()).collect::<Vec<_>>()}),

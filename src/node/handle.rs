@@ -288,8 +288,10 @@ impl Node {
     /// Sends `message` to `peer`, waiting while its outbox is full.
     ///
     /// Returning `Ok` means the message is queued: it is then either
-    /// delivered in order, or handed back in [`Event::Undelivered`] if the
-    /// session dies first.
+    /// delivered in order, or, if the session dies first, handed back in
+    /// [`Event::Undelivered`] (never written: certainly not delivered) or
+    /// [`Event::Unconfirmed`] (written, not acknowledged: it may have
+    /// arrived).
     ///
     /// # Errors
     /// [`Error::NotConnected`] (with the message) when no session with the

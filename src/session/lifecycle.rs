@@ -122,20 +122,20 @@ impl Connection {
         }
         // Messages already received (and maybe acknowledged) are delivered;
         // those sent and not acknowledged, or never sent, are handed back.
-        let mut undelivered = Vec::new();
+        // Written and not acknowledged: fate unknown. Never written: not
+        // delivered.
+        let (mut unconfirmed, mut undelivered) = (Vec::new(), Vec::new());
         if peer.is_some() {
-            let written;
-            (undelivered, written) = self.session.take_unacked_parts();
-            let (queued, unwritten) = self
+            let (written, unwritten);
+            (unconfirmed, written) = self.session.take_unacked_parts();
+            (undelivered, unwritten) = self
                 .mailbox
                 .outbox()
                 .close_and_take_with(Outbox::take_parts);
-            undelivered.extend(queued);
             let requests = &self.node.requests;
             requests.session_ended(self.params.id, &written, &unwritten, counters);
-            if !undelivered.is_empty() {
-                Counters::add(&counters.messages_undelivered, undelivered.len() as u64);
-            }
+            Counters::add(&counters.messages_unconfirmed, unconfirmed.len() as u64);
+            Counters::add(&counters.messages_undelivered, undelivered.len() as u64);
         }
         let events = self.node.events.clone();
         let (reports, conn) = (self.params.reports.clone(), self.params.id);
@@ -161,7 +161,13 @@ impl Connection {
             match peer {
                 None => debug!(%reason, "connection ended before its session was up"),
                 Some(p) => {
-                    info!(peer = %p, %reason, undelivered = undelivered.len(), "session down");
+                    info!(
+                        peer = %p,
+                        %reason,
+                        unconfirmed = unconfirmed.len(),
+                        undelivered = undelivered.len(),
+                        "session down"
+                    );
                     for e in pending {
                         let _ = events.push(e).await;
                     }
@@ -170,6 +176,10 @@ impl Connection {
                         reason: reason.clone(),
                     };
                     let _ = events.push(down).await;
+                    if !unconfirmed.is_empty() {
+                        let messages = unconfirmed;
+                        let _ = events.push(Event::Unconfirmed { peer: p, messages }).await;
+                    }
                     if !undelivered.is_empty() {
                         let messages = undelivered;
                         let _ = events.push(Event::Undelivered { peer: p, messages }).await;

@@ -387,10 +387,11 @@ async fn a_close_request_says_goodbye_and_hands_back_what_was_not_acknowledged()
     }
     let peer = Some(PeerId::from_u64(PEER));
     assert_eq!(h.ended().await, (peer, DownReason::Replaced));
+    // Written, never acknowledged: the peer read them, and we cannot know.
     match &h.events()[..] {
         [
             Event::SessionDown { reason, .. },
-            Event::Undelivered { messages, .. },
+            Event::Unconfirmed { messages, .. },
         ] => {
             assert_eq!(*reason, DownReason::Replaced);
             assert_eq!(messages, &["one", "two"]);

@@ -18,6 +18,13 @@ use crate::wire::frame::{self, Frame, Frames, Hello, Outgoing};
 const MAX_FRAME: u32 = 4096;
 const MAX_UNACKED: usize = 8;
 
+/// Liveness datagrams (PROTOCOL.md §7) into a session's receiver: made-up
+/// ones never accepted, genuine ones replayed, reordered and altered
+/// accepted exactly when unaltered and fresh (see `session::datagram`).
+pub fn liveness(data: &[u8]) {
+    crate::session::datagram::fuzz(data);
+}
+
 /// Arbitrary bytes into the datagram decoder: no panic; what decodes
 /// re-encodes to something that decodes to the same message.
 pub fn datagram(data: &[u8]) {
@@ -453,6 +460,11 @@ mod tests {
         #[test]
         fn records_open_only_what_was_sealed(data in proptest::collection::vec(any::<u8>(), 0..3000)) {
             records(&data);
+        }
+
+        #[test]
+        fn liveness_datagrams_pass_only_when_genuine_and_fresh(data in proptest::collection::vec(any::<u8>(), 0..400)) {
+            liveness(&data);
         }
 
         #[test]

@@ -296,5 +296,75 @@ pub(crate) async fn serve(socket: Arc<UdpSocket>, links: Arc<Links>, counters: A
     }
 }
 
+/// The fuzz driver of `fuzzing::liveness`: made-up datagrams (even first
+/// byte) are never accepted and prove nothing; genuine ones (odd), taken
+/// in an order the bytes give, repeated and altered as they say, are
+/// accepted exactly when unaltered and above every nonce accepted before.
+#[cfg(any(test, fuzzing))]
+pub(crate) fn fuzz(data: &[u8]) {
+    use std::net::Ipv4Addr;
+    use std::sync::OnceLock;
+    static SOCKET: OnceLock<(tokio::runtime::Runtime, Arc<UdpSocket>)> = OnceLock::new();
+    let Some((&mode, rest)) = data.split_first() else {
+        return;
+    };
+    let (_, socket) = SOCKET.get_or_init(|| {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_io()
+            .build()
+            .expect("a runtime");
+        let s = rt
+            .block_on(UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)))
+            .expect("a socket");
+        (rt, Arc::new(s))
+    });
+    let (a_id, b_id) = (PeerId::from_u64(0xa), PeerId::from_u64(0xb));
+    let (i, r) = super::noise::transport_pair();
+    let to = SocketAddr::from((Ipv4Addr::LOCALHOST, 9));
+    let a = Arc::new(Link::new(Arc::new(i), a_id, b_id, to, socket.clone()));
+    let b = Link::new(Arc::new(r), b_id, a_id, to, socket.clone());
+    let at_a = Links::default();
+    at_a.insert(a.clone());
+    let now = clock::now();
+    if mode % 2 == 0 {
+        for chunk in rest.chunks(1 + usize::from(mode) % 40) {
+            let mut d = chunk.to_vec();
+            // Half of them dressed as B's: version, B's id.
+            if mode & 2 != 0 && d.len() >= 9 {
+                d[0] = VERSION;
+                d[1..9].copy_from_slice(&b_id.as_u64().to_be_bytes());
+            }
+            assert!(at_a.receive(&d, now).is_err(), "a made-up datagram passed");
+        }
+        assert_eq!(a.heard(), None);
+        return;
+    }
+    let sealed: Vec<[u8; LEN]> = (0..rest.len().clamp(1, 64))
+        .map(|_| b.seal(PROBE).expect("sealed"))
+        .collect();
+    let mut highest = None;
+    for step in rest.chunks(2) {
+        let k = usize::from(step[0]) % sealed.len();
+        let mut d = sealed[k];
+        let alter = step.get(1).copied().unwrap_or(0);
+        let altered = alter & 1 == 1;
+        if altered {
+            let at = usize::from(alter >> 1) % LEN;
+            d[at] ^= 1 << (at % 8);
+        }
+        let fresh = highest.is_none_or(|h| k > h);
+        let accepted = at_a.receive(&d, now).is_ok();
+        assert_eq!(
+            accepted,
+            !altered && fresh,
+            "datagram {k}, altered {altered}"
+        );
+        if accepted {
+            highest = Some(k);
+        }
+    }
+    assert_eq!(a.heard().is_some(), highest.is_some());
+}
+
 #[cfg(test)]
 mod tests;

@@ -1489,7 +1489,6 @@ fn s26_twenty_percent_loss_ends_no_live_session() {
 /// ping for minutes).
 #[test]
 fn s27_a_saturated_slow_link_pushes_back_instead_of_ending_sessions() {
-    use std::io::Write;
     let Some(lab) = Lab::new("s27", 2) else {
         return;
     };
@@ -1509,33 +1508,11 @@ fn s27_a_saturated_slow_link_pushes_back_instead_of_ending_sessions() {
     lab.rate_limit(0, 64, 1_500_000);
     lab.rate_limit(1, 64, 1_500_000);
     let (am, bm) = (a.mark(), b.mark());
-    let start = Instant::now();
     // 48 lines of 200 bytes a second: 76.8 kbit/s of messages alone.
-    let typist = |name: &'static str, mut stdin: std::process::ChildStdin| {
-        std::thread::spawn(move || {
-            let mut typed = 0u64;
-            while start.elapsed() < Duration::from_secs(secs) {
-                let line = format!("{name}-{typed:06} {}", "x".repeat(191));
-                writeln!(stdin, "{line}").unwrap();
-                stdin.flush().unwrap();
-                typed += 1;
-                let due = start + Duration::from_micros(typed * 1_000_000 / 48);
-                std::thread::sleep(due.saturating_duration_since(Instant::now()));
-            }
-            (typed, stdin)
-        })
-    };
-    let (ta, tb) = (typist("a", a.take_stdin()), typist("b", b.take_stdin()));
-    // What waits in the links' queues while they are saturated.
-    let mut backlog = 0;
-    while !(ta.is_finished() && tb.is_finished()) {
-        backlog = backlog.max(lab.queued(0)).max(lab.queued(1));
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    let ((typed_a, _ia), (typed_b, _ib)) = (ta.join().unwrap(), tb.join().unwrap());
+    let ([typed_a, typed_b], backlog) = lab.saturate(&mut a, &mut b, 48, Duration::from_secs(secs));
     let offered = Instant::now();
     // Everything typed arrives (the backlog drains at the link's rate).
-    let last = |name: &str, n: u64| format!("{name}-{:06} {}", n - 1, "x".repeat(191));
+    let last = |name: &str, n: u64| netlab::saturating_line(name, n - 1);
     let (last_a, last_b) = (last("a", typed_a), last("b", typed_b));
     b.wait(bm, Duration::from_secs(90), |v| {
         v["event"] == "message" && v["data"] == last_a.as_str()

@@ -11,6 +11,7 @@
 //! cargo run --release --example bench -- detect [--trials 20]      (root)
 //! cargo run --release --example bench -- soak [--minutes 10]
 //! cargo run --release --example bench -- impaired [--minutes 1] [--loss 5,10,20,30] [--baseline-bin PATH]   (root, nft)
+//! cargo run --release --example bench -- saturated [--minutes 2] [--baseline-bin PATH]   (root, tc)
 //! ```
 //!
 //! See docs/BENCHMARKS.md for what each scenario measures and the results.
@@ -144,9 +145,10 @@ fn main() {
         "detect" => net::detect(args.trials),
         "soak" => net::soak(args.minutes),
         "impaired" => net::impaired(args.minutes, &args.loss, args.baseline_bin),
+        "saturated" => net::saturated(args.minutes, args.baseline_bin),
         other => {
             eprintln!(
-                "unknown scenario {other:?}; try lifecycle, rtt, throughput, tls, scale, discovery, detect, soak, impaired"
+                "unknown scenario {other:?}; try lifecycle, rtt, throughput, tls, scale, discovery, detect, soak, impaired, saturated"
             );
             std::process::exit(2);
         }

@@ -421,3 +421,70 @@ pub(crate) fn impaired(minutes: u64, losses: &[u32], baseline: Option<String>) {
         }
     }
 }
+
+/// Saturated slow links: two hosts whose uplinks are 64 kbit/s with a
+/// 1.5 MB queue (tc tbf), each typing 200-byte lines at 120 % of the link
+/// into its example peer for `minutes`, at both heartbeat settings; prints
+/// session ends per session-hour and the most bytes queued in a link.
+/// `--baseline-bin PATH` runs another build's example peer beside this
+/// one, setting by setting.
+pub(crate) fn saturated(minutes: u64, baseline: Option<String>) {
+    let run = Duration::from_secs(minutes.max(1) * 60);
+    println!(
+        "session ends on a saturated link: 2 hosts, 64 kbit/s uplinks with a 1.5 MB queue, 120 % offered both ways for {} min\n",
+        run.as_secs() / 60
+    );
+    println!(
+        "| heartbeat | build | session ends | per session-hour | lines taken (a, b) | most queued |"
+    );
+    println!("| --- | --- | --- | --- | --- | --- |");
+    let settings = [
+        ("1 s / 3 s", ["1000", "3000"]),
+        ("200 ms / 1 s", ["200", "1000"]),
+    ];
+    for (label, [interval, timeout]) in &settings {
+        let args = [
+            "--heartbeat-interval-ms",
+            interval,
+            "--heartbeat-timeout-ms",
+            timeout,
+        ];
+        let builds = [Some(None), baseline.as_deref().map(Some)];
+        for bin in builds.into_iter().flatten() {
+            let mut lab = Lab::new("bench-sat", 2).expect("namespaces (root) needed");
+            if let Some(b) = bin {
+                lab.peer_cmd = Some(vec![b.into()]);
+            }
+            let mut a = lab.peer(0, "a", &args);
+            let mut b = lab.peer(1, "b", &args);
+            let bid = b.id.clone();
+            b.wait(
+                0,
+                Duration::from_secs(10),
+                crate::netlab::about("session_up", &a.id.clone()),
+            );
+            a.wait(
+                0,
+                Duration::from_secs(10),
+                crate::netlab::about("session_up", &bid),
+            );
+            lab.rate_limit(0, 64, 1_500_000);
+            lab.rate_limit(1, 64, 1_500_000);
+            let am = a.mark();
+            let (typed, backlog) = lab.saturate(&mut a, &mut b, 48, run);
+            let ends = a
+                .matching(am, crate::netlab::about("session_down", &bid))
+                .len();
+            let hours = run.as_secs_f64() / 3600.0;
+            println!(
+                "| {label} | {} | {ends} | {:.0} | {}, {} | {} KB ({:.1} s of the link) |",
+                if bin.is_some() { "previous" } else { "this" },
+                ends as f64 / hours,
+                typed[0],
+                typed[1],
+                backlog / 1000,
+                backlog as f64 / 8000.0
+            );
+        }
+    }
+}

@@ -42,6 +42,11 @@ fn sysctl(ns: &str, settings: &[&str]) {
 }
 
 /// Runs `ip` with `args`; panics with its stderr on failure.
+/// Line `n` of what [`Lab::saturate`] types as `name`: 200 bytes.
+pub fn saturating_line(name: &str, n: u64) -> String {
+    format!("{name}-{n:06} {}", "x".repeat(191))
+}
+
 fn ip(args: &[&str]) {
     let out = Command::new("ip").args(args).output().expect("run ip");
     assert!(
@@ -421,6 +426,47 @@ impl Lab {
             .and_then(|b| b.strip_suffix('b'))
             .and_then(|b| b.parse().ok())
             .unwrap_or(0)
+    }
+
+    /// Saturates hosts 0 and 1, both running `a` and `b`: each types
+    /// `rate` lines of 200 bytes a second into its peer's stdin for `run`
+    /// (a write blocks while the peer takes no more: its sends wait for
+    /// room). Returns the lines each took (`a-000000 x...`, then
+    /// `b-...`) and the most bytes seen waiting in either host's interface
+    /// queue, sampled every 200 ms.
+    pub fn saturate(
+        &self,
+        a: &mut Peer,
+        b: &mut Peer,
+        rate: u64,
+        run: Duration,
+    ) -> ([u64; 2], u64) {
+        let start = Instant::now();
+        let typist = |name: &'static str, mut stdin: ChildStdin| {
+            std::thread::spawn(move || {
+                let mut typed = 0u64;
+                while start.elapsed() < run {
+                    if writeln!(stdin, "{}", saturating_line(name, typed)).is_err() {
+                        break;
+                    }
+                    let _ = stdin.flush();
+                    typed += 1;
+                    let due = start + Duration::from_micros(typed * 1_000_000 / rate);
+                    std::thread::sleep(due.saturating_duration_since(Instant::now()));
+                }
+                (typed, stdin)
+            })
+        };
+        let (ta, tb) = (typist("a", a.take_stdin()), typist("b", b.take_stdin()));
+        let mut backlog = 0;
+        while !(ta.is_finished() && tb.is_finished()) {
+            backlog = backlog.max(self.queued(0)).max(self.queued(1));
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        let ((typed_a, ia), (typed_b, ib)) = (ta.join().unwrap(), tb.join().unwrap());
+        a.stdin = Some(ia);
+        b.stdin = Some(ib);
+        ([typed_a, typed_b], backlog)
     }
 
     /// Drops every TCP segment crossing the bridge (IPv4 and IPv6), both

@@ -378,6 +378,29 @@ pub(crate) fn soak(minutes: u64) {
     }
 }
 
+/// The heartbeat settings of the impaired-link benches: the default and
+/// a fast one, with the example peer's arguments for each.
+const HEARTBEATS: [(&str, [&str; 4]); 2] = [
+    (
+        "1 s / 3 s",
+        [
+            "--heartbeat-interval-ms",
+            "1000",
+            "--heartbeat-timeout-ms",
+            "3000",
+        ],
+    ),
+    (
+        "200 ms / 1 s",
+        [
+            "--heartbeat-interval-ms",
+            "200",
+            "--heartbeat-timeout-ms",
+            "1000",
+        ],
+    ),
+];
+
 /// False timeouts on impaired links: a full mesh of 6 hosts (15 sessions)
 /// in namespaces, loss on the bridge (an nftables rule, both ways), for
 /// `minutes` per setting; prints session ends by timeout per session-hour
@@ -392,18 +415,8 @@ pub(crate) fn impaired(minutes: u64, losses: &[u32], baseline: Option<String>) {
     );
     println!("| loss | heartbeat | this build | previous build |");
     println!("| --- | --- | --- | --- |");
-    let settings = [
-        ("1 s / 3 s", ["1000", "3000"]),
-        ("200 ms / 1 s", ["200", "1000"]),
-    ];
     for &loss in losses {
-        for (label, [interval, timeout]) in &settings {
-            let args = [
-                "--heartbeat-interval-ms",
-                interval,
-                "--heartbeat-timeout-ms",
-                timeout,
-            ];
+        for (label, args) in HEARTBEATS {
             let measure = |bin: Option<&str>| {
                 let mut lab = Lab::new("bench-impaired", 6).expect("namespaces (root) needed");
                 if let Some(b) = bin {
@@ -438,17 +451,7 @@ pub(crate) fn saturated(minutes: u64, baseline: Option<String>) {
         "| heartbeat | build | session ends | per session-hour | lines taken (a, b) | most queued |"
     );
     println!("| --- | --- | --- | --- | --- | --- |");
-    let settings = [
-        ("1 s / 3 s", ["1000", "3000"]),
-        ("200 ms / 1 s", ["200", "1000"]),
-    ];
-    for (label, [interval, timeout]) in &settings {
-        let args = [
-            "--heartbeat-interval-ms",
-            interval,
-            "--heartbeat-timeout-ms",
-            timeout,
-        ];
+    for (label, args) in HEARTBEATS {
         let builds = [Some(None), baseline.as_deref().map(Some)];
         for bin in builds.into_iter().flatten() {
             let mut lab = Lab::new("bench-sat", 2).expect("namespaces (root) needed");

@@ -789,6 +789,17 @@ mod tests {
                 .build(),
             Err(ConfigError::Order { .. })
         ));
+        // A stall must outlast the heartbeat timeout it stretches.
+        assert_eq!(
+            Config::builder("s")
+                .stall_timeout(Duration::from_secs(3))
+                .build()
+                .unwrap_err(),
+            ConfigError::Order {
+                smaller: "heartbeat_timeout",
+                larger: "stall_timeout",
+            }
+        );
         // Within each limit, but together too large for a datagram.
         let mut big = Config::builder("s");
         for i in 0..10 {

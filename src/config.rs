@@ -154,6 +154,19 @@ pub struct Config {
     /// how long such a stall is ridden out. Must exceed
     /// `heartbeat_timeout`. Default: 30 s.
     pub stall_timeout: Duration,
+    /// How long a session cut by a timeout or a network error is held for
+    /// its peer to come back: messages not yet acknowledged, and those sent
+    /// meanwhile (up to `outbox_capacity`), wait instead of being handed
+    /// back. When the same peer (same instance) is back within it, its new
+    /// session resumes the old one: what the peer already received is not
+    /// sent again, the rest is, so each message is delivered once, in
+    /// order (PROTOCOL.md "Resuming a session"). When the peer does not
+    /// come back in time, or comes back restarted, the held messages are
+    /// handed back (`Event::Unconfirmed`, `Event::Undelivered`). Both
+    /// sides hold the state for the shorter of their two graces. Long
+    /// enough to ride out a Wi-Fi roam; 0 turns resumption off (every
+    /// cut hands back at once). At most one hour. Default: 30 s.
+    pub resume_grace: Duration,
     /// The first gap between probes; it doubles (with ±25 % jitter) up to a
     /// cap. Default: 100 ms.
     pub probe_initial: Duration,
@@ -253,6 +266,7 @@ impl Config {
             connect_timeout: Duration::from_secs(2),
             write_timeout: Duration::from_secs(3),
             stall_timeout: Duration::from_secs(30),
+            resume_grace: Duration::from_secs(30),
             probe_initial: Duration::from_millis(100),
             probe_max: Duration::from_secs(30),
             probe_max_missing: Duration::from_secs(1),
@@ -327,6 +341,9 @@ impl Config {
                 smaller: "heartbeat_timeout",
                 larger: "stall_timeout",
             });
+        }
+        if self.resume_grace > Duration::from_secs(3600) {
+            return Err(ConfigError::TooLong("resume_grace"));
         }
         if self.probe_max_missing < self.probe_initial {
             return Err(ConfigError::Order {
@@ -638,6 +655,10 @@ impl ConfigBuilder {
     setter!(
         /// Sets [`Config::stall_timeout`].
         stall_timeout: Duration
+    );
+    setter!(
+        /// Sets [`Config::resume_grace`] (zero: no resumption).
+        resume_grace: Duration
     );
     setter!(
         /// Sets [`Config::probe_initial`].

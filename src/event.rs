@@ -18,6 +18,15 @@ use crate::peer::{PeerId, PeerInfo};
 /// rounds,
 /// then `PeerLost` once discovery gives up on it (it may be discovered
 /// again later).
+///
+/// A session that was cut (a timeout, a network error) is held for
+/// [`Config::resume_grace`](crate::Config::resume_grace): its
+/// `SessionDown` comes at once, but its `Unconfirmed` and `Undelivered`
+/// only if it is not resumed: when the grace runs out (which may be after
+/// `PeerLost`), or right before the `SessionUp` of a new session that
+/// does not resume it (the peer restarted). A `SessionUp` with `resumed`
+/// set carries on the held session: nothing of it is handed back, and
+/// every message sent to the peer meanwhile arrives once, in order.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum Event {
@@ -41,6 +50,13 @@ pub enum Event {
         /// us). Proven by the fleet key when there is one; otherwise, like
         /// every discovery datagram, a hint. Boxed: events stay small.
         metadata: Box<std::collections::BTreeMap<String, String>>,
+        /// This session resumes the one that ended last with this peer
+        /// (see [`Config::resume_grace`](crate::Config::resume_grace)):
+        /// the messages held since are delivered now, each once, in order,
+        /// and none of them is handed back. False for a new session: then
+        /// whatever the previous one held was handed back before this
+        /// event.
+        resumed: bool,
     },
     /// A message from a peer, in the order it was sent.
     Message {
@@ -89,11 +105,13 @@ pub enum Event {
         reason: DownReason,
     },
     /// Messages written to the session that the peer had not acknowledged
-    /// when it ended, oldest first: their fate is unknown. The peer's node
-    /// may have received (and its application processed) any of them just
-    /// before the end, or none. Follows the `SessionDown`, before any
+    /// when it ended for good, oldest first: their fate is unknown. The
+    /// peer's node may have received (and its application processed) any
+    /// of them just before the end, or none. Follows the `SessionDown`
+    /// (after the grace, for a session that was held), before any
     /// `Undelivered`. An application that resends them must be ready for
-    /// the peer to see some twice.
+    /// the peer to see some twice. A session that is resumed hands back
+    /// nothing: the peer gets each of these once.
     Unconfirmed {
         /// The peer.
         peer: PeerId,
@@ -101,7 +119,8 @@ pub enum Event {
         messages: Vec<Bytes>,
     },
     /// Messages accepted by `send` that were never written to the session
-    /// before it ended, oldest first: the peer certainly did not get them,
+    /// before it ended for good, oldest first (for a held session, those
+    /// sent during the grace too): the peer certainly did not get them,
     /// and resending them delivers each once. Follows the `SessionDown`
     /// (and the `Unconfirmed`, if any; these are newer).
     Undelivered {
@@ -149,7 +168,8 @@ pub enum Event {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct ReplyTo {
     pub(crate) peer: PeerId,
-    /// The supervisor's number for the connection.
+    /// The supervisor's number for the session (its first connection's:
+    /// a resumed session keeps it).
     pub(crate) conn: u64,
     /// The requester's id for the request.
     pub(crate) id: u64,
@@ -260,6 +280,11 @@ pub enum ProtocolViolation {
     /// The peer acknowledged more messages than were sent.
     #[error("acknowledgement beyond what was sent")]
     BadAck,
+    /// A session was resumed with counts that do not fit what was sent on
+    /// it (more received than was sent, or fewer than was acknowledged),
+    /// or resumed from state this node no longer holds.
+    #[error("resumption that does not match the session's state")]
+    BadResume,
     /// The Noise handshake failed (the step is named): the peer holds
     /// another fleet key, is of another service, or is not a lanbeat node
     /// of protocol 2.

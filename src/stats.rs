@@ -112,7 +112,23 @@ counters! {
     /// Sessions closed by the stall timeout: the stream delivered nothing
     /// while liveness datagrams proved the peer alive.
     stream_stalls,
-    /// Application messages written to sessions.
+    /// Sessions held after a cut for their peer to resume them
+    /// (`Config::resume_grace`).
+    sessions_suspended,
+    /// Held sessions that a new connection resumed.
+    sessions_resumed,
+    /// Held sessions given up: the grace ran out, the peer came back
+    /// restarted or without the session's state, or the node shut down
+    /// (what they held was handed back).
+    resumptions_expired,
+    /// Refused resumptions: the peer's counts did not fit what was sent,
+    /// or it resumed state this node no longer held.
+    resumptions_refused,
+    /// Messages written again by a resumed session (the peer had not
+    /// received them before the cut).
+    messages_resent,
+    /// Application messages written to sessions (a message written again
+    /// after a resumption counts once more).
     messages_sent,
     /// Application messages received.
     messages_received,

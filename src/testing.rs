@@ -23,6 +23,9 @@ pub(crate) fn hello(id: u64, interval_ms: u64, timeout_ms: u64) -> Hello {
         heartbeat_timeout_ms: timeout_ms,
         max_frame_size: 1 << 20,
         datagram_port: 0,
+        grace_ms: 0,
+        resume: 0,
+        received: 0,
     }
 }
 
@@ -39,6 +42,7 @@ pub(crate) fn session_config_of(id: u64, interval_ms: u64, timeout_ms: u64) -> S
         max_unacked_bytes: 1 << 20,
         write_timeout: Duration::from_millis(timeout_ms * 10),
         stall_timeout: Duration::from_millis(timeout_ms * 10),
+        resume_grace: Duration::ZERO,
     }
 }
 

@@ -368,11 +368,14 @@ fn s09_services_on_one_host() {
 }
 
 #[test]
-fn s10_messages_sent_during_a_cut_are_handed_back_none_lost() {
+fn s10_without_resumption_messages_sent_during_a_cut_are_handed_back_none_lost() {
     let Some(lab) = Lab::new("s10", 2) else {
         return;
     };
-    let (mut a, mut b) = pair(&lab);
+    // Resumption off (a grace of 0 on A is enough): a cut hands back.
+    let mut a = lab.peer(0, "a", &["--resume-grace-ms", "0"]);
+    let mut b = lab.peer(1, "b", &[]);
+    both_up(&mut a, 0, &mut b, 0, Duration::from_secs(5));
     let bid = b.id.clone();
     let bm = b.mark();
     for i in 0..10 {
@@ -1552,7 +1555,7 @@ fn s27_a_saturated_slow_link_pushes_back_instead_of_ending_sessions() {
 /// `undelivered` never arrived: only `unconfirmed` lines may have (before
 /// this split, a quarter of the lines handed back had been delivered).
 #[test]
-fn s28_a_flapping_link_hands_back_only_what_it_cannot_vouch_for() {
+fn s28_a_flapping_link_delivers_everything_once_in_order() {
     use std::collections::HashSet;
     let Some(lab) = Lab::new("s28", 2) else {
         return;
@@ -1647,6 +1650,23 @@ fn s28_a_flapping_link_hands_back_only_what_it_cannot_vouch_for() {
     assert!(downs >= 3, "the link flapped: {downs} sessions down");
     assert_eq!(duplicates, 0);
     assert_eq!(undelivered_arrived, 0, "an undelivered line arrived");
+    // Every outage is shorter than the grace: each session resumed the one
+    // before, so everything accepted arrived, once, in the order typed,
+    // and nothing was handed back.
+    let resumed = b.matching(bm, |v| v["event"] == "session_up" && v["resumed"] == true);
+    println!("LAB: s28 {} of the new sessions resumed", resumed.len());
+    assert!(unconfirmed.is_empty(), "unconfirmed: {unconfirmed:?}");
+    assert!(undelivered.is_empty(), "undelivered: {undelivered:?}");
+    assert_eq!(
+        delivered.len(),
+        accepted.len(),
+        "all accepted lines arrived"
+    );
+    let order: Vec<u64> = delivered_list
+        .iter()
+        .map(|t| t["flap ".len()..].parse().unwrap())
+        .collect();
+    assert!(order.windows(2).all(|w| w[0] < w[1]), "in order: {order:?}");
     let accounted: HashSet<String> = delivered
         .union(&unconfirmed)
         .chain(undelivered.iter())
@@ -1656,5 +1676,166 @@ fn s28_a_flapping_link_hands_back_only_what_it_cannot_vouch_for() {
     assert!(
         lost.is_empty(),
         "accepted, neither delivered nor handed back: {lost:?}"
+    );
+}
+
+/// Issue 15, item 1: a cut shorter than the grace is resumed. What was in
+/// flight and what was sent during the cut arrive once, in order; nothing
+/// is handed back; both sides see the session go down and come back as
+/// resumed. A peer that comes back restarted instead gets nothing of it,
+/// and the sender is told at once.
+#[test]
+fn s29_a_cut_within_the_grace_is_resumed_and_a_restart_is_not() {
+    let Some(lab) = Lab::new("s29", 2) else {
+        return;
+    };
+    let mut a = lab.peer(0, "a", &[]);
+    // B restarts later with its identity, so its id.
+    let key = KeyFile::new("s29", "b", &lanbeat::Identity::generate());
+    let mut b = lab.peer(1, "b", &["--identity", key.arg()]);
+    both_up(&mut a, 0, &mut b, 0, Duration::from_secs(5));
+    let (aid, bid) = (a.id.clone(), b.id.clone());
+    let bm = b.mark();
+    for i in 0..10 {
+        a.say(&format!("before {i}"));
+    }
+    b.wait(bm, Duration::from_secs(2), |v| {
+        v["event"] == "message" && v["data"] == "before 9"
+    });
+    let (am, bm2) = (a.mark(), b.mark());
+    lab.cut(1);
+    let cut = Instant::now();
+    for i in 0..10 {
+        a.say(&format!("during {i}"));
+    }
+    a.wait(am, DETECT_BOUND, about("session_down", &bid));
+    b.wait(bm2, DETECT_BOUND, about("session_down", &aid));
+    std::thread::sleep(Duration::from_secs(2));
+    for i in 10..20 {
+        a.say(&format!("during {i}"));
+    }
+    let healed = Instant::now();
+    lab.heal(1);
+    let (ta, up_a) = a.wait(am, Duration::from_secs(5), about("session_up", &bid));
+    let (tb, up_b) = b.wait(bm2, Duration::from_secs(5), about("session_up", &aid));
+    assert_eq!(up_a["resumed"], true, "{up_a}");
+    assert_eq!(up_b["resumed"], true, "{up_b}");
+    for i in 0..10 {
+        a.say(&format!("after {i}"));
+    }
+    b.wait(bm, Duration::from_secs(3), |v| {
+        v["event"] == "message" && v["data"] == "after 9"
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    let got: Vec<String> = b
+        .matching(bm, |v| v["event"] == "message")
+        .iter()
+        .map(|(_, v)| v["data"].as_str().unwrap().to_owned())
+        .collect();
+    let want: Vec<String> = (0..10)
+        .map(|i| format!("before {i}"))
+        .chain((0..20).map(|i| format!("during {i}")))
+        .chain((0..10).map(|i| format!("after {i}")))
+        .collect();
+    let handed = a.matching(am, |v| {
+        v["event"] == "unconfirmed" || v["event"] == "undelivered"
+    });
+    println!(
+        "LAB: s29 cut of {:.1} s resumed {:.0} ms after the heal: {} of {} lines delivered, in order, once; {} hand-backs",
+        ms(healed - cut) / 1e3,
+        ms(ta.max(tb).saturating_duration_since(healed)),
+        got.len(),
+        want.len(),
+        handed.len()
+    );
+    assert_eq!(got, want);
+    assert!(handed.is_empty(), "{handed:?}");
+
+    // B restarts (a new instance) while A holds lines for it: the new
+    // session does not resume, and what A held comes back before it.
+    let am = a.mark();
+    lab.cut(1);
+    a.wait(am, DETECT_BOUND, about("session_down", &bid));
+    for i in 0..5 {
+        a.say(&format!("held {i}"));
+    }
+    b.signal(Signal::SIGKILL);
+    drop(b);
+    lab.heal(1);
+    let mut b = lab.peer(1, "b", &["--identity", key.arg()]);
+    let (_, und) = a.wait(am, Duration::from_secs(5), about("undelivered", &bid));
+    let (_, up) = a.wait(am, Duration::from_secs(5), about("session_up", &bid));
+    assert_eq!(up["resumed"], false, "{up}");
+    assert_eq!(und["count"], 5, "{und}");
+    let bm = b.mark();
+    a.say("fresh");
+    b.wait(bm, Duration::from_secs(3), |v| {
+        v["event"] == "message" && v["data"] == "fresh"
+    });
+    assert!(
+        b.matching(0, |v| v["event"] == "message"
+            && v["data"].as_str().is_some_and(|d| d.starts_with("held")))
+            .is_empty()
+    );
+    println!(
+        "LAB: s29 restarted peer: 5 held lines handed back as undelivered before the new session"
+    );
+}
+
+/// A cut longer than the grace: the held session is given up when the
+/// grace ends (what was in flight comes back as unconfirmed, what was
+/// typed during the cut as undelivered), and the session after the heal
+/// is a new one.
+#[test]
+fn s30_a_cut_longer_than_the_grace_hands_back_when_the_grace_ends() {
+    let Some(lab) = Lab::new("s30", 2) else {
+        return;
+    };
+    // A holds for 1.5 s, B for 30 s: both hold for the shorter.
+    let mut a = lab.peer(0, "a", &["--resume-grace-ms", "1500"]);
+    let mut b = lab.peer(1, "b", &[]);
+    both_up(&mut a, 0, &mut b, 0, Duration::from_secs(5));
+    let (aid, bid) = (a.id.clone(), b.id.clone());
+    let (am, bm) = (a.mark(), b.mark());
+    lab.cut(1);
+    let cut = Instant::now();
+    for i in 0..5 {
+        a.say(&format!("lost {i}"));
+    }
+    let (down, _) = a.wait(am, DETECT_BOUND, about("session_down", &bid));
+    for i in 5..8 {
+        a.say(&format!("lost {i}"));
+    }
+    let (t, und) = a.wait(am, Duration::from_secs(4), about("undelivered", &bid));
+    let unconfirmed = a.matching(am, about("unconfirmed", &bid));
+    let given_up = t.saturating_duration_since(down);
+    println!(
+        "LAB: s30 grace 1.5 s: handed back {:.0} ms after the session went down ({} unconfirmed, {} undelivered)",
+        ms(given_up),
+        unconfirmed
+            .iter()
+            .map(|(_, v)| v["count"].as_u64().unwrap())
+            .sum::<u64>(),
+        und["count"]
+    );
+    assert!(given_up >= Duration::from_millis(1400), "{given_up:?}");
+    assert!(given_up <= Duration::from_millis(2500), "{given_up:?}");
+    let back: u64 = und["count"].as_u64().unwrap()
+        + unconfirmed
+            .iter()
+            .map(|(_, v)| v["count"].as_u64().unwrap())
+            .sum::<u64>();
+    assert_eq!(back, 8, "every line typed into the cut comes back");
+    // B gave up too (the shorter grace): the next session is new.
+    b.wait(bm, Duration::from_secs(1), about("session_down", &aid));
+    std::thread::sleep(Duration::from_secs(3).saturating_sub(cut.elapsed()));
+    lab.heal(1);
+    let (_, up) = a.wait(am, Duration::from_secs(5), about("session_up", &bid));
+    assert_eq!(up["resumed"], false, "{up}");
+    let (_, up) = b.wait(bm, Duration::from_secs(5), about("session_up", &aid));
+    assert_eq!(up["resumed"], false, "{up}");
+    assert!(
+        b.matching(bm, |v| v["event"] == "message").is_empty(),
+        "nothing of the given-up session arrives"
     );
 }

@@ -188,10 +188,12 @@ async fn a_request_still_queued_when_the_session_ends_is_handed_back_as_not_sent
     let port = free_port();
     // B's application never reads its (small) event queue, so B stops
     // reading its socket; A's writes stall, and its write timeout ends the
-    // session with the request still queued behind the messages.
+    // session with the request still queued behind the messages. A does
+    // not hold cut sessions for resumption (grace 0): it hands back at once.
     let ((a, mut ea), (b, _eb)) = connected_pair(
         config("req-unsent", port)
             .name("a")
+            .resume_grace(Duration::ZERO)
             .write_timeout(Duration::from_millis(400))
             .max_unacked(8)
             .build()

@@ -77,6 +77,11 @@ pub struct Args {
     /// peer answers liveness datagrams, in milliseconds.
     #[arg(long, default_value_t = 30_000)]
     pub stall_timeout_ms: u64,
+    /// How long a cut session is held for the peer to resume it, in
+    /// milliseconds: lines typed meanwhile wait for it. 0: hand back at
+    /// once.
+    #[arg(long, default_value_t = 30_000)]
+    pub resume_grace_ms: u64,
     /// Print one JSON object per line.
     #[arg(long)]
     pub json: bool,
@@ -118,7 +123,8 @@ pub async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             Duration::from_millis(args.heartbeat_interval_ms),
             Duration::from_millis(args.heartbeat_timeout_ms),
         )
-        .stall_timeout(Duration::from_millis(args.stall_timeout_ms));
+        .stall_timeout(Duration::from_millis(args.stall_timeout_ms))
+        .resume_grace(Duration::from_millis(args.resume_grace_ms));
     if let Some(n) = &args.name {
         b = b.name(n);
     }
@@ -293,14 +299,16 @@ impl Printer {
                 outbound,
                 role,
                 metadata,
+                resumed,
                 ..
             } => {
                 names.insert(*peer, n.clone());
+                let how = if *resumed { "resumed" } else { "up" };
                 self.line(
                     json!({"event": "session_up", "peer": peer, "name": n,
                            "addr": addr.to_string(), "outbound": outbound,
-                           "role": role, "metadata": metadata}),
-                    format!("session up with {n} ({peer}) at {addr}"),
+                           "role": role, "metadata": metadata, "resumed": resumed}),
+                    format!("session {how} with {n} ({peer}) at {addr}"),
                 );
             }
             Event::Rtt { peer, rtt } => {

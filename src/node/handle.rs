@@ -229,6 +229,10 @@ impl Node {
                 heartbeat_timeout_ms: millis(config.heartbeat_timeout),
                 max_frame_size: config.max_frame_size,
                 datagram_port: datagrams.as_ref().map_or(0, |d| d.port),
+                // Zero stays zero: no resumption.
+                grace_ms: u64::try_from(config.resume_grace.as_millis()).unwrap_or(u64::MAX),
+                resume: 0,
+                received: 0,
             },
             heartbeat_interval: config.heartbeat_interval,
             heartbeat_timeout: config.heartbeat_timeout,
@@ -237,6 +241,7 @@ impl Node {
             max_unacked_bytes: config.max_unacked_bytes,
             write_timeout: config.write_timeout,
             stall_timeout: config.stall_timeout,
+            resume_grace: config.resume_grace,
         };
         let (commands, command_rx) = mpsc::channel(8);
         let events = Arc::new(Queue::new(config.event_capacity));

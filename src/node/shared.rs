@@ -14,7 +14,8 @@ use crate::stats::Counters;
 /// State shared by the handle and the supervisor.
 #[derive(Debug, Default)]
 pub(crate) struct Shared {
-    /// The mailbox of each session that is up, tagged with its connection.
+    /// The mailbox of each session that is up or held for resumption,
+    /// tagged with its connection.
     pub(crate) mailboxes: Mutex<PeerMap<Published>>,
     /// What discovery knows, refreshed by the supervisor.
     pub(crate) peers: Mutex<BTreeMap<PeerId, (PeerInfo, PeerState)>>,
@@ -42,11 +43,12 @@ impl Shared {
             .map(|p| (p.mailbox.clone(), p.max_message))
     }
 
-    /// [`Shared::mailbox`], and the connection's number.
+    /// [`Shared::mailbox`], and the session's number (for requests and
+    /// replies: it stays when the session is resumed).
     pub(crate) fn session(&self, peer: PeerId) -> Option<(Arc<Mailbox>, usize, u64)> {
         lock(&self.mailboxes)
             .get(&peer)
-            .map(|p| (p.mailbox.clone(), p.max_message, p.conn))
+            .map(|p| (p.mailbox.clone(), p.max_message, p.lineage))
     }
 }
 
@@ -55,6 +57,9 @@ impl Shared {
 pub(crate) struct Published {
     /// The supervisor's number for the connection.
     pub(crate) conn: u64,
+    /// The session's number: the connection's, or, for a resumed session,
+    /// that of the connection that started it.
+    pub(crate) lineage: u64,
     pub(crate) mailbox: Arc<Mailbox>,
     /// The largest message the peer takes: its hello's `max_frame_size`
     /// less the type byte (kept here, not in the mailbox, whose size every

@@ -24,8 +24,9 @@ use crate::session::lifecycle;
 use crate::session::machine::SessionConfig;
 use crate::session::mailbox::Mailbox;
 use crate::session::noise::NoiseKeys;
+use crate::session::resume::{self, Suspended};
 use crate::session::supervision::{
-    Approval, ConnectFuture, ConnectionParams, NewConnection, NodeContext, Report,
+    Approval, ConnectFuture, ConnectionParams, NewConnection, NodeContext, Report, Terms,
 };
 use crate::session::task::ConnectionTask;
 use crate::session::timer::Timer;
@@ -42,6 +43,9 @@ struct ConnEntry {
     expected: Option<PeerId>,
     /// Peer and instance once the session is up.
     up: Option<(PeerId, u64)>,
+    /// The dial's offer to resume a held session (its token, and what we
+    /// received of it).
+    offer: Option<(u64, u64)>,
 }
 
 /// A handshake that waits for the peer's previous session to end.
@@ -88,6 +92,11 @@ pub(crate) struct Supervisor {
     handshaking: usize,
     /// The event stream, the timer and the counters, for the connections.
     node: Arc<NodeContext>,
+    /// Sessions cut and held for their peers to resume them.
+    held: PeerMap<Box<Suspended>>,
+    /// Events for the application from the supervisor's own decisions
+    /// (held sessions handed back), pushed in order by `flush`.
+    owed: Vec<Event>,
 }
 
 /// What [`Node::start`](crate::Node::start) made for the supervisor.
@@ -147,6 +156,8 @@ impl Supervisor {
             next_conn: 0,
             handshaking: 0,
             node,
+            held: PeerMap::default(),
+            owed: Vec::new(),
         }
     }
 
@@ -188,6 +199,7 @@ impl Supervisor {
         loop {
             self.flush().await;
             let deadline = self.disc.poll_timeout();
+            let expiry = self.held.values().filter_map(|h| h.until).min();
             tokio::select! {
                 cmd = self.commands.recv() => match cmd {
                     Some(Command::Shutdown) | None => break,
@@ -204,6 +216,9 @@ impl Supervisor {
                 Some(report) = self.reports_rx.recv() => self.report(report),
                 _ = clock::sleep_until(deadline.unwrap_or_else(|| clock::now() + Duration::from_secs(3600))) => {
                     self.disc.handle_timeout(clock::now());
+                }
+                _ = clock::sleep_until(expiry.unwrap_or_else(|| clock::now() + Duration::from_secs(3600))), if expiry.is_some() => {
+                    self.expire_held(clock::now());
                 }
                 _ = rescan.tick() => self.rescan(),
                 _ = watch.changed() => self.rescan(),
@@ -294,6 +309,9 @@ impl Supervisor {
                 }
             }
         }
+        for e in std::mem::take(&mut self.owed) {
+            let _ = self.events.push(e).await;
+        }
         while let Some(ev) = self.disc.poll_event() {
             match ev {
                 DiscoveryEvent::Discovered(info) => {
@@ -377,7 +395,7 @@ impl Supervisor {
             Counters::bump(&self.shared.counters.sessions_refused);
             return;
         }
-        self.spawn_conn(None, addr, Ok(stream));
+        self.spawn_conn(None, addr, Ok(stream), None);
     }
 
     /// Announces `metadata` from now on, if it fits an announce.
@@ -418,8 +436,18 @@ impl Supervisor {
             return;
         }
         debug!(peer = %info.id, addr = %info.addr, "dialing");
+        // A held session is offered to the same instance; a restarted
+        // peer cannot have it.
+        if self
+            .held
+            .get(&info.id)
+            .is_some_and(|h| h.instance != info.instance)
+        {
+            self.give_up_held(info.id);
+        }
+        let offer = self.held.get(&info.id).map(|h| (h.token, h.held.received));
         let connect = lifecycle::connect(info.addr, self.config.connect_timeout);
-        self.spawn_conn(Some(info.id), info.addr, Err(connect));
+        self.spawn_conn(Some(info.id), info.addr, Err(connect), offer);
     }
 
     fn spawn_conn(
@@ -427,6 +455,7 @@ impl Supervisor {
         expected: Option<PeerId>,
         addr: SocketAddr,
         stream: Result<TcpStream, ConnectFuture>,
+        offer: Option<(u64, u64)>,
     ) {
         self.next_conn += 1;
         self.handshaking += 1;
@@ -440,6 +469,7 @@ impl Supervisor {
                 outbound,
                 expected,
                 up: None,
+                offer,
             },
         );
         let new = NewConnection {
@@ -452,6 +482,11 @@ impl Supervisor {
                 write_timeout: self.config.write_timeout,
                 proven_key: None,
                 reports: self.reports_tx.clone(),
+                lineage: id,
+                offer,
+                token: 0,
+                peer_instance: 0,
+                grace: Duration::ZERO,
             },
             max_frame: self.config.max_frame_size,
             node: self.node.clone(),
@@ -490,7 +525,7 @@ impl Supervisor {
                     let _ = events.push(Event::SessionDown { peer: p, reason: r }).await;
                 });
             }
-            self.ended(conn, peer, reason);
+            self.ended(conn, peer, reason, None);
         }
     }
 
@@ -519,7 +554,12 @@ impl Supervisor {
                 }
                 self.handshaken(conn, hello, addr, approve)
             }
-            Report::Ended { conn, peer, reason } => self.ended(conn, peer, reason),
+            Report::Ended {
+                conn,
+                peer,
+                reason,
+                held,
+            } => self.ended(conn, peer, reason, held),
         }
     }
 
@@ -603,23 +643,46 @@ impl Supervisor {
         approve: oneshot::Sender<Approval>,
     ) {
         let peer = hello.id;
-        let Some(entry) = self.conns.get_mut(&conn) else {
+        let Some(entry) = self.conns.get(&conn) else {
             return;
+        };
+        let (outbound, offer) = (entry.outbound, entry.offer);
+        let terms = match self.terms(&hello, outbound, offer) {
+            Ok(terms) => terms,
+            Err(v) => {
+                let _ = approve.send(Approval::Reject(v));
+                return;
+            }
         };
         let metadata = self
             .disc
             .peer(peer)
             .map(|(info, _)| info.metadata.clone())
             .unwrap_or_default();
-        if approve
-            .send(Approval::Accept {
-                metadata: metadata.clone(),
-            })
-            .is_err()
-        {
-            return;
+        // A resumed session goes on with the held one's mailbox and number.
+        let (lineage, mailbox) = match &terms.resume {
+            Some((h, _)) => (h.lineage, Some(h.mailbox.clone())),
+            None => (conn, None),
+        };
+        let resumed = mailbox.is_some();
+        let entry = self.conns.get_mut(&conn).expect("checked above");
+        if let Some(m) = mailbox {
+            entry.mailbox = m;
         }
         let mailbox = entry.mailbox.clone();
+        let accept = Approval::Accept {
+            metadata: metadata.clone(),
+            terms,
+        };
+        if let Err(Approval::Accept { mut terms, .. }) = approve.send(accept) {
+            // The connection is gone: what it was to resume is held again,
+            // what it was to hand back goes out from here.
+            self.owed.append(&mut terms.handed_back);
+            if let Some((h, _)) = terms.resume {
+                self.held.insert(peer, h);
+            }
+            return;
+        }
         entry.up = Some((peer, hello.instance));
         self.handshaking -= 1;
         let info_addr = if entry.outbound {
@@ -632,11 +695,15 @@ impl Supervisor {
             (hello.max_frame_size as usize).saturating_sub(DATA_OVERHEAD - LEN_PREFIX);
         let published = Published {
             conn,
+            lineage,
             mailbox,
             max_message,
         };
         lock(&self.shared.mailboxes).insert(peer, published);
         Counters::bump(&self.shared.counters.sessions_up);
+        if resumed {
+            debug!(%peer, "resuming the held session");
+        }
         let interface = self
             .disc
             .targets()
@@ -658,8 +725,134 @@ impl Supervisor {
         self.publish_peers();
     }
 
-    fn ended(&mut self, conn: u64, peer: Option<PeerId>, reason: DownReason) {
+    /// Whether a session whose handshake is `hello` resumes the session
+    /// held for its peer (PROTOCOL.md "Resuming a session"), and its
+    /// token. A held session it does not resume is handed back (the events
+    /// go before its `SessionUp`). As the dialer (`outbound`) we offered
+    /// `offer`; the acceptor's hello says whether it took it. As the
+    /// acceptor we decide, and our hello will say so.
+    fn terms(
+        &mut self,
+        hello: &Hello,
+        outbound: bool,
+        offer: Option<(u64, u64)>,
+    ) -> Result<Box<Terms>, ProtocolViolation> {
+        let peer = hello.id;
+        let both = !self.config.resume_grace.is_zero() && hello.grace_ms > 0;
+        let held = self.held.remove(&peer);
+        let mut terms = Box::<Terms>::default();
+        let fits = |h: &Suspended, token: u64| {
+            both && token != 0 && h.token == token && h.instance == hello.instance
+        };
+        if outbound {
+            match (offer, held) {
+                (Some((token, received)), Some(h))
+                    if hello.resume == token && fits(&h, token) && h.held.received == received =>
+                {
+                    terms.token = token;
+                    terms.resume = Some((h, hello.received));
+                    return Ok(terms);
+                }
+                // The acceptor resumed what we offered, but we no longer
+                // hold it as offered (it was handed back, or resumed by
+                // another connection since): refused, and what we hold
+                // waits for the next connection.
+                (Some((token, _)), h) if both && hello.resume == token => {
+                    if let Some(h) = h {
+                        self.held.insert(peer, h);
+                    }
+                    Counters::bump(&self.shared.counters.resumptions_refused);
+                    return Err(ProtocolViolation::BadResume);
+                }
+                (_, h) => {
+                    terms.token = if both { hello.resume } else { 0 };
+                    if let Some(h) = h {
+                        terms.handed_back = self.hand_back(peer, *h);
+                    }
+                }
+            }
+        } else {
+            match held {
+                Some(h) if fits(&h, hello.resume) => {
+                    terms.token = h.token;
+                    terms.resume = Some((h, hello.received));
+                    return Ok(terms);
+                }
+                h => {
+                    // A new session: a new token (never 0).
+                    terms.token = if both { rand::random::<u64>() | 1 } else { 0 };
+                    if let Some(h) = h {
+                        terms.handed_back = self.hand_back(peer, *h);
+                    }
+                }
+            }
+        }
+        Ok(terms)
+    }
+
+    /// What a held session holds, as events for the application; its
+    /// mailbox is withdrawn from senders.
+    fn hand_back(&mut self, peer: PeerId, h: Suspended) -> Vec<Event> {
+        {
+            let mut mailboxes = lock(&self.shared.mailboxes);
+            if mailboxes
+                .get(&peer)
+                .is_some_and(|p| Arc::ptr_eq(&p.mailbox, &h.mailbox))
+            {
+                mailboxes.remove(&peer);
+            }
+        }
+        let events = h.hand_back(peer, &self.shared.requests, &self.shared.counters);
+        let (unconfirmed, undelivered) = resume::counts(&events);
+        info!(%peer, unconfirmed, undelivered, "held session given up");
+        events
+    }
+
+    /// Gives up the session held for `peer` now: its events follow.
+    fn give_up_held(&mut self, peer: PeerId) {
+        if let Some(h) = self.held.remove(&peer) {
+            let events = self.hand_back(peer, *h);
+            self.owed.extend(events);
+        }
+    }
+
+    /// Gives up the held sessions whose grace ran out by `now`.
+    fn expire_held(&mut self, now: std::time::Instant) {
+        let expired: Vec<PeerId> = self
+            .held
+            .iter()
+            .filter(|(_, h)| h.until.is_some_and(|u| u <= now))
+            .map(|(p, _)| *p)
+            .collect();
+        for peer in expired {
+            // A connection about to resume it keeps it.
+            let dialing = self
+                .conns
+                .values()
+                .any(|c| c.up.is_none() && c.expected == Some(peer) && c.offer.is_some());
+            if dialing {
+                if let Some(h) = self.held.get_mut(&peer) {
+                    h.until = Some(now + self.config.handshake_timeout);
+                }
+                continue;
+            }
+            debug!(%peer, "grace over");
+            self.give_up_held(peer);
+        }
+    }
+
+    fn ended(
+        &mut self,
+        conn: u64,
+        peer: Option<PeerId>,
+        reason: DownReason,
+        held: Option<Box<Suspended>>,
+    ) {
         let Some(entry) = self.conns.remove(&conn) else {
+            if let (Some(p), Some(h)) = (peer, held) {
+                let events = self.hand_back(p, *h);
+                self.owed.extend(events);
+            }
             return;
         };
         if entry.up.is_none() {
@@ -673,12 +866,24 @@ impl Supervisor {
                 }
                 {
                     let mut mailboxes = lock(&self.shared.mailboxes);
-                    if mailboxes.get(&peer).is_some_and(|p| p.conn == conn)
-                        && let Some(p) = mailboxes.remove(&peer)
+                    if let Some(p) = mailboxes.get(&peer).filter(|p| p.conn == conn)
                         && let Some(rtt) = p.mailbox.last_rtt()
                     {
                         // Kept for `Node::peers` until the peer is lost.
                         lock(&self.shared.rtts).insert(peer, rtt);
+                    }
+                    // A held session's mailbox stays with senders: what
+                    // they send waits for the peer to come back.
+                    if held.is_none() && mailboxes.get(&peer).is_some_and(|p| p.conn == conn) {
+                        mailboxes.remove(&peer);
+                    }
+                }
+                if let Some(mut h) = held {
+                    h.until = Some(now + h.grace);
+                    debug!(%peer, grace = ?h.grace, "holding the session for the peer to resume");
+                    if let Some(old) = self.held.insert(peer, h) {
+                        let events = self.hand_back(peer, *old);
+                        self.owed.extend(events);
                     }
                 }
                 if let Some(w) = self.waiting.remove(&peer) {
@@ -714,8 +919,15 @@ impl Supervisor {
         let drain = async {
             while !self.conns.is_empty() {
                 match self.reports_rx.recv().await {
-                    Some(Report::Ended { conn, .. }) => {
+                    Some(Report::Ended {
+                        conn, peer, held, ..
+                    }) => {
                         self.conns.remove(&conn);
+                        // Cut just now: not resumed any more.
+                        if let (Some(p), Some(h)) = (peer, held) {
+                            let events = self.hand_back(p, *h);
+                            self.owed.extend(events);
+                        }
                     }
                     Some(Report::Handshaken { approve, .. }) => {
                         let _ = approve.send(Approval::Shutdown);
@@ -725,6 +937,18 @@ impl Supervisor {
             }
         };
         let _ = tokio::time::timeout(Duration::from_secs(2), drain).await;
+        // Held sessions will not be resumed now.
+        let held: Vec<PeerId> = self.held.keys().copied().collect();
+        for peer in held {
+            self.give_up_held(peer);
+        }
+        let owed = std::mem::take(&mut self.owed);
+        let _ = tokio::time::timeout(Duration::from_secs(1), async {
+            for e in owed {
+                let _ = self.events.push(e).await;
+            }
+        })
+        .await;
         lock(&self.shared.mailboxes).clear();
         self.tasks.shutdown().await;
     }

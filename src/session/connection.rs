@@ -208,7 +208,7 @@ impl Connection {
     }
 
     /// The buffers, made when first needed.
-    fn bufs(&mut self) -> &mut Buffers {
+    pub(super) fn bufs(&mut self) -> &mut Buffers {
         self.bufs.get_or_insert_with(Box::default)
     }
 
@@ -262,7 +262,7 @@ impl Connection {
             if let Some(r) = self.mailbox.close_requested()
                 && !self.session.is_closed()
             {
-                self.session.close(r.clone(), true);
+                self.session.close(r, true);
             }
             let mut again = self.receive(cx, stream);
             while let Some(ev) = self.session.poll_event() {
@@ -671,7 +671,7 @@ impl Connection {
                         Counters::bump(&self.node.counters.requests_received);
                         let reply = ReplyTo {
                             peer: p,
-                            conn: self.params.id,
+                            conn: self.params.lineage,
                             id,
                         };
                         b.pending.push_back(Event::Request {
@@ -687,7 +687,7 @@ impl Connection {
                 Ok(Frame::Reply { id, body }) => {
                     if session.handle_data(now)
                         && let Some(p) = self.peer
-                        && !self.node.requests.answer(p, self.params.id, id, body)
+                        && !self.node.requests.answer(p, self.params.lineage, id, body)
                     {
                         debug!(peer = %p, id, "reply that no request waits for; dropped");
                         Counters::bump(&self.node.counters.replies_unmatched);

@@ -15,9 +15,9 @@ use tokio::sync::oneshot;
 use tracing::{debug, info};
 
 use super::connection::Connection;
-use super::outbox::Outbox;
+use super::resume::{self, Suspended};
 use super::stream::Stream;
-use super::supervision::{Approval, ConnectFuture, ConnectionParams, Report};
+use super::supervision::{Approval, ConnectFuture, ConnectionParams, Report, Terms};
 use crate::event::{DownReason, Event};
 use crate::peer::PeerId;
 use crate::queue::Queue;
@@ -37,16 +37,27 @@ pub(crate) fn connect(addr: SocketAddr, timeout: Duration) -> ConnectFuture {
     })
 }
 
+/// A handshake the supervisor approved.
+pub(super) struct Approved {
+    pub(super) peer: PeerId,
+    /// The peer's instance and its grace.
+    pub(super) instance: u64,
+    pub(super) grace: Duration,
+    pub(super) terms: Box<Terms>,
+}
+
 /// Asks the supervisor to approve a completed handshake; once it did, the
-/// application learns that the session is up.
+/// application learns that the session is up (after what an earlier held
+/// session handed back, if the approval says so).
 pub(super) fn approve(
     params: &ConnectionParams,
     hello: Box<Hello>,
     events: Arc<Queue<VecDeque<Event>>>,
-) -> impl Future<Output = Result<PeerId, DownReason>> + Send + 'static {
+) -> impl Future<Output = Result<Approved, DownReason>> + Send + 'static {
     let (tx, rx) = oneshot::channel();
     let (peer, addr, outbound) = (hello.id, params.addr, params.outbound);
     let (name, role) = (hello.name.clone(), hello.role);
+    let (instance, grace) = (hello.instance, Duration::from_millis(hello.grace_ms));
     let report = Report::Handshaken {
         conn: params.id,
         hello,
@@ -60,8 +71,15 @@ pub(super) fn approve(
             return Err(DownReason::Shutdown);
         }
         match rx.await {
-            Ok(Approval::Accept { metadata }) => {
-                info!(%peer, %addr, "session up");
+            Ok(Approval::Accept {
+                metadata,
+                mut terms,
+            }) => {
+                let resumed = terms.resume.is_some();
+                info!(%peer, %addr, resumed, "session up");
+                for e in std::mem::take(&mut terms.handed_back) {
+                    let _ = events.push(e).await;
+                }
                 let up = Event::SessionUp {
                     peer,
                     name,
@@ -69,9 +87,15 @@ pub(super) fn approve(
                     outbound,
                     role,
                     metadata: Box::new(metadata),
+                    resumed,
                 };
                 let _ = events.push(up).await;
-                Ok(peer)
+                Ok(Approved {
+                    peer,
+                    instance,
+                    grace,
+                    terms,
+                })
             }
             Ok(Approval::Reject(v)) => Err(DownReason::ProtocolError(v)),
             Ok(Approval::Shutdown) | Err(_) => Err(DownReason::Shutdown),
@@ -80,6 +104,58 @@ pub(super) fn approve(
 }
 
 impl Connection {
+    /// The supervisor approved the session: the acceptor sends its hello
+    /// (it says whether the session resumes); a resumed session takes over
+    /// the held one's mailbox and writes first what the peer had not
+    /// received of it.
+    pub(super) fn approved(&mut self, cx: &mut std::task::Context<'_>, a: Approved) {
+        let now = crate::clock::now();
+        self.peer = Some(a.peer);
+        let Terms { token, resume, .. } = *a.terms;
+        let params = &mut self.params;
+        params.token = token;
+        params.peer_instance = a.instance;
+        params.grace = a.grace.min(params.session.resume_grace);
+        let Some((held, peer_received)) = resume else {
+            self.session.send_hello(now, token, 0);
+            return;
+        };
+        let Suspended {
+            lineage,
+            held,
+            mailbox,
+            ..
+        } = *held;
+        self.session.send_hello(now, token, held.received);
+        params.lineage = lineage;
+        // The held session's mailbox, with what senders queued meanwhile,
+        // is this connection's from now on; the one it started with is
+        // dropped.
+        self.node.timer.set(&self.mailbox, None);
+        self.mailbox = mailbox;
+        self.mailbox.reopen();
+        self.mailbox.outbox().register(cx.waker());
+        let Some(resent) = self.session.resume(now, held, peer_received) else {
+            Counters::bump(&self.node.counters.resumptions_refused);
+            return;
+        };
+        // The hellos and the ping go first, then what is sent again.
+        let mut wbuf = std::mem::take(&mut self.bufs().wbuf);
+        while let Some(f) = self.session.poll_transmit() {
+            f.encode(&mut wbuf);
+        }
+        for piece in self.session.unacked_pieces() {
+            piece.encode(&mut wbuf);
+        }
+        self.bufs().wbuf = wbuf;
+        self.last_write = now;
+        let counters = &self.node.counters;
+        Counters::bump(&counters.sessions_resumed);
+        Counters::add(&counters.messages_resent, resent as u64);
+        Counters::add(&counters.messages_sent, resent as u64);
+        info!(peer = %a.peer, resent, "session resumed");
+    }
+
     /// The end of the connection, once the loop is over: what it must do
     /// at once (the counters, the outbox closed to senders), and the rest
     /// as a future: the goodbye flushed (briefly: the peer learns at once
@@ -120,23 +196,38 @@ impl Connection {
             _ if peer.is_none() => Counters::bump(&counters.handshake_failures),
             _ => {}
         }
-        // Messages already received (and maybe acknowledged) are delivered;
-        // those sent and not acknowledged, or never sent, are handed back.
-        // Written and not acknowledged: fate unknown. Never written: not
-        // delivered.
-        let (mut unconfirmed, mut undelivered) = (Vec::new(), Vec::new());
-        if peer.is_some() {
-            let (written, unwritten);
-            (unconfirmed, written) = self.session.take_unacked_parts();
-            (undelivered, unwritten) = self
-                .mailbox
-                .outbox()
-                .close_and_take_with(Outbox::take_parts);
-            let requests = &self.node.requests;
-            requests.session_ended(self.params.id, &written, &unwritten, counters);
-            Counters::add(&counters.messages_unconfirmed, unconfirmed.len() as u64);
-            Counters::add(&counters.messages_undelivered, undelivered.len() as u64);
+        // Messages already received (and maybe acknowledged) are delivered.
+        // A cut session is held for the peer to resume it; otherwise what
+        // was written and not acknowledged (fate unknown) and what was
+        // never written (not delivered) are handed back.
+        let (mut handed_back, mut held) = (Vec::new(), None);
+        if let Some(p) = peer {
+            let h = self.session.hold();
+            let params = &self.params;
+            if params.token != 0 && !params.grace.is_zero() && resume::resumable(&reason) {
+                Counters::bump(&counters.sessions_suspended);
+                held = Some(Box::new(Suspended {
+                    token: params.token,
+                    instance: params.peer_instance,
+                    grace: params.grace,
+                    lineage: params.lineage,
+                    held: h,
+                    mailbox: self.mailbox.clone(),
+                    until: None,
+                }));
+            } else {
+                let requests = &self.node.requests;
+                handed_back = resume::hand_back(
+                    p,
+                    params.lineage,
+                    h.unacked,
+                    &self.mailbox,
+                    requests,
+                    counters,
+                );
+            }
         }
+        let (requests, counters) = (self.node.requests.clone(), self.node.counters.clone());
         let events = self.node.events.clone();
         let (reports, conn) = (self.params.reports.clone(), self.params.id);
         async move {
@@ -161,11 +252,13 @@ impl Connection {
             match peer {
                 None => debug!(%reason, "connection ended before its session was up"),
                 Some(p) => {
+                    let (unconfirmed, undelivered) = resume::counts(&handed_back);
                     info!(
                         peer = %p,
                         %reason,
-                        unconfirmed = unconfirmed.len(),
-                        undelivered = undelivered.len(),
+                        held = held.is_some(),
+                        unconfirmed,
+                        undelivered,
                         "session down"
                     );
                     for e in pending {
@@ -176,17 +269,29 @@ impl Connection {
                         reason: reason.clone(),
                     };
                     let _ = events.push(down).await;
-                    if !unconfirmed.is_empty() {
-                        let messages = unconfirmed;
-                        let _ = events.push(Event::Unconfirmed { peer: p, messages }).await;
-                    }
-                    if !undelivered.is_empty() {
-                        let messages = undelivered;
-                        let _ = events.push(Event::Undelivered { peer: p, messages }).await;
+                    for e in handed_back {
+                        let _ = events.push(e).await;
                     }
                 }
             }
-            let _ = reports.send(Report::Ended { conn, peer, reason });
+            let report = Report::Ended {
+                conn,
+                peer,
+                reason,
+                held,
+            };
+            // A node that is gone takes nothing to hold: hand it back.
+            if let Err(e) = reports.send(report)
+                && let Report::Ended {
+                    peer: Some(p),
+                    held: Some(h),
+                    ..
+                } = e.0
+            {
+                for e in h.hand_back(p, &requests, &counters) {
+                    let _ = events.push(e).await;
+                }
+            }
         }
     }
 }

@@ -52,6 +52,11 @@ pub struct SessionConfig {
     /// stream brought nothing for this long while datagrams proved the
     /// peer alive.
     pub stall_timeout: Duration,
+    /// How long a cut session is held for resumption (zero: never). An
+    /// accepting side that resumes sends its hello only once the
+    /// supervisor approved the dialer's: the hello says whether the
+    /// session resumes.
+    pub resume_grace: Duration,
 }
 
 /// What the session tells its driver.
@@ -100,6 +105,9 @@ pub struct Session {
     has_transmits: bool,
     /// `events` is not empty.
     has_events: bool,
+    /// Our hello waits for the supervisor's approval (see
+    /// `resume::defers_hello`).
+    hello_owed: bool,
     pong_seq: u64,
     last_rx: Instant,
     /// When the peer's last ping arrived.
@@ -152,9 +160,11 @@ pub struct Session {
 }
 
 mod liveness;
+mod resume;
 mod window;
 
 use liveness::Datagrams;
+pub use resume::Held;
 use window::Window;
 
 impl Session {
@@ -200,12 +210,17 @@ impl Session {
             pong_seq: 0,
             has_transmits: false,
             has_events: false,
+            hello_owed: false,
             transmits: VecDeque::new(),
             unreported_rtt: None,
             events: VecDeque::new(),
         };
-        let hello = Box::new(s.cfg.hello.clone());
-        s.push_transmit(Frame::Hello(Ok(hello)));
+        if s.defers_hello() {
+            s.hello_owed = true;
+        } else {
+            let hello = Box::new(s.cfg.hello.clone());
+            s.push_transmit(Frame::Hello(Ok(hello)));
+        }
         s
     }
 
@@ -446,8 +461,11 @@ impl Session {
         self.last_ping_or_data = now;
         self.peer = Some(hello.id);
         self.push_event(SessionEvent::Established(hello));
-        // Ping at once: the first RTT sample, and proof of life.
-        self.send_ping(now);
+        // Ping at once: the first RTT sample, and proof of life (after our
+        // hello, if it waits for the approval).
+        if !self.hello_owed {
+            self.send_ping(now);
+        }
     }
 
     /// Part of a frame arrived (with Noise: a whole record, so
@@ -564,6 +582,10 @@ impl Session {
     /// The next protocol frame to write.
     #[must_use]
     pub fn poll_transmit(&mut self) -> Option<Frame> {
+        // Nothing before our hello.
+        if self.hello_owed {
+            return None;
+        }
         if self.pong_due {
             self.pong_due = false;
             return Some(Frame::Pong(self.pong_seq));
@@ -669,29 +691,6 @@ impl Session {
         }
         self.state = State::Closed;
         self.push_event(SessionEvent::Closed(reason));
-    }
-
-    /// Messages written but never acknowledged, oldest first.
-    pub fn take_unacked(&mut self) -> Vec<Bytes> {
-        self.take_unacked_parts().0
-    }
-
-    /// What was written and never acknowledged, oldest first: the
-    /// messages, and apart the encoded request and reply frames.
-    pub fn take_unacked_parts(&mut self) -> (Vec<Bytes>, Vec<Bytes>) {
-        self.tx_base += self.unacked_count as u64;
-        let (mut out, mut exchanges) = (Vec::with_capacity(self.unacked_count), Vec::new());
-        let skip = std::mem::take(&mut self.front_acked);
-        for (i, mut sent) in self.unacked.drain(..).enumerate() {
-            if i == 0 {
-                sent.split_to(skip);
-            }
-            sent.into_messages(&mut out, &mut exchanges);
-        }
-        self.unacked_count = 0;
-        self.unacked_bytes = 0;
-        self.window.clear();
-        (out, exchanges)
     }
 
     /// Messages sent and not yet acknowledged.

@@ -6,7 +6,7 @@
 //! round-trip time in it for `Node::peers`, and its next deadline for the
 //! node's timer.
 
-use std::sync::OnceLock;
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -32,8 +32,8 @@ pub(crate) struct Mailbox {
     deadline: Deadline,
     /// The messages senders queued for the session.
     outbox: Queue<Outbox>,
-    /// Close with a goodbye, for this reason.
-    close: OnceLock<DownReason>,
+    /// Close with a goodbye, for this reason (the first request counts).
+    close: Mutex<Option<DownReason>>,
 }
 
 impl Mailbox {
@@ -44,7 +44,7 @@ impl Mailbox {
             rtt_ns: AtomicU64::new(0),
             deadline: Deadline::default(),
             outbox: Queue::new(capacity),
-            close: OnceLock::new(),
+            close: Mutex::new(None),
         }
     }
 
@@ -58,7 +58,7 @@ impl Mailbox {
     /// Asks the connection to close with a goodbye (the first request
     /// counts).
     pub(crate) fn request_close(&self, reason: DownReason) {
-        let _ = self.close.set(reason);
+        self.close_reason().get_or_insert(reason);
         self.closing.store(true, Ordering::Release);
         self.outbox.wake_consumer();
     }
@@ -66,12 +66,25 @@ impl Mailbox {
     /// The reason of a requested close, if one was requested. One atomic
     /// load while none was.
     #[inline(always)]
-    pub(crate) fn close_requested(&self) -> Option<&DownReason> {
+    pub(crate) fn close_requested(&self) -> Option<DownReason> {
         if self.closing.load(Ordering::Acquire) {
-            self.close.get()
+            self.close_reason().clone()
         } else {
             None
         }
+    }
+
+    /// A held session's mailbox taken over by the connection that resumes
+    /// it: the close asked of the connection that was cut is forgotten.
+    pub(crate) fn reopen(&self) {
+        self.closing.store(false, Ordering::Release);
+        *self.close_reason() = None;
+    }
+
+    fn close_reason(&self) -> std::sync::MutexGuard<'_, Option<DownReason>> {
+        self.close
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Keeps the session's latest round-trip sample.

@@ -10,6 +10,7 @@
 //! | `stream.rs` | the stream frames run on: plaintext TCP, or Noise records |
 //! | `mailbox.rs` | what a connection shares with its node (outbox, close request, RTT, deadline) |
 //! | `outbox.rs` | how the outbox stores messages (small ones encoded as sent) |
+//! | `resume.rs` | a cut session held for its peer to resume, and what it hands back when not |
 //! | `requests.rs` | the requests awaiting replies, and how a session's end settles them |
 //! | `supervision.rs` | what a connection and the supervisor tell each other |
 //! | `timer.rs` | one timer wheel for all the sessions of a node |
@@ -22,6 +23,7 @@ pub(crate) mod mailbox;
 pub(crate) mod noise;
 pub(crate) mod outbox;
 pub(crate) mod requests;
+pub(crate) mod resume;
 pub(crate) mod stream;
 pub(crate) mod supervision;
 pub(crate) mod task;

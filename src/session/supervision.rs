@@ -14,6 +14,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::machine::SessionConfig;
 use super::mailbox::Mailbox;
+use super::resume::Suspended;
 use super::timer::Timer;
 use crate::event::{DownReason, Event, ProtocolViolation};
 use crate::peer::PeerId;
@@ -27,12 +28,28 @@ pub(crate) enum Approval {
     /// The session is up; the peer's metadata as discovery last heard it.
     Accept {
         metadata: std::collections::BTreeMap<String, String>,
+        /// How the session goes on.
+        terms: Box<Terms>,
     },
     /// Refused (a duplicate, or too many sessions): the connection closes
     /// with this violation.
     Reject(ProtocolViolation),
     /// The node is shutting down.
     Shutdown,
+}
+
+/// What an approval decides about resumption (PROTOCOL.md "Resuming a
+/// session").
+#[derive(Debug, Default)]
+pub(crate) struct Terms {
+    /// The session's token; 0: it cannot be resumed.
+    pub(crate) token: u64,
+    /// The held session this connection resumes, and how many of its
+    /// frames the peer received.
+    pub(crate) resume: Option<(Box<Suspended>, u64)>,
+    /// What an earlier held session handed back (the peer came back
+    /// without it): for the application before `SessionUp`.
+    pub(crate) handed_back: Vec<Event>,
 }
 
 /// From a connection to the supervisor.
@@ -54,6 +71,8 @@ pub(crate) enum Report {
         /// The peer, if the session was up.
         peer: Option<PeerId>,
         reason: DownReason,
+        /// The session, held for the peer to resume it.
+        held: Option<Box<Suspended>>,
     },
 }
 
@@ -86,6 +105,17 @@ pub(crate) struct ConnectionParams {
     pub(crate) proven_key: Option<[u8; 32]>,
     /// Where the connection reports to the supervisor.
     pub(crate) reports: mpsc::UnboundedSender<Report>,
+    /// The session's number for requests and replies: the connection's
+    /// own, or that of the connection that started the session it resumes.
+    pub(crate) lineage: u64,
+    /// The dialer's offer to resume: the held session's token and what we
+    /// received of it.
+    pub(crate) offer: Option<(u64, u64)>,
+    /// The session's token (0: not resumable), the peer's instance and the
+    /// grace both sides hold it for, once approved.
+    pub(crate) token: u64,
+    pub(crate) peer_instance: u64,
+    pub(crate) grace: Duration,
 }
 
 /// What all the connections of a node share: the application's event

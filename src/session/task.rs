@@ -49,7 +49,7 @@ pub(crate) fn tune(stream: &TcpStream, timeout: Duration) {
 
 /// The supervisor's decision on a handshake, once the application was told
 /// (see [`lifecycle::approve`]): the peer, or why the session may not start.
-type Decision = Pin<Box<dyn Future<Output = Result<PeerId, DownReason>> + Send>>;
+type Decision = Pin<Box<dyn Future<Output = Result<lifecycle::Approved, DownReason>> + Send>>;
 
 /// The Noise handshake (see [`noise::handshake`]): the secured stream and
 /// the key the peer proved.
@@ -159,15 +159,19 @@ impl Future for ConnectionTask {
                         this.phase = Phase::Approving(waiting);
                         return Poll::Pending;
                     }
-                    Poll::Ready(Ok(p)) => {
-                        c.peer = Some(p);
+                    Poll::Ready(Ok(approved)) => {
+                        c.approved(cx, approved);
                         c.attach_link(&waiting.0, waiting.2);
                         Phase::Running(waiting.0)
                     }
                     // The peer may already count the session as up (it has
-                    // our hello): a node shutting down says goodbye.
+                    // our hello): a node shutting down says goodbye (after
+                    // its hello, if that waited for the approval).
                     Poll::Ready(Err(r)) => {
                         let goodbye = r == DownReason::Shutdown;
+                        if goodbye {
+                            c.session.send_hello(clock::now(), 0, 0);
+                        }
                         c.session.close(r, goodbye);
                         Phase::Running(waiting.0)
                     }
@@ -182,6 +186,9 @@ impl Future for ConnectionTask {
                         tune(&stream, session.heartbeat_timeout);
                         // The handshake has its time from now on.
                         c.session = Session::new(clock::now(), session.clone(), c.params.expected);
+                        if let Some((token, received)) = c.params.offer {
+                            c.session.offer_resume(token, received);
+                        }
                         secure_or_run(&c.node, stream, true, session.handshake_timeout)
                     }
                     Poll::Ready(Err(e)) => {
@@ -190,6 +197,7 @@ impl Future for ConnectionTask {
                             conn: c.params.id,
                             peer: None,
                             reason: DownReason::Io(e.kind()),
+                            held: None,
                         });
                         return Poll::Ready(());
                     }

@@ -66,9 +66,27 @@ pub struct Hello {
     /// (protocol 2, PROTOCOL.md §7); 0, or absent on the wire: none.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub datagram_port: u16,
+    /// How long the sender keeps a session's state after the session was
+    /// cut, for the peer to resume it (protocol 2, PROTOCOL.md "Resuming a
+    /// session"), in milliseconds; 0, or absent: it does not resume.
+    #[serde(default, skip_serializing_if = "is_zero_u64")]
+    pub grace_ms: u64,
+    /// From the dialer: the token of the session it asks to resume. From
+    /// the acceptor: the token of this session (the dialer's when it
+    /// resumes, a new one when not). 0, or absent: none.
+    #[serde(default, with = "super::hex64", skip_serializing_if = "is_zero_u64")]
+    pub resume: u64,
+    /// With `resume`, when resuming: how many data, request and reply
+    /// frames the sender received on the session so far.
+    #[serde(default, skip_serializing_if = "is_zero_u64")]
+    pub received: u64,
 }
 
 fn is_zero(p: &u16) -> bool {
+    *p == 0
+}
+
+fn is_zero_u64(p: &u64) -> bool {
     *p == 0
 }
 

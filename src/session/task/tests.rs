@@ -42,6 +42,11 @@ fn new_connection(
             write_timeout: Duration::from_secs(3),
             proven_key: None,
             reports,
+            lineage: 7,
+            offer: None,
+            token: 0,
+            peer_instance: 0,
+            grace: Duration::ZERO,
         },
         max_frame: 1 << 20,
         node,
@@ -271,6 +276,7 @@ async fn up(dial: bool) -> (Harness, Peer) {
     approve
         .send(Approval::Accept {
             metadata: Default::default(),
+            terms: Default::default(),
         })
         .unwrap();
     match &h.wait_events(1).await[..] {
@@ -314,6 +320,7 @@ async fn frames_after_the_handshake_wait_for_the_approval() {
     approve
         .send(Approval::Accept {
             metadata: Default::default(),
+            terms: Default::default(),
         })
         .unwrap();
     match &h.wait_events(2).await[..] {

@@ -274,3 +274,42 @@ proptest! {
         }
     }
 }
+
+/// The worked example of PROTOCOL.md "Resuming a session": the two hellos,
+/// byte for byte as the document prints them (length prefix, type, JSON).
+#[test]
+fn the_resumption_example_of_the_protocol_document_is_what_we_send() {
+    let doc = include_str!("../../../docs/PROTOCOL.md");
+    let section = &doc[doc.find("### Resuming a session").unwrap()..];
+    let mut dialer = crate::testing::hello(0xa1, 1000, 3000);
+    dialer.service = "lamps".into();
+    dialer.instance = 0x5f3c_9e2a_7b1d_4e60;
+    dialer.name = "hub".into();
+    dialer.port = 40123;
+    dialer.datagram_port = 40124;
+    dialer.grace_ms = 30_000;
+    dialer.resume = 0x9e1f_00c2_d4b3_a871;
+    dialer.received = 3;
+    let mut acceptor = dialer.clone();
+    acceptor.id = PeerId::from_u64(0x1234);
+    acceptor.instance = 0x0c4d_2e8f_6a9b_1357;
+    acceptor.name = "lamp".into();
+    acceptor.port = 40200;
+    acceptor.datagram_port = 40201;
+    acceptor.received = 2;
+    for h in [dialer, acceptor] {
+        let mut wire = BytesMut::new();
+        Frame::Hello(Ok(Box::new(h))).encode(&mut wire);
+        let head: Vec<String> = wire[..5].iter().map(|b| format!("{b:02x}")).collect();
+        let line = format!(
+            "{} {}",
+            head.join(" "),
+            std::str::from_utf8(&wire[5..]).unwrap()
+        );
+        assert!(section.contains(&line), "not in the document: {line}");
+    }
+    let mut ack = BytesMut::new();
+    Frame::Ack(5).encode(&mut ack);
+    let hex: Vec<String> = ack.iter().map(|b| format!("{b:02x}")).collect();
+    assert!(section.contains(&hex.join(" ")));
+}

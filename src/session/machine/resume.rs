@@ -90,6 +90,10 @@ impl Session {
         } = held;
         let sent = acked + unacked.iter().map(|o| o.count() as u64).sum::<u64>();
         if !self.is_established() || peer_received < acked || peer_received > sent {
+            // Kept as in flight: the end of the session hands them back.
+            self.unacked_count = (sent - acked) as usize;
+            self.unacked_bytes = unacked.iter().map(Outgoing::wire_len).sum();
+            self.unacked = unacked.into();
             self.violation(ProtocolViolation::BadResume);
             return None;
         }

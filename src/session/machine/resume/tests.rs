@@ -176,6 +176,11 @@ fn counts_that_do_not_fit_what_was_sent_close_the_session() {
         while a2.poll_event().is_some() {}
         assert_eq!(a2.resume(now, held, peer_received), None, "{peer_received}");
         assert!(a2.is_closed());
+        // Nothing dropped: the end of the session hands them back.
+        assert_eq!(
+            a2.take_unacked(),
+            [Bytes::from(vec![2]), Bytes::from(vec![3])]
+        );
         assert_eq!(
             a2.poll_event(),
             Some(SessionEvent::Closed(DownReason::ProtocolError(

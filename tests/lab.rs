@@ -1839,3 +1839,68 @@ fn s30_a_cut_longer_than_the_grace_hands_back_when_the_grace_ends() {
         "nothing of the given-up session arrives"
     );
 }
+
+/// Issue 15, item 6: jitter, by the lab's user-space delay relay. B's
+/// frames, both ways, are each held 0 to 400 ms (in order: a late frame
+/// holds up the ones behind it), so round trips swing from a fraction of
+/// a millisecond to 800 ms, at 200 ms / 1 s. No session ends in 20 s, the
+/// lines typed meanwhile arrive in order, and a cut is still detected
+/// within the timeout plus one interval plus the largest delay.
+#[test]
+fn s31_jitter_of_up_to_400_ms_each_way_ends_no_session() {
+    let Some(lab) = Lab::new("s31", 2) else {
+        return;
+    };
+    let (mut a, mut b) = pair(&lab);
+    let (aid, bid) = (a.id.clone(), b.id.clone());
+    lab.delay(1, Duration::ZERO, Duration::from_millis(400));
+    let (am, bm) = (a.mark(), b.mark());
+    let start = Instant::now();
+    let mut typed = 0;
+    while start.elapsed() < Duration::from_secs(20) {
+        a.say(&format!("jitter {typed}"));
+        typed += 1;
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    b.wait(bm, Duration::from_secs(3), |v| {
+        v["event"] == "message" && v["data"] == format!("jitter {}", typed - 1).as_str()
+    });
+    let got: Vec<String> = b
+        .matching(bm, |v| v["event"] == "message")
+        .iter()
+        .map(|(_, v)| v["data"].as_str().unwrap().to_owned())
+        .collect();
+    let mut rtts: Vec<u64> = a
+        .matching(am, about("rtt", &bid))
+        .iter()
+        .map(|(_, v)| v["rtt_us"].as_u64().unwrap())
+        .collect();
+    rtts.sort_unstable();
+    let downs = a.matching(am, about("session_down", &bid)).len()
+        + b.matching(bm, about("session_down", &aid)).len();
+    let cut_at = Instant::now();
+    lab.cut(1);
+    let (t, v) = a.wait(am, Duration::from_secs(4), about("session_down", &bid));
+    let detect = t.saturating_duration_since(cut_at);
+    println!(
+        "LAB: s31 jitter 0-400 ms each way, 20 s: {downs} sessions down, {} of {typed} lines in order; \
+         RTT p50 {:.0} ms, max {:.0} ms ({} samples); cut detected after {:.0} ms ({})",
+        got.len(),
+        rtts.get(rtts.len() / 2).copied().unwrap_or(0) as f64 / 1e3,
+        rtts.last().copied().unwrap_or(0) as f64 / 1e3,
+        rtts.len(),
+        ms(detect),
+        v["reason"]
+    );
+    assert_eq!(downs, 0, "a session ended under jitter");
+    let want: Vec<String> = (0..typed).map(|i| format!("jitter {i}")).collect();
+    assert_eq!(got, want);
+    assert!(
+        rtts.last().is_some_and(|&m| m > 300_000),
+        "the relay delayed frames: {rtts:?}"
+    );
+    assert!(
+        detect <= Duration::from_millis(1000 + 200 + 400 + 200),
+        "{detect:?}"
+    );
+}

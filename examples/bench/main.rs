@@ -11,6 +11,7 @@
 //! cargo run --release --example bench -- detect [--trials 20]      (root)
 //! cargo run --release --example bench -- soak [--minutes 10]
 //! cargo run --release --example bench -- impaired [--minutes 1] [--loss 5,10,20,30] [--baseline-bin PATH]   (root, nft)
+//! cargo run --release --example bench -- jittered [--minutes 1] [--jitter 100,300,600] [--baseline-bin PATH]   (root)
 //! cargo run --release --example bench -- saturated [--minutes 2] [--baseline-bin PATH]   (root, tc)
 //! ```
 //!
@@ -68,6 +69,10 @@ struct Args {
     /// Impaired: the loss rates in percent, comma-separated.
     #[arg(long, default_value = "5,10,20,30", value_delimiter = ',')]
     loss: Vec<u32>,
+    /// Jittered: the most each host's link holds a frame each way, in
+    /// milliseconds, comma-separated.
+    #[arg(long, default_value = "100,300,600", value_delimiter = ',')]
+    jitter: Vec<u64>,
     /// Seconds of CPU sampling (scale).
     #[arg(long, default_value_t = 30)]
     secs: u64,
@@ -146,9 +151,10 @@ fn main() {
         "soak" => net::soak(args.minutes),
         "impaired" => net::impaired(args.minutes, &args.loss, args.baseline_bin),
         "saturated" => net::saturated(args.minutes, args.baseline_bin),
+        "jittered" => net::jittered(args.minutes, &args.jitter, args.baseline_bin),
         other => {
             eprintln!(
-                "unknown scenario {other:?}; try lifecycle, rtt, throughput, tls, scale, discovery, detect, soak, impaired, saturated"
+                "unknown scenario {other:?}; try lifecycle, rtt, throughput, tls, scale, discovery, detect, soak, impaired, saturated, jittered"
             );
             std::process::exit(2);
         }

@@ -408,21 +408,61 @@ const HEARTBEATS: [(&str, [&str; 4]); 2] = [
 /// example-peer binary of another build beside this one (the previous
 /// design), setting by setting.
 pub(crate) fn impaired(minutes: u64, losses: &[u32], baseline: Option<String>) {
+    let settings = losses
+        .iter()
+        .map(|&loss| {
+            let f: Impair = Box::new(move |l: &Lab| l.lose(loss));
+            (format!("{loss} % loss"), f)
+        })
+        .collect();
+    false_timeouts("loss on the bridge both ways", minutes, settings, baseline);
+}
+
+/// Jittered links: as [`impaired`], with every host's frames held 0 to
+/// `jitter` ms each way by the lab's user-space delay relay (in order), so
+/// a frame between two hosts waits up to twice that.
+pub(crate) fn jittered(minutes: u64, jitters: &[u64], baseline: Option<String>) {
+    let settings = jitters
+        .iter()
+        .map(|&ms| {
+            let f: Impair = Box::new(move |l: &Lab| {
+                for i in 0..6 {
+                    l.delay(i, Duration::ZERO, Duration::from_millis(ms));
+                }
+            });
+            (format!("0–{ms} ms per link each way"), f)
+        })
+        .collect();
+    false_timeouts("jitter on every host's link", minutes, settings, baseline);
+}
+
+/// An impairment of a lab's links.
+type Impair = Box<dyn Fn(&Lab)>;
+
+/// False timeouts per session-hour under each impairment, at both heartbeat
+/// settings, for this build and (with `baseline`) another build's example
+/// peer, setting by setting.
+fn false_timeouts(
+    what: &str,
+    minutes: u64,
+    settings: Vec<(String, Impair)>,
+    baseline: Option<String>,
+) {
     let run = Duration::from_secs(minutes.max(1) * 60);
     println!(
-        "false timeouts per session-hour, 6 hosts (15 sessions), {} min per setting, loss on the bridge both ways\n",
+        "false timeouts per session-hour, 6 hosts (15 sessions), {} min per setting, {what}\n",
         run.as_secs() / 60
     );
-    println!("| loss | heartbeat | this build | previous build |");
+    println!("| condition | heartbeat | this build | previous build |");
     println!("| --- | --- | --- | --- |");
-    for &loss in losses {
+    for (condition, impair) in &settings {
         for (label, args) in HEARTBEATS {
             let measure = |bin: Option<&str>| {
                 let mut lab = Lab::new("bench-impaired", 6).expect("namespaces (root) needed");
                 if let Some(b) = bin {
                     lab.peer_cmd = Some(vec![b.into()]);
                 }
-                let (n, hours) = lab.timeouts_under_impairment(&args, run, |l| l.lose(loss));
+                let (n, hours) = lab.timeouts_under_impairment(&args, run, |l| impair(l));
                 format!("{:.1} ({n} in {hours:.2} h)", n as f64 / hours)
             };
             let this = measure(None);
@@ -430,7 +470,7 @@ pub(crate) fn impaired(minutes: u64, losses: &[u32], baseline: Option<String>) {
                 .as_deref()
                 .map(|b| measure(Some(b)))
                 .unwrap_or_else(|| "-".into());
-            println!("| {loss} % | {label} | {this} | {prev} |");
+            println!("| {condition} | {label} | {this} | {prev} |");
         }
     }
 }

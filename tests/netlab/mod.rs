@@ -20,6 +20,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+mod relay;
+
 const PREFIX: &str = "lbt";
 
 /// Turns off IPv6 duplicate address detection on `ns`'s `eth0`, so that
@@ -143,6 +145,8 @@ pub struct Lab {
     /// Each host on a subnet of its own behind a router (see
     /// [`Lab::routed`]) rather than all on one bridge.
     routed: bool,
+    /// Delay relays (see [`Lab::delay`]), stopped before the namespaces go.
+    relays: std::sync::Mutex<Vec<relay::Relay>>,
 }
 
 impl Lab {
@@ -167,6 +171,7 @@ impl Lab {
             prefix: prefix.clone(),
             peer_cmd: None,
             routed,
+            relays: Default::default(),
         };
         let middle = lab.bridge_ns();
         ip(&["netns", "add", &middle]);
@@ -548,6 +553,37 @@ impl Lab {
         (timeouts, pairs as f64 * run.as_secs_f64() / 3600.0)
     }
 
+    /// Delays every frame host `i` sends and receives by `base` plus a
+    /// random share of `jitter`, in order (see `relay.rs`: the kernel has
+    /// no netem). Its bridge port leaves the bridge and is joined to it
+    /// again through a user-space relay; [`Lab::cut`] still cuts it. Until
+    /// the lab is dropped. Bridged labs only.
+    pub fn delay(&self, i: usize, base: Duration, jitter: Duration) {
+        assert!(!self.routed, "delay relays are for bridged labs");
+        let br = self.bridge_ns();
+        let (port, near, far) = (format!("h{i}"), format!("j{i}"), format!("jb{i}"));
+        ip(&["-n", &br, "link", "set", &port, "nomaster"]);
+        ip(&[
+            "-n", &br, "link", "add", &near, "type", "veth", "peer", "name", &far,
+        ]);
+        ip(&["-n", &br, "link", "set", &far, "master", "br0"]);
+        // The relay's ends carry the host's frames only: no addresses, no
+        // IPv6 chatter of their own.
+        let off: Vec<String> = [&port, &near]
+            .iter()
+            .map(|d| format!("net.ipv6.conf.{d}.disable_ipv6=1"))
+            .collect();
+        sysctl(&br, &off.iter().map(String::as_str).collect::<Vec<_>>());
+        for d in [&far, &near] {
+            ip(&["-n", &br, "link", "set", d, "up"]);
+        }
+        let relay = relay::Relay::start(&br, &port, &near, base, jitter);
+        self.relays
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(relay);
+    }
+
     /// Removes every loss rule ([`Lab::drop_from`]).
     pub fn clear_loss(&self) {
         let _ = Command::new("ip")
@@ -649,6 +685,10 @@ impl Lab {
 
 impl Drop for Lab {
     fn drop(&mut self) {
+        self.relays
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clear();
         for ns in &self.hosts {
             delete_ns(ns);
         }

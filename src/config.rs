@@ -423,6 +423,7 @@ impl Config {
             name: self.name.clone(),
             port: u16::MAX,
             metadata: self.metadata.clone(),
+            aes_gcm: self.security == Security::Noise,
         };
         // A fleet key adds a sequence number and a MAC to each datagram.
         let trailer = if self.fleet_key.is_some() {

@@ -243,6 +243,7 @@ pub fn discovery(data: &[u8]) {
         replies_per_source_per_sec: 2,
         limits: DatagramLimits::default(),
         fleet_key: None,
+        aes_gcm: false,
         first_seq: 0,
         static_peers: Vec::new(),
         accept_routed_probes: false,
@@ -301,6 +302,7 @@ pub fn discovery(data: &[u8]) {
                         interface: None,
                         role: Role::Peer,
                         metadata: BTreeMap::new(),
+                        aes_gcm: false,
                     },
                 );
                 up.push(id);

@@ -179,6 +179,10 @@ pub struct PeerInfo {
     pub role: Role,
     /// Small string key/values the peer published.
     pub metadata: BTreeMap<String, String>,
+    /// Its announces say it takes sessions sealed with AES-256-GCM: a
+    /// dialer that has AES instructions too uses that cipher
+    /// (PROTOCOL.md §6, "Cipher").
+    pub aes_gcm: bool,
 }
 
 /// Where a known peer stands.

@@ -1870,9 +1870,11 @@ fn s31_jitter_of_up_to_400_ms_each_way_ends_no_session() {
         .iter()
         .map(|(_, v)| v["data"].as_str().unwrap().to_owned())
         .collect();
+    // Each side's samples (a passive side reports the dialer's).
     let mut rtts: Vec<u64> = a
         .matching(am, about("rtt", &bid))
-        .iter()
+        .into_iter()
+        .chain(b.matching(bm, about("rtt", &aid)))
         .map(|(_, v)| v["rtt_us"].as_u64().unwrap())
         .collect();
     rtts.sort_unstable();

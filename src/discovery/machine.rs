@@ -74,6 +74,9 @@ pub struct DiscoveryConfig {
     /// The fleet key: every datagram sent is sealed with a sequence number
     /// and a MAC, every one received must carry a valid one, once.
     pub fleet_key: Option<crate::FleetKey>,
+    /// Our announces say we take sessions sealed with AES-256-GCM (we
+    /// speak protocol 2 and have AES instructions).
+    pub aes_gcm: bool,
     /// The first sequence number of sealed datagrams: the clock in
     /// microseconds since the Unix epoch, so a restarted node goes on
     /// above its old numbers.
@@ -315,6 +318,7 @@ fn announce_of(cfg: &DiscoveryConfig) -> Vec<u8> {
         name: cfg.name.clone(),
         port: cfg.tcp_port,
         metadata: cfg.metadata.clone(),
+        aes_gcm: cfg.aes_gcm,
     })
     .encode_as(cfg.limits.protocol)
 }
@@ -452,6 +456,7 @@ impl Discovery {
             interface: Some(interface),
             role: a.role,
             metadata: a.metadata,
+            aes_gcm: a.aes_gcm,
         };
         if self.duplicate_instance(now, a.id, a.instance, info.addr) {
             return Err(Dropped::DuplicateId);
@@ -493,6 +498,7 @@ impl Discovery {
                     self.events
                         .push_back(DiscoveryEvent::MetadataChanged(e.info.clone()));
                 }
+                e.info.aes_gcm = info.aes_gcm;
                 if e.session != SessionState::Connected {
                     e.info.addr = info.addr;
                     e.info.interface = info.interface.clone();

@@ -23,7 +23,7 @@ use crate::queue::Queue;
 use crate::session::lifecycle;
 use crate::session::machine::SessionConfig;
 use crate::session::mailbox::Mailbox;
-use crate::session::noise::NoiseKeys;
+use crate::session::noise::{self, Cipher, NoiseKeys};
 use crate::session::resume::{self, Suspended};
 use crate::session::supervision::{
     Approval, ConnectFuture, ConnectionParams, NewConnection, NodeContext, Report, Terms,
@@ -395,7 +395,8 @@ impl Supervisor {
             Counters::bump(&self.shared.counters.sessions_refused);
             return;
         }
-        self.spawn_conn(None, addr, Ok(stream), None);
+        // The cipher is the dialer's choice.
+        self.spawn_conn(None, addr, Ok(stream), (None, Cipher::ChaChaPoly));
     }
 
     /// Announces `metadata` from now on, if it fits an announce.
@@ -446,8 +447,14 @@ impl Supervisor {
             self.give_up_held(info.id);
         }
         let offer = self.held.get(&info.id).map(|h| (h.token, h.held.received));
+        // AES-256-GCM when both ends have AES instructions (PROTOCOL.md §6).
+        let cipher = if info.aes_gcm && noise::has_aes_hardware() {
+            Cipher::AesGcm
+        } else {
+            Cipher::ChaChaPoly
+        };
         let connect = lifecycle::connect(info.addr, self.config.connect_timeout);
-        self.spawn_conn(Some(info.id), info.addr, Err(connect), offer);
+        self.spawn_conn(Some(info.id), info.addr, Err(connect), (offer, cipher));
     }
 
     fn spawn_conn(
@@ -455,7 +462,7 @@ impl Supervisor {
         expected: Option<PeerId>,
         addr: SocketAddr,
         stream: Result<TcpStream, ConnectFuture>,
-        offer: Option<(u64, u64)>,
+        (offer, cipher): (Option<(u64, u64)>, Cipher),
     ) {
         self.next_conn += 1;
         self.handshaking += 1;
@@ -484,6 +491,7 @@ impl Supervisor {
                 reports: self.reports_tx.clone(),
                 lineage: id,
                 offer,
+                cipher,
                 token: 0,
                 peer_instance: 0,
                 grace: Duration::ZERO,
@@ -710,6 +718,7 @@ impl Supervisor {
             .iter()
             .find(|t| t.contains(from_mapped(addr)))
             .map(|t| t.interface.clone());
+        let aes_gcm = self.disc.peer(peer).is_some_and(|(i, _)| i.aes_gcm);
         self.disc.session_up(
             clock::now(),
             PeerInfo {
@@ -720,6 +729,7 @@ impl Supervisor {
                 interface,
                 role: hello.role,
                 metadata,
+                aes_gcm,
             },
         );
         self.publish_peers();

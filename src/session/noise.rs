@@ -17,6 +17,65 @@ pub(crate) const PATTERN: &str = "Noise_XX_25519_ChaChaPoly_BLAKE2s";
 /// With a fleet key: the key is mixed in before the first message, so a
 /// node without it cannot complete (or even start) a handshake.
 pub(crate) const PATTERN_PSK: &str = "Noise_XXpsk0_25519_ChaChaPoly_BLAKE2s";
+
+/// The session's cipher (PROTOCOL.md §6, "Cipher"): ChaCha20-Poly1305
+/// unless both ends have AES instructions, where AES-256-GCM is several
+/// times faster. The dialer chooses (from the peer's announce), and says
+/// so in its first handshake message; the acceptor follows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Cipher {
+    ChaChaPoly,
+    AesGcm,
+}
+
+impl Cipher {
+    /// The Noise protocol name, with or without a fleet key.
+    fn pattern(self, psk: bool) -> &'static str {
+        match (self, psk) {
+            (Cipher::ChaChaPoly, false) => PATTERN,
+            (Cipher::ChaChaPoly, true) => PATTERN_PSK,
+            (Cipher::AesGcm, false) => "Noise_XX_25519_AESGCM_BLAKE2s",
+            (Cipher::AesGcm, true) => "Noise_XXpsk0_25519_AESGCM_BLAKE2s",
+        }
+    }
+
+    /// The payload of message 1 that names it: none for ChaCha20-Poly1305
+    /// (what nodes that know no other send), one byte 1 for AES-256-GCM.
+    fn marker(self) -> &'static [u8] {
+        match self {
+            Cipher::ChaChaPoly => &[],
+            Cipher::AesGcm => &[1],
+        }
+    }
+
+    /// The cipher a message-1 payload names.
+    fn of_marker(payload: &[u8]) -> Option<Cipher> {
+        match payload {
+            [] => Some(Cipher::ChaChaPoly),
+            [1] => Some(Cipher::AesGcm),
+            _ => None,
+        }
+    }
+}
+
+/// Whether this machine has AES instructions (and carry-less multiply, for
+/// GCM): then it announces AES-256-GCM, and dials with it peers that do.
+pub(crate) fn has_aes_hardware() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("aes")
+            && std::arch::is_x86_feature_detected!("pclmulqdq")
+    }
+    #[cfg(target_arch = "aarch64")]
+    {
+        std::arch::is_aarch64_feature_detected!("aes")
+            && std::arch::is_aarch64_feature_detected!("pmull")
+    }
+    #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+    {
+        false
+    }
+}
 /// The largest handshake message accepted (the three messages are 32 to
 /// 96 bytes with empty payloads; payloads are reserved for later versions).
 pub(crate) const MAX_HANDSHAKE_MESSAGE: usize = 1024;
@@ -56,12 +115,17 @@ impl NoiseKeys {
         }
     }
 
+    #[cfg(any(test, fuzzing))]
     fn state(&self, initiator: bool) -> Result<snow::HandshakeState, snow::Error> {
-        let pattern = if self.psk.is_some() {
-            PATTERN_PSK
-        } else {
-            PATTERN
-        };
+        self.state_with(initiator, Cipher::ChaChaPoly)
+    }
+
+    fn state_with(
+        &self,
+        initiator: bool,
+        cipher: Cipher,
+    ) -> Result<snow::HandshakeState, snow::Error> {
+        let pattern = cipher.pattern(self.psk.is_some());
         let mut b = snow::Builder::new(pattern.parse()?)
             .local_private_key(&self.secret)?
             .prologue(&self.prologue)?;
@@ -112,34 +176,83 @@ async fn read_message(
 async fn write_message(
     tcp: &mut TcpStream,
     hs: &mut snow::HandshakeState,
+    payload: &[u8],
 ) -> Result<(), DownReason> {
     let mut out = [0; 2 + MAX_HANDSHAKE_MESSAGE];
     let n = hs
-        .write_message(&[], &mut out[2..])
+        .write_message(payload, &mut out[2..])
         .map_err(|_| failed("cannot write a handshake message"))?;
     out[..2].copy_from_slice(&(n as u16).to_be_bytes());
     tcp.write_all(&out[..2 + n]).await.map_err(io)
 }
 
-/// Runs the handshake (we are the `initiator` when we dialed), within
-/// `timeout`. Returns the secured stream and the static public key the
-/// peer proved (its id derives from it).
+/// The responder's side of message 1: the handshake state of the cipher
+/// the initiator chose. Without a fleet key message 1 is the initiator's
+/// ephemeral key and its payload in the clear, which names the cipher;
+/// with one it is sealed under the cipher, so each is tried in turn and the
+/// one that opens it must be the one its payload names.
+fn respond(keys: &NoiseKeys, message: &[u8]) -> Result<snow::HandshakeState, DownReason> {
+    let mut payload = [0; MAX_HANDSHAKE_MESSAGE];
+    let named = |n: usize, payload: &[u8]| Cipher::of_marker(&payload[..n]);
+    let start = |c| {
+        keys.state_with(false, c)
+            .map_err(|_| failed("cannot start the handshake"))
+    };
+    if keys.psk.is_none() {
+        let cipher = message
+            .get(32..)
+            .and_then(Cipher::of_marker)
+            .ok_or_else(|| {
+                failed("message 1 names no known cipher, or is sealed with a fleet key")
+            })?;
+        let mut hs = start(cipher)?;
+        hs.read_message(message, &mut payload)
+            .map_err(|_| failed("handshake message failed authentication"))?;
+        return Ok(hs);
+    }
+    for cipher in [Cipher::ChaChaPoly, Cipher::AesGcm] {
+        let mut hs = start(cipher)?;
+        if let Ok(n) = hs.read_message(message, &mut payload) {
+            if named(n, &payload) != Some(cipher) {
+                return Err(failed("message 1 names another cipher"));
+            }
+            return Ok(hs);
+        }
+    }
+    Err(failed("handshake message failed authentication"))
+}
+
+/// Runs the handshake within `timeout`: as the initiator (we dialed) with
+/// the cipher we chose, or as the responder (`None`) with the initiator's.
+/// Returns the secured stream and the static public key the peer proved
+/// (its id derives from it).
 pub(crate) async fn handshake(
     mut tcp: TcpStream,
     keys: &NoiseKeys,
-    initiator: bool,
+    initiator: Option<Cipher>,
     timeout: Duration,
 ) -> Result<(NoiseStream, [u8; 32]), DownReason> {
     let run = async {
-        let mut hs = keys
-            .state(initiator)
-            .map_err(|_| failed("cannot start the handshake"))?;
         let mut buf = [0; MAX_HANDSHAKE_MESSAGE];
         let mut payload = [0; MAX_HANDSHAKE_MESSAGE];
         // XX: -> e; <- e, ee, s, es; -> s, se.
-        for turn in 0..3 {
+        let mut hs = match initiator {
+            Some(cipher) => {
+                let mut hs = keys
+                    .state_with(true, cipher)
+                    .map_err(|_| failed("cannot start the handshake"))?;
+                write_message(&mut tcp, &mut hs, cipher.marker()).await?;
+                hs
+            }
+            None => {
+                let n = read_message(&mut tcp, &mut buf).await?;
+                respond(keys, &buf[..n])?
+            }
+        };
+        let initiator = initiator.is_some();
+        for turn in 1..3 {
             if (turn % 2 == 0) == initiator {
-                write_message(&mut tcp, &mut hs).await?;
+                write_message(&mut tcp, &mut hs, &[]).await?;
             } else {
                 let n = read_message(&mut tcp, &mut buf).await?;
                 hs.read_message(&buf[..n], &mut payload)
@@ -205,33 +318,32 @@ pub(crate) fn run_in_memory(
 #[cfg(any(test, fuzzing))]
 pub(crate) fn respond_to(messages: &[u8], psk: bool) -> bool {
     let keys = NoiseKeys::new([2; 32], psk.then_some([9; 32]), "fuzz");
-    let mut hs = keys.state(false).unwrap();
     let (mut payload, mut out) = (
         [0u8; MAX_HANDSHAKE_MESSAGE],
         [0u8; 2 + MAX_HANDSHAKE_MESSAGE],
     );
     let mut rest = messages;
-    // Read message 1, write message 2, read message 3.
-    for turn in 0..3 {
-        if turn == 1 {
-            if hs.write_message(&[], &mut out).is_err() {
-                return false;
-            }
-            continue;
-        }
-        let Some((len, tail)) = rest.split_first_chunk::<2>() else {
-            return false;
-        };
+    let mut next = || {
+        let (len, tail) = rest.split_first_chunk::<2>()?;
         let len = u16::from_be_bytes(*len) as usize;
         if len == 0 || len > MAX_HANDSHAKE_MESSAGE || tail.len() < len {
-            return false;
-        }
-        if hs.read_message(&tail[..len], &mut payload).is_err() {
-            return false;
+            return None;
         }
         rest = &tail[len..];
+        Some(&tail[..len])
+    };
+    // Read message 1 (which names the cipher), write message 2, read
+    // message 3.
+    let Some(Ok(mut hs)) = next().map(|m| respond(&keys, m)) else {
+        return false;
+    };
+    if hs.write_message(&[], &mut out).is_err() {
+        return false;
     }
-    hs.is_handshake_finished()
+    let Some(m3) = next() else {
+        return false;
+    };
+    hs.read_message(m3, &mut payload).is_ok() && hs.is_handshake_finished()
 }
 
 #[cfg(test)]
@@ -328,6 +440,74 @@ mod tests {
             EXAMPLE_DATAGRAM,
             "docs/PROTOCOL.md §7 must be updated"
         );
+    }
+
+    /// Over a real connection, each cipher with and without a fleet key:
+    /// the acceptor follows the dialer's choice, and records sealed by one
+    /// side open on the other; a payload naming no cipher is refused.
+    #[tokio::test]
+    async fn the_acceptor_takes_the_cipher_the_dialer_chose() {
+        use super::{Cipher, NoiseKeys, handshake};
+        use std::time::Duration;
+        for psk in [None, Some([7; 32])] {
+            for cipher in [Cipher::ChaChaPoly, Cipher::AesGcm] {
+                let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+                let addr = l.local_addr().unwrap();
+                let (a, b) = (
+                    NoiseKeys::new([1; 32], psk, "lamps"),
+                    NoiseKeys::new([2; 32], psk, "lamps"),
+                );
+                let t = Duration::from_secs(2);
+                let accept = async {
+                    let (tcp, _) = l.accept().await.unwrap();
+                    handshake(tcp, &b, None, t).await
+                };
+                let dial = async {
+                    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+                    handshake(tcp, &a, Some(cipher), t).await
+                };
+                let (r, i) = tokio::join!(accept, dial);
+                let (r, i) = (r.unwrap().0, i.unwrap().0);
+                let mut sealed = [0u8; 64];
+                let n = i.keys().write_message(5, b"record", &mut sealed).unwrap();
+                let mut open = [0u8; 64];
+                let m = r.keys().read_message(5, &sealed[..n], &mut open).unwrap();
+                assert_eq!(&open[..m], b"record", "{cipher:?} psk {}", psk.is_some());
+            }
+        }
+        // Message 1 naming an unknown cipher.
+        let b = NoiseKeys::new([2; 32], None, "lamps");
+        let mut bad = vec![0x11; 32];
+        bad.push(7);
+        assert!(super::respond(&b, &bad).is_err());
+        assert!(super::respond(&b, &[0x11; 32]).is_ok());
+    }
+
+    /// A man in the middle that rewrites the dialer's AES-256-GCM choice
+    /// to ChaCha20-Poly1305 (drops message 1's payload) gets no session:
+    /// the protocol name is in the handshake hash, so message 2 fails at
+    /// the dialer.
+    #[test]
+    fn a_cipher_choice_altered_on_the_way_fails_the_handshake() {
+        use super::{Cipher, NoiseKeys, respond};
+        let (a, b) = (
+            NoiseKeys::new([1; 32], None, "lamps"),
+            NoiseKeys::new([2; 32], None, "lamps"),
+        );
+        let mut i = a.state_with(true, Cipher::AesGcm).unwrap();
+        let (mut m1, mut m2, mut out) = ([0u8; 200], [0u8; 200], [0u8; 200]);
+        let n = i.write_message(Cipher::AesGcm.marker(), &mut m1).unwrap();
+        assert_eq!(n, 33);
+        // Unaltered, the acceptor follows and the dialer reads message 2.
+        let mut r = respond(&b, &m1[..n]).unwrap();
+        let k = r.write_message(&[], &mut m2).unwrap();
+        assert!(i.read_message(&m2[..k], &mut out).is_ok());
+        // Altered: the acceptor takes ChaCha, and the dialer refuses.
+        let mut i = a.state_with(true, Cipher::AesGcm).unwrap();
+        let n = i.write_message(Cipher::AesGcm.marker(), &mut m1).unwrap();
+        let mut r = respond(&b, &m1[..n - 1]).unwrap();
+        let k = r.write_message(&[], &mut m2).unwrap();
+        assert!(i.read_message(&m2[..k], &mut out).is_err());
     }
 
     const EXAMPLE_MSG1: &str = "7b4e909bbe7ffe44c465a220037d608ee35897d31ef972f07f74892cb0f73f13";

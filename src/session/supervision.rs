@@ -111,6 +111,9 @@ pub(crate) struct ConnectionParams {
     /// The dialer's offer to resume: the held session's token and what we
     /// received of it.
     pub(crate) offer: Option<(u64, u64)>,
+    /// The dialer's cipher (PROTOCOL.md §6): AES-256-GCM when both ends
+    /// have AES instructions. An acceptor takes the dialer's.
+    pub(crate) cipher: super::noise::Cipher,
     /// The session's token (0: not resumable), the peer's instance and the
     /// grace both sides hold it for, once approved.
     pub(crate) token: u64,

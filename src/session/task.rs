@@ -60,7 +60,7 @@ type Securing = Pin<Box<dyn Future<Output = Result<(NoiseStream, [u8; 32]), Down
 fn secure_or_run(
     node: &Arc<NodeContext>,
     tcp: TcpStream,
-    initiator: bool,
+    initiator: Option<noise::Cipher>,
     timeout: Duration,
 ) -> Phase {
     if node.noise.is_none() {
@@ -118,7 +118,7 @@ impl ConnectionTask {
             Ok(s) => {
                 let session = &new.params.session;
                 tune(&s, session.heartbeat_timeout);
-                secure_or_run(&new.node, s, false, session.handshake_timeout)
+                secure_or_run(&new.node, s, None, session.handshake_timeout)
             }
             Err(connect) => Phase::Connecting(connect),
         };
@@ -189,7 +189,8 @@ impl Future for ConnectionTask {
                         if let Some((token, received)) = c.params.offer {
                             c.session.offer_resume(token, received);
                         }
-                        secure_or_run(&c.node, stream, true, session.handshake_timeout)
+                        let cipher = Some(c.params.cipher);
+                        secure_or_run(&c.node, stream, cipher, session.handshake_timeout)
                     }
                     Poll::Ready(Err(e)) => {
                         debug!(error = %e, "connect failed");

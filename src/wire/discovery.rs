@@ -92,6 +92,9 @@ pub struct Announce {
     pub port: u16,
     /// Small string key/values.
     pub metadata: BTreeMap<String, String>,
+    /// Protocol 2: the sender has AES instructions and takes sessions
+    /// sealed with AES-256-GCM (PROTOCOL.md §6, "Cipher").
+    pub aes_gcm: bool,
 }
 
 /// "I am leaving." Broadcast by a node that stops gracefully.
@@ -136,6 +139,8 @@ struct Body {
     meta: Option<BTreeMap<String, String>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     known: Option<Vec<PeerId>>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    aesgcm: bool,
 }
 
 impl Datagram {
@@ -178,6 +183,7 @@ impl Datagram {
                     port: None,
                     meta: None,
                     known: (!p.known.is_empty()).then(|| p.known.clone()),
+                    aesgcm: false,
                 },
             ),
             Datagram::Announce(a) => (
@@ -191,6 +197,7 @@ impl Datagram {
                     port: Some(a.port),
                     meta: (!a.metadata.is_empty()).then(|| a.metadata.clone()),
                     known: None,
+                    aesgcm: a.aes_gcm,
                 },
             ),
             Datagram::Goodbye(g) => (
@@ -204,6 +211,7 @@ impl Datagram {
                     port: None,
                     meta: None,
                     known: None,
+                    aesgcm: false,
                 },
             ),
         };
@@ -275,6 +283,7 @@ impl Datagram {
                     name,
                     port,
                     metadata,
+                    aes_gcm: body.aesgcm,
                 })
             }
             _ => Datagram::Goodbye(Goodbye {
@@ -307,6 +316,7 @@ mod tests {
             name: "kitchen".into(),
             port: 4242,
             metadata: [("fw".to_owned(), "1.2".to_owned())].into(),
+            aes_gcm: false,
         }
     }
 
@@ -393,7 +403,7 @@ mod tests {
             let id = PeerId::from_u64(id);
             let d = match kind {
                 0 => Datagram::Probe(Probe { service, id, instance, role, known: vec![PeerId::from_u64(id.as_u64() ^ 1)] }),
-                1 => Datagram::Announce(Announce { service, id, instance, role, name, port, metadata: meta }),
+                1 => Datagram::Announce(Announce { service, id, instance, role, name, port, metadata: meta, aes_gcm: id.as_u64().is_multiple_of(2) }),
                 _ => Datagram::Goodbye(Goodbye { service, id, instance }),
             };
             let bytes = d.encode();

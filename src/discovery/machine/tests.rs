@@ -28,6 +28,7 @@ fn cfg(id: u64, role: Role) -> DiscoveryConfig {
         replies_per_source_per_sec: 5,
         limits: DatagramLimits::default(),
         fleet_key: None,
+        aes_gcm: false,
         first_seq: 0,
         static_peers: Vec::new(),
         accept_routed_probes: false,
@@ -64,6 +65,7 @@ fn announce_of(id: u64, instance: u64, role: Role) -> Vec<u8> {
         name: format!("n{id}"),
         port: 7000 + id as u16,
         metadata: BTreeMap::new(),
+        aes_gcm: false,
     })
     .encode()
 }
@@ -556,6 +558,7 @@ fn inbound_session_from_unknown_peer_is_discovered() {
         interface: None,
         role: Role::Controller,
         metadata: BTreeMap::new(),
+        aes_gcm: false,
     };
     d.session_up(now, info.clone());
     assert_eq!(events(&mut d), vec![DiscoveryEvent::Discovered(info)]);
@@ -903,6 +906,7 @@ fn a_peer_that_holds_a_session_with_the_prober_and_is_listed_does_not_answer() {
             interface: Some("veth0".into()),
             role: Role::Peer,
             metadata: BTreeMap::new(),
+            aes_gcm: false,
         },
     );
     transmits(&mut b);

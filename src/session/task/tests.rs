@@ -44,6 +44,7 @@ fn new_connection(
             reports,
             lineage: 7,
             offer: None,
+            cipher: crate::session::noise::Cipher::ChaChaPoly,
             token: 0,
             peer_instance: 0,
             grace: Duration::ZERO,

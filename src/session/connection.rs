@@ -165,6 +165,10 @@ fn write_some(
 
 impl Connection {
     pub(super) fn new(now: Instant, new: NewConnection) -> Connection {
+        let mut session = Session::new(now, new.params.session.clone(), new.params.expected);
+        // The token of a new session, should we accept one that resumes
+        // nothing.
+        session.set_fresh_token(rand::random::<u64>() | 1);
         Connection {
             now,
             read_shift: READ_MIN_SHIFT,
@@ -174,7 +178,7 @@ impl Connection {
             peer: None,
             mailbox: new.mailbox,
             node: new.node,
-            session: Session::new(now, new.params.session.clone(), new.params.expected),
+            session,
             last_write: now,
             params: new.params,
             link: None,

@@ -117,7 +117,12 @@ impl Connection {
         params.peer_instance = a.instance;
         params.grace = a.grace.min(params.session.resume_grace);
         let Some((held, peer_received)) = resume else {
+            // An acceptor whose hello went out already (the dialer offered
+            // no resumption) keeps the token it named.
             self.session.send_hello(now, token, 0);
+            if !params.outbound {
+                params.token = self.session.hello_token();
+            }
             return;
         };
         let Suspended {

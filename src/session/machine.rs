@@ -126,6 +126,9 @@ pub struct Session {
     /// Wire bytes in `unacked` (a piece counts until wholly acknowledged).
     unacked_bytes: usize,
     cfg: std::sync::Arc<SessionConfig>,
+    /// The session token of our hello, once sent; before, as an acceptor
+    /// that resumes, the token a new session gets (see `resume.rs`).
+    token: u64,
     /// When we last pinged.
     last_own_ping: Instant,
     transmits: VecDeque<Frame>,
@@ -211,6 +214,7 @@ impl Session {
             has_transmits: false,
             has_events: false,
             hello_owed: false,
+            token: 0,
             transmits: VecDeque::new(),
             unreported_rtt: None,
             events: VecDeque::new(),
@@ -460,10 +464,13 @@ impl Session {
         self.state = State::Established;
         self.last_ping_or_data = now;
         self.peer = Some(hello.id);
+        let (offer, peer_grace) = (hello.resume, hello.grace_ms);
         self.push_event(SessionEvent::Established(hello));
         // Ping at once: the first RTT sample, and proof of life (after our
         // hello, if it waits for the approval).
-        if !self.hello_owed {
+        if self.hello_owed {
+            self.answer_fresh(now, offer, peer_grace);
+        } else {
             self.send_ping(now);
         }
     }

@@ -52,15 +52,39 @@ impl Session {
         }
     }
 
-    /// As the acceptor, once the supervisor approved the dialer's hello:
-    /// sends ours, naming the session's token (0: not resumable) and, when
-    /// it resumes, what we received on it. Then pings, as a dialer does
-    /// when the hellos are done.
+    /// As an acceptor that resumes sessions: the token a new session gets
+    /// (random, not 0), should the dialer offer no resumption.
+    pub fn set_fresh_token(&mut self, token: u64) {
+        self.token = token;
+    }
+
+    /// The token our hello named (0: not resumable), once sent.
+    pub fn hello_token(&self) -> u64 {
+        if self.hello_owed { 0 } else { self.token }
+    }
+
+    /// The dialer's hello arrived. If it offers no resumption the session is
+    /// new whatever the supervisor decides, so our hello goes at once (with
+    /// the fresh token when the dialer resumes sessions too) instead of
+    /// after the approval.
+    pub(super) fn answer_fresh(&mut self, now: Instant, offer: u64, peer_grace: u64) {
+        if offer == 0 {
+            let token = if peer_grace > 0 { self.token } else { 0 };
+            self.send_hello(now, token, 0);
+        }
+    }
+
+    /// As the acceptor, once the supervisor approved the dialer's hello
+    /// (or at once, see [`Session::answer_fresh`]): sends ours, naming the
+    /// session's token (0: not resumable) and, when it resumes, what we
+    /// received on it. Then pings, as a dialer does when the hellos are
+    /// done. Only the first call counts.
     pub fn send_hello(&mut self, now: Instant, token: u64, received: u64) {
         if !self.hello_owed {
             return;
         }
         self.hello_owed = false;
+        self.token = token;
         let mut hello = Box::new(self.cfg.hello.clone());
         hello.resume = token;
         hello.received = received;

@@ -83,6 +83,35 @@ fn an_acceptor_that_resumes_answers_the_hello_once_approved() {
 }
 
 #[test]
+fn a_dialer_that_offers_nothing_gets_the_acceptors_hello_at_once() {
+    let now = Instant::now();
+    for (dialer_grace, token) in [(30_000, 0x77), (0, 0)] {
+        let mut a = Session::new(
+            now,
+            cfg(1, dialer_grace),
+            Some(crate::peer::PeerId::from_u64(2)),
+        );
+        let mut b = Session::new(now, cfg(2, 30_000), None);
+        b.set_fresh_token(0x77);
+        assert!(b.poll_transmit().is_none());
+        b.handle_frame(now, Frame::Hello(Ok(hello_of(&mut a))));
+        // Before any approval: a new session, whatever the supervisor says.
+        let hb = hello_of(&mut b);
+        assert_eq!(
+            (hb.resume, hb.received),
+            (token, 0),
+            "dialer grace {dialer_grace}"
+        );
+        assert!(matches!(b.poll_transmit(), Some(Frame::Ping { .. })));
+        assert_eq!(b.hello_token(), token);
+        // The approval's hello is then a no-op.
+        b.send_hello(now, 0x99, 5);
+        assert!(b.poll_transmit().is_none());
+        assert_eq!(b.hello_token(), token);
+    }
+}
+
+#[test]
 fn a_resumed_session_sends_again_only_what_the_peer_did_not_receive() {
     let now = Instant::now();
     let pid = crate::peer::PeerId::from_u64(2);

@@ -218,15 +218,20 @@ fn open(
         };
         let n = len - TAG;
         let failed = |_| violation(ProtocolViolation::BadRecord("record failed authentication"));
-        if out.remaining() >= n {
+        // The cipher opens a record in place in its output, so that needs
+        // room for the tag too (with less, snow copies the record to a new
+        // allocation first): the tag's 16 bytes are scratch past the
+        // plaintext.
+        if out.remaining() >= len {
             state
-                .open(record, out.initialize_unfilled_to(n))
+                .open(record, out.initialize_unfilled_to(len))
                 .map_err(failed)?;
             out.advance(n);
         } else {
-            plain.resize(n, 0);
+            plain.resize(len, 0);
             state.open(record, plain).map_err(failed)?;
-            let k = out.remaining();
+            plain.truncate(n);
+            let k = out.remaining().min(n);
             out.put_slice(&plain[..k]);
             plain.advance(k);
         }

@@ -295,14 +295,16 @@ impl Node {
     /// Sends `message` to `peer`, waiting while its outbox is full.
     ///
     /// Returning `Ok` means the message is queued: it is then either
-    /// delivered in order, or, if the session dies first, handed back in
+    /// delivered in order, exactly once (across a cut the peer comes back
+    /// from within [`Config::resume_grace`](crate::Config::resume_grace)
+    /// too), or, if the session ends for good first, handed back in
     /// [`Event::Undelivered`] (never written: certainly not delivered) or
     /// [`Event::Unconfirmed`] (written, not acknowledged: it may have
     /// arrived).
     ///
     /// # Errors
     /// [`Error::NotConnected`] (with the message) when no session with the
-    /// peer is up, [`Error::MessageTooLarge`] when it exceeds our frame
+    /// peer is up or held for it to resume, [`Error::MessageTooLarge`] when it exceeds our frame
     /// limit or the one the peer advertised in its handshake (the error
     /// names the smaller), [`Error::Shutdown`] once [`Node::shutdown`] was
     /// called (the node sends nothing more).
@@ -377,8 +379,9 @@ impl Node {
         self.send_all(serde_json::to_vec(value)?).await
     }
 
-    /// Sends `message` to every peer with a session, waiting for room in each
-    /// outbox in turn. Returns the peers it was queued for (not those whose
+    /// Sends `message` to every peer with a session (peers whose cut session
+    /// is held for resumption included: it waits for them), waiting for
+    /// room in each outbox in turn. Returns the peers it was queued for (not those whose
     /// frame limit is below the message's size).
     ///
     /// # Errors

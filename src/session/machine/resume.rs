@@ -75,7 +75,7 @@ impl Session {
     }
 
     /// As the acceptor, once the supervisor approved the dialer's hello
-    /// (or at once, see [`Session::answer_fresh`]): sends ours, naming the
+    /// (or at once, when the dialer offered no resumption): sends ours, naming the
     /// session's token (0: not resumable) and, when it resumes, what we
     /// received on it. Then pings, as a dialer does when the hellos are
     /// done. Only the first call counts.

@@ -821,9 +821,14 @@ impl Supervisor {
     /// Gives up the session held for `peer` now: its events follow.
     fn give_up_held(&mut self, peer: PeerId) {
         if let Some(h) = self.held.remove(&peer) {
-            let events = self.hand_back(peer, *h);
-            self.owed.extend(events);
+            self.owe_hand_back(peer, *h);
         }
+    }
+
+    /// Hands back what `h` holds, its events pushed by the next `flush`.
+    fn owe_hand_back(&mut self, peer: PeerId, h: Suspended) {
+        let events = self.hand_back(peer, h);
+        self.owed.extend(events);
     }
 
     /// Gives up the held sessions whose grace ran out by `now`.
@@ -860,8 +865,7 @@ impl Supervisor {
     ) {
         let Some(entry) = self.conns.remove(&conn) else {
             if let (Some(p), Some(h)) = (peer, held) {
-                let events = self.hand_back(p, *h);
-                self.owed.extend(events);
+                self.owe_hand_back(p, *h);
             }
             return;
         };
@@ -892,8 +896,7 @@ impl Supervisor {
                     h.until = Some(now + h.grace);
                     debug!(%peer, grace = ?h.grace, "holding the session for the peer to resume");
                     if let Some(old) = self.held.insert(peer, h) {
-                        let events = self.hand_back(peer, *old);
-                        self.owed.extend(events);
+                        self.owe_hand_back(peer, *old);
                     }
                 }
                 if let Some(w) = self.waiting.remove(&peer) {
@@ -935,8 +938,7 @@ impl Supervisor {
                         self.conns.remove(&conn);
                         // Cut just now: not resumed any more.
                         if let (Some(p), Some(h)) = (peer, held) {
-                            let events = self.hand_back(p, *h);
-                            self.owed.extend(events);
+                            self.owe_hand_back(p, *h);
                         }
                     }
                     Some(Report::Handshaken { approve, .. }) => {

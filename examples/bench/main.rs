@@ -5,7 +5,7 @@
 //! cargo run --release --example bench -- lifecycle [--trials N]
 //! cargo run --release --example bench -- rtt [--n N]
 //! cargo run --release --example bench -- throughput [--scale F]
-//! cargo run --release --example bench -- tls [--scale F]
+//! cargo run --release --example bench -- tls [--scale F] [--rounds 1]
 //! cargo run --release --example bench -- scale [--sessions 1000,10000] [--secs 30] [--rounds 1] [--paired [--pin] [--timeout-baseline | --noise]]
 //! cargo run --release --example bench -- discovery [--trials 50]   (namespaces need root)
 //! cargo run --release --example bench -- detect [--trials 20]      (root)
@@ -76,8 +76,8 @@ struct Args {
     /// Seconds of CPU sampling (scale).
     #[arg(long, default_value_t = 30)]
     secs: u64,
-    /// Rounds of the three servers, one after the other (scale): the
-    /// summary gives medians.
+    /// Rounds of the three servers, one after the other (scale), or of
+    /// every row (tls): the summary gives medians.
     #[arg(long, default_value_t = 1)]
     rounds: usize,
     /// Scale: run the raw and the lanbeat server side by side and sample
@@ -134,7 +134,7 @@ fn main() {
             .block_on(lifecycle::lifecycle(args.trials)),
         "rtt" => msg::rtt(args.n),
         "throughput" => msg::throughput(args.scale),
-        "tls" => tls::tls(args.scale),
+        "tls" => tls::tls(args.scale, args.rounds),
         "scale" if args.paired => {
             let pairing = if args.noise {
                 scale::Pairing::Noise

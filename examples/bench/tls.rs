@@ -208,24 +208,62 @@ fn strings(v: &[&str]) -> Vec<String> {
     v.iter().map(|s| s.to_string()).collect()
 }
 
-pub(crate) fn tls(scale: f64) {
+/// One measured row: what, its unit, and rustls AES, rustls ChaCha and
+/// lanbeat.
+type Row = (&'static str, &'static str, f64, f64, f64);
+
+pub(crate) fn tls(scale: f64, rounds: usize) {
     let dir = std::env::temp_dir().join(format!("lanbeat-bench-tls-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     make_cert(&dir);
-    println!("lanbeat (Noise XX, ChaCha20-Poly1305, both sides authenticated) against");
-    println!("tokio-rustls (TLS 1.3, ring, server authenticated only), same loopback,");
-    println!("separate processes; the round trip and connect rows pinned to one CPU\n");
+    println!("lanbeat (Noise XX, both sides authenticated; AES-256-GCM where both ends");
+    println!("have AES instructions) against tokio-rustls (TLS 1.3, ring, server");
+    println!("authenticated only), same loopback, separate processes; the round trip");
+    println!("and connect rows pinned to one CPU. {rounds} round(s), the three taken");
+    println!("in turn within each; the table gives each cell's median (and, over");
+    println!("several rounds, the range of the ratio)\n");
+    let runs: Vec<Vec<Row>> = (0..rounds.max(1)).map(|_| round(&dir, scale)).collect();
     println!(
         "| what | rustls AES-256-GCM | rustls ChaCha20 | lanbeat | vs rustls AES | vs rustls ChaCha |"
     );
     println!("| --- | --- | --- | --- | --- | --- |");
-    let row = |what: &str, aes: f64, chacha: f64, lb: f64, unit: &str| {
+    for (i, &(what, unit, ..)) in runs[0].iter().enumerate() {
+        let col = |f: &dyn Fn(&Row) -> f64| median(runs.iter().map(|r| f(&r[i])).collect());
+        let (aes, chacha, lb) = (col(&|r| r.2), col(&|r| r.3), col(&|r| r.4));
+        let range = |f: &dyn Fn(&Row) -> f64| {
+            let v: Vec<f64> = runs.iter().map(|r| f(&r[i])).collect();
+            if v.len() < 2 {
+                String::new()
+            } else {
+                let lo = v.iter().cloned().fold(f64::INFINITY, f64::min);
+                let hi = v.iter().cloned().fold(0.0, f64::max);
+                format!(" ({lo:.2}–{hi:.2})")
+            }
+        };
         println!(
-            "| {what} | {aes:.2} {unit} | {chacha:.2} {unit} | {lb:.2} {unit} | {:.2}× | {:.2}× |",
+            "| {what} | {aes:.2} {unit} | {chacha:.2} {unit} | {lb:.2} {unit} | {:.2}×{} | {:.2}×{} |",
             lb / aes,
-            lb / chacha
+            range(&|r| r.4 / r.2),
+            lb / chacha,
+            range(&|r| r.4 / r.3),
         );
-    };
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+/// One round of every row.
+fn round(dir: &Path, scale: f64) -> Vec<Row> {
+    let mut rows = Vec::new();
     for (size, n) in [(64usize, 2_000_000.0), (65536, 20_000.0)] {
         let n = ((n * scale) as u64).max(1000).to_string();
         let ss = size.to_string();
@@ -254,8 +292,8 @@ pub(crate) fn tls(scale: f64) {
                 "--unbuffered",
                 &(!buffered).to_string(),
             ]);
-            let aes = rate(&tls_pair(&dir, "sink", &client, false, false));
-            let chacha = rate(&tls_pair(&dir, "sink", &client, true, false));
+            let aes = rate(&tls_pair(dir, "sink", &client, false, false));
+            let chacha = rate(&tls_pair(dir, "sink", &client, true, false));
             let (what, unit) = match (size, buffered) {
                 (64, false) => (
                     "64 B one-way, one write per message (higher is better)",
@@ -265,31 +303,31 @@ pub(crate) fn tls(scale: f64) {
                 (_, false) => ("64 KiB one-way, one write per message", "MB/s"),
                 (_, true) => ("64 KiB one-way, TLS through a BufWriter", "MB/s"),
             };
-            row(what, aes, chacha, lb, unit);
+            rows.push((what, unit, aes, chacha, lb));
         }
     }
     let n = ((50_000.0 * scale) as usize).max(2000).to_string();
     let p50 = |v: &Value| v["p50_us"].as_f64().unwrap();
     let client = strings(&["tls-rtt", "--n", &n]);
-    let aes = p50(&tls_pair(&dir, "echo", &client, false, true));
-    let chacha = p50(&tls_pair(&dir, "echo", &client, true, true));
+    let aes = p50(&tls_pair(dir, "echo", &client, false, true));
+    let chacha = p50(&tls_pair(dir, "echo", &client, true, true));
     let lb = p50(&crate::msg::pair(
         &["lb-echo"],
         &["lb-rtt", "--n", &n],
         true,
         true,
     ));
-    row(
+    rows.push((
         "16 B round trip p50 (lower is better)",
+        "µs",
         aes,
         chacha,
         lb,
-        "µs",
-    );
+    ));
     let n = ((500.0 * scale) as usize).max(100).to_string();
     let client = strings(&["tls-connect", "--n", &n]);
-    let aes = p50(&tls_pair(&dir, "handshake", &client, false, true));
-    let chacha = p50(&tls_pair(&dir, "handshake", &client, true, true));
+    let aes = p50(&tls_pair(dir, "handshake", &client, false, true));
+    let chacha = p50(&tls_pair(dir, "handshake", &client, true, true));
     let mut s = Helper::start(&strings(&["lb-accept"]), Some(0), None);
     let port = s.line();
     let mut c = Helper::start(
@@ -298,12 +336,12 @@ pub(crate) fn tls(scale: f64) {
         None,
     );
     let lb = p50(&serde_json::from_str(&c.line()).unwrap());
-    row(
+    rows.push((
         "connect → ready p50 (lower is better)",
+        "µs",
         aes,
         chacha,
         lb,
-        "µs",
-    );
-    let _ = std::fs::remove_dir_all(&dir);
+    ));
+    rows
 }

@@ -18,7 +18,7 @@ use tracing::{debug, trace, warn};
 use super::datagram::Link;
 use super::machine::{Session, SessionEvent};
 use super::mailbox::Mailbox;
-use super::stream::{Stream, violation_of};
+use super::stream::{RECORD_HEADER, Stream, TAG, violation_of};
 use super::supervision::{ConnectionParams, NewConnection, NodeContext};
 use crate::clock;
 use crate::event::{DownReason, Event, ReplyTo};
@@ -226,12 +226,14 @@ impl Connection {
     }
 
     /// Grows the read size for a busy peer (a read filled it), shrinks it
-    /// back for an idle one.
-    fn adapt_read_size(&mut self, n: usize) {
+    /// back for an idle one: a small read that did not continue a frame
+    /// (one that did is the end of a large message, split across Noise
+    /// records or TCP segments).
+    fn adapt_read_size(&mut self, n: usize, continued: bool) {
         let size = self.read_size();
         if n >= size && size < READ_MAX {
             self.read_shift += 1;
-        } else if n < READ_MIN && size > READ_MIN {
+        } else if n < READ_MIN && size > READ_MIN && !continued {
             self.read_shift = READ_MIN_SHIFT;
         }
     }
@@ -356,9 +358,10 @@ impl Connection {
         false
     }
 
-    /// Reads what the socket has. `Pending` (waker registered) when it has
-    /// nothing; an end of stream or error goes to the machine.
-    fn poll_read(&mut self, cx: &mut Context<'_>, stream: &mut Stream) -> Poll<()> {
+    /// Reads what the socket has; `Ready` with how many bytes. `Pending`
+    /// (waker registered) when it has nothing; an end of stream or error
+    /// goes to the machine.
+    fn poll_read(&mut self, cx: &mut Context<'_>, stream: &mut Stream) -> Poll<usize> {
         let rbuf_empty = self.bufs.as_ref().is_none_or(|b| b.rbuf.is_empty());
         if rbuf_empty && self.read_shift == READ_MIN_SHIFT {
             return self.poll_read_idle(cx, stream);
@@ -367,27 +370,40 @@ impl Connection {
             Poll::Pending => return Poll::Pending,
             Poll::Ready(Err(e)) => {
                 self.session.handle_io_error(e.kind());
-                return Poll::Ready(());
+                return Poll::Ready(0);
             }
             Poll::Ready(Ok(())) => {}
         }
-        // The buffer is allocated only now that there is data.
+        // The buffer is allocated only now that there is data. Under
+        // Noise, with room for a whole record of the read size: a record
+        // that does not fit is opened aside and copied.
         let size = self.read_size();
+        let least = match stream {
+            Stream::Noise(_) => size + RECORD_HEADER + TAG,
+            Stream::Plain(_) => size / 2,
+        };
         let rbuf = &mut self.bufs().rbuf;
-        if rbuf.capacity() - rbuf.len() < size / 2 {
-            rbuf.reserve(size);
+        let continued = !rbuf.is_empty();
+        if rbuf.capacity() - rbuf.len() < least {
+            rbuf.reserve(size.max(least));
         }
         let read = std::pin::pin!(stream.read_buf(rbuf)).poll(cx);
         match read {
-            Poll::Pending => return Poll::Pending,
-            Poll::Ready(Ok(0)) => self.session.handle_eof(),
-            Poll::Ready(Ok(n)) => {
-                self.adapt_read_size(n);
-                self.session.handle_progress(self.now);
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(Ok(0)) => {
+                self.session.handle_eof();
+                Poll::Ready(0)
             }
-            Poll::Ready(Err(e)) => failed(&mut self.session, e),
+            Poll::Ready(Ok(n)) => {
+                self.adapt_read_size(n, continued);
+                self.session.handle_progress(self.now);
+                Poll::Ready(n)
+            }
+            Poll::Ready(Err(e)) => {
+                failed(&mut self.session, e);
+                Poll::Ready(0)
+            }
         }
-        Poll::Ready(())
     }
 
     /// The read of an idle session (nothing buffered, small reads): into
@@ -395,7 +411,7 @@ impl Connection {
     /// what they cannot take (a data frame, a partial frame, what follows
     /// the handshake) is copied to the read buffer. An idle session's ping
     /// then costs no allocation.
-    fn poll_read_idle(&mut self, cx: &mut Context<'_>, stream: &mut Stream) -> Poll<()> {
+    fn poll_read_idle(&mut self, cx: &mut Context<'_>, stream: &mut Stream) -> Poll<usize> {
         let mut stack = [std::mem::MaybeUninit::uninit(); READ_MIN];
         let mut read = ReadBuf::uninit(&mut stack);
         match Pin::new(stream).poll_read(cx, &mut read) {
@@ -404,7 +420,7 @@ impl Connection {
             Poll::Ready(Ok(())) if read.filled().is_empty() => self.session.handle_eof(),
             Poll::Ready(Ok(())) => {
                 let read = read.filled();
-                self.adapt_read_size(read.len());
+                self.adapt_read_size(read.len(), false);
                 let taken = self.decode_control(read);
                 if taken < read.len() {
                     // The start of a frame: progress too.
@@ -416,7 +432,7 @@ impl Connection {
                 }
             }
         }
-        Poll::Ready(())
+        Poll::Ready(read.filled().len())
     }
 
     /// Handles the complete control frames at the front of `read`, up to

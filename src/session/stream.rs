@@ -37,9 +37,11 @@ const OVERHEAD: usize = RECORD_HEADER + TAG;
 /// On a fast path (see [`Stream::set_large_records`]) records are as
 /// large as they may be: a quarter of the sealing calls.
 const RECORD_CHUNK: usize = 16 * 1024;
-/// Most plaintext sealed per write call (so the sealed, unwritten records
-/// stay below 64 KiB plus two records' overhead).
-const WRITE_CHUNK: usize = 64 * 1024;
+/// Most plaintext sealed per write call: two of the largest records (so
+/// the sealed, unwritten records stay below 128 KiB plus their overhead,
+/// and a 64 KiB message with its frame header is one call, not a call
+/// and a tiny remainder).
+const WRITE_CHUNK: usize = 2 * MAX_RECORD_PLAINTEXT;
 /// Reads and writes this small go through the stack.
 const STACK: usize = 512;
 /// Most ciphertext read per call.
@@ -192,9 +194,12 @@ pub(crate) fn violation_of(e: &io::Error) -> Option<ProtocolViolation> {
     e.get_ref()?.downcast_ref::<ProtocolViolation>().cloned()
 }
 
-/// Opens the whole records at the front of `src` into `out`; a record that
-/// does not fit is opened into `plain` (empty on entry), and `out` filled
-/// from it. Returns how many bytes of `src` were used.
+/// Opens the whole records at the front of `src` into `out`. A record that
+/// does not fit is left for the next read once `out` got something, or
+/// else opened into `plain` (empty on entry) and `out` filled from it: a
+/// reader that offers room for whole records gets them opened in place,
+/// one that offers less still gets its bytes. Returns how many bytes of
+/// `src` were used.
 fn open(
     state: &mut Cipher,
     src: &[u8],
@@ -227,6 +232,8 @@ fn open(
                 .open(record, out.initialize_unfilled_to(len))
                 .map_err(failed)?;
             out.advance(n);
+        } else if at > 0 {
+            break;
         } else {
             plain.resize(len, 0);
             state.open(record, plain).map_err(failed)?;
@@ -252,14 +259,18 @@ fn seal_one(state: &mut Cipher, chunk: &[u8], dst: &mut [u8]) -> io::Result<usiz
     Ok(RECORD_HEADER + len)
 }
 
-/// Seals `src` as records at the end of `dst`.
+/// Seals `src` as records at the end of `dst`: as few as the record size
+/// allows, of even length (a 64 KiB message and its frame header, 9 bytes
+/// over the largest record, are two records of 32 KiB, not one of 64 KiB
+/// and one of 26 bytes, which the receiver would have to read apart).
 fn seal(state: &mut Cipher, src: &[u8], dst: &mut BytesMut) -> io::Result<()> {
-    let size = if state.large {
+    let most = if state.large {
         MAX_RECORD_PLAINTEXT
     } else {
         RECORD_CHUNK
     };
-    for chunk in src.chunks(size) {
+    let records = src.len().div_ceil(most).max(1);
+    for chunk in src.chunks(src.len().div_ceil(records).max(1)) {
         let at = dst.len();
         dst.resize(at + OVERHEAD + chunk.len(), 0);
         seal_one(state, chunk, &mut dst[at..])?;

@@ -263,3 +263,48 @@ async fn an_oversized_or_silent_handshake_is_refused() {
     let r = handshake(ta, &keys(1, None, "s"), None, Duration::from_millis(50)).await;
     assert_eq!(handshake_failed(r), DownReason::HandshakeTimeout);
 }
+
+/// The lengths of the records in `wire`.
+fn record_lengths(mut wire: &[u8]) -> Vec<usize> {
+    let mut lens = Vec::new();
+    while wire.len() >= RECORD_HEADER {
+        let len = u16::from_be_bytes([wire[0], wire[1]]) as usize;
+        lens.push(len - TAG);
+        wire = &wire[RECORD_HEADER + len..];
+    }
+    assert!(wire.is_empty());
+    lens
+}
+
+#[tokio::test]
+async fn writes_are_sealed_in_even_records_and_opened_in_place() {
+    let (a, b) = pair().await;
+    let (mut a, mut b) = (a.rec, b.rec);
+    a.state.large = true;
+    // A 64 KiB message and its frame header: two even records, not one
+    // full record and a 26-byte one.
+    let mut wire = bytes::BytesMut::new();
+    a.seal(&vec![3; 65536 + 9], &mut wire).unwrap();
+    assert_eq!(record_lengths(&wire), [32773, 32772]);
+    // On a slow path, records of at most 16 KiB, as even.
+    a.state.large = false;
+    let mut slow = bytes::BytesMut::new();
+    a.seal(&vec![4; 40_000], &mut slow).unwrap();
+    assert_eq!(record_lengths(&slow), [13334, 13334, 13332]);
+    // A reader with room for the first record only gets it opened in place;
+    // the second waits whole for the next read instead of being opened
+    // aside and copied in part.
+    b.feed(&wire);
+    let mut room = vec![std::mem::MaybeUninit::uninit(); 32773 + TAG + 100];
+    let mut out = tokio::io::ReadBuf::uninit(&mut room);
+    b.read_buffered(&mut out).unwrap();
+    assert_eq!(out.filled().len(), 32773);
+    assert!(b.plain.is_empty());
+    assert!(b.inside_record() && b.has_buffered());
+    // A reader whose buffer is smaller than a record still gets bytes.
+    let mut small = [std::mem::MaybeUninit::uninit(); 1000];
+    let mut out = tokio::io::ReadBuf::uninit(&mut small);
+    b.read_buffered(&mut out).unwrap();
+    assert_eq!(out.filled(), &[3; 1000][..]);
+    assert_eq!(b.plain.len(), 32772 - 1000);
+}

@@ -198,7 +198,17 @@ impl Supervisor {
         };
         loop {
             self.flush().await;
-            let deadline = self.disc.poll_timeout();
+            let mut deadline = self.disc.poll_timeout();
+            // Work already due (a dial scheduled for now by the datagram
+            // just handled) is done at once: a timer for it would fire only
+            // at the runtime's next millisecond tick, up to 1 ms later.
+            // Once per turn, so a deadline that stays due cannot spin.
+            let now = clock::now();
+            if deadline.is_some_and(|d| d <= now) {
+                self.disc.handle_timeout(now);
+                self.flush().await;
+                deadline = self.disc.poll_timeout();
+            }
             let expiry = self.held.values().filter_map(|h| h.until).min();
             tokio::select! {
                 cmd = self.commands.recv() => match cmd {

@@ -694,9 +694,21 @@ async fn replies_forged_by_another_peer_complete_no_request() {
     let _serial = SERIAL.lock().await;
     trace();
     let port = free_port();
+    // Mallory (a spec-written client) never answers a ping: a timeout
+    // well past the test's length keeps its session up for the check
+    // below, which is about the replies, not about liveness.
+    let hb = (Duration::from_millis(100), Duration::from_secs(10));
     let ((a, mut ea), (b, mut eb)) = connected_pair(
-        config("forgereply", port).name("a").build().unwrap(),
-        config("forgereply", port).name("b").build().unwrap(),
+        config("forgereply", port)
+            .name("a")
+            .heartbeat(hb.0, hb.1)
+            .build()
+            .unwrap(),
+        config("forgereply", port)
+            .name("b")
+            .heartbeat(hb.0, hb.1)
+            .build()
+            .unwrap(),
     )
     .await;
     let service = format!("t-forgereply-{}", std::process::id());

@@ -358,10 +358,9 @@ impl Connection {
         false
     }
 
-    /// Reads what the socket has; `Ready` with how many bytes. `Pending`
-    /// (waker registered) when it has nothing; an end of stream or error
-    /// goes to the machine.
-    fn poll_read(&mut self, cx: &mut Context<'_>, stream: &mut Stream) -> Poll<usize> {
+    /// Reads what the socket has. `Pending` (waker registered) when it has
+    /// nothing; an end of stream or error goes to the machine.
+    fn poll_read(&mut self, cx: &mut Context<'_>, stream: &mut Stream) -> Poll<()> {
         let rbuf_empty = self.bufs.as_ref().is_none_or(|b| b.rbuf.is_empty());
         if rbuf_empty && self.read_shift == READ_MIN_SHIFT {
             return self.poll_read_idle(cx, stream);
@@ -370,7 +369,7 @@ impl Connection {
             Poll::Pending => return Poll::Pending,
             Poll::Ready(Err(e)) => {
                 self.session.handle_io_error(e.kind());
-                return Poll::Ready(0);
+                return Poll::Ready(());
             }
             Poll::Ready(Ok(())) => {}
         }
@@ -389,21 +388,15 @@ impl Connection {
         }
         let read = std::pin::pin!(stream.read_buf(rbuf)).poll(cx);
         match read {
-            Poll::Pending => Poll::Pending,
-            Poll::Ready(Ok(0)) => {
-                self.session.handle_eof();
-                Poll::Ready(0)
-            }
+            Poll::Pending => return Poll::Pending,
+            Poll::Ready(Ok(0)) => self.session.handle_eof(),
             Poll::Ready(Ok(n)) => {
                 self.adapt_read_size(n, continued);
                 self.session.handle_progress(self.now);
-                Poll::Ready(n)
             }
-            Poll::Ready(Err(e)) => {
-                failed(&mut self.session, e);
-                Poll::Ready(0)
-            }
+            Poll::Ready(Err(e)) => failed(&mut self.session, e),
         }
+        Poll::Ready(())
     }
 
     /// The read of an idle session (nothing buffered, small reads): into
@@ -411,7 +404,7 @@ impl Connection {
     /// what they cannot take (a data frame, a partial frame, what follows
     /// the handshake) is copied to the read buffer. An idle session's ping
     /// then costs no allocation.
-    fn poll_read_idle(&mut self, cx: &mut Context<'_>, stream: &mut Stream) -> Poll<usize> {
+    fn poll_read_idle(&mut self, cx: &mut Context<'_>, stream: &mut Stream) -> Poll<()> {
         let mut stack = [std::mem::MaybeUninit::uninit(); READ_MIN];
         let mut read = ReadBuf::uninit(&mut stack);
         match Pin::new(stream).poll_read(cx, &mut read) {
@@ -432,7 +425,7 @@ impl Connection {
                 }
             }
         }
-        Poll::Ready(read.filled().len())
+        Poll::Ready(())
     }
 
     /// Handles the complete control frames at the front of `read`, up to

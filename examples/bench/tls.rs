@@ -228,15 +228,20 @@ pub(crate) fn tls(scale: f64, rounds: usize) {
     );
     println!("| --- | --- | --- | --- | --- | --- |");
     for (i, &(what, unit, ..)) in runs[0].iter().enumerate() {
-        let col = |f: &dyn Fn(&Row) -> f64| median(runs.iter().map(|r| f(&r[i])).collect());
-        let (aes, chacha, lb) = (col(&|r| r.2), col(&|r| r.3), col(&|r| r.4));
+        // One value of the row per round.
+        let per_round = |f: &dyn Fn(&Row) -> f64| runs.iter().map(|r| f(&r[i])).collect();
+        let (aes, chacha, lb) = (
+            median(per_round(&|r| r.2)),
+            median(per_round(&|r| r.3)),
+            median(per_round(&|r| r.4)),
+        );
         let range = |f: &dyn Fn(&Row) -> f64| {
-            let v: Vec<f64> = runs.iter().map(|r| f(&r[i])).collect();
+            let v: Vec<f64> = per_round(f);
+            let lo = v.iter().cloned().fold(f64::INFINITY, f64::min);
+            let hi = v.iter().cloned().fold(0.0, f64::max);
             if v.len() < 2 {
                 String::new()
             } else {
-                let lo = v.iter().cloned().fold(f64::INFINITY, f64::min);
-                let hi = v.iter().cloned().fold(0.0, f64::max);
                 format!(" ({lo:.2}–{hi:.2})")
             }
         };

@@ -278,6 +278,22 @@ impl Entry {
     }
 }
 
+/// The earliest expiry and the earliest dial among the peers without a
+/// session (the field `soonest` of `Discovery`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Soonest {
+    expire: Option<Instant>,
+    dial: Option<Instant>,
+}
+
+/// `a` or `b`, whichever is earlier (`None` is never).
+fn earliest(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
 /// The discovery state of one node.
 #[derive(Debug)]
 pub struct Discovery {
@@ -290,6 +306,15 @@ pub struct Discovery {
     /// for deadlines on every turn of the node's task cost each session's
     /// heartbeat about three cache misses.
     unconnected: PeerSet,
+    /// Lower bounds of the unconnected peers' deadlines, so that
+    /// `poll_timeout` (asked on every turn of the node's task) does not
+    /// scan them. A change that makes a deadline earlier folds it in
+    /// (`fold`); one that makes it later, or removes a peer, leaves the
+    /// bound as it is, which can only wake the node early: the turn then
+    /// finds nothing due, and `handle_timeout`, which looks at every peer
+    /// anyway, computes the bounds afresh. With thousands of peers that
+    /// came and went, the scan was a quarter of an accepting node's time.
+    soonest: Soonest,
     probe_interval: Duration,
     next_probe: Option<Instant>,
     /// When we last probed.
@@ -341,6 +366,7 @@ impl Discovery {
             targets: Vec::new(),
             peers: PeerMap::default(),
             unconnected: PeerSet::default(),
+            soonest: Soonest::default(),
             next_probe: None,
             last_probe: None,
             buckets: HashMap::new(),
@@ -416,14 +442,18 @@ impl Discovery {
         if let (Some(auth), Some(seq)) = (&mut self.auth, seq) {
             auth.accept(datagram.id(), seq)?;
         }
-        match datagram {
+        let id = datagram.id();
+        let handled = match datagram {
             Datagram::Probe(p) => self.handle_probe(now, src, &p),
             Datagram::Announce(a) => self.handle_announce(now, src, interface, a),
             Datagram::Goodbye(g) => {
                 self.handle_goodbye(&g);
                 Ok(())
             }
-        }
+        };
+        // A new peer, or a dial set for now.
+        self.fold(id);
+        handled
     }
 
     fn pairs_with(&self, role: Role) -> bool {
@@ -584,6 +614,9 @@ impl Discovery {
         let expiry = self.cfg.peer_expiry;
         let mut lost = Vec::new();
         let mut due = Vec::new();
+        // The deadlines of the peers that stay, found on the way (those
+        // of due dials below, once it is known which wait).
+        let mut soonest = Soonest::default();
         for id in &self.unconnected {
             let Some(e) = self.peers.get(id) else {
                 continue;
@@ -593,15 +626,22 @@ impl Discovery {
             }
             if now >= e.last_heard + expiry {
                 lost.push(*id);
-            } else if e.next_dial.is_some_and(|t| now >= t) {
-                due.push((!e.verified, e.next_dial, *id));
+                continue;
+            }
+            soonest.expire = earliest(soonest.expire, Some(e.last_heard + expiry));
+            match e.next_dial {
+                Some(t) if now >= t => due.push((!e.verified, t, *id)),
+                later => soonest.dial = earliest(soonest.dial, later),
             }
         }
         // As many dials as the rate allows; peers heard twice first, then
         // the longest waiting. The others stay due.
         due.sort();
-        for (_, _, id) in due {
+        let mut due = due.into_iter();
+        let mut waits = None;
+        for (_, t, id) in due.by_ref() {
             if !self.admission.take_dial(now) {
+                waits = Some(t);
                 break;
             }
             if let Some(e) = self.peers.get_mut(&id) {
@@ -611,6 +651,9 @@ impl Discovery {
                 self.events.push_back(DiscoveryEvent::Dial(e.info.clone()));
             }
         }
+        let waits = earliest(waits, due.map(|(_, t, _)| t).min());
+        soonest.dial = earliest(soonest.dial, waits);
+        self.soonest = soonest;
         lost.sort();
         for id in lost {
             self.forget(id);
@@ -636,6 +679,18 @@ impl Discovery {
                 .iter()
                 .all(|id| self.peers.contains_key(id))
         );
+        // The bounds are never later than the deadlines.
+        {
+            let s = self.soonest;
+            let now = self.scan_deadlines();
+            let never_later = |bound: Option<Instant>, at: Option<Instant>| match (bound, at) {
+                (Some(b), Some(a)) => b <= a,
+                (None, a) => a.is_none(),
+                (Some(_), None) => true,
+            };
+            assert!(never_later(s.expire, now.expire), "{s:?} {now:?}");
+            assert!(never_later(s.dial, now.dial), "{s:?} {now:?}");
+        }
     }
 
     /// The entries of the peers without a session.
@@ -651,20 +706,44 @@ impl Discovery {
         }
     }
 
-    /// When [`Discovery::handle_timeout`] next has work.
+    /// When [`Discovery::handle_timeout`] next has work (possibly a
+    /// little early, never late).
     #[must_use]
     pub fn poll_timeout(&self) -> Option<Instant> {
+        #[cfg(test)]
+        self.check_invariants();
+        let soonest = self.soonest;
         // A due dial waits for the dial rate's next token.
-        let token = self.admission.next_dial();
-        let peers = self
-            .unconnected_entries()
+        let dial = match (soonest.dial, self.admission.next_dial()) {
+            (Some(d), Some(t)) => Some(d.max(t)),
+            (d, _) => d,
+        };
+        earliest(self.next_probe, earliest(soonest.expire, dial))
+    }
+
+    /// The earliest expiry and dial of the peers without a session, by
+    /// looking at every one.
+    fn scan_deadlines(&self) -> Soonest {
+        self.unconnected_entries()
             .filter(|e| e.session == SessionState::None)
-            .map(|e| {
-                let expire = e.last_heard + self.cfg.peer_expiry;
-                let dial = e.next_dial.map(|d| token.map_or(d, |t| d.max(t)));
-                dial.map_or(expire, |d| d.min(expire))
-            });
-        self.next_probe.into_iter().chain(peers).min()
+            .fold(Soonest::default(), |s, e| Soonest {
+                expire: earliest(s.expire, Some(e.last_heard + self.cfg.peer_expiry)),
+                dial: earliest(s.dial, e.next_dial),
+            })
+    }
+
+    /// Folds `id`'s deadlines into the bounds, after a change that may
+    /// have made one of them earlier.
+    fn fold(&mut self, id: PeerId) {
+        let (s, Some(e)) = (self.soonest, self.peers.get(&id)) else {
+            return;
+        };
+        if e.session == SessionState::None {
+            self.soonest = Soonest {
+                expire: earliest(s.expire, Some(e.last_heard + self.cfg.peer_expiry)),
+                dial: earliest(s.dial, e.next_dial),
+            };
+        }
     }
 
     /// The next datagram to send.
@@ -703,6 +782,7 @@ impl Discovery {
         if let Some(e) = self.peers.get_mut(&id) {
             e.next_dial = Some(at);
         }
+        self.fold(id);
     }
 
     /// A session with `info.id` came up (either direction). An unknown peer
@@ -773,6 +853,8 @@ impl Discovery {
                 }
             }
         }
+        // Unconnected again: its expiry (and dial) count.
+        self.fold(id);
     }
 
     /// Queues goodbyes on every target (only for roles that announce).

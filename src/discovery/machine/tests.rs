@@ -208,6 +208,8 @@ fn announce_discovers_and_the_smaller_id_dials() {
         &events(&mut big)[..],
         [DiscoveryEvent::Discovered(_)]
     ));
+    // The dial is due at once: the node's task is woken for it.
+    assert!(small.poll_timeout().is_some_and(|t| t <= now));
     small.handle_timeout(now);
     big.handle_timeout(now);
     assert!(
@@ -218,6 +220,41 @@ fn announce_discovers_and_the_smaller_id_dials() {
         small.peers().next().unwrap().0.interface.as_deref(),
         Some("veth0")
     );
+}
+
+#[test]
+fn dials_beyond_the_rate_wait_for_its_next_token() {
+    let now = Instant::now();
+    let mut c = cfg(1, Role::Peer);
+    c.dials_per_sec = 2;
+    let mut d = Discovery::new(c, 1);
+    d.set_targets(now, vec![target(1)]);
+    for id in 2..5u64 {
+        d.handle_datagram(
+            now,
+            addr(id as u8, 999),
+            &announce_of(id, id * 1000, Role::Peer),
+        )
+        .unwrap();
+    }
+    events(&mut d);
+    let dials = |d: &mut Discovery| {
+        events(d)
+            .iter()
+            .filter(|e| matches!(e, DiscoveryEvent::Dial(_)))
+            .count()
+    };
+    d.handle_timeout(now);
+    assert_eq!(dials(&mut d), 2, "a burst of the rate");
+    // The third is dialed when the rate allows (a token in 0.5 s), not at
+    // some later probe.
+    let mut t = now;
+    while dials(&mut d) == 0 {
+        t = d.poll_timeout().unwrap();
+        assert!(t < now + 600 * MS, "still waiting at {:?}", t - now);
+        d.handle_timeout(t);
+    }
+    assert!(t >= now + 499 * MS, "{:?}", t - now);
 }
 
 #[test]

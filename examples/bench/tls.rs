@@ -157,7 +157,8 @@ pub(crate) async fn child(role: &str, args: &[String]) -> bool {
         }
         "lb-connect" => {
             // A spec-written protocol-2 client: connect, Noise handshake,
-            // hellos; ready once the node's hello arrived.
+            // hellos; ready once the node's hello arrived. With lanbeat's
+            // primitives (its X25519), as a lanbeat dialer would have.
             let port: u16 = arg(args, "--port");
             let n: usize = arg(args, "--n");
             let mut samples = Vec::with_capacity(n);
@@ -168,9 +169,15 @@ pub(crate) async fn child(role: &str, args: &[String]) -> bool {
                 let t0 = Instant::now();
                 let tcp = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
                 tcp.set_nodelay(true).unwrap();
-                let mut conn = noise::handshake(tcp, "tls-bench", &secret, true)
-                    .await
-                    .unwrap();
+                let mut conn = noise::handshake_with(
+                    tcp,
+                    "tls-bench",
+                    &secret,
+                    true,
+                    lanbeat::session::noise_builder,
+                )
+                .await
+                .unwrap();
                 conn.exchange_hellos(&hello).await;
                 samples.push(t0.elapsed());
             }

@@ -7,6 +7,7 @@
 //! | `connection.rs` | the running phase: the per-frame loop |
 //! | `lifecycle.rs` | what runs once per connection: dial, approval, end |
 //! | `noise.rs` | protocol 2's Noise handshake (with `snow`) |
+//! | `curve.rs` | X25519 for it from aws-lc-rs (the `aws-lc` feature) |
 //! | `stream.rs` | the stream frames run on: plaintext TCP, or Noise records |
 //! | `mailbox.rs` | what a connection shares with its node (outbox, close request, RTT, deadline) |
 //! | `outbox.rs` | how the outbox stores messages (small ones encoded as sent) |
@@ -16,6 +17,8 @@
 //! | `timer.rs` | one timer wheel for all the sessions of a node |
 
 mod connection;
+#[cfg(feature = "aws-lc")]
+mod curve;
 pub(crate) mod datagram;
 pub(crate) mod lifecycle;
 pub mod machine;
@@ -28,3 +31,9 @@ pub(crate) mod stream;
 pub(crate) mod supervision;
 pub(crate) mod task;
 pub(crate) mod timer;
+
+/// The `snow` builder this crate's handshakes use (X25519 from aws-lc-rs
+/// with the `aws-lc` feature), for the benchmark's protocol client, which
+/// stands for a lanbeat dialer. Not part of the stable API.
+#[doc(hidden)]
+pub use noise::builder as noise_builder;

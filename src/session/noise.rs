@@ -76,6 +76,19 @@ pub(crate) fn has_aes_hardware() -> bool {
         false
     }
 }
+/// The `snow` builder of every handshake: snow's primitives, but X25519
+/// from aws-lc-rs with the `aws-lc` feature.
+#[cfg(feature = "aws-lc")]
+pub fn builder(params: snow::params::NoiseParams) -> snow::Builder<'static> {
+    super::curve::builder(params)
+}
+
+/// The `snow` builder of every handshake: snow's primitives.
+#[cfg(not(feature = "aws-lc"))]
+pub fn builder(params: snow::params::NoiseParams) -> snow::Builder<'static> {
+    snow::Builder::new(params)
+}
+
 /// The largest handshake message accepted (the three messages are 32 to
 /// 96 bytes with empty payloads; payloads are reserved for later versions).
 pub(crate) const MAX_HANDSHAKE_MESSAGE: usize = 1024;
@@ -126,7 +139,7 @@ impl NoiseKeys {
         cipher: Cipher,
     ) -> Result<snow::HandshakeState, snow::Error> {
         let pattern = cipher.pattern(self.psk.is_some());
-        let mut b = snow::Builder::new(pattern.parse()?)
+        let mut b = builder(pattern.parse()?)
             .local_private_key(&self.secret)?
             .prologue(&self.prologue)?;
         if let Some(psk) = &self.psk {

@@ -662,8 +662,9 @@ impl Discovery {
         }
     }
 
-    /// Checks that `unconnected` holds exactly the peers without a session
-    /// (for tests and fuzzing).
+    /// Checks that `unconnected` holds exactly the peers without a session,
+    /// and that the kept deadline bounds are never later than the
+    /// deadlines (for tests and fuzzing).
     #[doc(hidden)]
     pub fn check_invariants(&self) {
         for (id, e) in &self.peers {

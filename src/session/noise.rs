@@ -76,6 +76,7 @@ pub(crate) fn has_aes_hardware() -> bool {
         false
     }
 }
+
 /// The `snow` builder of every handshake: snow's primitives, but X25519
 /// from aws-lc-rs with the `aws-lc` feature.
 #[cfg(feature = "aws-lc")]

@@ -88,7 +88,13 @@ fn probe_with(id: u64, instance: u64) -> Vec<u8> {
 }
 
 fn started(id: u64, role: Role, now: Instant) -> Discovery {
-    let mut d = Discovery::new(cfg(id, role), id);
+    started_with(cfg(id, role), now)
+}
+
+/// Node `c.id` started with the settings `c` on its one target.
+fn started_with(c: DiscoveryConfig, now: Instant) -> Discovery {
+    let id = c.id.as_u64();
+    let mut d = Discovery::new(c, id);
     d.set_targets(now, vec![target(id as u8)]);
     d
 }
@@ -227,8 +233,7 @@ fn dials_beyond_the_rate_wait_for_its_next_token() {
     let now = Instant::now();
     let mut c = cfg(1, Role::Peer);
     c.dials_per_sec = 2;
-    let mut d = Discovery::new(c, 1);
-    d.set_targets(now, vec![target(1)]);
+    let mut d = started_with(c, now);
     for id in 2..5u64 {
         d.handle_datagram(
             now,
@@ -396,8 +401,7 @@ fn an_announce_flood_neither_locks_out_a_real_peer_nor_drives_dials() {
     let t0 = Instant::now();
     let mut cfg = cfg(1, Role::Peer);
     cfg.max_peers = 64;
-    let mut d = Discovery::new(cfg, 1);
-    d.set_targets(t0, vec![target(1)]);
+    let mut d = started_with(cfg, t0);
     let (mut discovered, mut dials, mut held) = (0, 0, 0);
     let mut real_dialed = None;
     let real = 999_999u64;
@@ -730,8 +734,7 @@ fn a_flood_from_one_address_cannot_push_out_another_addresss_candidate() {
     let t0 = Instant::now();
     let mut cfg = cfg(1, Role::Peer);
     cfg.max_peers = 16;
-    let mut d = Discovery::new(cfg, 1);
-    d.set_targets(t0, vec![target(1)]);
+    let mut d = started_with(cfg, t0);
     let mut fake = 10_000u64;
     let mut flood = |d: &mut Discovery, n: u32, at: Instant| {
         for _ in 0..n {

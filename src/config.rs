@@ -208,6 +208,13 @@ pub struct Config {
     /// Events that may wait for the application. When full, sessions stop
     /// reading (TCP pushes back on the sender). Default: 4096.
     pub event_capacity: usize,
+    /// Bytes of messages (message, request and handed-back bodies) that may
+    /// wait for the application: the queue is full from this many on, as at
+    /// `event_capacity` events, so waiting messages hold at most this plus
+    /// one message. It also keeps an application that shares a
+    /// current-thread runtime with its sessions from falling far behind
+    /// them. Default: 8 MiB.
+    pub event_capacity_bytes: usize,
     /// Most sessions at once; more are refused. Default: 1024.
     pub max_sessions: usize,
     /// Most connections still in their handshake; more are refused at once.
@@ -278,6 +285,7 @@ impl Config {
             max_unacked: 4096,
             max_unacked_bytes: 8 << 20,
             event_capacity: 4096,
+            event_capacity_bytes: 8 << 20,
             max_sessions: 1024,
             max_handshakes: 64,
             max_dials_per_sec: 20,
@@ -377,6 +385,7 @@ impl Config {
             ("max_unacked", self.max_unacked),
             ("max_unacked_bytes", self.max_unacked_bytes),
             ("event_capacity", self.event_capacity),
+            ("event_capacity_bytes", self.event_capacity_bytes),
             ("max_sessions", self.max_sessions),
             ("max_handshakes", self.max_handshakes),
             ("max_dials_per_sec", self.max_dials_per_sec as usize),
@@ -704,6 +713,10 @@ impl ConfigBuilder {
     setter!(
         /// Sets [`Config::event_capacity`].
         event_capacity: usize
+    );
+    setter!(
+        /// Sets [`Config::event_capacity_bytes`].
+        event_capacity_bytes: usize
     );
     setter!(
         /// Sets [`Config::max_sessions`].

@@ -128,8 +128,8 @@ pub fn session(data: &[u8]) {
                 'frames: while frames.fill(&mut rbuf, MAX_FRAME) {
                     for decoded in frames.by_ref() {
                         match decoded {
-                            Ok(Frame::Data(_)) => {
-                                s.handle_data(now);
+                            Ok(Frame::Data(d)) => {
+                                s.handle_data(now, d.len());
                             }
                             Ok(f) => {
                                 s.handle_frame(now, f);
@@ -144,7 +144,7 @@ pub fn session(data: &[u8]) {
                 }
             }
             7 => {
-                s.handle_data(now);
+                s.handle_data(now, 16);
             }
             2 => {
                 let h = hello(

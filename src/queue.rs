@@ -44,6 +44,15 @@ pub(crate) trait Store: Default {
             self.push(item);
         }
     }
+    /// Whether it takes no more items: at `capacity` items, or at a bound
+    /// of its own (the event store's bytes).
+    fn is_full(&self, capacity: usize) -> bool {
+        self.len() >= capacity
+    }
+    /// How many of the first of `items` it takes now.
+    fn fitting(&self, items: &VecDeque<Self::Item>, capacity: usize) -> usize {
+        items.len().min(capacity.saturating_sub(self.len()))
+    }
     /// Takes everything, oldest first.
     #[cfg(test)]
     fn take_all(&mut self) -> Vec<Self::Item>;
@@ -122,9 +131,15 @@ impl<S> Queue<S> {
 impl<S: Store> Queue<S> {
     /// An empty queue that holds up to `capacity` items.
     pub(crate) fn new(capacity: usize) -> Self {
+        Self::with_store(capacity, S::default())
+    }
+
+    /// A queue of up to `capacity` items in `items` (empty), which may
+    /// bound them further (see [`Store::is_full`]).
+    pub(crate) fn with_store(capacity: usize, items: S) -> Self {
         Queue {
             inner: Mutex::new(Inner {
-                items: S::default(),
+                items,
                 closed: false,
                 discard: false,
                 consumer: None,
@@ -204,7 +219,7 @@ impl<S: Store> Queue<S> {
         if q.closed {
             return Err(PushError::Closed(item));
         }
-        if q.items.len() >= self.capacity {
+        if q.items.is_full(self.capacity) {
             return Err(PushError::Full(item));
         }
         put(&mut q.items, item);
@@ -277,7 +292,7 @@ impl<S: Store> Queue<S> {
         if q.closed {
             return !items.is_empty();
         }
-        let n = items.len().min(self.capacity.saturating_sub(q.items.len()));
+        let n = q.items.fitting(items, self.capacity);
         q.items.push_from(items, n);
         let consumer = if n > 0 {
             self.take_waiting(&mut q)
@@ -303,7 +318,7 @@ impl<S: Store> Queue<S> {
         room.as_mut().enable();
         {
             let q = self.lock();
-            if q.items.len() < self.capacity || q.closed || q.discard {
+            if !q.items.is_full(self.capacity) || q.closed || q.discard {
                 return;
             }
         }
@@ -321,7 +336,7 @@ impl<S: Store> Queue<S> {
         f: impl FnOnce(&mut S) -> R,
     ) -> (R, bool) {
         let mut q = self.lock();
-        let before = q.items.len();
+        let (before, was_full) = (q.items.len(), q.items.is_full(self.capacity));
         let r = f(&mut q.items);
         let left = q.items.len();
         let closed = q.closed && left == 0;
@@ -335,7 +350,7 @@ impl<S: Store> Queue<S> {
             self.idle.store(q.waiting, Ordering::Release);
         }
         drop(q);
-        if before >= self.capacity && left < before {
+        if was_full && left < before {
             self.room.notify_waiters();
         }
         (r, closed)
@@ -430,6 +445,34 @@ impl<S: Store> Queue<S> {
     }
 }
 
+/// A store whose items can all move to a `VecDeque` at once (the event
+/// queue's).
+pub(crate) trait TakeAll: Store {
+    /// Moves every item to the back of `into`, oldest first.
+    fn take_into(&mut self, into: &mut VecDeque<Self::Item>);
+}
+
+impl<T> TakeAll for VecDeque<T> {
+    fn take_into(&mut self, into: &mut VecDeque<T>) {
+        if into.is_empty() {
+            // No item is copied.
+            std::mem::swap(self, into);
+        } else {
+            into.extend(self.drain(..));
+        }
+    }
+}
+
+impl<S: TakeAll> Queue<S> {
+    /// Moves everything queued to the back of `into` (swapping buffers when
+    /// `into` is empty, so no item is copied) and returns whether the queue
+    /// is closed (then nothing more will come). With a `waker`, registers it
+    /// as [`Queue::consume`] does.
+    pub(crate) fn take_all(&self, into: &mut VecDeque<S::Item>, waker: Option<&Waker>) -> bool {
+        self.consume(waker, |items| items.take_into(into)).1
+    }
+}
+
 impl<T> Queue<VecDeque<T>> {
     /// Moves up to `max` items to `f`, oldest first. Returns how many, and
     /// whether the queue is closed (then nothing more will come).
@@ -440,21 +483,6 @@ impl<T> Queue<VecDeque<T>> {
             items.drain(..n).for_each(f);
             n
         })
-    }
-
-    /// Moves everything queued to the back of `into` (swapping buffers when
-    /// `into` is empty, so no item is copied) and returns whether the queue
-    /// is closed (then nothing more will come). With a `waker`, registers it
-    /// as [`Queue::consume`] does.
-    pub(crate) fn take_all(&self, into: &mut VecDeque<T>, waker: Option<&Waker>) -> bool {
-        let ((), closed) = self.consume(waker, |items| {
-            if into.is_empty() {
-                std::mem::swap(items, into);
-            } else {
-                into.extend(items.drain(..));
-            }
-        });
-        closed
     }
 }
 

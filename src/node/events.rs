@@ -7,7 +7,107 @@ use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 
 use crate::event::Event;
-use crate::queue::Queue;
+use crate::queue::{Queue, Store, TakeAll};
+
+/// The node's event queue: bounded in events (`Config::event_capacity`)
+/// and in the bytes of the messages they carry
+/// (`Config::event_capacity_bytes`).
+pub(crate) type EventQueue = Queue<EventStore>;
+
+/// The events waiting for the application, and the message bytes among
+/// them.
+///
+/// Why bytes too: a count alone let 4096 messages of a megabyte wait (4
+/// GiB); and a session that can always deliver never waits, so on a
+/// current-thread runtime the application's task (polled between batches
+/// of ready tasks) fell behind by hundreds of megabytes and stalled for
+/// 100 ms and more at a time. At the byte bound a session stops reading
+/// and waits for room (TCP pushes back on the sender), and the application
+/// runs.
+#[derive(Debug)]
+pub(crate) struct EventStore {
+    items: VecDeque<Event>,
+    /// Message bytes in `items` (see [`weight`]).
+    bytes: usize,
+    /// Full at this many bytes or more (so a single larger message still
+    /// gets in when the queue is below it).
+    max_bytes: usize,
+}
+
+impl EventStore {
+    /// An empty store, full from `max_bytes` of messages on.
+    pub(crate) fn new(max_bytes: usize) -> EventStore {
+        EventStore {
+            items: VecDeque::new(),
+            bytes: 0,
+            max_bytes,
+        }
+    }
+}
+
+impl Default for EventStore {
+    /// Bounded in events only.
+    fn default() -> Self {
+        EventStore::new(usize::MAX)
+    }
+}
+
+/// The message bytes an event holds.
+fn weight(e: &Event) -> usize {
+    match e {
+        Event::Message { data, .. } => data.len(),
+        Event::Request { body, .. } => body.len(),
+        Event::Unconfirmed { messages, .. } | Event::Undelivered { messages, .. } => {
+            messages.iter().map(|m| m.len()).sum()
+        }
+        _ => 0,
+    }
+}
+
+impl Store for EventStore {
+    type Item = Event;
+
+    fn len(&self) -> usize {
+        self.items.len()
+    }
+
+    fn push(&mut self, item: Event) {
+        self.bytes += weight(&item);
+        self.items.push_back(item);
+    }
+
+    fn push_from(&mut self, items: &mut VecDeque<Event>, n: usize) {
+        self.bytes += items.iter().take(n).map(weight).sum::<usize>();
+        self.items.push_from(items, n);
+    }
+
+    fn is_full(&self, capacity: usize) -> bool {
+        self.items.len() >= capacity || self.bytes >= self.max_bytes
+    }
+
+    fn fitting(&self, items: &VecDeque<Event>, capacity: usize) -> usize {
+        let (mut n, mut bytes) = (0, self.bytes);
+        let most = capacity.saturating_sub(self.items.len()).min(items.len());
+        while n < most && bytes < self.max_bytes {
+            bytes += weight(&items[n]);
+            n += 1;
+        }
+        n
+    }
+
+    #[cfg(test)]
+    fn take_all(&mut self) -> Vec<Event> {
+        self.bytes = 0;
+        std::mem::take(&mut self.items).into()
+    }
+}
+
+impl TakeAll for EventStore {
+    fn take_into(&mut self, into: &mut VecDeque<Event>) {
+        self.bytes = 0;
+        self.items.take_into(into);
+    }
+}
 
 /// The node's events, in order. See [`Event`].
 ///
@@ -15,7 +115,7 @@ use crate::queue::Queue;
 /// (sessions keep running).
 #[derive(Debug)]
 pub struct Events {
-    queue: Arc<Queue<VecDeque<Event>>>,
+    queue: Arc<EventQueue>,
     /// Taken from the queue in one batch, not yet handed out.
     local: VecDeque<Event>,
     closed: bool,
@@ -131,7 +231,7 @@ impl Drop for Events {
 
 /// Closes the event queue when the node's task ends, however it ends, so
 /// that [`Events::recv`] returns `None` instead of waiting for ever.
-pub(crate) struct CloseOnDrop(pub(crate) Arc<Queue<VecDeque<Event>>>);
+pub(crate) struct CloseOnDrop(pub(crate) Arc<EventQueue>);
 
 impl Drop for CloseOnDrop {
     fn drop(&mut self) {
@@ -141,7 +241,7 @@ impl Drop for CloseOnDrop {
 
 impl Events {
     /// The application's end of `queue`.
-    pub(crate) fn new(queue: Arc<Queue<VecDeque<Event>>>) -> Events {
+    pub(crate) fn new(queue: Arc<EventQueue>) -> Events {
         Events {
             queue,
             local: VecDeque::new(),
@@ -165,7 +265,7 @@ mod stream_tests {
 
     #[test]
     fn events_are_a_stream_that_ends_with_the_node() {
-        let queue: Arc<Queue<VecDeque<Event>>> = Arc::new(Queue::new(8));
+        let queue: Arc<EventQueue> = Arc::new(Queue::new(8));
         let mut events = Events::new(queue.clone());
         let mut cx = Context::from_waker(Waker::noop());
         let mut next = |e: &mut Events| std::pin::Pin::new(e).poll_next(&mut cx);
@@ -179,5 +279,71 @@ mod stream_tests {
         assert_eq!(next(&mut events), Poll::Ready(Some(lost(1))));
         assert_eq!(next(&mut events), Poll::Ready(Some(lost(2))));
         assert_eq!(next(&mut events), Poll::Ready(None));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::VecDeque;
+
+    use bytes::Bytes;
+
+    use super::{EventQueue, EventStore};
+    use crate::event::Event;
+    use crate::peer::PeerId;
+    use crate::queue::PushError;
+
+    fn message(len: usize) -> Event {
+        Event::Message {
+            peer: PeerId::from_u64(1),
+            data: Bytes::from(vec![0u8; len]),
+        }
+    }
+
+    #[test]
+    fn the_queue_is_full_at_its_bytes_as_at_its_count() {
+        let q = EventQueue::with_store(100, EventStore::new(1000));
+        // 0, 400 and 800 bytes are below the bound: three get in.
+        let mut batch: VecDeque<Event> = (0..5).map(|_| message(400)).collect();
+        assert!(q.push_many(&mut batch), "two are left");
+        assert_eq!(batch.len(), 2);
+        assert!(matches!(q.try_push(message(1)), Err(PushError::Full(_))));
+        // Events without message bytes are still bounded by the count.
+        let lost = Event::PeerLost {
+            peer: PeerId::from_u64(2),
+        };
+        assert!(matches!(q.try_push(lost), Err(PushError::Full(_))));
+        let mut got = VecDeque::new();
+        q.take_all(&mut got, None);
+        assert_eq!(got.len(), 3);
+        // Emptied, it takes the rest, and then one message larger than the
+        // whole bound.
+        assert!(!q.push_many(&mut batch));
+        q.take_all(&mut got, None);
+        q.try_push(message(5000)).unwrap();
+        assert!(matches!(q.try_push(message(1)), Err(PushError::Full(_))));
+    }
+
+    #[test]
+    fn count_bound_alone_by_default() {
+        let q = EventQueue::new(3);
+        let mut batch: VecDeque<Event> = (0..4).map(|_| message(1 << 20)).collect();
+        assert!(q.push_many(&mut batch));
+        assert_eq!(batch.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_producer_waiting_for_room_is_woken_when_bytes_leave() {
+        let q = std::sync::Arc::new(EventQueue::with_store(100, EventStore::new(1000)));
+        q.try_push(message(1000)).unwrap();
+        let waiter = tokio::spawn({
+            let q = q.clone();
+            async move { q.push(message(10)).await.is_ok() }
+        });
+        tokio::task::yield_now().await;
+        assert!(!waiter.is_finished());
+        let mut got = VecDeque::new();
+        q.take_all(&mut got, None);
+        assert!(waiter.await.unwrap());
     }
 }

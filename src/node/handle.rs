@@ -10,7 +10,7 @@ use serde::Serialize;
 use tokio::sync::{mpsc, watch};
 use tracing::{Instrument, debug_span, info, warn};
 
-use super::events::Events;
+use super::events::{EventQueue, EventStore, Events};
 use super::sender::{PeerSender, Push, check_size, try_push_message};
 use super::shared::{Command, Shared, lock};
 use super::supervisor::{Parts, Supervisor, V6};
@@ -22,7 +22,6 @@ use crate::discovery::socket;
 use crate::error::Error;
 use crate::identity::Identity;
 use crate::peer::{PeerId, PeerStatus};
-use crate::queue::Queue;
 use crate::session::machine::SessionConfig;
 use crate::session::noise::NoiseKeys;
 use crate::stats::Stats;
@@ -246,7 +245,10 @@ impl Node {
             resume_grace: config.resume_grace,
         };
         let (commands, command_rx) = mpsc::channel(8);
-        let events = Arc::new(Queue::new(config.event_capacity));
+        let events = Arc::new(EventQueue::with_store(
+            config.event_capacity,
+            EventStore::new(config.event_capacity_bytes),
+        ));
         let (done_tx, done) = watch::channel(false);
         let shared = Arc::new(Shared::default());
         let max_message = config.max_frame_size as usize - (DATA_OVERHEAD - LEN_PREFIX);

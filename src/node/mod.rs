@@ -17,6 +17,7 @@ mod sender;
 mod shared;
 mod supervisor;
 
+pub(crate) use events::EventQueue;
 pub use events::Events;
 pub use handle::{LocalInfo, Node};
 pub use sender::PeerSender;

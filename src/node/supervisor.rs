@@ -1,7 +1,7 @@
 //! The supervisor: the node's task, which ties discovery, dialing,
 //! sessions and rediscovery together.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,6 +11,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinSet;
 use tracing::{debug, debug_span, info, trace, warn};
 
+use super::EventQueue;
 use super::events::CloseOnDrop;
 use super::shared::{Command, Published, Shared, lock};
 use crate::clock;
@@ -19,7 +20,6 @@ use crate::discovery::machine::{Discovery, DiscoveryEvent, Target};
 use crate::discovery::socket;
 use crate::event::{DownReason, Event, ProtocolViolation};
 use crate::peer::{PeerId, PeerInfo, PeerMap};
-use crate::queue::Queue;
 use crate::session::lifecycle;
 use crate::session::machine::SessionConfig;
 use crate::session::mailbox::Mailbox;
@@ -79,7 +79,7 @@ pub(crate) struct Supervisor {
     /// Given to each connection, to report to us.
     reports_tx: mpsc::UnboundedSender<Report>,
     reports_rx: mpsc::UnboundedReceiver<Report>,
-    events: Arc<Queue<VecDeque<Event>>>,
+    events: Arc<EventQueue>,
     conns: HashMap<u64, ConnEntry>,
     /// The connection of each session that is up.
     sessions: PeerMap<u64>,
@@ -117,7 +117,7 @@ pub(crate) struct Parts {
     /// The liveness datagrams' sockets (Noise sessions only).
     pub(crate) datagrams: Option<crate::session::datagram::Sockets>,
     pub(crate) commands: mpsc::Receiver<Command>,
-    pub(crate) events: Arc<Queue<VecDeque<Event>>>,
+    pub(crate) events: Arc<EventQueue>,
 }
 
 impl Supervisor {

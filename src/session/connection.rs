@@ -22,8 +22,8 @@ use super::stream::{RECORD_HEADER, Stream, TAG, violation_of};
 use super::supervision::{ConnectionParams, NewConnection, NodeContext};
 use crate::clock;
 use crate::event::{DownReason, Event, ReplyTo};
+use crate::node::EventQueue;
 use crate::peer::PeerId;
-use crate::queue::Queue;
 use crate::stats::Counters;
 use crate::wire::frame::{Frame, Frames, Hello, MAX_FIXED, frame_len};
 
@@ -334,7 +334,7 @@ impl Connection {
     fn deliver_pending(
         cx: &mut Context<'_>,
         b: &mut Buffers,
-        events: &Arc<Queue<VecDeque<Event>>>,
+        events: &Arc<EventQueue>,
         session: &mut Session,
         now: Instant,
     ) -> bool {
@@ -667,7 +667,7 @@ impl Connection {
                 Ok(Frame::Data(data)) => {
                     // `peer` is set whenever the machine accepts data (see
                     // below).
-                    if session.handle_data(now)
+                    if session.handle_data(now, data.len())
                         && let Some(p) = self.peer
                     {
                         received += 1;
@@ -678,7 +678,7 @@ impl Connection {
                     }
                 }
                 Ok(Frame::Request { id, body }) => {
-                    if session.handle_data(now)
+                    if session.handle_data(now, body.len())
                         && let Some(p) = self.peer
                     {
                         Counters::bump(&self.node.counters.requests_received);
@@ -698,7 +698,7 @@ impl Connection {
                     }
                 }
                 Ok(Frame::Reply { id, body }) => {
-                    if session.handle_data(now)
+                    if session.handle_data(now, body.len())
                         && let Some(p) = self.peer
                         && !self.node.requests.answer(p, self.params.lineage, id, body)
                     {

@@ -3,7 +3,6 @@
 //! the wait for the supervisor's approval of a handshake, and the end (the
 //! goodbye, the last events, the report to the supervisor).
 
-use std::collections::VecDeque;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -19,8 +18,8 @@ use super::resume::{self, Suspended};
 use super::stream::Stream;
 use super::supervision::{Approval, ConnectFuture, ConnectionParams, Report, Terms};
 use crate::event::{DownReason, Event};
+use crate::node::EventQueue;
 use crate::peer::PeerId;
-use crate::queue::Queue;
 use crate::stats::Counters;
 use crate::wire::frame::Hello;
 
@@ -52,7 +51,7 @@ pub(super) struct Approved {
 pub(super) fn approve(
     params: &ConnectionParams,
     hello: Box<Hello>,
-    events: Arc<Queue<VecDeque<Event>>>,
+    events: Arc<EventQueue>,
 ) -> impl Future<Output = Result<Approved, DownReason>> + Send + 'static {
     let (tx, rx) = oneshot::channel();
     let (peer, addr, outbound) = (hello.id, params.addr, params.outbound);

@@ -20,6 +20,11 @@ use crate::wire::frame::{Frame, GoodbyeBody, Hello, MAX_HELLO_NAME, MIN_MAX_FRAM
 
 /// Acknowledge at the latest after this many data frames...
 const ACK_EVERY: u64 = 32;
+/// ...or once they carry this many bytes of body (so that a sender whose
+/// in-flight window holds fewer than [`ACK_EVERY`] large messages, as
+/// while its window opens, hears back a round trip later, not
+/// [`ACK_DELAY`] later; at most the smallest window)...
+const ACK_BYTES: usize = 4 * 1024;
 /// ...or this long after the first unacknowledged one.
 const ACK_DELAY: Duration = Duration::from_millis(10);
 /// Outstanding pings remembered for RTT.
@@ -146,6 +151,8 @@ pub struct Session {
     pings: VecDeque<(u64, Instant)>,
     rx_data: u64,
     rx_acked: u64,
+    /// Body bytes of the frames counted since `rx_acked`.
+    rx_unacked_bytes: usize,
     /// Sequence (0-based) of the oldest unacknowledged message.
     tx_base: u64,
     /// Messages written and not yet acknowledged, in the pieces they were
@@ -201,6 +208,7 @@ impl Session {
             pings: VecDeque::new(),
             rx_data: 0,
             rx_acked: 0,
+            rx_unacked_bytes: 0,
             ack_deadline: None,
             tx_base: 0,
             unacked: VecDeque::new(),
@@ -344,13 +352,13 @@ impl Session {
                 None
             }
             (_, Frame::Data(data)) => {
-                self.count_data(now);
+                self.count_data(now, data.len());
                 Some(data)
             }
             // Acknowledged like messages; the driver handles them apart
             // (see `handle_data`).
-            (_, Frame::Request { .. } | Frame::Reply { .. }) => {
-                self.count_data(now);
+            (_, Frame::Request { body, .. } | Frame::Reply { body, .. }) => {
+                self.count_data(now, body.len());
                 None
             }
             (_, Frame::Ack(count)) => {
@@ -387,14 +395,14 @@ impl Session {
         }
     }
 
-    /// Feeds a received data, request or reply frame (the common case of
-    /// [`Session::handle_frame`], without moving a whole [`Frame`]): returns
-    /// whether its message is to be delivered.
-    pub fn handle_data(&mut self, now: Instant) -> bool {
+    /// Feeds a received data, request or reply frame whose body is `len`
+    /// bytes (the common case of [`Session::handle_frame`], without moving a
+    /// whole [`Frame`]): returns whether its message is to be delivered.
+    pub fn handle_data(&mut self, now: Instant, len: usize) -> bool {
         match self.state {
             State::Established => {
                 self.stream_moved(now);
-                self.count_data(now);
+                self.count_data(now, len);
                 true
             }
             State::Handshake => {
@@ -405,9 +413,10 @@ impl Session {
         }
     }
 
-    fn count_data(&mut self, now: Instant) {
+    fn count_data(&mut self, now: Instant, len: usize) {
         self.rx_data += 1;
-        if self.rx_data - self.rx_acked >= ACK_EVERY {
+        self.rx_unacked_bytes = self.rx_unacked_bytes.saturating_add(len);
+        if self.rx_data - self.rx_acked >= ACK_EVERY || self.rx_unacked_bytes >= ACK_BYTES {
             self.queue_ack();
         } else if self.ack_deadline.is_none() {
             self.ack_deadline = Some(now + ACK_DELAY);
@@ -756,6 +765,7 @@ impl Session {
 
     fn queue_ack(&mut self) {
         self.rx_acked = self.rx_data;
+        self.rx_unacked_bytes = 0;
         self.ack_deadline = None;
         // An ack still waiting to be written is cumulative: update it
         // rather than queue another.

@@ -2,7 +2,6 @@
 //! what the supervisor gives a connection when it starts one. Neither side
 //! imports the other: both speak through these types.
 
-use std::collections::VecDeque;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -17,8 +16,8 @@ use super::mailbox::Mailbox;
 use super::resume::Suspended;
 use super::timer::Timer;
 use crate::event::{DownReason, Event, ProtocolViolation};
+use crate::node::EventQueue;
 use crate::peer::PeerId;
-use crate::queue::Queue;
 use crate::stats::Counters;
 use crate::wire::frame::Hello;
 
@@ -127,7 +126,7 @@ pub(crate) struct ConnectionParams {
 /// timer are used on every heartbeat).
 pub(crate) struct NodeContext {
     /// The application's event stream.
-    pub(crate) events: Arc<Queue<VecDeque<Event>>>,
+    pub(crate) events: Arc<EventQueue>,
     /// The connections' deadlines.
     pub(crate) timer: Arc<Timer<Mailbox>>,
     /// The node's counters (also read by `Node::stats`).

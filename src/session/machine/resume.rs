@@ -137,6 +137,7 @@ impl Session {
         });
         self.rx_data = received;
         self.rx_acked = received;
+        self.rx_unacked_bytes = 0;
         self.tx_base = peer_received;
         let count = (sent - peer_received) as usize;
         if count > 0 {

@@ -808,3 +808,72 @@ fn the_in_flight_window_starts_small_and_opens_with_fast_acks() {
         "the window opened to the most (1 MiB here)"
     );
 }
+
+#[test]
+fn an_ack_is_due_at_32_frames_or_4_kib_of_bodies() {
+    let mut p = Pair::new(cfg(1, 1000, 3000), cfg(2, 1000, 3000));
+    p.run_until(p.now + 10 * MS);
+    let (now, b) = (p.now, &mut p.b);
+    drain(b);
+    let acks = |b: &mut Session| -> Vec<Frame> {
+        let (f, _) = drain(b);
+        f.into_iter()
+            .filter(|f| matches!(f, Frame::Ack(_)))
+            .collect()
+    };
+    // Small frames wait for the 32nd...
+    for _ in 0..31 {
+        assert!(b.handle_data(now, 16));
+    }
+    assert_eq!(acks(b), []);
+    assert!(b.handle_data(now, 16));
+    assert_eq!(acks(b), [Frame::Ack(32)]);
+    // ...larger ones for 4 KiB of bodies, counted from the last ack.
+    for _ in 0..3 {
+        assert!(b.handle_data(now, 1000));
+    }
+    assert_eq!(acks(b), []);
+    assert!(b.handle_data(now, 1096));
+    assert_eq!(acks(b), [Frame::Ack(36)]);
+    // One large message is acknowledged at once.
+    assert!(b.handle_data(now, 64 * 1024));
+    assert_eq!(acks(b), [Frame::Ack(37)]);
+}
+
+#[test]
+fn large_messages_open_the_window_a_round_trip_at_a_time() {
+    let mut c = cfg(1, 1000, 3000);
+    c.max_unacked = 100_000;
+    c.max_unacked_bytes = 8 << 20;
+    let mut p = Pair::new(c, cfg(2, 1000, 3000));
+    p.run_until(p.now + 10 * MS);
+    let message = Bytes::from(vec![7u8; 64 * 1024]);
+    let fill = |p: &mut Pair| {
+        let mut n = 0;
+        while p.a.can_send() {
+            p.a.record_data_sent(p.now, message.clone());
+            p.to_b
+                .push_back((p.now + p.delay, Frame::Data(message.clone())));
+            n += 1;
+        }
+        n
+    };
+    // The window starts at 8 KiB (one message); 1 ms each way. Were each
+    // message acknowledged only after the 10 ms ack delay, 40 ms would
+    // open it to a handful; a round trip per doubling opens it to the most.
+    let start = p.now;
+    let mut last = 0;
+    while p.now < start + 40 * MS {
+        last = fill(&mut p);
+        p.run_until(p.now + 2 * MS + MS / 10);
+    }
+    assert!(
+        p.a.window.bytes() == 8 << 20,
+        "the window is {} after 40 ms",
+        p.a.window.bytes()
+    );
+    assert!(
+        last >= 32,
+        "{last} messages went out in the last round trip"
+    );
+}

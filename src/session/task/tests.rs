@@ -15,6 +15,7 @@ use tracing::Span;
 
 use super::*;
 use crate::event::{Event, ProtocolViolation};
+use crate::node::EventQueue;
 use crate::queue::{PushError, Queue};
 use crate::session::lifecycle;
 use crate::session::mailbox::Mailbox;
@@ -85,7 +86,7 @@ fn the_session_task_stays_small() {
 /// One connection task, with the supervisor's side of it.
 struct Harness {
     reports: mpsc::UnboundedReceiver<Report>,
-    events: Arc<Queue<VecDeque<Event>>>,
+    events: Arc<EventQueue>,
     mailbox: Arc<Mailbox>,
     task: JoinHandle<()>,
     timer: JoinHandle<()>,

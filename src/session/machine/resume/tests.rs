@@ -25,7 +25,7 @@ fn pump(now: Instant, a: &mut Session, b: &mut Session) -> Vec<Bytes> {
         while let Some(f) = a.poll_transmit() {
             moved = true;
             if let Frame::Data(d) = f {
-                if b.handle_data(now) {
+                if b.handle_data(now, d.len()) {
                     got.push(d);
                 }
             } else {
@@ -128,7 +128,7 @@ fn a_resumed_session_sends_again_only_what_the_peer_did_not_receive() {
     // B received the first three; then the link was cut (their ack, and
     // the last two, were lost).
     for _ in 0..3 {
-        assert!(b.handle_data(now));
+        assert!(b.handle_data(now, 16));
     }
     a.close(DownReason::HeartbeatTimeout, false);
     b.close(DownReason::HeartbeatTimeout, false);
@@ -158,7 +158,7 @@ fn a_resumed_session_sends_again_only_what_the_peer_did_not_receive() {
     assert_eq!(a2.unacked_len(), 2);
     // The two B did not get, in order: B counts them on from 3 and acks 5.
     for _ in 0..2 {
-        assert!(b2.handle_data(now));
+        assert!(b2.handle_data(now, 16));
     }
     assert_eq!(b2.received(), 5);
     let later = now + Duration::from_millis(20);

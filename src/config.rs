@@ -213,7 +213,7 @@ pub struct Config {
     /// `event_capacity` events, so waiting messages hold at most this plus
     /// one message. It also keeps an application that shares a
     /// current-thread runtime with its sessions from falling far behind
-    /// them. Default: 8 MiB.
+    /// them, and what waits small enough to stay in cache. Default: 1 MiB.
     pub event_capacity_bytes: usize,
     /// Most sessions at once; more are refused. Default: 1024.
     pub max_sessions: usize,
@@ -285,7 +285,7 @@ impl Config {
             max_unacked: 4096,
             max_unacked_bytes: 8 << 20,
             event_capacity: 4096,
-            event_capacity_bytes: 8 << 20,
+            event_capacity_bytes: 1 << 20,
             max_sessions: 1024,
             max_handshakes: 64,
             max_dials_per_sec: 20,

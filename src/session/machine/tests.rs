@@ -115,6 +115,19 @@ impl Pair {
     }
 
     /// Advances virtual time to `until`, one event at a time.
+    /// A sends `message` while its in-flight window takes more; returns
+    /// how many it sent.
+    fn fill_window(&mut self, message: &Bytes) -> usize {
+        let mut n = 0;
+        while self.a.can_send() {
+            self.a.record_data_sent(self.now, message.clone());
+            self.to_b
+                .push_back((self.now + self.delay, Frame::Data(message.clone())));
+            n += 1;
+        }
+        n
+    }
+
     fn run_until(&mut self, until: Instant) {
         loop {
             self.pump();
@@ -785,16 +798,7 @@ fn the_in_flight_window_starts_small_and_opens_with_fast_acks() {
     let mut p = Pair::new(c, cfg(2, 1000, 3000));
     p.run_until(p.now + 10 * MS);
     let message = Bytes::from(vec![7u8; 995]);
-    let fill = |p: &mut Pair| {
-        let mut n = 0;
-        while p.a.can_send() {
-            p.a.record_data_sent(p.now, message.clone());
-            p.to_b
-                .push_back((p.now + p.delay, Frame::Data(message.clone())));
-            n += 1;
-        }
-        n
-    };
+    let fill = |p: &mut Pair| p.fill_window(&message);
     // 8 KiB at first: 8 messages of 1000 bytes on the wire, one past.
     assert_eq!(fill(&mut p), 9);
     // Each round of acks within 1 ms of a 1 s interval doubles it.
@@ -848,16 +852,7 @@ fn large_messages_open_the_window_a_round_trip_at_a_time() {
     let mut p = Pair::new(c, cfg(2, 1000, 3000));
     p.run_until(p.now + 10 * MS);
     let message = Bytes::from(vec![7u8; 64 * 1024]);
-    let fill = |p: &mut Pair| {
-        let mut n = 0;
-        while p.a.can_send() {
-            p.a.record_data_sent(p.now, message.clone());
-            p.to_b
-                .push_back((p.now + p.delay, Frame::Data(message.clone())));
-            n += 1;
-        }
-        n
-    };
+    let fill = |p: &mut Pair| p.fill_window(&message);
     // The window starts at 8 KiB (one message); 1 ms each way. Were each
     // message acknowledged only after the 10 ms ack delay, 40 ms would
     // open it to a handful; a round trip per doubling opens it to the most.

@@ -252,13 +252,12 @@ impl Events {
 
 #[cfg(all(test, feature = "stream"))]
 mod stream_tests {
-    use std::collections::VecDeque;
     use std::sync::Arc;
     use std::task::{Context, Poll, Waker};
 
     use futures_core::Stream;
 
-    use super::Events;
+    use super::{EventQueue, Events};
     use crate::event::Event;
     use crate::peer::PeerId;
     use crate::queue::Queue;

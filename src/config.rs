@@ -790,6 +790,10 @@ mod tests {
             Err(ConfigError::Zero("outbox_capacity"))
         ));
         assert!(matches!(
+            Config::builder("s").event_capacity_bytes(0).build(),
+            Err(ConfigError::Zero("event_capacity_bytes"))
+        ));
+        assert!(matches!(
             Config::builder("s")
                 .heartbeat(Duration::ZERO, Duration::from_secs(1))
                 .build(),

@@ -20,8 +20,8 @@ pub(crate) type EventQueue = Queue<EventStore>;
 /// Why bytes too: a count alone let 4096 messages of a megabyte wait (4
 /// GiB); and a session that can always deliver never waits, so on a
 /// current-thread runtime the application's task (polled between batches
-/// of ready tasks) fell behind by hundreds of megabytes and stalled for
-/// 100 ms and more at a time. At the byte bound a session stops reading
+/// of ready tasks) fell 128 MB behind and got nothing for 80–170 ms at a
+/// time. At the byte bound a session stops reading
 /// and waits for room (TCP pushes back on the sender), and the application
 /// runs.
 #[derive(Debug)]

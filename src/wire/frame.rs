@@ -24,6 +24,11 @@ pub const MAX_HELLO_NAME: usize = 64;
 /// Largest encoding of a ping, pong or ack (see [`Frame::encode_fixed`]).
 pub const MAX_FIXED: usize = LEN_PREFIX + 13;
 
+/// Payloads up to this size are copied out of the read buffer instead of
+/// sliced from it: one small allocation, where a slice would keep the read
+/// buffer shared (and make the next read allocate a new one) for as long as
+/// the application or the outbox holds the message.
+const COPY_MAX: usize = 256;
 const T_HELLO: u8 = 1;
 const T_PING: u8 = 2;
 const T_PONG: u8 = 3;
@@ -199,7 +204,7 @@ impl Frame {
 
     /// Parses the complete frame at `bytes[at..at + total]`, whose length
     /// prefix was checked. The payload of a data frame, and the body of a
-    /// request or reply, is a slice of `bytes`.
+    /// request or reply, is a slice of `bytes` (a copy if small, see [`COPY_MAX`]).
     fn parse(bytes: &Bytes, at: usize, total: usize) -> Result<Frame, FrameError> {
         let frame = &bytes[at..at + total];
         if let Some(parsed) = Frame::decode_control(frame) {
@@ -207,7 +212,7 @@ impl Frame {
         }
         let ty = frame[LEN_PREFIX];
         if ty == T_DATA {
-            return Ok(Frame::Data(bytes.slice(at + DATA_OVERHEAD..at + total)));
+            return Ok(Frame::Data(payload(bytes, at + DATA_OVERHEAD, at + total)));
         }
         if total < EXCHANGE_OVERHEAD {
             return Err(FrameError::Malformed(if ty == T_REQUEST {
@@ -217,7 +222,7 @@ impl Frame {
             }));
         }
         let id = u64_at(&frame[DATA_OVERHEAD..]);
-        let body = bytes.slice(at + EXCHANGE_OVERHEAD..at + total);
+        let body = payload(bytes, at + EXCHANGE_OVERHEAD, at + total);
         Ok(match ty {
             T_REQUEST => Frame::Request { id, body },
             _ => Frame::Reply { id, body },
@@ -305,10 +310,19 @@ pub fn frame_len(buf: &[u8], max: u32) -> Result<Option<usize>, FrameError> {
     Ok(Some(LEN_PREFIX + len as usize))
 }
 
+/// `bytes[from..to]`, a payload: copied if small (see [`COPY_MAX`]).
+fn payload(bytes: &Bytes, from: usize, to: usize) -> Bytes {
+    if to - from <= COPY_MAX {
+        Bytes::copy_from_slice(&bytes[from..to])
+    } else {
+        bytes.slice(from..to)
+    }
+}
+
 /// Complete frames taken off a read buffer in one split, then decoded one
 /// by one: the receive path's alternative to calling [`Frame::decode`] per
 /// frame, which splits the buffer once per frame. A data frame's payload is
-/// a slice of the split-off bytes.
+/// a slice of the split-off bytes (a copy if small).
 #[derive(Debug, Default)]
 pub struct Frames {
     bytes: Bytes,

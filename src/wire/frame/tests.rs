@@ -313,3 +313,41 @@ fn the_resumption_example_of_the_protocol_document_is_what_we_send() {
     let hex: Vec<String> = ack.iter().map(|b| format!("{b:02x}")).collect();
     assert!(section.contains(&hex.join(" ")));
 }
+
+/// A small payload is copied out of the read buffer, so a message the
+/// application keeps does not keep the buffer shared (the next read reuses
+/// it); a large one is a slice of it, not copied.
+#[test]
+fn small_payloads_are_copied_and_large_ones_sliced() {
+    let mut buf = BytesMut::new();
+    encode_data(&[1; COPY_MAX], &mut buf);
+    encode_exchange(T_REQUEST, 9, &[2; COPY_MAX], &mut buf);
+    encode_data(&[3; COPY_MAX + 1], &mut buf);
+    let span = buf.as_ptr() as usize..buf.as_ptr() as usize + buf.len();
+    let sliced = |b: &Bytes| span.contains(&(b.as_ptr() as usize));
+    let mut frames = Frames::default();
+    assert!(frames.fill(&mut buf, 1 << 20));
+    let Some(Ok(Frame::Data(small))) = frames.next() else {
+        panic!("not a data frame")
+    };
+    let Some(Ok(Frame::Request { id: 9, body })) = frames.next() else {
+        panic!("not the request")
+    };
+    let Some(Ok(Frame::Data(large))) = frames.next() else {
+        panic!("not a data frame")
+    };
+    assert!(frames.next().is_none());
+    assert_eq!(
+        (&small[..], &body[..]),
+        (&[1; COPY_MAX][..], &[2; COPY_MAX][..])
+    );
+    assert_eq!(&large[..], &[3; COPY_MAX + 1][..]);
+    assert!(
+        !sliced(&small) && !sliced(&body),
+        "small payloads are copies"
+    );
+    assert!(
+        sliced(&large),
+        "a large payload is a slice of the read buffer"
+    );
+}

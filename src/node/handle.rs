@@ -507,7 +507,9 @@ impl Node {
             .inner
             .closing
             .load(std::sync::atomic::Ordering::Relaxed)
-            || *self.inner.done.borrow()
+            // The node's task ended: it sent its one `true` (or is gone).
+            // An atomic load, where `borrow` takes a lock per message.
+            || !matches!(self.inner.done.has_changed(), Ok(false))
         {
             return Err(Error::Shutdown);
         }

@@ -395,6 +395,12 @@ impl<S: Store> Queue<S> {
         }
     }
 
+    /// Runs `f` on the store under the lock, taking nothing and waking no
+    /// one: to give back the memory of an empty store.
+    pub(crate) fn tidy(&self, f: impl FnOnce(&mut S)) {
+        f(&mut self.lock().items);
+    }
+
     /// Whether nothing is queued.
     pub(crate) fn is_empty(&self) -> bool {
         self.lock().items.len() == 0

@@ -71,6 +71,10 @@ pub(super) struct Connection {
     /// Sealed records wait in the stream to be written (Noise): a flush is
     /// due, and counts as a write waiting.
     pub(super) unflushed: bool,
+    /// Messages moved since the session's deadline last came: its buffers
+    /// (and its outbox's) are kept until then, so a busy session does not
+    /// allocate them afresh per message; an idle one holds none.
+    pub(super) busy: bool,
     pub(super) max_frame: u32,
     /// What the connection buffers; `None` while it buffers nothing (an
     /// idle session's heartbeat then checks one word, not three buffers).
@@ -174,6 +178,7 @@ impl Connection {
             read_shift: READ_MIN_SHIFT,
             max_frame: new.max_frame,
             unflushed: false,
+            busy: false,
             bufs: None,
             peer: None,
             mailbox: new.mailbox,
@@ -186,8 +191,13 @@ impl Connection {
     }
 
     /// An idle session holds no buffers: 10 000 of them must fit in a few
-    /// KiB each.
-    fn release_idle_buffers(&mut self) {
+    /// KiB each. Called when a poll finds nothing more to do; a busy
+    /// session keeps its buffers until its next deadline.
+    fn release_idle_buffers(&mut self, stream: &mut Stream) {
+        if self.busy {
+            return;
+        }
+        stream.release_idle();
         let Some(b) = self.bufs.as_mut() else {
             return;
         };
@@ -285,8 +295,7 @@ impl Connection {
             again |= self.write(cx, stream) && limited;
             again |= self.poll_timer();
             if !again {
-                self.release_idle_buffers();
-                stream.release_idle();
+                self.release_idle_buffers(stream);
                 return Poll::Pending;
             }
         }
@@ -391,6 +400,7 @@ impl Connection {
             Poll::Pending => return Poll::Pending,
             Poll::Ready(Ok(0)) => self.session.handle_eof(),
             Poll::Ready(Ok(n)) => {
+                self.busy = true;
                 self.adapt_read_size(n, continued);
                 self.session.handle_progress(self.now);
             }
@@ -419,6 +429,7 @@ impl Connection {
                     // The start of a frame: progress too.
                     self.session.handle_progress(self.now);
                     let size = self.read_size().max(read.len() - taken);
+                    self.busy = true;
                     let rbuf = &mut self.bufs().rbuf;
                     rbuf.reserve(size);
                     rbuf.extend_from_slice(&read[taken..]);
@@ -494,6 +505,7 @@ impl Connection {
             self.session.record_sent(self.now, out);
         }
         if sent > 0 {
+            self.busy = true;
             Counters::add(&self.node.counters.messages_sent, sent);
         }
         full(self)
@@ -569,6 +581,11 @@ impl Connection {
             .min();
         match deadline {
             Some(d) if d <= self.now => {
+                if std::mem::take(&mut self.busy) {
+                    // Idle from here on, unless messages move before the
+                    // poll ends.
+                    self.mailbox.outbox().tidy(|o| o.release_idle());
+                }
                 if stall.is_some_and(|s| s <= self.now) {
                     self.session.close(DownReason::WriteTimeout, false);
                 } else {

@@ -78,11 +78,15 @@ impl Outbox {
             self.sealed.pop_front()?
         };
         self.len -= out.count();
+        Some(out)
+    }
+
+    /// Gives back the memory of an empty queue (an idle session holds
+    /// none); the session calls it once it is idle, not per message.
+    pub(crate) fn release_idle(&mut self) {
         if self.len == 0 {
-            // Idle sessions hold no memory.
             self.sealed = VecDeque::new();
         }
-        Some(out)
     }
 }
 
@@ -185,8 +189,11 @@ mod tests {
         // A lone small message is not copied.
         assert_eq!(o.pop(10, usize::MAX), Some(Outgoing::Message("d".into())));
         assert_eq!((o.len(), o.pop(10, usize::MAX)), (0, None));
-        // Nothing is kept once it is empty.
-        assert_eq!((o.open.capacity(), o.sealed.capacity()), (0, 0));
+        // The queue's memory stays until the session is idle, then goes.
+        assert_eq!(o.open.capacity(), 0);
+        assert!(o.sealed.capacity() > 0);
+        o.release_idle();
+        assert_eq!(o.sealed.capacity(), 0);
     }
 
     proptest! {

@@ -116,13 +116,25 @@ fn main() {
                 .enable_all()
                 .build()
                 .unwrap();
-            let known = rt.block_on(async {
-                msg::child(&argv[2], &argv[3..]).await
-                    || scale::child(&argv[2], &argv[3..]).await
-                    || net::child(&argv[2], &argv[3..]).await
-                    || tls::child(&argv[2], &argv[3..]).await
-            });
-            assert!(known, "unknown helper role {}", argv[2]);
+            // The role runs in a spawned task, as an application's loop
+            // would; `--block-on` first runs it in `block_on` instead, where
+            // every wake-up of the loop costs the runtime a driver poll
+            // (docs/BENCHMARKS.md).
+            let block_on = argv.get(2).is_some_and(|a| a == "--block-on");
+            let argv: Vec<String> = argv[if block_on { 3 } else { 2 }..].to_vec();
+            let role = argv[0].clone();
+            let run = async move {
+                msg::child(&argv[0], &argv[1..]).await
+                    || scale::child(&argv[0], &argv[1..]).await
+                    || net::child(&argv[0], &argv[1..]).await
+                    || tls::child(&argv[0], &argv[1..]).await
+            };
+            let known = if block_on {
+                rt.block_on(run)
+            } else {
+                rt.block_on(async { tokio::spawn(run).await.unwrap() })
+            };
+            assert!(known, "unknown helper role {role}");
             std::process::exit(0);
         }
         _ => {}

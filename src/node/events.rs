@@ -119,6 +119,9 @@ pub struct Events {
     /// Taken from the queue in one batch, not yet handed out.
     local: VecDeque<Event>,
     closed: bool,
+    /// The waker registered with the queue at the last look that found it
+    /// empty (see `poll_refill`).
+    registered: Option<Waker>,
 }
 
 impl Events {
@@ -181,7 +184,23 @@ impl Events {
     #[inline(never)]
     fn poll_refill(&mut self, cx: &mut Context<'_>) -> Poll<Option<Event>> {
         if !self.closed {
+            // Nothing was pushed since the last look found the queue empty,
+            // and the waker it registered is this one: the next push wakes
+            // it. No lock (the application's loop comes here once per
+            // event, after taking it).
+            if self.queue.is_idle()
+                && self
+                    .registered
+                    .as_ref()
+                    .is_some_and(|r| r.will_wake(cx.waker()))
+            {
+                return Poll::Pending;
+            }
             self.refill(Some(cx.waker()));
+            match &mut self.registered {
+                Some(r) => r.clone_from(cx.waker()),
+                none => *none = Some(cx.waker().clone()),
+            }
         }
         match self.local.pop_front() {
             Some(e) => Poll::Ready(Some(e)),
@@ -246,6 +265,7 @@ impl Events {
             queue,
             local: VecDeque::new(),
             closed: false,
+            registered: None,
         }
     }
 }
@@ -329,6 +349,47 @@ mod tests {
         let mut batch: VecDeque<Event> = (0..4).map(|_| message(1 << 20)).collect();
         assert!(q.push_many(&mut batch));
         assert_eq!(batch.len(), 1);
+    }
+
+    /// Counts its wake-ups.
+    struct Count(std::sync::atomic::AtomicUsize);
+
+    impl std::task::Wake for Count {
+        fn wake(self: std::sync::Arc<Self>) {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
+    /// A look that finds the queue idle skips the lock only for the waker
+    /// it registered: polled by another task (the `Events` moved), the
+    /// new waker is registered and the next push wakes it, not the old one.
+    #[test]
+    fn the_lock_free_look_is_for_the_registered_waker_only() {
+        use std::sync::Arc;
+        use std::sync::atomic::Ordering::SeqCst;
+        use std::task::{Context, Poll, Waker};
+
+        let q = Arc::new(EventQueue::new(8));
+        let mut events = super::Events::new(q.clone());
+        let (a, b) = (
+            Arc::new(Count(Default::default())),
+            Arc::new(Count(Default::default())),
+        );
+        let (wa, wb) = (Waker::from(a.clone()), Waker::from(b.clone()));
+        let mut poll = |w: &Waker| events.poll_recv(&mut Context::from_waker(w));
+        assert!(poll(&wa).is_pending());
+        assert!(poll(&wa).is_pending(), "idle: the same waker, no lock");
+        assert!(poll(&wb).is_pending(), "another waker looks and registers");
+        q.try_push(message(1)).unwrap();
+        assert_eq!((a.0.load(SeqCst), b.0.load(SeqCst)), (0, 1));
+        assert!(matches!(
+            poll(&wb),
+            Poll::Ready(Some(Event::Message { .. }))
+        ));
+        // Back to the first waker: it is registered again.
+        assert!(poll(&wa).is_pending());
+        q.try_push(message(1)).unwrap();
+        assert_eq!((a.0.load(SeqCst), b.0.load(SeqCst)), (1, 1));
     }
 
     #[tokio::test]

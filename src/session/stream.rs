@@ -313,8 +313,8 @@ impl NoiseStream {
             // nothing pending goes through the stack.
             let rx = &mut self.rec.rx;
             if rx.is_empty() && out.remaining() + OVERHEAD <= STACK {
-                let mut stack = [0; STACK];
-                let mut read = ReadBuf::new(&mut stack[..out.remaining() + OVERHEAD]);
+                let mut stack = [std::mem::MaybeUninit::uninit(); STACK];
+                let mut read = ReadBuf::uninit(&mut stack[..out.remaining() + OVERHEAD]);
                 ready!(Pin::new(&mut self.tcp).poll_read(cx, &mut read))?;
                 let got = read.filled();
                 if got.is_empty() {

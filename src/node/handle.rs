@@ -11,7 +11,7 @@ use tokio::sync::{mpsc, watch};
 use tracing::{Instrument, debug_span, info, warn};
 
 use super::events::{EventQueue, EventStore, Events};
-use super::sender::{PeerSender, Push, check_size, try_push_message};
+use super::sender::{PeerSender, Push, check_size};
 use super::shared::{Command, Shared, lock};
 use super::supervisor::{Parts, Supervisor, V6};
 #[cfg(doc)]
@@ -319,6 +319,11 @@ impl Node {
     /// when the future returns `Ok`.
     pub async fn send(&self, peer: PeerId, message: impl Into<Bytes>) -> Result<(), Error> {
         let message = self.check_size(message.into())?;
+        let message = match self.inner.shared.try_push(peer, message) {
+            Err(Error::OutboxFull { message, .. }) => message,
+            done => return done,
+        };
+        // The outbox is full: wait for room.
         match self.inner.shared.mailbox(peer) {
             Some((m, limit)) => Push::new(peer, &m, limit, message).await,
             None => Err(Error::NotConnected { peer, message }),
@@ -331,12 +336,7 @@ impl Node {
     /// As [`Node::send`], plus [`Error::OutboxFull`].
     pub fn try_send(&self, peer: PeerId, message: impl Into<Bytes>) -> Result<(), Error> {
         let message = self.check_size(message.into())?;
-        match self.inner.shared.mailbox(peer) {
-            Some((m, limit)) => {
-                check_size(message, limit).and_then(|message| try_push_message(peer, &m, message))
-            }
-            None => Err(Error::NotConnected { peer, message }),
-        }
+        self.inner.shared.try_push(peer, message)
     }
 
     /// A sender bound to `peer`'s current session, for streams of messages:

@@ -6,6 +6,10 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
+use bytes::Bytes;
+
+use crate::error::Error;
+use crate::node::sender::{check_size, try_push_message};
 use crate::peer::{PeerId, PeerInfo, PeerMap, PeerState};
 use crate::session::mailbox::Mailbox;
 use crate::session::requests::Requests;
@@ -41,6 +45,18 @@ impl Shared {
         lock(&self.mailboxes)
             .get(&peer)
             .map(|p| (p.mailbox.clone(), p.max_message))
+    }
+
+    /// Queues `message` for `peer`'s session if its outbox has room: one
+    /// look, under the table's lock, and no handle of the mailbox taken
+    /// (the path of almost every send). `Err(OutboxFull)` hands the message
+    /// back for a send that waits.
+    pub(crate) fn try_push(&self, peer: PeerId, message: Bytes) -> Result<(), Error> {
+        match lock(&self.mailboxes).get(&peer) {
+            Some(p) => check_size(message, p.max_message)
+                .and_then(|message| try_push_message(peer, &p.mailbox, message)),
+            None => Err(Error::NotConnected { peer, message }),
+        }
     }
 
     /// [`Shared::mailbox`], and the session's number (for requests and

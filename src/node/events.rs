@@ -113,6 +113,12 @@ impl TakeAll for EventStore {
 ///
 /// Dropping it tells the node nobody listens: events are then discarded
 /// (sessions keep running).
+///
+/// Events are pushed by the sessions' tasks, which wake the task that
+/// waits here. Where latency matters on a current-thread runtime, wait in
+/// a spawned task rather than in `block_on`: tokio polls its I/O driver
+/// before it polls a woken `block_on` future, which adds a system call to
+/// every event (docs/DESIGN.md, "Tuning").
 #[derive(Debug)]
 pub struct Events {
     queue: Arc<EventQueue>,

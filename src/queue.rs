@@ -366,8 +366,9 @@ impl<S: Store> Queue<S> {
     /// empty (registering its waker with [`Queue::consume`]) and nothing
     /// was pushed since, nor was it woken. Lock-free, for a consumer that
     /// looks on every wake-up (an idle session). Valid only for a consumer
-    /// that always polls with the same waker (one task): when this says
-    /// idle, its waker is registered and the next push wakes it.
+    /// that always polls with the same waker (one task), or that checks
+    /// its waker is the one it registered (`Events`): when this says idle,
+    /// that waker is registered and the next push wakes it.
     pub(crate) fn is_idle(&self) -> bool {
         self.idle.load(Ordering::Acquire)
     }

@@ -1,0 +1,163 @@
+//! The transport cipher of an idle session: one seal and one open of a
+//! 17-byte heartbeat under keys that are cold, as they are in a server
+//! with thousands of sessions that each ping once a second.
+//!
+//! `cargo bench --bench cipher` prints, for 1, 10 000 and 100 000 cipher
+//! pairs visited in random order (64 MiB of other memory written between
+//! passes), the nanoseconds per seal + open of three ChaCha20-Poly1305
+//! ciphers behind snow's `Cipher` trait, and each as a ratio of snow's
+//! ring cipher in the same run:
+//!
+//! - `snow ring`: snow's `RingResolver` (what lanbeat uses with its `ring`
+//!   feature), which keeps ring's prepared key (about 540 bytes) per
+//!   direction;
+//! - `snow default`: snow's `DefaultResolver` (RustCrypto's
+//!   `chacha20poly1305`), 32 bytes per direction;
+//! - `ring per call`: 32 bytes per direction, ring's key prepared on each
+//!   call (a candidate that touches fewer cache lines; not used by lanbeat,
+//!   see docs/BENCHMARKS.md, sixteenth round).
+
+use ring::aead::{Aad, CHACHA20_POLY1305, LessSafeKey, Nonce, Tag, UnboundKey};
+use snow::params::CipherChoice;
+use snow::resolvers::{CryptoResolver, DefaultResolver, RingResolver};
+use snow::types::Cipher;
+use std::time::{Duration, Instant};
+
+const TAG: usize = 16;
+
+/// ChaCha20-Poly1305 keeping only the key: ring's key is prepared on
+/// each call.
+struct PerCall([u8; 32]);
+
+impl PerCall {
+    fn key(&self) -> LessSafeKey {
+        LessSafeKey::new(UnboundKey::new(&CHACHA20_POLY1305, &self.0).expect("32-byte key"))
+    }
+}
+
+/// Noise's ChaChaPoly nonce: 4 zero bytes, then the counter little-endian.
+fn nonce(n: u64) -> Nonce {
+    let mut b = [0u8; 12];
+    b[4..].copy_from_slice(&n.to_le_bytes());
+    Nonce::assume_unique_for_key(b)
+}
+
+impl Cipher for PerCall {
+    fn name(&self) -> &'static str {
+        "ChaChaPoly"
+    }
+
+    fn set(&mut self, key: &[u8; 32]) {
+        self.0 = *key;
+    }
+
+    fn encrypt(&self, n: u64, ad: &[u8], plaintext: &[u8], out: &mut [u8]) -> usize {
+        let len = plaintext.len();
+        out[..len].copy_from_slice(plaintext);
+        let tag = self
+            .key()
+            .seal_in_place_separate_tag(nonce(n), Aad::from(ad), &mut out[..len])
+            .expect("a heartbeat is far below the cipher's limit");
+        out[len..len + TAG].copy_from_slice(tag.as_ref());
+        len + TAG
+    }
+
+    fn decrypt(
+        &self,
+        n: u64,
+        ad: &[u8],
+        ciphertext: &[u8],
+        out: &mut [u8],
+    ) -> Result<usize, snow::Error> {
+        let len = ciphertext
+            .len()
+            .checked_sub(TAG)
+            .ok_or(snow::Error::Decrypt)?;
+        let tag = Tag::try_from(&ciphertext[len..]).map_err(|_| snow::Error::Decrypt)?;
+        out[..len].copy_from_slice(&ciphertext[..len]);
+        self.key()
+            .open_in_place_separate_tag(nonce(n), Aad::from(ad), tag, &mut out[..len], 0..)
+            .map_err(|_| snow::Error::Decrypt)?;
+        Ok(len)
+    }
+}
+
+/// One session's two directions, each in its own allocation, as snow
+/// boxes them.
+struct Pair {
+    tx: Box<dyn Cipher>,
+    rx: Box<dyn Cipher>,
+}
+
+fn cipher(kind: &str) -> Box<dyn Cipher> {
+    let mut c: Box<dyn Cipher> = match kind {
+        "snow ring" => RingResolver.resolve_cipher(&CipherChoice::ChaChaPoly),
+        "snow default" => DefaultResolver.resolve_cipher(&CipherChoice::ChaChaPoly),
+        _ => Some(Box::new(PerCall([0; 32])) as Box<dyn Cipher>),
+    }
+    .expect("ChaChaPoly resolves");
+    c.set(&[7; 32]);
+    c
+}
+
+/// Nanoseconds per seal + open over `n` pairs in random order.
+fn measure(kind: &str, n: usize, evict: &mut [u8]) -> f64 {
+    // Other allocations between the pairs, as a session's other state.
+    let mut spacers = Vec::with_capacity(n);
+    let pairs: Vec<Pair> = (0..n)
+        .map(|_| {
+            spacers.push(vec![1u8; 700]);
+            Pair {
+                tx: cipher(kind),
+                rx: cipher(kind),
+            }
+        })
+        .collect();
+    let mut order: Vec<usize> = (0..n).collect();
+    let mut s = 0x9e37_79b9_7f4a_7c15_u64;
+    for i in (1..n).rev() {
+        s ^= s << 13;
+        s ^= s >> 7;
+        s ^= s << 17;
+        order.swap(i, (s % (i as u64 + 1)) as usize);
+    }
+    let ping = [2u8; 17];
+    let (mut sealed, mut opened) = ([0u8; 17 + TAG], [0u8; 17 + TAG]);
+    let passes = (2_000_000 / n).max(1);
+    let mut spent = Duration::ZERO;
+    for pass in 0..passes as u64 {
+        if n > 1 {
+            for (k, b) in evict.iter_mut().enumerate().step_by(64) {
+                *b = b.wrapping_add(k as u8);
+            }
+        }
+        let t = Instant::now();
+        for &i in &order {
+            let p = &pairs[i];
+            let m = p.tx.encrypt(pass, &[], &ping, &mut sealed);
+            let k = p.rx.decrypt(pass, &[], &sealed[..m], &mut opened);
+            assert_eq!(k.ok(), Some(ping.len()));
+        }
+        spent += t.elapsed();
+    }
+    std::hint::black_box(&spacers);
+    spent.as_nanos() as f64 / (passes * n) as f64
+}
+
+fn main() {
+    // `cargo bench` passes `--bench`; nothing to parse.
+    let mut evict = vec![0u8; 64 << 20];
+    println!("one seal + one open of a 17-byte heartbeat, ns (ratio to snow ring)\n");
+    println!("| cipher pairs | snow ring | snow default | ring per call |");
+    println!("| --- | --- | --- | --- |");
+    for n in [1, 10_000, 100_000] {
+        let base = measure("snow ring", n, &mut evict);
+        let default = measure("snow default", n, &mut evict);
+        let per_call = measure("ring per call", n, &mut evict);
+        println!(
+            "| {n} | {base:.0} | {default:.0} ({:.2}×) | {per_call:.0} ({:.2}×) |",
+            default / base,
+            per_call / base
+        );
+    }
+}

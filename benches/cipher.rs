@@ -8,14 +8,18 @@
 //! ciphers behind snow's `Cipher` trait, and each as a ratio of snow's
 //! ring cipher in the same run:
 //!
-//! - `snow ring`: snow's `RingResolver` (what lanbeat uses with its `ring`
-//!   feature), which keeps ring's prepared key (about 540 bytes) per
+//! - `snow ring`: snow's `RingResolver` cipher as snow's transport state
+//!   holds it (what lanbeat's ChaCha20 sessions held before the eighteenth
+//!   round), which keeps ring's prepared key (about 540 bytes) per
 //!   direction;
 //! - `snow default`: snow's `DefaultResolver` (RustCrypto's
 //!   `chacha20poly1305`), 32 bytes per direction;
 //! - `ring per call`: 32 bytes per direction, ring's key prepared on each
-//!   call (a candidate that touches fewer cache lines; not used by lanbeat,
-//!   see docs/BENCHMARKS.md, sixteenth round).
+//!   call: what lanbeat's ChaCha20 sessions do (through one snow cipher per
+//!   thread, keyed per message: src/session/transport.rs). This bench
+//!   sees only the cipher's own lines; the session's other state that it
+//!   spares is measured by `bench -- scale` (docs/BENCHMARKS.md,
+//!   eighteenth round).
 
 use ring::aead::{Aad, CHACHA20_POLY1305, LessSafeKey, Nonce, Tag, UnboundKey};
 use snow::params::CipherChoice;

@@ -346,7 +346,7 @@ pub fn records(data: &[u8]) {
         return;
     };
     let (tx, rx) = crate::session::noise::transport_pair();
-    let mut rec = Records::new(rx);
+    let mut rec = Records::new(rx.transport().expect("ciphers"));
     let piece = 1 + usize::from(mode >> 1) % 61;
     let read_size = 1 + usize::from(mode >> 2) % 300;
     // Reads what the buffered records give, into buffers of `read_size`.
@@ -383,7 +383,7 @@ pub fn records(data: &[u8]) {
     // Seal `rest` in writes of sizes from its own bytes.
     let mut wire = BytesMut::new();
     let mut at = 0;
-    let mut sealer = Records::new(tx);
+    let mut sealer = Records::new(tx.transport().expect("ciphers"));
     while at < rest.len() {
         let n = (1 + usize::from(rest[at]) * 37).min(rest.len() - at);
         sealer.seal(&rest[at..at + n], &mut wire).unwrap();

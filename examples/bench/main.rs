@@ -6,7 +6,7 @@
 //! cargo run --release --example bench -- rtt [--n N]
 //! cargo run --release --example bench -- throughput [--scale F]
 //! cargo run --release --example bench -- tls [--scale F] [--rounds 1]
-//! cargo run --release --example bench -- scale [--sessions 1000,10000] [--secs 30] [--rounds 1] [--paired [--pin] [--timeout-baseline | --noise]]
+//! cargo run --release --example bench -- scale [--sessions 1000,10000] [--secs 30] [--rounds 1] [--paired [--pin] [--timeout-baseline | --noise [--aes]]]
 //! cargo run --release --example bench -- discovery [--trials 50]   (namespaces need root)
 //! cargo run --release --example bench -- detect [--trials 20]      (root)
 //! cargo run --release --example bench -- soak [--minutes 10]
@@ -96,6 +96,10 @@ struct Args {
     /// plaintext lanbeat.
     #[arg(long)]
     noise: bool,
+    /// Scale, with `--noise`: the Noise sessions use AES-256-GCM, not
+    /// ChaCha20-Poly1305.
+    #[arg(long)]
+    aes: bool,
 }
 
 #[cfg(target_os = "linux")]
@@ -149,7 +153,7 @@ fn main() {
         "tls" => tls::tls(args.scale, args.rounds),
         "scale" if args.paired => {
             let pairing = if args.noise {
-                scale::Pairing::Noise
+                scale::Pairing::Noise { aes: args.aes }
             } else {
                 scale::Pairing::Raw {
                     timeout: args.timeout_baseline,

@@ -29,13 +29,16 @@ pub(crate) async fn child(role: &str, args: &[String]) -> bool {
         "raw-hb-server" => raw_server(false).await,
         "raw-hb-server-timeout" => raw_server(true).await,
         "lb-hb-server" => lb_server(arg(args, "--sessions"), false).await,
-        "lb-hb-server-noise" => lb_server(arg(args, "--sessions"), true).await,
+        "lb-hb-server-noise" | "lb-hb-server-noise-aes" => {
+            lb_server(arg(args, "--sessions"), true).await
+        }
         "hb-client" => {
             client(
                 arg(args, "--port"),
                 arg(args, "--sessions"),
                 arg(args, "--lanbeat"),
                 arg(args, "--noise"),
+                arg(args, "--aes"),
             )
             .await
         }
@@ -95,9 +98,9 @@ async fn lb_server(sessions: usize, noise: bool) {
 /// Opens `n` connections; on each, pings once a second (13 bytes; 17 with
 /// the round-trip report of a lanbeat dialer). Speaks the lanbeat handshake
 /// when `lanbeat`, after a Noise handshake and in records with `noise`.
-async fn client(port: u16, n: usize, lanbeat: bool, noise: bool) {
+async fn client(port: u16, n: usize, lanbeat: bool, noise: bool, aes: bool) {
     if noise {
-        return noise_client(port, n).await;
+        return noise_client(port, n, aes).await;
     }
     let mut tasks = Vec::new();
     for i in 0..n {
@@ -175,7 +178,7 @@ async fn client(port: u16, n: usize, lanbeat: bool, noise: bool) {
 
 /// The client of a Noise server: the same pings as [`client`]'s, in
 /// records (one per ping), after the handshake and the hellos.
-async fn noise_client(port: u16, n: usize) {
+async fn noise_client(port: u16, n: usize, aes: bool) {
     let mut tasks = Vec::new();
     for i in 0..n {
         let s = loop {
@@ -189,7 +192,9 @@ async fn noise_client(port: u16, n: usize) {
         s.set_nodelay(true).unwrap();
         let mut secret = [0u8; 32];
         secret[..8].copy_from_slice(&(i as u64 + 1).to_be_bytes());
-        let mut conn = noise::handshake(s, "scale", &secret, true).await.unwrap();
+        let mut conn = noise::handshake_cipher(s, "scale", &secret, true, snow::Builder::new, aes)
+            .await
+            .unwrap();
         let mut hello = noise::hello("scale", noise::id_of(&secret), "c");
         hello["role"] = "controller".into();
         hello["heartbeat_interval_ms"] = 1000.into();
@@ -307,7 +312,8 @@ impl Running {
     /// With `pin`, the server runs on CPU 0 and its client on CPU 1.
     fn start(role: &str, n: usize, pin: bool) -> Running {
         let lanbeat = role.starts_with("lb-");
-        let noise = role == "lb-hb-server-noise";
+        let noise = role.starts_with("lb-hb-server-noise");
+        let aes = role.ends_with("-aes");
         let mut server = Helper::start(
             &[role.into(), "--sessions".into(), n.to_string()],
             pin.then_some(0),
@@ -327,6 +333,8 @@ impl Running {
                 lanbeat.to_string(),
                 "--noise".into(),
                 noise.to_string(),
+                "--aes".into(),
+                aes.to_string(),
             ],
             pin.then_some(1),
             None,
@@ -422,8 +430,10 @@ pub(crate) enum Pairing {
     /// Raw tokio (or with `timeout`, raw tokio with a read timeout) and
     /// plaintext lanbeat.
     Raw { timeout: bool },
-    /// Plaintext lanbeat and lanbeat with Noise.
-    Noise,
+    /// Plaintext lanbeat and lanbeat with Noise: ChaCha20-Poly1305, or
+    /// with `aes` AES-256-GCM (what a discovered peer with AES
+    /// instructions is dialed with).
+    Noise { aes: bool },
 }
 
 pub(crate) fn scale_paired(
@@ -435,7 +445,13 @@ pub(crate) fn scale_paired(
 ) {
     let ((role, what), candidate) = match pairing {
         Pairing::Raw { timeout } => (SERVERS[usize::from(timeout)], "lb-hb-server"),
-        Pairing::Noise => (("lb-hb-server", "lanbeat plaintext"), "lb-hb-server-noise"),
+        Pairing::Noise { aes: false } => {
+            (("lb-hb-server", "lanbeat plaintext"), "lb-hb-server-noise")
+        }
+        Pairing::Noise { aes: true } => (
+            ("lb-hb-server", "lanbeat plaintext"),
+            "lb-hb-server-noise-aes",
+        ),
     };
     println!("idle sessions at 1 Hz heartbeat; {what} and lanbeat servers side by side,");
     println!("CPU sampled over the same {windows} window(s) of {secs} s");

@@ -611,10 +611,14 @@ impl Connection {
 
     /// Starts the session's liveness datagrams (PROTOCOL.md §7) once it is
     /// approved: when it is encrypted, the node has a socket of the peer's
-    /// family, and the peer's hello named a port (`port`).
-    pub(super) fn attach_link(&mut self, stream: &Stream, port: u16) {
-        let (Stream::Noise(noise), Some(sockets), Some(peer)) =
-            (stream, &self.node.datagrams, self.peer)
+    /// family, and the peer's hello named a port (`port`). The stream
+    /// gives up the handshake's keys either way.
+    pub(super) fn attach_link(&mut self, stream: &mut Stream, port: u16) {
+        let keys = match stream {
+            Stream::Noise(noise) => noise.take_split(),
+            Stream::Plain(_) => None,
+        };
+        let (Some(keys), Some(sockets), Some(peer)) = (keys, &self.node.datagrams, self.peer)
         else {
             return;
         };
@@ -624,13 +628,7 @@ impl Connection {
             return;
         };
         let local = self.params.session.hello.id;
-        let link = Arc::new(Link::new(
-            noise.keys().clone(),
-            local,
-            peer,
-            to,
-            socket.clone(),
-        ));
+        let link = Arc::new(Link::new(keys, local, peer, to, socket.clone()));
         sockets.links.insert(link.clone());
         self.session.enable_datagrams(self.now);
         // The kernel must not give up on a stream the stall timeout still

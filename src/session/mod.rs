@@ -9,6 +9,7 @@
 //! | `noise.rs` | protocol 2's Noise handshake (with `snow`) |
 //! | `curve.rs` | X25519 for it from aws-lc-rs (the `aws-lc` feature) |
 //! | `stream.rs` | the stream frames run on: plaintext TCP, or Noise records |
+//! | `transport.rs` | the transport keys a handshake leaves: snow's ciphers, one per direction |
 //! | `mailbox.rs` | what a connection shares with its node (outbox, close request, RTT, deadline) |
 //! | `outbox.rs` | how the outbox stores messages (small ones encoded as sent) |
 //! | `resume.rs` | a cut session held for its peer to resume, and what it hands back when not |
@@ -31,6 +32,7 @@ pub(crate) mod stream;
 pub(crate) mod supervision;
 pub(crate) mod task;
 pub(crate) mod timer;
+pub(crate) mod transport;
 
 /// The `snow` builder this crate's handshakes use (X25519 from aws-lc-rs
 /// with the `aws-lc` feature), for the benchmark's protocol client, which

@@ -10,6 +10,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use super::stream::NoiseStream;
+use super::transport::SplitKeys;
 use crate::event::{DownReason, ProtocolViolation};
 
 /// The Noise protocol name without a fleet key.
@@ -134,7 +135,7 @@ impl NoiseKeys {
         self.state_with(initiator, Cipher::ChaChaPoly)
     }
 
-    fn state_with(
+    pub(crate) fn state_with(
         &self,
         initiator: bool,
         cipher: Cipher,
@@ -205,7 +206,7 @@ async fn write_message(
 /// ephemeral key and its payload in the clear, which names the cipher;
 /// with one it is sealed under the cipher, so each is tried in turn and the
 /// one that opens it must be the one its payload names.
-fn respond(keys: &NoiseKeys, message: &[u8]) -> Result<snow::HandshakeState, DownReason> {
+fn respond(keys: &NoiseKeys, message: &[u8]) -> Result<(snow::HandshakeState, Cipher), DownReason> {
     let mut payload = [0; MAX_HANDSHAKE_MESSAGE];
     let named = |n: usize, payload: &[u8]| Cipher::of_marker(&payload[..n]);
     let start = |c| {
@@ -222,7 +223,7 @@ fn respond(keys: &NoiseKeys, message: &[u8]) -> Result<snow::HandshakeState, Dow
         let mut hs = start(cipher)?;
         hs.read_message(message, &mut payload)
             .map_err(|_| failed("handshake message failed authentication"))?;
-        return Ok(hs);
+        return Ok((hs, cipher));
     }
     for cipher in [Cipher::ChaChaPoly, Cipher::AesGcm] {
         let mut hs = start(cipher)?;
@@ -230,7 +231,7 @@ fn respond(keys: &NoiseKeys, message: &[u8]) -> Result<snow::HandshakeState, Dow
             if named(n, &payload) != Some(cipher) {
                 return Err(failed("message 1 names another cipher"));
             }
-            return Ok(hs);
+            return Ok((hs, cipher));
         }
     }
     Err(failed("handshake message failed authentication"))
@@ -250,13 +251,13 @@ pub(crate) async fn handshake(
         let mut buf = [0; MAX_HANDSHAKE_MESSAGE];
         let mut payload = [0; MAX_HANDSHAKE_MESSAGE];
         // XX: -> e; <- e, ee, s, es; -> s, se.
-        let mut hs = match initiator {
+        let (mut hs, cipher) = match initiator {
             Some(cipher) => {
                 let mut hs = keys
                     .state_with(true, cipher)
                     .map_err(|_| failed("cannot start the handshake"))?;
                 write_message(&mut tcp, &mut hs, cipher.marker()).await?;
-                hs
+                (hs, cipher)
             }
             None => {
                 let n = read_message(&mut tcp, &mut buf).await?;
@@ -277,22 +278,22 @@ pub(crate) async fn handshake(
             .get_remote_static()
             .and_then(|k| k.try_into().ok())
             .ok_or_else(|| failed("no static key"))?;
-        let state = hs
-            .into_stateless_transport_mode()
-            .map_err(|_| failed("handshake incomplete"))?;
-        Ok::<_, DownReason>((key, state))
+        let split = SplitKeys::of(&mut hs, cipher).ok_or_else(|| failed("handshake incomplete"))?;
+        Ok::<_, DownReason>((key, split))
     };
-    let (key, state) = match tokio::time::timeout(timeout, run).await {
+    let (key, split) = match tokio::time::timeout(timeout, run).await {
         Ok(r) => r?,
         Err(_) => return Err(DownReason::HandshakeTimeout),
     };
-    Ok((NoiseStream::new(tcp, state), key))
+    let stream =
+        NoiseStream::new(tcp, split).ok_or_else(|| failed("no cipher for the transport"))?;
+    Ok((stream, key))
 }
 
-/// Both ends of a completed handshake, in memory (initiator first): for
-/// the fuzzer and tests of the record layer.
+/// The keys of both ends of a completed handshake, in memory (initiator
+/// first): for the fuzzer and tests of the record layer.
 #[cfg(any(test, fuzzing))]
-pub(crate) fn transport_pair() -> (snow::StatelessTransportState, snow::StatelessTransportState) {
+pub(crate) fn transport_pair() -> (SplitKeys, SplitKeys) {
     let (a, b) = (
         NoiseKeys::new([1; 32], None, "fuzz"),
         NoiseKeys::new([2; 32], None, "fuzz"),
@@ -300,8 +301,8 @@ pub(crate) fn transport_pair() -> (snow::StatelessTransportState, snow::Stateles
     let (mut i, mut r) = (a.state(true).unwrap(), b.state(false).unwrap());
     run_in_memory(&mut i, &mut r);
     (
-        i.into_stateless_transport_mode().unwrap(),
-        r.into_stateless_transport_mode().unwrap(),
+        SplitKeys::of(&mut i, Cipher::ChaChaPoly).unwrap(),
+        SplitKeys::of(&mut r, Cipher::ChaChaPoly).unwrap(),
     )
 }
 
@@ -348,7 +349,7 @@ pub(crate) fn respond_to(messages: &[u8], psk: bool) -> bool {
     };
     // Read message 1 (which names the cipher), write message 2, read
     // message 3.
-    let Some(Ok(mut hs)) = next().map(|m| respond(&keys, m)) else {
+    let Some(Ok((mut hs, _))) = next().map(|m| respond(&keys, m)) else {
         return false;
     };
     if hs.write_message(&[], &mut out).is_err() {
@@ -481,11 +482,23 @@ mod tests {
                     handshake(tcp, &a, Some(cipher), t).await
                 };
                 let (r, i) = tokio::join!(accept, dial);
-                let (r, i) = (r.unwrap().0, i.unwrap().0);
+                let (mut r, mut i) = (r.unwrap().0, i.unwrap().0);
                 let mut sealed = [0u8; 64];
-                let n = i.keys().write_message(5, b"record", &mut sealed).unwrap();
+                let n = i
+                    .take_split()
+                    .unwrap()
+                    .sealer()
+                    .unwrap()
+                    .seal(5, b"record", &mut sealed)
+                    .unwrap();
                 let mut open = [0u8; 64];
-                let m = r.keys().read_message(5, &sealed[..n], &mut open).unwrap();
+                let m = r
+                    .take_split()
+                    .unwrap()
+                    .opener()
+                    .unwrap()
+                    .open(5, &sealed[..n], &mut open)
+                    .unwrap();
                 assert_eq!(&open[..m], b"record", "{cipher:?} psk {}", psk.is_some());
             }
         }
@@ -513,13 +526,14 @@ mod tests {
         let n = i.write_message(Cipher::AesGcm.marker(), &mut m1).unwrap();
         assert_eq!(n, 33);
         // Unaltered, the acceptor follows and the dialer reads message 2.
-        let mut r = respond(&b, &m1[..n]).unwrap();
+        let (mut r, _) = respond(&b, &m1[..n]).unwrap();
         let k = r.write_message(&[], &mut m2).unwrap();
         assert!(i.read_message(&m2[..k], &mut out).is_ok());
         // Altered: the acceptor takes ChaCha, and the dialer refuses.
         let mut i = a.state_with(true, Cipher::AesGcm).unwrap();
         let n = i.write_message(Cipher::AesGcm.marker(), &mut m1).unwrap();
-        let mut r = respond(&b, &m1[..n - 1]).unwrap();
+        let (mut r, c) = respond(&b, &m1[..n - 1]).unwrap();
+        assert_eq!(c, Cipher::ChaChaPoly);
         let k = r.write_message(&[], &mut m2).unwrap();
         assert!(i.read_message(&m2[..k], &mut out).is_err());
     }

@@ -11,13 +11,13 @@
 
 use std::io;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
+use super::transport::{SplitKeys, TransportKeys};
 use crate::event::ProtocolViolation;
 
 /// The length prefix of a record.
@@ -61,6 +61,9 @@ pub(crate) struct NoiseStream {
     rec: Records,
     /// Records sealed, not yet written.
     tx: BytesMut,
+    /// The handshake's keys, until the session's liveness datagrams take
+    /// them (or it has none).
+    split: Option<Box<SplitKeys>>,
 }
 
 /// The record layer without the socket: the transport keys, what was read
@@ -76,11 +79,11 @@ pub(crate) struct Records {
 }
 
 /// The transport keys of a completed handshake and the next nonce of
-/// each direction of the stream. The keys are shared with the session's
-/// liveness datagrams (`session::datagram`), whose nonces start at
-/// [`DATAGRAM_NONCES`]; the stream's count from 0 and stay below it.
+/// each direction of the stream. The session's liveness datagrams
+/// (`session::datagram`) use the same keys with nonces from
+/// [`DATAGRAM_NONCES`] on; the stream's count from 0 and stay below it.
 pub(crate) struct Cipher {
-    keys: Arc<snow::StatelessTransportState>,
+    keys: TransportKeys,
     tx: u64,
     rx: u64,
     /// Seal records of up to [`MAX_RECORD_PLAINTEXT`], not
@@ -98,23 +101,26 @@ impl Cipher {
         if self.tx >= DATAGRAM_NONCES {
             return Err(snow::Error::Input);
         }
-        let n = self.keys.write_message(self.tx, payload, out)?;
+        let n = self.keys.send.seal(self.tx, payload, out)?;
         self.tx += 1;
         Ok(n)
     }
 
     fn open(&mut self, message: &[u8], out: &mut [u8]) -> Result<usize, snow::Error> {
-        let n = self.keys.read_message(self.rx, message, out)?;
+        if self.rx >= DATAGRAM_NONCES {
+            return Err(snow::Error::Decrypt);
+        }
+        let n = self.keys.recv.open(self.rx, message, out)?;
         self.rx += 1;
         Ok(n)
     }
 }
 
 impl Records {
-    pub(crate) fn new(keys: snow::StatelessTransportState) -> Records {
+    pub(crate) fn new(keys: TransportKeys) -> Records {
         Records {
             state: Cipher {
-                keys: Arc::new(keys),
+                keys,
                 tx: 0,
                 rx: 0,
                 large: false,
@@ -170,11 +176,6 @@ impl Records {
     /// Seals `src` as records at the end of `dst`.
     pub(crate) fn seal(&mut self, src: &[u8], dst: &mut BytesMut) -> io::Result<()> {
         seal(&mut self.state, src, dst)
-    }
-
-    /// The transport keys, for the session's liveness datagrams.
-    pub(crate) fn keys(&self) -> &Arc<snow::StatelessTransportState> {
-        &self.state.keys
     }
 
     /// Whether a read can make progress without the socket.
@@ -289,17 +290,21 @@ fn record_need(rx: &[u8]) -> usize {
 }
 
 impl NoiseStream {
-    pub(crate) fn new(tcp: TcpStream, state: snow::StatelessTransportState) -> NoiseStream {
-        NoiseStream {
+    /// The stream of a finished handshake's keys; `None` when snow
+    /// resolves no cipher for them.
+    pub(crate) fn new(tcp: TcpStream, split: SplitKeys) -> Option<NoiseStream> {
+        Some(NoiseStream {
             tcp,
-            rec: Records::new(state),
+            rec: Records::new(split.transport()?),
             tx: BytesMut::new(),
-        }
+            split: Some(Box::new(split)),
+        })
     }
 
-    /// The transport keys, for the session's liveness datagrams.
-    pub(crate) fn keys(&self) -> &Arc<snow::StatelessTransportState> {
-        self.rec.keys()
+    /// The handshake's keys, for the session's liveness datagrams: once
+    /// (later `None`), and gone from the stream.
+    pub(crate) fn take_split(&mut self) -> Option<Box<SplitKeys>> {
+        self.split.take()
     }
 
     fn poll_read(&mut self, cx: &mut Context<'_>, out: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {

@@ -161,7 +161,7 @@ impl Future for ConnectionTask {
                     }
                     Poll::Ready(Ok(approved)) => {
                         c.approved(cx, approved);
-                        c.attach_link(&waiting.0, waiting.2);
+                        c.attach_link(&mut waiting.0, waiting.2);
                         Phase::Running(waiting.0)
                     }
                     // The peer may already count the session as up (it has

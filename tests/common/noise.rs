@@ -11,6 +11,10 @@ use tokio::net::TcpStream;
 /// The protocol name (§6).
 pub const PATTERN: &str = "Noise_XX_25519_ChaChaPoly_BLAKE2s";
 
+/// The protocol name with AES-256-GCM (§6 "Cipher"), which the dialer
+/// names with a message-1 payload of one byte 1.
+pub const PATTERN_AES: &str = "Noise_XX_25519_AESGCM_BLAKE2s";
+
 /// `"lanbeat/2"`, a zero byte, the service name.
 pub fn prologue(service: &str) -> Vec<u8> {
     let mut p = b"lanbeat/2\0".to_vec();
@@ -79,14 +83,29 @@ pub async fn handshake(
 /// [`handshake`] with the primitives `builder` resolves (the benchmark
 /// passes lanbeat's, so that its client costs what a lanbeat dialer does).
 pub async fn handshake_with(
-    mut tcp: TcpStream,
+    tcp: TcpStream,
     service: &str,
     secret: &[u8; 32],
     initiator: bool,
     builder: fn(snow::params::NoiseParams) -> snow::Builder<'static>,
 ) -> std::io::Result<NoiseConn> {
+    handshake_cipher(tcp, service, secret, initiator, builder, false).await
+}
+
+/// [`handshake_with`], with AES-256-GCM when `aes` (we must dial then:
+/// the dialer names the cipher).
+pub async fn handshake_cipher(
+    mut tcp: TcpStream,
+    service: &str,
+    secret: &[u8; 32],
+    initiator: bool,
+    builder: fn(snow::params::NoiseParams) -> snow::Builder<'static>,
+    aes: bool,
+) -> std::io::Result<NoiseConn> {
+    assert!(initiator || !aes, "the dialer names the cipher");
     let prologue = prologue(service);
-    let b = builder(PATTERN.parse().unwrap())
+    let pattern = if aes { PATTERN_AES } else { PATTERN };
+    let b = builder(pattern.parse().unwrap())
         .local_private_key(secret)
         .unwrap()
         .prologue(&prologue)
@@ -100,7 +119,8 @@ pub async fn handshake_with(
     let mut buf = [0u8; 1024];
     for turn in 0..3 {
         if (turn % 2 == 0) == initiator {
-            let n = hs.write_message(&[], &mut buf).unwrap();
+            let marker: &[u8] = if aes && turn == 0 { &[1] } else { &[] };
+            let n = hs.write_message(marker, &mut buf).unwrap();
             write_msg(&mut tcp, &buf[..n]).await?;
         } else {
             let msg = read_msg(&mut tcp).await?;

@@ -20,8 +20,8 @@ async fn socket() -> Arc<UdpSocket> {
 async fn pair() -> (Links, Arc<Link>, Links, Arc<Link>) {
     let (i, r) = transport_pair();
     let to: SocketAddr = (Ipv4Addr::LOCALHOST, 9).into();
-    let a = Arc::new(Link::new(Arc::new(i), A, B, to, socket().await));
-    let b = Arc::new(Link::new(Arc::new(r), B, A, to, socket().await));
+    let a = Arc::new(Link::new(Box::new(i), A, B, to, socket().await));
+    let b = Arc::new(Link::new(Box::new(r), B, A, to, socket().await));
     let (at_a, at_b) = (Links::default(), Links::default());
     at_a.insert(a.clone());
     at_b.insert(b.clone());
@@ -94,7 +94,11 @@ async fn forged_tampered_and_foreign_datagrams_are_refused() {
     // record must never pass as a datagram.
     let mut d = good;
     d[9..HEADER].copy_from_slice(&5u64.to_be_bytes());
-    b.keys.write_message(5, &[PROBE], &mut d[HEADER..]).unwrap();
+    b.keys
+        .sealer()
+        .unwrap()
+        .seal(5, &[PROBE], &mut d[HEADER..])
+        .unwrap();
     assert_eq!(
         at_a.receive(&d, now).unwrap_err(),
         Rejected::Unauthenticated
@@ -125,7 +129,11 @@ async fn an_unknown_kind_is_refused() {
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let mut d = b.seal(PROBE).unwrap();
     d[9..HEADER].copy_from_slice(&nonce.to_be_bytes());
-    b.keys.write_message(nonce, &[7], &mut d[HEADER..]).unwrap();
+    b.keys
+        .sealer()
+        .unwrap()
+        .seal(nonce, &[7], &mut d[HEADER..])
+        .unwrap();
     assert_eq!(
         at_a.receive(&d, Instant::now()).unwrap_err(),
         Rejected::Unauthenticated

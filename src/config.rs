@@ -55,6 +55,30 @@ pub enum Security {
     InsecurePlaintext,
 }
 
+/// Which cipher a node's Noise sessions use (PROTOCOL.md §6, "Cipher").
+///
+/// The two trade large-message speed against the memory an idle session
+/// touches: a node that holds thousands of mostly idle sessions spends its
+/// CPU on heartbeats, and each heartbeat reads the session's keys, cold.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum SessionCipher {
+    /// AES-256-GCM where both ends have AES instructions (several times
+    /// ChaCha20's speed for large messages there), ChaCha20-Poly1305
+    /// otherwise. An AES key is kept expanded, about 0.5 KiB per direction
+    /// that each heartbeat reads.
+    #[default]
+    Auto,
+    /// ChaCha20-Poly1305 always: the node does not announce AES-256-GCM
+    /// and does not dial with it. A ChaCha20 key is 32 bytes, so each idle
+    /// session costs less CPU and memory (docs/BENCHMARKS.md compares the
+    /// two), at roughly half AES-GCM's large-message throughput on CPUs
+    /// with AES instructions. For a node that holds thousands of mostly
+    /// idle sessions. A peer that dials with AES-256-GCM anyway (from an
+    /// announce it saw before) is still accepted.
+    ChaCha20Poly1305,
+}
+
 /// Everything a [`Node`](crate::Node) needs to start.
 ///
 /// Build one with [`Config::builder`]; every field has a default chosen for
@@ -93,6 +117,8 @@ pub struct Config {
     /// How sessions are protected. Default: [`Security::Noise`], encrypted
     /// and mutually authenticated.
     pub security: Security,
+    /// The cipher of Noise sessions. Default: [`SessionCipher::Auto`].
+    pub session_cipher: SessionCipher,
     /// A key shared by the fleet: discovery and sessions only with nodes
     /// that hold it (see [`FleetKey`](crate::FleetKey)): datagrams carry a
     /// MAC and a sequence number, the handshake mixes the key in. Needs
@@ -243,6 +269,15 @@ pub struct Config {
 }
 
 impl Config {
+    /// Whether this node announces AES-256-GCM sessions and dials with
+    /// them (where the peer announces them too): protocol 2, the `Auto`
+    /// cipher, and AES instructions here.
+    pub(crate) fn offers_aes_gcm(&self) -> bool {
+        self.security == Security::Noise
+            && self.session_cipher == SessionCipher::Auto
+            && crate::session::noise::has_aes_hardware()
+    }
+
     /// A builder with every default, for the given service name.
     pub fn builder(service: impl Into<String>) -> ConfigBuilder {
         ConfigBuilder {
@@ -258,6 +293,7 @@ impl Config {
             id: None,
             identity: None,
             security: Security::Noise,
+            session_cipher: SessionCipher::Auto,
             fleet_key: None,
             trust: crate::Trust::Any,
             role: Role::Peer,
@@ -432,7 +468,7 @@ impl Config {
             name: self.name.clone(),
             port: u16::MAX,
             metadata: self.metadata.clone(),
-            aes_gcm: self.security == Security::Noise,
+            aes_gcm: self.offers_aes_gcm(),
         };
         // A fleet key adds a sequence number and a MAC to each datagram.
         let trailer = if self.fleet_key.is_some() {
@@ -630,6 +666,10 @@ impl ConfigBuilder {
         self
     }
 
+    setter!(
+        /// Sets [`Config::session_cipher`].
+        session_cipher: SessionCipher
+    );
     setter!(
         /// Sets [`Config::role`].
         role: Role

@@ -106,7 +106,9 @@ pub mod trust;
 pub mod wire;
 
 pub use bytes::Bytes;
-pub use config::{Config, ConfigBuilder, DEFAULT_DISCOVERY_PORT, InterfaceSelection, Security};
+pub use config::{
+    Config, ConfigBuilder, DEFAULT_DISCOVERY_PORT, InterfaceSelection, Security, SessionCipher,
+};
 pub use error::{ConfigError, DatagramError, Error, FrameError};
 pub use event::{DownReason, Event, ProtocolViolation, ReplyTo};
 pub use identity::{FleetKey, Identity, IdentityError};

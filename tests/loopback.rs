@@ -844,3 +844,59 @@ async fn metadata_set_at_runtime_reaches_peers_and_is_checked() {
         Err(Error::Shutdown)
     ));
 }
+
+/// A node that chose ChaCha20-Poly1305 does not announce AES-256-GCM, so
+/// no peer dials it with AES, while two `Auto` nodes announce the same
+/// (AES exactly where the CPU has AES instructions); every pair holds a
+/// session and carries messages.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_chose_chacha_offers_no_aes_and_still_pairs() {
+    trace();
+    let port = free_port();
+    let chacha = config("cipher", port)
+        .name("chacha")
+        .session_cipher(lanbeat::SessionCipher::ChaCha20Poly1305)
+        .build()
+        .unwrap();
+    let ((a, mut ea), (b, mut eb)) = connected_pair(
+        chacha,
+        config("cipher", port).name("auto-1").build().unwrap(),
+    )
+    .await;
+    let (c, mut ec) = Node::start(config("cipher", port).name("auto-2").build().unwrap())
+        .await
+        .unwrap();
+    // Both sessions of the third node, in either order.
+    let mut up = HashSet::new();
+    while up.len() < 2 {
+        let e = wait_for(&mut ec, Duration::from_secs(5), |e| {
+            matches!(e, Event::SessionUp { .. })
+        })
+        .await;
+        if let Event::SessionUp { peer, .. } = e {
+            up.insert(peer);
+        }
+    }
+    assert_eq!(up, HashSet::from([a.id(), b.id()]));
+    let offers = |viewer: &Node, of: &Node| {
+        let p = viewer.peers().into_iter().find(|p| p.info.id == of.id());
+        p.expect("a known peer").info.aes_gcm
+    };
+    assert!(!offers(&b, &a), "the ChaCha20 node announced AES-256-GCM");
+    assert!(!offers(&c, &a), "the ChaCha20 node announced AES-256-GCM");
+    // The two Auto nodes announce alike; the ChaCha20 node sees what they
+    // announce.
+    assert_eq!(offers(&b, &c), offers(&c, &b));
+    assert_eq!(offers(&a, &b), offers(&c, &b));
+    a.send(b.id(), b"to auto-1".to_vec()).await.unwrap();
+    c.send(a.id(), b"to chacha".to_vec()).await.unwrap();
+    let got = |e: &Event, from: lanbeat::PeerId, what: &[u8]| matches!(e, Event::Message { peer, data } if *peer == from && &data[..] == what);
+    wait_for(&mut eb, Duration::from_secs(5), |e| {
+        got(e, a.id(), b"to auto-1")
+    })
+    .await;
+    wait_for(&mut ea, Duration::from_secs(5), |e| {
+        got(e, c.id(), b"to chacha")
+    })
+    .await;
+}

@@ -207,8 +207,7 @@ impl Node {
                 replies_per_source_per_sec: config.replies_per_source_per_sec,
                 limits: config.datagram_limits(),
                 fleet_key: config.fleet_key.clone(),
-                aes_gcm: config.security == crate::config::Security::Noise
-                    && crate::session::noise::has_aes_hardware(),
+                aes_gcm: config.offers_aes_gcm(),
                 static_peers,
                 accept_routed_probes: !config.interfaces.is_restricted(),
                 first_seq: std::time::SystemTime::now()

@@ -23,7 +23,7 @@ use crate::peer::{PeerId, PeerInfo, PeerMap};
 use crate::session::lifecycle;
 use crate::session::machine::SessionConfig;
 use crate::session::mailbox::Mailbox;
-use crate::session::noise::{self, Cipher, NoiseKeys};
+use crate::session::noise::{Cipher, NoiseKeys};
 use crate::session::resume::{self, Suspended};
 use crate::session::supervision::{
     Approval, ConnectFuture, ConnectionParams, NewConnection, NodeContext, Report, Terms,
@@ -457,12 +457,7 @@ impl Supervisor {
             self.give_up_held(info.id);
         }
         let offer = self.held.get(&info.id).map(|h| (h.token, h.held.received));
-        // AES-256-GCM when both ends have AES instructions (PROTOCOL.md §6).
-        let cipher = if info.aes_gcm && noise::has_aes_hardware() {
-            Cipher::AesGcm
-        } else {
-            Cipher::ChaChaPoly
-        };
+        let cipher = dial_cipher(info.aes_gcm, &self.config);
         let connect = lifecycle::connect(info.addr, self.config.connect_timeout);
         self.spawn_conn(Some(info.id), info.addr, Err(connect), (offer, cipher));
     }
@@ -688,27 +683,28 @@ impl Supervisor {
             entry.mailbox = m;
         }
         let mailbox = entry.mailbox.clone();
-        let accept = Approval::Accept {
-            metadata: metadata.clone(),
-            terms,
-        };
-        if let Err(Approval::Accept { mut terms, .. }) = approve.send(accept) {
-            // The connection is gone: what it was to resume is held again,
-            // what it was to hand back goes out from here.
-            self.owed.append(&mut terms.handed_back);
-            if let Some((h, _)) = terms.resume {
-                self.held.insert(peer, h);
-            }
-            return;
-        }
-        entry.up = Some((peer, hello.instance));
-        self.handshaking -= 1;
-        let info_addr = if entry.outbound {
+        let info_addr = if outbound {
             addr
         } else {
             SocketAddr::new(addr.ip(), hello.port)
         };
-        self.sessions.insert(peer, conn);
+        let interface = self
+            .disc
+            .targets()
+            .iter()
+            .find(|t| t.contains(from_mapped(addr)))
+            .map(|t| t.interface.clone());
+        let aes_gcm = self.disc.peer(peer).is_some_and(|(i, _)| i.aes_gcm);
+        let info = PeerInfo {
+            id: peer,
+            instance: hello.instance,
+            name: hello.name.clone(),
+            addr: info_addr,
+            interface,
+            role: hello.role,
+            metadata: metadata.clone(),
+            aes_gcm,
+        };
         let max_message =
             (hello.max_frame_size as usize).saturating_sub(DATA_OVERHEAD - LEN_PREFIX);
         let published = Published {
@@ -717,31 +713,44 @@ impl Supervisor {
             mailbox,
             max_message,
         };
-        lock(&self.shared.mailboxes).insert(peer, published);
+        // Published before the connection is told: once the application
+        // has its `SessionUp` (pushed by the connection, on any thread),
+        // `Node::send` finds the session and `Node::peers` says Connected.
+        let before_mailbox = lock(&self.shared.mailboxes).insert(peer, published);
+        let before_peer =
+            lock(&self.shared.peers).insert(peer, (info.clone(), crate::PeerState::Connected));
+        let accept = Approval::Accept { metadata, terms };
+        if let Err(Approval::Accept { mut terms, .. }) = approve.send(accept) {
+            // The connection is gone: the published view goes back; what it
+            // was to resume is held again, what it was to hand back goes
+            // out from here.
+            let mut mailboxes = lock(&self.shared.mailboxes);
+            match before_mailbox {
+                Some(m) => mailboxes.insert(peer, m),
+                None => mailboxes.remove(&peer),
+            };
+            drop(mailboxes);
+            let mut peers = lock(&self.shared.peers);
+            match before_peer {
+                Some(p) => peers.insert(peer, p),
+                None => peers.remove(&peer),
+            };
+            drop(peers);
+            self.owed.append(&mut terms.handed_back);
+            if let Some((h, _)) = terms.resume {
+                self.held.insert(peer, h);
+            }
+            return;
+        }
+        let entry = self.conns.get_mut(&conn).expect("checked above");
+        entry.up = Some((peer, hello.instance));
+        self.handshaking -= 1;
+        self.sessions.insert(peer, conn);
         Counters::bump(&self.shared.counters.sessions_up);
         if resumed {
             debug!(%peer, "resuming the held session");
         }
-        let interface = self
-            .disc
-            .targets()
-            .iter()
-            .find(|t| t.contains(from_mapped(addr)))
-            .map(|t| t.interface.clone());
-        let aes_gcm = self.disc.peer(peer).is_some_and(|(i, _)| i.aes_gcm);
-        self.disc.session_up(
-            clock::now(),
-            PeerInfo {
-                id: peer,
-                instance: hello.instance,
-                name: hello.name,
-                addr: info_addr,
-                interface,
-                role: hello.role,
-                metadata,
-                aes_gcm,
-            },
-        );
+        self.disc.session_up(clock::now(), info);
         self.publish_peers();
     }
 
@@ -1020,11 +1029,53 @@ async fn accept(listener: Option<&TcpListener>) -> std::io::Result<(TcpStream, S
     }
 }
 
+/// The cipher a dial uses (PROTOCOL.md §6, "Cipher"): AES-256-GCM when the
+/// peer announced it (`peer_offers`) and this node offers it too (AES
+/// instructions, [`SessionCipher::Auto`](crate::SessionCipher::Auto)),
+/// else ChaCha20-Poly1305.
+fn dial_cipher(peer_offers: bool, config: &Config) -> Cipher {
+    if peer_offers && config.offers_aes_gcm() {
+        Cipher::AesGcm
+    } else {
+        Cipher::ChaChaPoly
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::net::Ipv4Addr;
 
     use super::*;
+
+    /// A node dials with AES-256-GCM only when the peer announced it, this
+    /// CPU has AES instructions and the node did not choose ChaCha20; a
+    /// ChaCha20 node neither announces AES nor dials with it.
+    #[test]
+    fn the_dial_cipher_follows_both_ends_and_the_choice() {
+        use crate::SessionCipher;
+        let auto = Config::builder("dial-cipher").build().unwrap();
+        let chacha = Config::builder("dial-cipher")
+            .session_cipher(SessionCipher::ChaCha20Poly1305)
+            .build()
+            .unwrap();
+        let plain = Config::builder("dial-cipher")
+            .insecure_plaintext()
+            .build()
+            .unwrap();
+        let aes = crate::session::noise::has_aes_hardware();
+        assert_eq!(auto.offers_aes_gcm(), aes);
+        assert!(!chacha.offers_aes_gcm());
+        assert!(!plain.offers_aes_gcm());
+        let expect_aes = if aes {
+            Cipher::AesGcm
+        } else {
+            Cipher::ChaChaPoly
+        };
+        assert_eq!(dial_cipher(true, &auto), expect_aes);
+        assert_eq!(dial_cipher(false, &auto), Cipher::ChaChaPoly);
+        assert_eq!(dial_cipher(true, &chacha), Cipher::ChaChaPoly);
+        assert_eq!(dial_cipher(false, &chacha), Cipher::ChaChaPoly);
+    }
 
     fn target(addr: [u8; 4], prefix_len: u8) -> Target {
         Target::v4(

@@ -63,9 +63,10 @@ pub(crate) enum Rejected {
 /// node's datagram task (which receives and answers).
 pub(crate) struct Link {
     /// The session's split keys. A cipher is keyed from them per datagram
-    /// (about 0.1 µs; datagrams flow only while the stream is quiet), so
-    /// that a session does not hold a second pair of ciphers (1 KiB) for
-    /// them.
+    /// (a 32-byte copy for ChaCha20, an AES key expansion of about 0.2 µs
+    /// for AES-GCM; datagrams flow only while the stream is quiet), so that
+    /// an AES session does not hold a second pair of prepared ciphers
+    /// (1 KiB) for them.
     keys: Box<SplitKeys>,
     /// Our id, the header of what we send.
     local: PeerId,

@@ -2,26 +2,31 @@
 //! 17-byte heartbeat under keys that are cold, as they are in a server
 //! with thousands of sessions that each ping once a second.
 //!
-//! `cargo bench --bench cipher` prints, for 1, 10 000 and 100 000 cipher
-//! pairs visited in random order (64 MiB of other memory written between
-//! passes), the nanoseconds per seal + open of three ChaCha20-Poly1305
-//! ciphers behind snow's `Cipher` trait, and each as a ratio of snow's
+//! `cargo bench --bench cipher` prints, for both of the session ciphers
+//! (ChaCha20-Poly1305 and AES-256-GCM) and for 1, 10 000 and 100 000
+//! cipher pairs visited in random order (64 MiB of other memory written
+//! between passes), the nanoseconds per seal + open of three ways to hold
+//! the key behind snow's `Cipher` trait, and each as a ratio of snow's
 //! ring cipher in the same run:
 //!
 //! - `snow ring`: snow's `RingResolver` cipher as snow's transport state
-//!   holds it (what lanbeat's ChaCha20 sessions held before the eighteenth
-//!   round), which keeps ring's prepared key (about 540 bytes) per
-//!   direction;
+//!   holds it, which keeps ring's prepared key (about 540 bytes) per
+//!   direction: what lanbeat's AES-256-GCM sessions hold (and its
+//!   ChaCha20 sessions held before the eighteenth round);
 //! - `snow default`: snow's `DefaultResolver` (RustCrypto's
-//!   `chacha20poly1305`), 32 bytes per direction;
+//!   `chacha20poly1305` and `aes-gcm`), 32 bytes per direction, the
+//!   cipher keyed on each call;
 //! - `ring per call`: 32 bytes per direction, ring's key prepared on each
 //!   call: what lanbeat's ChaCha20 sessions do (through one snow cipher per
-//!   thread, keyed per message: src/session/transport.rs). This bench
-//!   sees only the cipher's own lines; the session's other state that it
-//!   spares is measured by `bench -- scale` (docs/BENCHMARKS.md,
-//!   eighteenth round).
+//!   thread, keyed per message: src/session/transport.rs).
+//!
+//! The AES rows are why AES sessions keep the prepared key: expanding an
+//! AES key costs more than the misses on the prepared one. This bench
+//! sees only the cipher's own lines; the session's other state is
+//! measured by `bench -- scale` (docs/BENCHMARKS.md, eighteenth and
+//! nineteenth rounds).
 
-use ring::aead::{Aad, CHACHA20_POLY1305, LessSafeKey, Nonce, Tag, UnboundKey};
+use ring::aead::{AES_256_GCM, Aad, CHACHA20_POLY1305, LessSafeKey, Nonce, Tag, UnboundKey};
 use snow::params::CipherChoice;
 use snow::resolvers::{CryptoResolver, DefaultResolver, RingResolver};
 use snow::types::Cipher;
@@ -29,30 +34,43 @@ use std::time::{Duration, Instant};
 
 const TAG: usize = 16;
 
-/// ChaCha20-Poly1305 keeping only the key: ring's key is prepared on
-/// each call.
-struct PerCall([u8; 32]);
+/// ChaCha20-Poly1305 or AES-256-GCM keeping only the key: ring's key is
+/// prepared on each call.
+struct PerCall {
+    key: [u8; 32],
+    aes: bool,
+}
 
 impl PerCall {
     fn key(&self) -> LessSafeKey {
-        LessSafeKey::new(UnboundKey::new(&CHACHA20_POLY1305, &self.0).expect("32-byte key"))
+        let alg = if self.aes {
+            &AES_256_GCM
+        } else {
+            &CHACHA20_POLY1305
+        };
+        LessSafeKey::new(UnboundKey::new(alg, &self.key).expect("32-byte key"))
     }
-}
 
-/// Noise's ChaChaPoly nonce: 4 zero bytes, then the counter little-endian.
-fn nonce(n: u64) -> Nonce {
-    let mut b = [0u8; 12];
-    b[4..].copy_from_slice(&n.to_le_bytes());
-    Nonce::assume_unique_for_key(b)
+    /// Noise's nonce: 4 zero bytes, then the counter, little-endian for
+    /// ChaChaPoly and big-endian for AESGCM.
+    fn nonce(&self, n: u64) -> Nonce {
+        let mut b = [0u8; 12];
+        if self.aes {
+            b[4..].copy_from_slice(&n.to_be_bytes());
+        } else {
+            b[4..].copy_from_slice(&n.to_le_bytes());
+        }
+        Nonce::assume_unique_for_key(b)
+    }
 }
 
 impl Cipher for PerCall {
     fn name(&self) -> &'static str {
-        "ChaChaPoly"
+        if self.aes { "AESGCM" } else { "ChaChaPoly" }
     }
 
     fn set(&mut self, key: &[u8; 32]) {
-        self.0 = *key;
+        self.key = *key;
     }
 
     fn encrypt(&self, n: u64, ad: &[u8], plaintext: &[u8], out: &mut [u8]) -> usize {
@@ -60,7 +78,7 @@ impl Cipher for PerCall {
         out[..len].copy_from_slice(plaintext);
         let tag = self
             .key()
-            .seal_in_place_separate_tag(nonce(n), Aad::from(ad), &mut out[..len])
+            .seal_in_place_separate_tag(self.nonce(n), Aad::from(ad), &mut out[..len])
             .expect("a heartbeat is far below the cipher's limit");
         out[len..len + TAG].copy_from_slice(tag.as_ref());
         len + TAG
@@ -80,7 +98,7 @@ impl Cipher for PerCall {
         let tag = Tag::try_from(&ciphertext[len..]).map_err(|_| snow::Error::Decrypt)?;
         out[..len].copy_from_slice(&ciphertext[..len]);
         self.key()
-            .open_in_place_separate_tag(nonce(n), Aad::from(ad), tag, &mut out[..len], 0..)
+            .open_in_place_separate_tag(self.nonce(n), Aad::from(ad), tag, &mut out[..len], 0..)
             .map_err(|_| snow::Error::Decrypt)?;
         Ok(len)
     }
@@ -93,27 +111,28 @@ struct Pair {
     rx: Box<dyn Cipher>,
 }
 
-fn cipher(kind: &str) -> Box<dyn Cipher> {
+fn cipher(kind: &str, choice: CipherChoice) -> Box<dyn Cipher> {
+    let aes = matches!(choice, CipherChoice::AESGCM);
     let mut c: Box<dyn Cipher> = match kind {
-        "snow ring" => RingResolver.resolve_cipher(&CipherChoice::ChaChaPoly),
-        "snow default" => DefaultResolver.resolve_cipher(&CipherChoice::ChaChaPoly),
-        _ => Some(Box::new(PerCall([0; 32])) as Box<dyn Cipher>),
+        "snow ring" => RingResolver.resolve_cipher(&choice),
+        "snow default" => DefaultResolver.resolve_cipher(&choice),
+        _ => Some(Box::new(PerCall { key: [0; 32], aes }) as Box<dyn Cipher>),
     }
-    .expect("ChaChaPoly resolves");
+    .expect("the cipher resolves");
     c.set(&[7; 32]);
     c
 }
 
 /// Nanoseconds per seal + open over `n` pairs in random order.
-fn measure(kind: &str, n: usize, evict: &mut [u8]) -> f64 {
+fn measure(kind: &str, choice: CipherChoice, n: usize, evict: &mut [u8]) -> f64 {
     // Other allocations between the pairs, as a session's other state.
     let mut spacers = Vec::with_capacity(n);
     let pairs: Vec<Pair> = (0..n)
         .map(|_| {
             spacers.push(vec![1u8; 700]);
             Pair {
-                tx: cipher(kind),
-                rx: cipher(kind),
+                tx: cipher(kind, choice),
+                rx: cipher(kind, choice),
             }
         })
         .collect();
@@ -152,16 +171,21 @@ fn main() {
     // `cargo bench` passes `--bench`; nothing to parse.
     let mut evict = vec![0u8; 64 << 20];
     println!("one seal + one open of a 17-byte heartbeat, ns (ratio to snow ring)\n");
-    println!("| cipher pairs | snow ring | snow default | ring per call |");
-    println!("| --- | --- | --- | --- |");
-    for n in [1, 10_000, 100_000] {
-        let base = measure("snow ring", n, &mut evict);
-        let default = measure("snow default", n, &mut evict);
-        let per_call = measure("ring per call", n, &mut evict);
-        println!(
-            "| {n} | {base:.0} | {default:.0} ({:.2}×) | {per_call:.0} ({:.2}×) |",
-            default / base,
-            per_call / base
-        );
+    println!("| cipher | pairs | snow ring | snow default | ring per call |");
+    println!("| --- | --- | --- | --- | --- |");
+    for (name, choice) in [
+        ("ChaCha20-Poly1305", CipherChoice::ChaChaPoly),
+        ("AES-256-GCM", CipherChoice::AESGCM),
+    ] {
+        for n in [1, 10_000, 100_000] {
+            let base = measure("snow ring", choice, n, &mut evict);
+            let default = measure("snow default", choice, n, &mut evict);
+            let per_call = measure("ring per call", choice, n, &mut evict);
+            println!(
+                "| {name} | {n} | {base:.0} | {default:.0} ({:.2}×) | {per_call:.0} ({:.2}×) |",
+                default / base,
+                per_call / base
+            );
+        }
     }
 }

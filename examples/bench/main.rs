@@ -5,7 +5,7 @@
 //! cargo run --release --example bench -- lifecycle [--trials N]
 //! cargo run --release --example bench -- rtt [--n N]
 //! cargo run --release --example bench -- throughput [--scale F]
-//! cargo run --release --example bench -- tls [--scale F] [--rounds 1]
+//! cargo run --release --example bench -- tls [--scale F] [--rounds 1] [--pin]
 //! cargo run --release --example bench -- scale [--sessions 1000,10000] [--secs 30] [--rounds 1] [--paired [--pin] [--timeout-baseline | --noise [--aes]]]
 //! cargo run --release --example bench -- discovery [--trials 50]   (namespaces need root)
 //! cargo run --release --example bench -- detect [--trials 20]      (root)
@@ -85,7 +85,8 @@ struct Args {
     #[arg(long)]
     paired: bool,
     /// Scale, with `--paired`: both servers on CPU 0, both clients on
-    /// CPU 1 (steadier ratios).
+    /// CPU 1 (steadier ratios). Tls: the one-way rows' sink on CPU 0 and
+    /// source on CPU 1.
     #[arg(long)]
     pin: bool,
     /// Scale, with `--paired`: compare with the raw server that has a 3 s
@@ -150,7 +151,7 @@ fn main() {
             .block_on(lifecycle::lifecycle(args.trials)),
         "rtt" => msg::rtt(args.n),
         "throughput" => msg::throughput(args.scale),
-        "tls" => tls::tls(args.scale, args.rounds),
+        "tls" => tls::tls(args.scale, args.rounds, args.pin),
         "scale" if args.paired => {
             let pairing = if args.noise {
                 scale::Pairing::Noise { aes: args.aes }

@@ -256,44 +256,40 @@ async fn lb_source(args: &[String]) {
 }
 
 pub(crate) fn pair(server: &[&str], client: &[&str], pinned: bool, lanbeat: bool) -> Value {
+    pair_on(server, client, pinned.then_some((0, 0)), lanbeat)
+}
+
+/// Runs `server` and `client` (on the CPUs `cpus`, server first, if
+/// given) and returns what the measuring side prints.
+pub(crate) fn pair_on(
+    server: &[&str],
+    client: &[&str],
+    cpus: Option<(usize, usize)>,
+    lanbeat: bool,
+) -> Value {
     let to = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
-    if lanbeat {
+    let (scpu, ccpu) = (cpus.map(|c| c.0), cpus.map(|c| c.1));
+    let (mut s, mut c) = if lanbeat {
         let service = format!("bench-{}", free_port());
         let dport = free_port().to_string();
         let extra = ["--service", &service, "--dport", &dport];
-        let mut s = Helper::start(
-            &[to(server), to(&extra)].concat(),
-            pinned.then_some(0),
-            None,
-        );
+        let mut s = Helper::start(&[to(server), to(&extra)].concat(), scpu, None);
         assert_eq!(s.line(), "ready");
-        let mut c = Helper::start(
-            &[to(client), to(&extra)].concat(),
-            pinned.then_some(0),
-            None,
-        );
-        // Whichever side measures prints the result.
-        let out = if server[0].ends_with("sink") {
-            s.line()
-        } else {
-            c.line()
-        };
-        serde_json::from_str(&out).unwrap()
+        let c = Helper::start(&[to(client), to(&extra)].concat(), ccpu, None);
+        (s, c)
     } else {
-        let mut s = Helper::start(&to(server), pinned.then_some(0), None);
+        let mut s = Helper::start(&to(server), scpu, None);
         let port = s.line();
-        let mut c = Helper::start(
-            &[to(client), to(&["--port", &port])].concat(),
-            pinned.then_some(0),
-            None,
-        );
-        let out = if server[0].ends_with("sink") {
-            s.line()
-        } else {
-            c.line()
-        };
-        serde_json::from_str(&out).unwrap()
-    }
+        let c = Helper::start(&[to(client), to(&["--port", &port])].concat(), ccpu, None);
+        (s, c)
+    };
+    // Whichever side measures prints the result.
+    let out = if server[0].ends_with("sink") {
+        s.line()
+    } else {
+        c.line()
+    };
+    serde_json::from_str(&out).unwrap()
 }
 
 pub(crate) fn rtt(n: usize) {

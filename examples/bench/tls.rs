@@ -191,7 +191,15 @@ pub(crate) async fn child(role: &str, args: &[String]) -> bool {
 /// A TLS server helper and a client helper; the measuring side's line.
 /// A client whose first argument is `--block-on` gets a server run the
 /// same way.
-fn tls_pair(dir: &Path, kind: &str, client: &[String], chacha: bool, pin: bool) -> Value {
+/// Runs a TLS server of `kind` and `client`, on the CPUs `cpus` (server,
+/// client) if given.
+fn tls_pair(
+    dir: &Path,
+    kind: &str,
+    client: &[String],
+    chacha: bool,
+    cpus: Option<(usize, usize)>,
+) -> Value {
     let d = dir.to_str().unwrap().to_owned();
     let c = chacha.to_string();
     let mut extra = vec!["--dir".to_owned(), d, "--chacha".to_owned(), c];
@@ -208,10 +216,10 @@ fn tls_pair(dir: &Path, kind: &str, client: &[String], chacha: bool, pin: bool) 
         server.extend(["--n".to_owned(), n]);
     }
     server.extend(extra.clone());
-    let mut s = Helper::start(&server, pin.then_some(0), None);
+    let mut s = Helper::start(&server, cpus.map(|c| c.0), None);
     let port = s.line();
     extra.extend(["--port".to_owned(), port]);
-    let mut cl = Helper::start(&[client.to_vec(), extra].concat(), pin.then_some(0), None);
+    let mut cl = Helper::start(&[client.to_vec(), extra].concat(), cpus.map(|c| c.1), None);
     let out = if kind == "sink" { s.line() } else { cl.line() };
     serde_json::from_str(&out).unwrap()
 }
@@ -224,17 +232,26 @@ fn strings(v: &[&str]) -> Vec<String> {
 /// lanbeat.
 type Row = (&'static str, &'static str, f64, f64, f64);
 
-pub(crate) fn tls(scale: f64, rounds: usize) {
+pub(crate) fn tls(scale: f64, rounds: usize, pin: bool) {
     let dir = std::env::temp_dir().join(format!("lanbeat-bench-tls-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     make_cert(&dir);
     println!("lanbeat (Noise XX, both sides authenticated; AES-256-GCM where both ends");
     println!("have AES instructions) against tokio-rustls (TLS 1.3, ring, server");
     println!("authenticated only), same loopback, separate processes; the round trip");
-    println!("and connect rows pinned to one CPU. {rounds} round(s), the three taken");
+    println!(
+        "and connect rows pinned to one CPU{}. {rounds} round(s), the three taken",
+        if pin {
+            ", the one-way rows' sink to CPU 0 and source to CPU 1"
+        } else {
+            ""
+        }
+    );
     println!("in turn within each; the table gives each cell's median (and, over");
     println!("several rounds, the range of the ratio)\n");
-    let runs: Vec<Vec<Row>> = (0..rounds.max(1)).map(|_| round(&dir, scale)).collect();
+    let runs: Vec<Vec<Row>> = (0..rounds.max(1))
+        .map(|_| round(&dir, scale, pin))
+        .collect();
     println!(
         "| what | rustls AES-256-GCM | rustls ChaCha20 | lanbeat | vs rustls AES | vs rustls ChaCha |"
     );
@@ -278,9 +295,13 @@ fn median(mut v: Vec<f64>) -> f64 {
     }
 }
 
-/// One round of every row.
-fn round(dir: &Path, scale: f64) -> Vec<Row> {
+/// One round of every row; with `pin`, the one-way rows' sink on CPU 0
+/// and source on CPU 1 (each side is one thread), so that neither
+/// lanbeat nor rustls is measured while the scheduler puts both
+/// processes on one CPU.
+fn round(dir: &Path, scale: f64, pin: bool) -> Vec<Row> {
     let mut rows = Vec::new();
+    let apart = pin.then_some((0, 1));
     for (size, n) in [(64usize, 2_000_000.0), (65536, 20_000.0)] {
         let n = ((n * scale) as u64).max(1000).to_string();
         let ss = size.to_string();
@@ -292,10 +313,10 @@ fn round(dir: &Path, scale: f64) -> Vec<Row> {
                 v["bytes"].as_f64().unwrap() / secs / 1e6
             }
         };
-        let lb = crate::msg::pair(
+        let lb = crate::msg::pair_on(
             &["lb-sink", "--n", &n, "--batch", "0"],
             &["lb-source", "--n", &n, "--size", &ss, "--batch", "0"],
-            false,
+            apart,
             true,
         );
         let lb = rate(&lb);
@@ -309,8 +330,8 @@ fn round(dir: &Path, scale: f64) -> Vec<Row> {
                 "--unbuffered",
                 &(!buffered).to_string(),
             ]);
-            let aes = rate(&tls_pair(dir, "sink", &client, false, false));
-            let chacha = rate(&tls_pair(dir, "sink", &client, true, false));
+            let aes = rate(&tls_pair(dir, "sink", &client, false, apart));
+            let chacha = rate(&tls_pair(dir, "sink", &client, true, apart));
             let (what, unit) = match (size, buffered) {
                 (64, false) => (
                     "64 B one-way, one write per message (higher is better)",
@@ -337,8 +358,8 @@ fn round(dir: &Path, scale: f64) -> Vec<Row> {
         ),
     ] {
         let client = strings(&[pre, &["tls-rtt", "--n", &n]].concat());
-        let aes = p50(&tls_pair(dir, "echo", &client, false, true));
-        let chacha = p50(&tls_pair(dir, "echo", &client, true, true));
+        let aes = p50(&tls_pair(dir, "echo", &client, false, Some((0, 0))));
+        let chacha = p50(&tls_pair(dir, "echo", &client, true, Some((0, 0))));
         let lb = p50(&crate::msg::pair(
             &[pre, &["lb-echo"]].concat(),
             &[pre, &["lb-rtt", "--n", &n]].concat(),
@@ -349,8 +370,8 @@ fn round(dir: &Path, scale: f64) -> Vec<Row> {
     }
     let n = ((500.0 * scale) as usize).max(100).to_string();
     let client = strings(&["tls-connect", "--n", &n]);
-    let aes = p50(&tls_pair(dir, "handshake", &client, false, true));
-    let chacha = p50(&tls_pair(dir, "handshake", &client, true, true));
+    let aes = p50(&tls_pair(dir, "handshake", &client, false, Some((0, 0))));
+    let chacha = p50(&tls_pair(dir, "handshake", &client, true, Some((0, 0))));
     let mut s = Helper::start(&strings(&["lb-accept"]), Some(0), None);
     let port = s.line();
     let mut c = Helper::start(

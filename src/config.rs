@@ -57,25 +57,26 @@ pub enum Security {
 
 /// Which cipher a node's Noise sessions use (PROTOCOL.md §6, "Cipher").
 ///
-/// The two trade large-message speed against the memory an idle session
-/// touches: a node that holds thousands of mostly idle sessions spends its
-/// CPU on heartbeats, and each heartbeat reads the session's keys, cold.
+/// The two trade large-message speed against the memory a session holds:
+/// an expanded AES key is about 0.5 KiB per direction, a ChaCha20 key 32
+/// bytes. Their CPU for idle sessions measured the same within the
+/// bench's run-to-run spread (docs/BENCHMARKS.md, nineteenth round).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum SessionCipher {
     /// AES-256-GCM where both ends have AES instructions (several times
     /// ChaCha20's speed for large messages there), ChaCha20-Poly1305
-    /// otherwise. An AES key is kept expanded, about 0.5 KiB per direction
-    /// that each heartbeat reads.
+    /// otherwise. An AES key is kept expanded, about 0.5 KiB per
+    /// direction.
     #[default]
     Auto,
     /// ChaCha20-Poly1305 always: the node does not announce AES-256-GCM
-    /// and does not dial with it. A ChaCha20 key is 32 bytes, so each idle
-    /// session costs less CPU and memory (docs/BENCHMARKS.md compares the
-    /// two), at roughly half AES-GCM's large-message throughput on CPUs
-    /// with AES instructions. For a node that holds thousands of mostly
-    /// idle sessions. A peer that dials with AES-256-GCM anyway (from an
-    /// announce it saw before) is still accepted.
+    /// and does not dial with it. Each session holds about 1.1 KiB less
+    /// (3.7 instead of 4.8 KiB per idle session in docs/BENCHMARKS.md),
+    /// at roughly half AES-GCM's large-message throughput on CPUs with AES
+    /// instructions: for a node short of memory that holds thousands of
+    /// mostly idle sessions. A peer that dials with AES-256-GCM anyway
+    /// (from an announce it saw before) is still accepted.
     ChaCha20Poly1305,
 }
 

@@ -188,11 +188,9 @@ pub(crate) async fn child(role: &str, args: &[String]) -> bool {
     true
 }
 
-/// A TLS server helper and a client helper; the measuring side's line.
-/// A client whose first argument is `--block-on` gets a server run the
-/// same way.
-/// Runs a TLS server of `kind` and `client`, on the CPUs `cpus` (server,
-/// client) if given.
+/// A TLS server helper of `kind` and a client helper, on the CPUs `cpus`
+/// (server, client) if given; the measuring side's line. A client whose
+/// first argument is `--block-on` gets a server run the same way.
 fn tls_pair(
     dir: &Path,
     kind: &str,

@@ -18,14 +18,16 @@ use tracing::{debug, trace, warn};
 use super::datagram::Link;
 use super::machine::{Session, SessionEvent};
 use super::mailbox::Mailbox;
-use super::stream::{RECORD_HEADER, Stream, TAG, violation_of};
+use super::stream::{Stream, TAG, violation_of};
 use super::supervision::{ConnectionParams, NewConnection, NodeContext};
 use crate::clock;
 use crate::event::{DownReason, Event, ReplyTo};
 use crate::node::EventQueue;
 use crate::peer::PeerId;
 use crate::stats::Counters;
-use crate::wire::frame::{Frame, Frames, Hello, MAX_FIXED, frame_len};
+use crate::wire::frame::{
+    Frame, Frames, Hello, MAX_FIXED, Outgoing, encode_data_header, frame_len,
+};
 
 /// Why the loop of [`Connection::poll_session`] stopped: the task moves to
 /// its next phase.
@@ -41,6 +43,14 @@ pub(super) enum LoopExit {
 /// 64 KiB) stays below glibc's 128 KiB mmap threshold: a freed and
 /// reallocated buffer then costs no page faults.
 const WRITE_HIGH_WATER: usize = 32 * 1024;
+/// Messages at least this large are sealed from their own buffer on a
+/// Noise stream, not copied to the write buffer: the copy saved outweighs
+/// the record of their own (one more cipher call) their frame header and
+/// what preceded it take.
+const SEAL_DIRECT: usize = 8 * 1024;
+/// Room a Noise reader keeps for a small record ahead of those of a large
+/// message (its frame header and the acks before it).
+const LEADING_RECORD: usize = 64;
 /// Read buffer sizes: an idle session reads into a small buffer (a ping is
 /// 13 bytes); one whose reads fill the buffer gets a bigger one next time,
 /// up to 64 KiB. Not more: received messages keep their read buffer alive
@@ -291,7 +301,7 @@ impl Connection {
                 }
             }
             self.transmit(cx, stream);
-            let limited = self.take_outbox(cx);
+            let limited = self.take_outbox(cx, stream);
             again |= self.write(cx, stream) && limited;
             again |= self.poll_timer();
             if !again {
@@ -383,11 +393,14 @@ impl Connection {
             Poll::Ready(Ok(())) => {}
         }
         // The buffer is allocated only now that there is data. Under
-        // Noise, with room for a whole record of the read size: a record
-        // that does not fit is opened aside and copied.
+        // Noise, with room for records of the read size and a small one
+        // before them (a large message's frame header is a record of its
+        // own, with the acks sent before it), and the last one's tag (a
+        // record opens in place with room for its tag; one that does not
+        // fit waits for the next read, or is opened aside and copied).
         let size = self.read_size();
         let least = match stream {
-            Stream::Noise(_) => size + RECORD_HEADER + TAG,
+            Stream::Noise(_) => size + LEADING_RECORD + TAG,
             Stream::Plain(_) => size / 2,
         };
         let rbuf = &mut self.bufs().rbuf;
@@ -469,23 +482,25 @@ impl Connection {
     /// makes room for more). Registers the task's waker with the mailbox
     /// either way (for a close request, and, when it empties the outbox,
     /// for the next message).
-    fn take_outbox(&mut self, cx: &mut Context<'_>) -> bool {
-        let full = |l: &Connection| {
-            l.bufs
-                .as_ref()
-                .is_some_and(|b| b.wbuf.len() >= WRITE_HIGH_WATER)
+    fn take_outbox(&mut self, cx: &mut Context<'_>, stream: &mut Stream) -> bool {
+        let full = |l: &Connection, stream: &Stream| {
+            let sealed = stream.unwritten();
+            sealed >= WRITE_HIGH_WATER
+                || l.bufs
+                    .as_ref()
+                    .is_some_and(|b| b.wbuf.len() + sealed >= WRITE_HIGH_WATER)
         };
         if self.mailbox.outbox().is_idle() {
             // Empty, and our waker is registered for the next message (the
             // common case of an idle session's wake-up: no lock).
-            return full(self);
+            return full(self, stream);
         }
-        if full(self) || self.peer.is_none() || !self.session.can_send() {
+        if full(self, stream) || self.peer.is_none() || !self.session.can_send() {
             self.mailbox.outbox().register(cx.waker());
-            return full(self);
+            return full(self, stream);
         }
         let mut sent = 0;
-        while !full(self) {
+        while !full(self, stream) {
             // No more than the in-flight limits allow: a run of small
             // messages is split if need be.
             let room = self.session.sendable();
@@ -500,7 +515,7 @@ impl Connection {
             else {
                 break;
             };
-            out.encode(self.wbuf());
+            self.encode(stream, &out);
             sent += out.count() as u64;
             self.session.record_sent(self.now, out);
         }
@@ -508,7 +523,31 @@ impl Connection {
             self.busy = true;
             Counters::add(&self.node.counters.messages_sent, sent);
         }
-        full(self)
+        full(self, stream)
+    }
+
+    /// Appends `out`'s frames to what waits to be written. A large message
+    /// on a Noise stream is sealed from its own buffer, behind what the
+    /// write buffer holds (see [`Stream::seal_frame`]); the rest goes to
+    /// the write buffer.
+    fn encode(&mut self, stream: &mut Stream, out: &Outgoing) {
+        if let Outgoing::Message(m) = out
+            && m.len() >= SEAL_DIRECT
+            && stream.is_noise()
+        {
+            if self.wbuf_empty() && stream.unwritten() == 0 {
+                self.last_write = self.now;
+            }
+            stream.set_large_records(self.session.fast_path());
+            let wbuf = &mut self.bufs.get_or_insert_with(Box::default).wbuf;
+            encode_data_header(m.len(), wbuf);
+            match stream.seal_frame(wbuf, m) {
+                Ok(_) => wbuf.clear(),
+                Err(e) => failed(&mut self.session, e),
+            }
+            return;
+        }
+        out.encode(self.wbuf());
     }
 
     /// Writes what is buffered until the socket takes no more. Returns

@@ -7,7 +7,9 @@
 //!
 //! Records are sealed per write and opened per read, straight between the
 //! caller's buffer and the socket where they fit: an idle session's ping
-//! and pong go through the stack, with no buffer held between them.
+//! and pong go through the stack, with no buffer held between them, and a
+//! large message is sealed from the application's buffer
+//! ([`Stream::seal_frame`]), not copied to the write buffer first.
 
 use std::io;
 use std::pin::Pin;
@@ -60,7 +62,7 @@ pub(crate) struct NoiseStream {
     tcp: TcpStream,
     rec: Records,
     /// Records sealed, not yet written.
-    tx: BytesMut,
+    tx: Sealed,
     /// The handshake's keys, until the session's liveness datagrams take
     /// them (or it has none).
     split: Option<Box<SplitKeys>>,
@@ -95,6 +97,74 @@ pub(crate) struct Cipher {
 /// it (2^63 records: never reached), the datagrams' at or above it, so no
 /// nonce is used twice under one key.
 pub(crate) const DATAGRAM_NONCES: u64 = 1 << 63;
+
+/// Sealed records not yet written: `buf[at..end]`. The cipher seals into
+/// initialized memory, so the buffer is kept initialized and written over:
+/// it is zeroed once as it grows, not for every record (a `BytesMut`
+/// would be zeroed anew before each).
+#[derive(Default)]
+pub(crate) struct Sealed {
+    buf: Vec<u8>,
+    at: usize,
+    end: usize,
+}
+
+impl Sealed {
+    /// The bytes waiting.
+    fn pending(&self) -> &[u8] {
+        &self.buf[self.at..self.end]
+    }
+
+    fn len(&self) -> usize {
+        self.end - self.at
+    }
+
+    fn is_empty(&self) -> bool {
+        self.at == self.end
+    }
+
+    #[cfg(test)]
+    pub(crate) fn capacity(&self) -> usize {
+        self.buf.capacity()
+    }
+
+    /// Marks `n` bytes written.
+    fn advance(&mut self, n: usize) {
+        self.at = (self.at + n).min(self.end);
+        if self.at == self.end {
+            (self.at, self.end) = (0, 0);
+        }
+    }
+
+    /// `n` bytes of room at the end, to seal into; [`Sealed::commit`]
+    /// keeps what was used.
+    fn room(&mut self, n: usize) -> &mut [u8] {
+        if self.end + n > self.buf.len() {
+            self.buf.copy_within(self.at..self.end, 0);
+            (self.at, self.end) = (0, self.end - self.at);
+            if self.end + n > self.buf.len() {
+                self.buf.resize(self.end + n, 0);
+            }
+        }
+        &mut self.buf[self.end..self.end + n]
+    }
+
+    fn commit(&mut self, n: usize) {
+        self.end += n;
+    }
+
+    fn extend_from_slice(&mut self, bytes: &[u8]) {
+        self.room(bytes.len()).copy_from_slice(bytes);
+        self.commit(bytes.len());
+    }
+
+    /// Gives the memory back if nothing waits.
+    fn release_idle(&mut self) {
+        if self.is_empty() && self.buf.capacity() > 0 {
+            *self = Sealed::default();
+        }
+    }
+}
 
 impl Cipher {
     fn seal(&mut self, payload: &[u8], out: &mut [u8]) -> Result<usize, snow::Error> {
@@ -173,9 +243,13 @@ impl Records {
         !self.rx.is_empty()
     }
 
+    #[cfg(any(test, fuzzing))]
     /// Seals `src` as records at the end of `dst`.
     pub(crate) fn seal(&mut self, src: &[u8], dst: &mut BytesMut) -> io::Result<()> {
-        seal(&mut self.state, src, dst)
+        let mut sealed = Sealed::default();
+        seal(&mut self.state, src, &mut sealed)?;
+        dst.extend_from_slice(sealed.pending());
+        Ok(())
     }
 
     /// Whether a read can make progress without the socket.
@@ -264,7 +338,7 @@ fn seal_one(state: &mut Cipher, chunk: &[u8], dst: &mut [u8]) -> io::Result<usiz
 /// allows, of even length (a 64 KiB message and its frame header, 9 bytes
 /// over the largest record, are two records of 32 KiB, not one of 64 KiB
 /// and one of 26 bytes, which the receiver would have to read apart).
-fn seal(state: &mut Cipher, src: &[u8], dst: &mut BytesMut) -> io::Result<()> {
+fn seal(state: &mut Cipher, src: &[u8], dst: &mut Sealed) -> io::Result<()> {
     let most = if state.large {
         MAX_RECORD_PLAINTEXT
     } else {
@@ -272,9 +346,8 @@ fn seal(state: &mut Cipher, src: &[u8], dst: &mut BytesMut) -> io::Result<()> {
     };
     let records = src.len().div_ceil(most).max(1);
     for chunk in src.chunks(src.len().div_ceil(records).max(1)) {
-        let at = dst.len();
-        dst.resize(at + OVERHEAD + chunk.len(), 0);
-        seal_one(state, chunk, &mut dst[at..])?;
+        let n = seal_one(state, chunk, dst.room(OVERHEAD + chunk.len()))?;
+        dst.commit(n);
     }
     Ok(())
 }
@@ -296,7 +369,7 @@ impl NoiseStream {
         Some(NoiseStream {
             tcp,
             rec: Records::new(split.transport()?),
-            tx: BytesMut::new(),
+            tx: Sealed::default(),
             split: Some(Box::new(split)),
         })
     }
@@ -351,7 +424,7 @@ impl NoiseStream {
     /// takes no more (`Pending`).
     fn poll_drain(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         while !self.tx.is_empty() {
-            match ready!(Pin::new(&mut self.tcp).poll_write(cx, &self.tx))? {
+            match ready!(Pin::new(&mut self.tcp).poll_write(cx, self.tx.pending()))? {
                 0 => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
                 n => self.tx.advance(n),
             }
@@ -381,7 +454,7 @@ impl NoiseStream {
             };
             self.tx.extend_from_slice(&record[written..]);
         } else {
-            self.rec.seal(src, &mut self.tx)?;
+            seal(&mut self.rec.state, src, &mut self.tx)?;
             if let Poll::Ready(Err(e)) = self.poll_drain(cx) {
                 return Poll::Ready(Err(e));
             }
@@ -406,6 +479,23 @@ impl Stream {
     /// learning of the end now).
     pub(crate) fn reset_on_drop(&self) {
         let _ = socket2::SockRef::from(self.tcp()).set_linger(Some(std::time::Duration::ZERO));
+    }
+
+    /// Seals `head` and then `body` (what the write buffer holds with a
+    /// large message's frame header, and that message's payload) as
+    /// records behind those waiting to be written. The payload is sealed
+    /// straight from the sender's buffer: copied once, as the cipher seals
+    /// it, not first to the write buffer and then again. Does nothing and
+    /// returns false on a plaintext stream.
+    pub(crate) fn seal_frame(&mut self, head: &[u8], body: &[u8]) -> io::Result<bool> {
+        let Stream::Noise(n) = self else {
+            return Ok(false);
+        };
+        if !head.is_empty() {
+            seal(&mut n.rec.state, head, &mut n.tx)?;
+        }
+        seal(&mut n.rec.state, body, &mut n.tx)?;
+        Ok(true)
     }
 
     /// Whether the path is fast (the session's in-flight window is large:
@@ -438,6 +528,11 @@ impl Stream {
         }
     }
 
+    /// Whether frames go in Noise records.
+    pub(crate) fn is_noise(&self) -> bool {
+        matches!(self, Stream::Noise(_))
+    }
+
     /// How many bytes of sealed records wait to be written (a flush writes
     /// them).
     pub(crate) fn unwritten(&self) -> usize {
@@ -450,11 +545,12 @@ impl Stream {
     /// Gives back the memory of empty buffers (an idle session holds none).
     pub(crate) fn release_idle(&mut self) {
         if let Stream::Noise(n) = self {
-            for b in [&mut n.rec.rx, &mut n.rec.plain, &mut n.tx] {
+            for b in [&mut n.rec.rx, &mut n.rec.plain] {
                 if b.is_empty() && b.capacity() > 0 {
                     *b = BytesMut::new();
                 }
             }
+            n.tx.release_idle();
         }
     }
 }

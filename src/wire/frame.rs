@@ -408,9 +408,15 @@ impl Iterator for Frames {
 /// Appends a data frame carrying `payload` to `dst`.
 pub fn encode_data(payload: &[u8], dst: &mut BytesMut) {
     dst.reserve(DATA_OVERHEAD + payload.len());
-    dst.put_u32((payload.len() + 1) as u32);
-    dst.put_u8(T_DATA);
+    encode_data_header(payload.len(), dst);
     dst.put_slice(payload);
+}
+
+/// Appends the header of a data frame whose payload is `len` bytes (the
+/// payload follows it on the wire).
+pub fn encode_data_header(len: usize, dst: &mut BytesMut) {
+    dst.put_u32((len + 1) as u32);
+    dst.put_u8(T_DATA);
 }
 
 /// Appends a request or reply frame (type `ty`) for request `id` to `dst`.

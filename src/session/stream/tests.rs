@@ -308,3 +308,64 @@ async fn writes_are_sealed_in_even_records_and_opened_in_place() {
     assert_eq!(out.filled(), &[3; 1000][..]);
     assert_eq!(b.plain.len(), 32772 - 1000);
 }
+
+/// A large message sealed from its own buffer (`seal_frame`) arrives in
+/// order with what was written before and after it, at any record size,
+/// and its frame header and what preceded it are one record of their own.
+#[tokio::test]
+async fn frames_sealed_from_their_own_buffer_arrive_in_order() {
+    let (a, b) = pair().await;
+    let (mut a, mut b) = (Stream::Noise(Box::new(a)), Stream::Noise(Box::new(b)));
+    let body: Vec<u8> = (0..100_000).map(|i| (i % 253) as u8).collect();
+    let mut want = Vec::new();
+    for large in [false, true] {
+        a.set_large_records(large);
+        a.write_all(b"before").await.unwrap();
+        assert!(a.seal_frame(b"acks+head", &body).unwrap());
+        // Nothing ahead of the body: the body alone.
+        assert!(a.seal_frame(&[], &body[..9000]).unwrap());
+        a.write_all(b"after").await.unwrap();
+        want.extend_from_slice(b"before");
+        want.extend_from_slice(b"acks+head");
+        want.extend_from_slice(&body);
+        want.extend_from_slice(&body[..9000]);
+        want.extend_from_slice(b"after");
+    }
+    a.flush().await.unwrap();
+    assert_eq!(a.unwritten(), 0);
+    a.shutdown().await.unwrap();
+    let (got, err) = read_to_end(&mut b).await;
+    assert!(err.is_none(), "{err:?}");
+    assert!(got == want, "the bytes differ");
+    // On a plaintext stream it does nothing.
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let c = tokio::net::TcpStream::connect(l.local_addr().unwrap())
+        .await
+        .unwrap();
+    let mut plain = Stream::Plain(c);
+    assert!(!plain.seal_frame(b"head", &body).unwrap());
+    assert_eq!(plain.unwritten(), 0);
+}
+
+#[test]
+fn the_sealed_buffer_keeps_what_waits_in_order_as_it_grows() {
+    let mut s = super::Sealed::default();
+    s.extend_from_slice(b"abcdef");
+    s.advance(2);
+    assert_eq!(s.pending(), b"cdef");
+    // Growing moves what waits to the front first.
+    s.extend_from_slice(&[b'g'; 100]);
+    assert_eq!(&s.pending()[..5], b"cdefg");
+    assert_eq!(s.len(), 104);
+    let cap = s.capacity();
+    // Written out: the room is reused, not grown.
+    s.advance(104);
+    assert!(s.is_empty());
+    s.extend_from_slice(&[1; 100]);
+    assert_eq!(s.capacity(), cap);
+    // Advancing past the end stops at it.
+    s.advance(1000);
+    assert!(s.is_empty());
+    s.release_idle();
+    assert_eq!(s.capacity(), 0);
+}

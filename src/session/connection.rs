@@ -333,6 +333,8 @@ impl Connection {
             }
             reads += 1;
             if self.poll_read(cx, stream).is_pending() {
+                // All that arrived is read and handled.
+                self.session.handle_drained();
                 return false;
             }
         }

@@ -171,15 +171,26 @@ impl Pair {
                     self.dg_to_a.push_back((answer, false));
                 }
             }
+            // Each side reads all that has arrived, then finds no more (as
+            // a connection's read that would wait).
+            let (mut read_a, mut read_b) = (false, false);
             while self.to_a.front().is_some_and(|x| x.0 <= self.now) {
                 let (_, f) = self.to_a.pop_front().unwrap();
                 self.a.handle_frame(self.now, f);
+                read_a = true;
             }
             while self.to_b.front().is_some_and(|x| x.0 <= self.now) {
                 let (_, f) = self.to_b.pop_front().unwrap();
                 if let Some(d) = self.b.handle_frame(self.now, f) {
                     self.delivered_b.push(d);
                 }
+                read_b = true;
+            }
+            if read_a {
+                self.a.handle_drained();
+            }
+            if read_b {
+                self.b.handle_drained();
             }
             if self.a.poll_timeout().is_some_and(|t| t <= self.now) {
                 self.a.handle_timeout(self.now);
@@ -814,7 +825,7 @@ fn the_in_flight_window_starts_small_and_opens_with_fast_acks() {
 }
 
 #[test]
-fn an_ack_is_due_at_32_frames_or_4_kib_of_bodies() {
+fn an_ack_is_due_at_32_frames_256_kib_of_bodies_or_4_kib_once_all_is_read() {
     let mut p = Pair::new(cfg(1, 1000, 3000), cfg(2, 1000, 3000));
     p.run_until(p.now + 10 * MS);
     let (now, b) = (p.now, &mut p.b);
@@ -832,16 +843,40 @@ fn an_ack_is_due_at_32_frames_or_4_kib_of_bodies() {
     assert_eq!(acks(b), []);
     assert!(b.handle_data(now, 16));
     assert_eq!(acks(b), [Frame::Ack(32)]);
-    // ...larger ones for 4 KiB of bodies, counted from the last ack.
+    // ...larger ones, while more keeps arriving, for 256 KiB of bodies,
+    // counted from the last ack: an ack per four 64 KiB messages.
+    for _ in 0..3 {
+        assert!(b.handle_data(now, 64 * 1024));
+    }
+    assert_eq!(acks(b), []);
+    assert!(b.handle_data(now, 64 * 1024));
+    assert_eq!(acks(b), [Frame::Ack(36)]);
+    // Once all that arrived is read, 4 KiB of bodies are due...
     for _ in 0..3 {
         assert!(b.handle_data(now, 1000));
     }
+    b.handle_drained();
     assert_eq!(acks(b), []);
     assert!(b.handle_data(now, 1096));
-    assert_eq!(acks(b), [Frame::Ack(36)]);
-    // One large message is acknowledged at once.
+    assert_eq!(acks(b), []);
+    b.handle_drained();
+    assert_eq!(acks(b), [Frame::Ack(40)]);
+    // ...and one large message is acknowledged as soon as it is read.
     assert!(b.handle_data(now, 64 * 1024));
-    assert_eq!(acks(b), [Frame::Ack(37)]);
+    b.handle_drained();
+    assert_eq!(acks(b), [Frame::Ack(41)]);
+    // A trickle of small messages, each read on its own, waits for the
+    // 10 ms rule rather than getting an ack each.
+    for _ in 0..5 {
+        assert!(b.handle_data(now, 100));
+        b.handle_drained();
+    }
+    assert_eq!(acks(b), []);
+    b.handle_timeout(now + 10 * MS);
+    assert_eq!(acks(b), [Frame::Ack(46)]);
+    // Nothing unacknowledged: nothing due.
+    b.handle_drained();
+    assert_eq!(acks(b), []);
 }
 
 #[test]

@@ -142,12 +142,12 @@ impl Keyed {
             Keyed::Prepared(c) => Some(f(&**c)),
             Keyed::ChaCha(key) => CHACHA.with(|slot| {
                 let mut slot = slot.try_borrow_mut().ok()?;
-                if slot.is_none() {
-                    *slot = resolve(Cipher::ChaChaPoly, key);
+                match slot.as_mut() {
+                    Some(c) => c.set(key),
+                    // Resolved keyed with this message's key.
+                    None => *slot = resolve(Cipher::ChaChaPoly, key),
                 }
-                let c = slot.as_mut()?;
-                c.set(key);
-                Some(f(&**c))
+                Some(f(&**slot.as_ref()?))
             }),
         }
     }

@@ -261,3 +261,42 @@ fn example_peer_refuses_metadata_over_the_limits_and_names_them() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("KEY=VALUE"));
 }
+
+#[test]
+fn example_peer_takes_a_cipher_and_refuses_one_without_encryption() {
+    let port = std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let service = format!("t-cipher-{}", std::process::id());
+    // A ChaCha20-only peer and an `auto` one pair and talk.
+    let a = JsonPeer::start_with("cha", port, &service, &["--cipher", "chacha20-poly1305"]);
+    a.expect("started", |_| true);
+    let mut b = JsonPeer::start_with("aut", port, &service, &["--cipher", "auto"]);
+    let b_id = b.expect("started", |_| true)["id"].clone();
+    a.expect("session_up", |v| v["peer"] == b_id);
+    b.expect("session_up", |_| true);
+    writeln!(b.child.0.stdin.as_mut().unwrap(), "over chacha").unwrap();
+    let m = a.expect("message", |v| v["peer"] == b_id);
+    assert_eq!(m["data"], "over chacha");
+    // A cipher for plaintext sessions is a mistake, named at once.
+    let out = Command::new(example("peer"))
+        .args(["--interface", "lo", "--insecure-plaintext"])
+        .args(["--cipher", "chacha20-poly1305"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--cipher") && err.contains("--insecure-plaintext"),
+        "{err}"
+    );
+    // So is an unknown one.
+    let out = Command::new(example("peer"))
+        .args(["--interface", "lo", "--cipher", "rot13"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("chacha20-poly1305"));
+}

@@ -81,6 +81,9 @@ pub(super) struct Connection {
     /// Sealed records wait in the stream to be written (Noise): a flush is
     /// due, and counts as a write waiting.
     pub(super) unflushed: bool,
+    /// Data, request or reply frames were handled since a read last found
+    /// nothing more (an ack may be due then: `Session::handle_drained`).
+    pub(super) data_read: bool,
     /// Messages moved since the session's deadline last came: its buffers
     /// (and its outbox's) are kept until then, so a busy session does not
     /// allocate them afresh per message; an idle one holds none.
@@ -188,6 +191,7 @@ impl Connection {
             read_shift: READ_MIN_SHIFT,
             max_frame: new.max_frame,
             unflushed: false,
+            data_read: false,
             busy: false,
             bufs: None,
             peer: None,
@@ -333,8 +337,11 @@ impl Connection {
             }
             reads += 1;
             if self.poll_read(cx, stream).is_pending() {
-                // All that arrived is read and handled.
-                self.session.handle_drained();
+                // All that arrived is read and handled. (The flag spares
+                // an idle session's heartbeat a visit to the machine.)
+                if std::mem::take(&mut self.data_read) {
+                    self.session.handle_drained();
+                }
                 return false;
             }
         }
@@ -416,7 +423,9 @@ impl Connection {
             Poll::Ready(Ok(0)) => self.session.handle_eof(),
             Poll::Ready(Ok(n)) => {
                 self.busy = true;
-                self.adapt_read_size(n, continued);
+                // A read that ended inside a record (a large message's
+                // frame header, its body on the way) is not an idle one.
+                self.adapt_read_size(n, continued || stream.inside_record());
                 self.session.handle_progress(self.now);
             }
             Poll::Ready(Err(e)) => failed(&mut self.session, e),
@@ -710,6 +719,7 @@ impl Connection {
         let (now, session) = (self.now, &mut self.session);
         let mut received = 0;
         let mut exhausted = false;
+        let mut data_frames = false;
         while b.pending.len() < DELIVER_BATCH {
             let decoded = match b.frames.next() {
                 Some(d) => d,
@@ -721,6 +731,7 @@ impl Connection {
             };
             match decoded {
                 Ok(Frame::Data(data)) => {
+                    data_frames = true;
                     // `peer` is set whenever the machine accepts data (see
                     // below).
                     if session.handle_data(now, data.len())
@@ -734,6 +745,7 @@ impl Connection {
                     }
                 }
                 Ok(Frame::Request { id, body }) => {
+                    data_frames = true;
                     if session.handle_data(now, body.len())
                         && let Some(p) = self.peer
                     {
@@ -754,6 +766,7 @@ impl Connection {
                     }
                 }
                 Ok(Frame::Reply { id, body }) => {
+                    data_frames = true;
                     if session.handle_data(now, body.len())
                         && let Some(p) = self.peer
                         && !self.node.requests.answer(p, self.params.lineage, id, body)
@@ -782,6 +795,7 @@ impl Connection {
         if received > 0 {
             Counters::add(&self.node.counters.messages_received, received);
         }
+        self.data_read |= data_frames;
         exhausted
     }
 }

@@ -9,7 +9,10 @@
 //! caller's buffer and the socket where they fit: an idle session's ping
 //! and pong go through the stack, with no buffer held between them, and a
 //! large message is sealed from the application's buffer
-//! ([`Stream::seal_frame`]), not copied to the write buffer first.
+//! ([`Stream::seal_frame`]), not copied to the write buffer first. With
+//! the `ring` feature a large read goes into the reader's own buffer and
+//! its records are opened there ([`open_in_place`]), not read aside and
+//! copied as they are opened.
 
 use std::io;
 use std::pin::Pin;
@@ -19,6 +22,8 @@ use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
+#[cfg(feature = "ring")]
+use super::transport::InPlace;
 use super::transport::{SplitKeys, TransportKeys};
 use crate::event::ProtocolViolation;
 
@@ -48,6 +53,13 @@ const WRITE_CHUNK: usize = 2 * MAX_RECORD_PLAINTEXT;
 const STACK: usize = 512;
 /// Most ciphertext read per call.
 const READ_MAX: usize = 128 * 1024;
+/// Reads into at least this much room are opened in place (with the
+/// `ring` feature): the ciphertext is read into the reader's buffer and
+/// each record opened there, instead of being read aside and copied as it
+/// is opened. Below it, a read is too small for the saving to pay for
+/// keying ring's cipher.
+#[cfg(feature = "ring")]
+const IN_PLACE: usize = 8 * 1024;
 
 /// A connection's stream: plaintext, or Noise records.
 pub(crate) enum Stream {
@@ -184,6 +196,24 @@ impl Cipher {
         self.rx += 1;
         Ok(n)
     }
+
+    /// As [`Cipher::open`], with the message at `buf[from..]` opened into
+    /// the front of `buf` by `key` (this direction's, see
+    /// [`super::transport::InPlace`]).
+    #[cfg(feature = "ring")]
+    fn open_within(
+        &mut self,
+        key: &InPlace,
+        buf: &mut [u8],
+        from: usize,
+    ) -> Result<usize, snow::Error> {
+        if self.rx >= DATAGRAM_NONCES {
+            return Err(snow::Error::Decrypt);
+        }
+        let n = key.open_within(self.rx, buf, from)?;
+        self.rx += 1;
+        Ok(n)
+    }
 }
 
 impl Records {
@@ -221,6 +251,52 @@ impl Records {
         debug_assert!(self.rx.is_empty() && self.plain.is_empty());
         let used = open(&mut self.state, got, out, &mut self.plain)?;
         self.rx.extend_from_slice(&got[used..]);
+        Ok(())
+    }
+
+    /// This direction's cipher, to open records in place.
+    #[cfg(feature = "ring")]
+    pub(crate) fn in_place_key(&self) -> io::Result<InPlace> {
+        self.state
+            .keys
+            .recv
+            .in_place()
+            .ok_or_else(|| io::Error::other("cannot key the record cipher"))
+    }
+
+    /// Moves the partial record held to `out`, for ciphertext to be read
+    /// behind it; returns where it starts in `out`.
+    #[cfg(feature = "ring")]
+    pub(crate) fn carry_into(&mut self, out: &mut ReadBuf<'_>) -> usize {
+        let start = out.filled().len();
+        out.put_slice(&self.rx);
+        self.rx.clear();
+        start
+    }
+
+    /// Takes back what [`Records::carry_into`] moved from `start` on
+    /// (nothing was read behind it).
+    #[cfg(feature = "ring")]
+    pub(crate) fn uncarry(&mut self, out: &mut ReadBuf<'_>, start: usize) {
+        self.rx.extend_from_slice(&out.filled()[start..]);
+        out.set_filled(start);
+    }
+
+    /// Opens the whole records of the ciphertext in `out` from `start` on
+    /// where they are, with `key` (from [`Records::in_place_key`]), leaving
+    /// their plaintext filled in `out`; keeps what follows them, a partial
+    /// record, for the next read.
+    #[cfg(feature = "ring")]
+    pub(crate) fn open_read(
+        &mut self,
+        key: &InPlace,
+        out: &mut ReadBuf<'_>,
+        start: usize,
+    ) -> io::Result<()> {
+        let buf = &mut out.filled_mut()[start..];
+        let (plain, used) = open_in_place(&mut self.state, key, buf)?;
+        self.rx.extend_from_slice(&buf[used..]);
+        out.set_filled(start + plain);
         Ok(())
     }
 
@@ -322,6 +398,36 @@ fn open(
     Ok(at)
 }
 
+/// Opens the whole records at the front of `buf` where they are: each
+/// record's plaintext goes right behind the one before it, so they end up
+/// together at the front. Returns how many bytes of plaintext that is and
+/// how many bytes of `buf` the records took (a partial record may follow).
+#[cfg(feature = "ring")]
+pub(crate) fn open_in_place(
+    state: &mut Cipher,
+    key: &InPlace,
+    buf: &mut [u8],
+) -> io::Result<(usize, usize)> {
+    let (mut plain, mut at) = (0, 0);
+    while let Some(len) = buf.get(at..at + RECORD_HEADER) {
+        let len = u16::from_be_bytes([len[0], len[1]]) as usize;
+        if len < TAG {
+            return Err(violation(ProtocolViolation::BadRecord(
+                "record shorter than its tag",
+            )));
+        }
+        let end = at + RECORD_HEADER + len;
+        if end > buf.len() {
+            break;
+        }
+        plain += state
+            .open_within(key, &mut buf[plain..end], at + RECORD_HEADER - plain)
+            .map_err(|_| violation(ProtocolViolation::BadRecord("record failed authentication")))?;
+        at = end;
+    }
+    Ok((plain, at))
+}
+
 /// Seals `chunk` (at most [`MAX_RECORD_PLAINTEXT`] bytes) as one record
 /// into `dst`, which must have room for it; returns the record's length.
 fn seal_one(state: &mut Cipher, chunk: &[u8], dst: &mut [u8]) -> io::Result<usize> {
@@ -401,6 +507,14 @@ impl NoiseStream {
                 self.rec.read_from(got, out)?;
                 continue;
             }
+            #[cfg(feature = "ring")]
+            if out.remaining() >= IN_PLACE.max(rx.len() + record_need(rx)) {
+                if !ready!(self.poll_read_in_place(cx, out))? {
+                    return Poll::Ready(Ok(()));
+                }
+                continue;
+            }
+            let rx = &mut self.rec.rx;
             let want = record_need(rx)
                 .max(out.remaining() + OVERHEAD)
                 .min(READ_MAX);
@@ -418,6 +532,48 @@ impl NoiseStream {
                 Err(e) => return Poll::Ready(Err(e)),
             }
         }
+    }
+
+    /// Reads ciphertext into `out`, behind the partial record held from
+    /// the last read (moved there first), and opens the whole records in
+    /// place; what follows them, a partial record, is kept for the next
+    /// read. `out` has room for at least the partial record whole.
+    /// `Ok(false)` at the end of the stream (`out` as it was; inside a
+    /// record it is an error), `Ok(true)` otherwise, with or without
+    /// plaintext.
+    #[cfg(feature = "ring")]
+    fn poll_read_in_place(
+        &mut self,
+        cx: &mut Context<'_>,
+        out: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<bool>> {
+        let key = self.rec.in_place_key()?;
+        ready!(self.tcp.poll_read_ready(cx))?;
+        let start = self.rec.carry_into(out);
+        match self.tcp.try_read_buf(out) {
+            Ok(0) => {
+                self.rec.uncarry(out, start);
+                return Poll::Ready(if self.rec.rx.is_empty() {
+                    Ok(false)
+                } else {
+                    Err(violation(ProtocolViolation::BadRecord(
+                        "connection ended inside a record",
+                    )))
+                });
+            }
+            Ok(_) => {}
+            Err(e) => {
+                self.rec.uncarry(out, start);
+                // Stale readiness (cleared now: the caller's next poll
+                // waits), or an error.
+                return Poll::Ready(match e.kind() {
+                    io::ErrorKind::WouldBlock => Ok(true),
+                    _ => Err(e),
+                });
+            }
+        }
+        self.rec.open_read(&key, out, start)?;
+        Poll::Ready(Ok(true))
     }
 
     /// Writes sealed records until none is left (`Ready`) or the socket
@@ -526,6 +682,12 @@ impl Stream {
             Stream::Noise(n) if n.rec.has_buffered() => Poll::Ready(Ok(())),
             s => s.tcp().poll_read_ready(cx),
         }
+    }
+
+    /// Whether the stream holds part of a record, read and not yet
+    /// complete (more of it is on the way).
+    pub(crate) fn inside_record(&self) -> bool {
+        matches!(self, Stream::Noise(n) if !n.rec.rx.is_empty())
     }
 
     /// Whether frames go in Noise records.

@@ -359,21 +359,11 @@ fn open(
 ) -> io::Result<usize> {
     let mut at = 0;
     while out.remaining() > 0 {
-        let rest = &src[at..];
-        let Some(len) = rest.get(..RECORD_HEADER) else {
+        let Some(len) = whole_record(&src[at..])? else {
             break;
         };
-        let len = u16::from_be_bytes([len[0], len[1]]) as usize;
-        if len < TAG {
-            return Err(violation(ProtocolViolation::BadRecord(
-                "record shorter than its tag",
-            )));
-        }
-        let Some(record) = rest.get(RECORD_HEADER..RECORD_HEADER + len) else {
-            break;
-        };
+        let record = &src[at + RECORD_HEADER..at + RECORD_HEADER + len];
         let n = len - TAG;
-        let failed = |_| violation(ProtocolViolation::BadRecord("record failed authentication"));
         // The cipher opens a record in place in its output, so that needs
         // room for the tag too (with less, snow copies the record to a new
         // allocation first): the tag's 16 bytes are scratch past the
@@ -381,13 +371,13 @@ fn open(
         if out.remaining() >= len {
             state
                 .open(record, out.initialize_unfilled_to(len))
-                .map_err(failed)?;
+                .map_err(unauthentic)?;
             out.advance(n);
         } else if at > 0 {
             break;
         } else {
             plain.resize(len, 0);
-            state.open(record, plain).map_err(failed)?;
+            state.open(record, plain).map_err(unauthentic)?;
             plain.truncate(n);
             let k = out.remaining().min(n);
             out.put_slice(&plain[..k]);
@@ -409,23 +399,35 @@ pub(crate) fn open_in_place(
     buf: &mut [u8],
 ) -> io::Result<(usize, usize)> {
     let (mut plain, mut at) = (0, 0);
-    while let Some(len) = buf.get(at..at + RECORD_HEADER) {
-        let len = u16::from_be_bytes([len[0], len[1]]) as usize;
-        if len < TAG {
-            return Err(violation(ProtocolViolation::BadRecord(
-                "record shorter than its tag",
-            )));
-        }
+    while let Some(len) = whole_record(&buf[at..])? {
         let end = at + RECORD_HEADER + len;
-        if end > buf.len() {
-            break;
-        }
         plain += state
             .open_within(key, &mut buf[plain..end], at + RECORD_HEADER - plain)
-            .map_err(|_| violation(ProtocolViolation::BadRecord("record failed authentication")))?;
+            .map_err(unauthentic)?;
         at = end;
     }
     Ok((plain, at))
+}
+
+/// The length of the record at the front of `src` (its body: ciphertext
+/// and tag) if `src` holds it whole, `None` if not yet; an error if its
+/// header says it is shorter than its tag.
+fn whole_record(src: &[u8]) -> io::Result<Option<usize>> {
+    let Some(&[a, b]) = src.get(..RECORD_HEADER) else {
+        return Ok(None);
+    };
+    let len = u16::from_be_bytes([a, b]) as usize;
+    if len < TAG {
+        return Err(violation(ProtocolViolation::BadRecord(
+            "record shorter than its tag",
+        )));
+    }
+    Ok((src.len() >= RECORD_HEADER + len).then_some(len))
+}
+
+/// A record that does not open.
+fn unauthentic(_: snow::Error) -> io::Error {
+    violation(ProtocolViolation::BadRecord("record failed authentication"))
 }
 
 /// Seals `chunk` (at most [`MAX_RECORD_PLAINTEXT`] bytes) as one record

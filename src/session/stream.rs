@@ -549,7 +549,6 @@ impl NoiseStream {
         cx: &mut Context<'_>,
         out: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<bool>> {
-        let key = self.rec.in_place_key()?;
         ready!(self.tcp.poll_read_ready(cx))?;
         let start = self.rec.carry_into(out);
         match self.tcp.try_read_buf(out) {
@@ -574,6 +573,9 @@ impl NoiseStream {
                 });
             }
         }
+        // Keyed only now that there is something to open (an AES key is
+        // expanded).
+        let key = self.rec.in_place_key()?;
         self.rec.open_read(&key, out, start)?;
         Poll::Ready(Ok(true))
     }

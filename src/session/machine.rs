@@ -506,9 +506,8 @@ impl Session {
     }
 
     /// The connection read all that had arrived (a read would wait): an
-    /// ack is due if the frames not yet acknowledged carry
-    /// [`ACK_BYTES_DRAINED`] or more, since a sender held by its in-flight
-    /// window waits for it.
+    /// ack is due if the frames not yet acknowledged carry 4 KiB of body
+    /// or more, since a sender held by its in-flight window waits for it.
     pub fn handle_drained(&mut self) {
         if self.state == State::Established && self.rx_unacked_bytes >= ACK_BYTES_DRAINED {
             self.queue_ack();

@@ -425,6 +425,13 @@ fn whole_record(src: &[u8]) -> io::Result<Option<usize>> {
     Ok((src.len() >= RECORD_HEADER + len).then_some(len))
 }
 
+/// The end of the stream inside a record.
+fn ended_inside_record() -> io::Error {
+    violation(ProtocolViolation::BadRecord(
+        "connection ended inside a record",
+    ))
+}
+
 /// A record that does not open.
 fn unauthentic(_: snow::Error) -> io::Error {
     violation(ProtocolViolation::BadRecord("record failed authentication"))
@@ -524,11 +531,7 @@ impl NoiseStream {
             ready!(self.tcp.poll_read_ready(cx))?;
             match self.tcp.try_read_buf(rx) {
                 Ok(0) if rx.is_empty() => return Poll::Ready(Ok(())),
-                Ok(0) => {
-                    return Poll::Ready(Err(violation(ProtocolViolation::BadRecord(
-                        "connection ended inside a record",
-                    ))));
-                }
+                Ok(0) => return Poll::Ready(Err(ended_inside_record())),
                 Ok(_) => {}
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 Err(e) => return Poll::Ready(Err(e)),
@@ -557,9 +560,7 @@ impl NoiseStream {
                 return Poll::Ready(if self.rec.rx.is_empty() {
                     Ok(false)
                 } else {
-                    Err(violation(ProtocolViolation::BadRecord(
-                        "connection ended inside a record",
-                    )))
+                    Err(ended_inside_record())
                 });
             }
             Ok(_) => {}

@@ -46,10 +46,16 @@ async fn pair() -> (NoiseStream, NoiseStream) {
     (a.unwrap().0, b.unwrap().0)
 }
 
-/// Reads until the end of the stream or an error.
-async fn read_to_end(s: &mut Stream) -> (Vec<u8>, Option<std::io::Error>) {
+/// Read sizes of the tests: one below the in-place size (records read
+/// aside and copied as they are opened), one above it (opened in place,
+/// with the `ring` feature).
+const READ_SIZES: [usize; 2] = [3000, 65536];
+
+/// Reads until the end of the stream or an error, `size` bytes at most
+/// per read.
+async fn read_to_end(s: &mut Stream, size: usize) -> (Vec<u8>, Option<std::io::Error>) {
     let mut got = Vec::new();
-    let mut buf = vec![0; 3000];
+    let mut buf = vec![0; size];
     loop {
         match s.read(&mut buf).await {
             Ok(0) => return (got, None),
@@ -97,7 +103,17 @@ async fn what_is_written_arrives_whole_and_in_order_at_any_size() {
             assert_eq!(a.unwritten(), 0);
         })
     };
-    let (got, err) = read_to_end(&mut b).await;
+    // The first half in small reads (records opened aside), the rest in
+    // large ones (opened in place), switching inside a record.
+    let mut got = Vec::new();
+    let mut small = vec![0; READ_SIZES[0]];
+    while got.len() < data.len() / 2 {
+        let n = b.read(&mut small).await.unwrap();
+        assert!(n > 0);
+        got.extend_from_slice(&small[..n]);
+    }
+    let (rest, err) = read_to_end(&mut b, READ_SIZES[1]).await;
+    got.extend(rest);
     writer.await.unwrap();
     assert!(err.is_none(), "{err:?}");
     assert_eq!(got.len(), data.len());
@@ -129,7 +145,10 @@ async fn idle_streams_hold_no_buffers() {
 
 /// The violation the reader ends with after `raw` arrives in place of
 /// the records the peer would send.
-async fn violation_after(raw: impl FnOnce(&mut super::Cipher) -> Vec<u8>) -> ProtocolViolation {
+async fn violation_after(
+    raw: impl FnOnce(&mut super::Cipher) -> Vec<u8>,
+    size: usize,
+) -> ProtocolViolation {
     let (a, b) = pair().await;
     let mut reader = Stream::Noise(Box::new(a));
     let NoiseStream { mut tcp, rec, .. } = b;
@@ -137,7 +156,7 @@ async fn violation_after(raw: impl FnOnce(&mut super::Cipher) -> Vec<u8>) -> Pro
     let bytes = raw(&mut state);
     tcp.write_all(&bytes).await.unwrap();
     tcp.shutdown().await.unwrap();
-    let (_, err) = read_to_end(&mut reader).await;
+    let (_, err) = read_to_end(&mut reader, size).await;
     violation_of(&err.expect("the stream must fail")).expect("a protocol violation")
 }
 
@@ -186,9 +205,15 @@ async fn broken_records_end_the_stream_with_the_named_violation() {
             "record shorter than its tag",
         ),
     ];
-    for (what, raw, why) in cases {
-        let v = violation_after(raw).await;
-        assert_eq!(v, ProtocolViolation::BadRecord(why), "{what}");
+    for size in READ_SIZES {
+        for (what, raw, why) in cases {
+            let v = violation_after(raw, size).await;
+            assert_eq!(
+                v,
+                ProtocolViolation::BadRecord(why),
+                "{what}, reads of {size}"
+            );
+        }
     }
 }
 
@@ -334,7 +359,7 @@ async fn frames_sealed_from_their_own_buffer_arrive_in_order() {
     a.flush().await.unwrap();
     assert_eq!(a.unwritten(), 0);
     a.shutdown().await.unwrap();
-    let (got, err) = read_to_end(&mut b).await;
+    let (got, err) = read_to_end(&mut b, READ_SIZES[1]).await;
     assert!(err.is_none(), "{err:?}");
     assert!(got == want, "the bytes differ");
     // On a plaintext stream it does nothing.
